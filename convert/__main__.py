@@ -1,0 +1,6 @@
+"""python -m convert HF_DIR OUT_DIR [--dtype float32|bfloat16]"""
+
+from convert.cli import main
+
+if __name__ == "__main__":
+    main()

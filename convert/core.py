@@ -1,0 +1,91 @@
+"""Hugging Face checkpoint folder -> jaxvlm checkpoint folder (orbax params + config + tokenizer files)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import ml_dtypes
+import numpy as np
+from tqdm import tqdm
+
+from convert import tables
+from convert.hf_config import model_config
+from convert.readers import CheckpointError, TensorReader
+from jaxvlm import checkpoint
+from jaxvlm.tokenizer import TOKENIZER_FILES
+
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+    tree[leaf] = value
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool = True) -> str:
+    """Converts `hf_dir` into `out_dir` and returns `out_dir`.
+
+    Tensors are read, checked against the shape the config predicts, re-laid out and cast one at a time.
+    Everything is written into a temporary folder beside `out_dir` that is renamed at the end, so a failed
+    conversion leaves nothing behind.
+    """
+    hf_dir, out_dir = os.fspath(hf_dir), os.path.abspath(os.fspath(out_dir))
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"{hf_dir}: no such checkpoint folder")
+    if os.path.exists(out_dir):
+        raise CheckpointError(f"{out_dir}: output folder already exists")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    config, hf_cfg = model_config(hf_dir)
+    rules = tables.expand(hf_cfg["model_type"], config.decoder)
+
+    with TensorReader(hf_dir) as reader:
+        names = [n for n in reader.names() if not n.endswith(tables.IGNORED_SUFFIXES)]
+        if config.decoder.tie_embeddings:  # some files carry the tied head anyway; it is the embedding
+            names = [n for n in names if n != "lm_head.weight"]
+        missing = [n for n in rules if n not in names]
+        if missing:
+            raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]!r}"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        unexpected = [n for n in names if n not in rules]
+        if unexpected:
+            raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]!r} for model_type "
+                                  f"{hf_cfg['model_type']!r}" + (f" (and {len(unexpected) - 1} more)"
+                                                                 if len(unexpected) > 1 else ""))
+        for name, rule in rules.items():
+            want = rule.shape(config.decoder)
+            if reader.shape(name) != want:
+                raise CheckpointError(f"{hf_dir}: tensor {name!r} has shape {list(reader.shape(name))}, "
+                                      f"config.json predicts {list(want)}")
+        # By default bfloat16 checkpoints stay bfloat16 and everything else becomes float32.
+        target = DTYPES[dtype or ("bfloat16" if reader.is_bfloat16("model.embed_tokens.weight") else "float32")]
+
+        params: dict = {}
+        for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
+            source = reader.get(name)
+            for path, transform in rule.targets:
+                # Copy, so the output owns its memory and the source (often memory-mapped) can go.
+                _set(params, path, np.array(transform(source, config.decoder), dtype=target))
+            del source
+
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+        checkpoint.save_params(tmp, params)
+        config.save(tmp)
+        for name in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(hf_dir, name)):
+                shutil.copy2(os.path.join(hf_dir, name), tmp)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

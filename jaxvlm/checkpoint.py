@@ -1,0 +1,49 @@
+"""Params on disk: an orbax checkpoint in `params/`, beside the model's `config.json`."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jaxvlm.config import ModelConfig
+from jaxvlm.decoder import Decoder
+
+PARAMS_DIR = "params"
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32):
+    """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated)."""
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = lambda: Decoder(config.decoder, dtype).init(jax.random.key(0), tokens, tokens, tokens > -1)["params"]
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), jax.eval_shape(init))
+
+
+def save_params(directory: str | os.PathLike, params) -> None:
+    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+        ckptr.wait_until_finished()
+
+
+def stored_dtype(directory: str | os.PathLike):
+    """The dtype the params were saved in (taken from the embedding table)."""
+    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+    with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(path).item_metadata
+    return jnp.dtype(jax.tree.leaves(meta)[0].dtype)
+
+
+def load_params(directory: str | os.PathLike, config: ModelConfig, dtype):
+    """Restores params as `dtype`, checking the tree against what `config` predicts."""
+    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no params checkpoint (convert a Hugging Face folder with `jaxvlm convert`)")
+    target = abstract_params(config, dtype)
+    with ocp.StandardCheckpointer() as ckptr:
+        try:
+            return ckptr.restore(path, target)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{path}: params do not match {os.path.join(directory, 'config.json')}: {e}") from None

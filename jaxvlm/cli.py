@@ -1,0 +1,53 @@
+"""The `jaxvlm` command: convert, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _generate(args) -> None:
+    import jaxvlm
+    model = jaxvlm.load(args.checkpoint, dtype=args.dtype)
+    print(model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+
+
+def _demo(args) -> None:
+    from jaxvlm.demo import run
+    run(args.workdir)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="jaxvlm", description="Run, inspect and convert models in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from convert import cli as convert_cli
+    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder")
+    convert_cli.add_arguments(p)
+    p.set_defaults(run=convert_cli.run)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--checkpoint", required=True, help="a converted jaxvlm checkpoint folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("demo", help="build a tiny random Gemma-style checkpoint, convert it and generate")
+    p.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temporary folder)")
+    p.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

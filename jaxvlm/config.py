@@ -1,0 +1,197 @@
+"""Model configuration: frozen, hashable dataclasses (usable as static arguments under jit).
+
+Names are jaxvlm's own and describe behaviour, never a model family: a family is a set of flag values,
+chosen in `convert/` from a Hugging Face `config.json`. Shape letters follow the alphabet in `layers.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+LAYER_TYPES = ("global", "local")  # local = sliding-window attention
+MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
+def _require(ok: bool, cls: str, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{cls}.{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeConfig:
+    """Rotary embedding: the default one, or LongRoPE when `long_factor` is set.
+
+    LongRoPE divides each frequency by a per-frequency factor, `short_factor` while the longest position
+    of a forward pass is within `original_max_position`, `long_factor` beyond it, and multiplies cos and
+    sin by `attention_factor`.
+    """
+
+    theta: float = 10_000.0
+    rotary_fraction: float = 1.0  # partial rotary: only the first fraction of head_dim is rotated
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    original_max_position: int | None = None
+    attention_factor: float = 1.0
+
+    def __post_init__(self):
+        _require(self.theta > 0, "RopeConfig", "theta", f"must be > 0, got {self.theta}")
+        _require(0 < self.rotary_fraction <= 1, "RopeConfig", "rotary_fraction",
+                 f"must be in (0, 1], got {self.rotary_fraction}")
+        longrope = (self.short_factor, self.long_factor, self.original_max_position)
+        _require(all(x is None for x in longrope) or all(x is not None for x in longrope), "RopeConfig",
+                 "long_factor", "LongRoPE needs short_factor, long_factor and original_max_position together")
+        if self.is_longrope:
+            _require(len(self.short_factor) == len(self.long_factor), "RopeConfig", "short_factor",
+                     f"has {len(self.short_factor)} entries but long_factor has {len(self.long_factor)}")
+
+    @property
+    def is_longrope(self) -> bool:
+        return self.long_factor is not None
+
+    def rotary_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.rotary_fraction)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecoderConfig:
+    """A decoder-only transformer. Every family (Gemma, Gemma 2, Phi-3, Qwen3, ...) is a set of these flags."""
+
+    vocab_size: int
+    width: int  # D
+    depth: int  # L
+    num_heads: int  # N
+    num_kv_heads: int  # K; N for MHA, 1 for MQA
+    head_dim: int  # H
+    mlp_dim: int  # F
+    mlp_activation: str = "silu"  # gated MLP: act(x W_gate) * (x W_up)
+    norm_eps: float = 1e-6
+    norm_scale_offset: float = 0.0  # Gemma stores w and scales by (1 + w)
+    embed_scale: bool = False  # multiply token embeddings by sqrt(D) (Gemma)
+    qkv_bias: bool = False
+    out_bias: bool = False
+    use_qk_norm: bool = False  # RMSNorm over H on q and k before RoPE (Qwen3)
+    use_post_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # queries scaled by this**-0.5; None means head_dim
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_window: int | None = None  # W: a query sees the W most recent keys, itself included
+    layer_types: tuple[str, ...] = ()  # per layer, "global" or "local"; empty means all global
+    rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    max_position_embeddings: int = 8192
+    tie_embeddings: bool = False
+
+    def __post_init__(self):
+        name = "DecoderConfig"
+        for field in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
+                      "max_position_embeddings"):
+            value = getattr(self, field)
+            _require(isinstance(value, int) and value > 0, name, field, f"must be a positive int, got {value!r}")
+        _require(self.num_heads % self.num_kv_heads == 0, name, "num_kv_heads",
+                 f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        _require(self.mlp_activation in MLP_ACTIVATIONS, name, "mlp_activation",
+                 f"must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        _require(not self.layer_types or len(self.layer_types) == self.depth, name, "layer_types",
+                 f"has {len(self.layer_types)} entries for depth={self.depth}")
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        _require(not bad, name, "layer_types", f"entries must be in {LAYER_TYPES}, got {bad[:1]}")
+        _require(self.sliding_window is not None or "local" not in self.layer_types, name, "sliding_window",
+                 "local layers need a sliding_window")
+        _require(self.sliding_window is None or self.sliding_window > 0, name, "sliding_window",
+                 f"must be > 0, got {self.sliding_window}")
+        _require(self.rope.rotary_dim(self.head_dim) % 2 == 0, name, "rope",
+                 f"rotary dim {self.rope.rotary_dim(self.head_dim)} must be even")
+        if self.rope.is_longrope:
+            _require(len(self.rope.short_factor) == self.rope.rotary_dim(self.head_dim) // 2, name, "rope",
+                     f"LongRoPE factors need rotary_dim/2 = {self.rope.rotary_dim(self.head_dim) // 2} entries, "
+                     f"got {len(self.rope.short_factor)}")
+
+    @property
+    def group_size(self) -> int:  # G
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def query_scale(self) -> float:
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None for global attention."""
+        if self.layer_types and self.layer_types[layer] == "global":
+            return None
+        return self.sliding_window
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokensConfig:
+    """Special token ids, and whether prompts start with BOS."""
+
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    add_bos: bool = False
+
+    def __post_init__(self):
+        _require(not self.add_bos or self.bos_id is not None, "TokensConfig", "bos_id",
+                 "add_bos is set but bos_id is None")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    decoder: DecoderConfig
+    tokens: TokensConfig = dataclasses.field(default_factory=TokensConfig)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return _from_dict(cls, json.loads(text))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "ModelConfig":
+        path = os.path.join(directory, CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no jaxvlm config (convert a Hugging Face folder with `jaxvlm convert`)")
+        with open(path) as f:
+            try:
+                return cls.from_json(f.read())
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: invalid jaxvlm config: {e}") from None
+
+
+CONFIG_FILE = "config.json"
+
+
+def _from_dict(cls, data: dict[str, Any]):
+    """Rebuilds nested config dataclasses from JSON, turning lists back into tuples."""
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key not in hints:
+            raise ValueError(f"{cls.__name__}: unknown field {key!r}")
+        sub = _NESTED.get((cls.__name__, key))
+        if sub is not None:
+            value = _from_dict(sub, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+_NESTED = {
+    ("ModelConfig", "decoder"): DecoderConfig,
+    ("ModelConfig", "tokens"): TokensConfig,
+    ("DecoderConfig", "rope"): RopeConfig,
+}
+
+
+def longrope_attention_factor(scale: float, original_max_position: int) -> float:
+    """LongRoPE's default cos/sin scale, sqrt(1 + ln(s) / ln(original)), for a context extended s times."""
+    return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original_max_position))

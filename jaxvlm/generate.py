@@ -1,0 +1,137 @@
+"""Generation: one jit-compiled prefill, then a jit-compiled `lax.scan` over a pure decode step.
+
+The decode state (cache, last token, positions, done flags, step counter) is a pytree donated to each
+scan call. The scan runs in chunks so the host can stop once every row has finished. Prompt lengths and
+cache sizes are rounded up to a few buckets so that new prompt lengths rarely trigger a compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxvlm.config import DecoderConfig
+from jaxvlm.decoder import Decoder
+from jaxvlm.kv_cache import KVCache
+from jaxvlm.sampling import Sampler, sample
+
+MIN_PROMPT_BUCKET = 16
+CACHE_ALIGN = 64
+MAX_CHUNK = 32  # decode steps per scan call; the host checks for EOS between calls
+
+
+@struct.dataclass
+class DecodeState:
+    cache: KVCache
+    token: jax.Array  # int32[B]: the last chosen token, fed to the next step
+    position: jax.Array  # int32[B]: its position
+    done: jax.Array  # bool[B]: the row has produced an end-of-sequence token
+    step: jax.Array  # int32[]: tokens chosen so far; folded into the sampling key
+
+
+def prompt_bucket(length: int) -> int:
+    """Prompt lengths round up to a power of two (at least 16)."""
+    return max(MIN_PROMPT_BUCKET, 1 << math.ceil(math.log2(length)))
+
+
+def cache_bucket(length: int) -> int:
+    return -(-length // CACHE_ALIGN) * CACHE_ALIGN
+
+
+def _finish(token, done, eos_ids, pad_id):
+    """Rows already finished emit pad; a row finishes on any end-of-sequence id."""
+    token = jnp.where(done, pad_id, token)
+    return token, done | jnp.isin(token, eos_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_size"))
+def prefill(config: DecoderConfig, dtype, sampler: Sampler, cache_size: int, params, tokens, valid, done, step,
+            key, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
+    """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token."""
+    B, T = tokens.shape
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    cache = KVCache.init(config, B, cache_size, dtype)
+    out = Decoder(config, dtype).apply({"params": params}, tokens, positions, valid, cache, last_only=True)
+    token = sample(sampler, out.logits[:, -1], jax.random.fold_in(key, step), temperature, top_p)
+    token, done = _finish(token, done, eos_ids, pad_id)
+    state = DecodeState(cache=out.cache, token=token, position=positions[:, -1] + 1, done=done, step=step + 1)
+    return state, token
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "steps"), donate_argnames=("state",))
+def decode(config: DecoderConfig, dtype, sampler: Sampler, steps: int, params, state: DecodeState, key,
+           temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
+    """`steps` decode steps in one `lax.scan`; returns the new state and the chosen tokens int32[B, steps]."""
+    model = Decoder(config, dtype)
+    ones = jnp.ones((state.token.shape[0], 1), bool)
+
+    def step(state: DecodeState, _):
+        out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
+        token = sample(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), temperature, top_p)
+        token, done = _finish(token, state.done, eos_ids, pad_id)
+        return DecodeState(cache=out.cache, token=token, position=state.position + 1, done=done,
+                           step=state.step + 1), token
+
+    state, tokens = jax.lax.scan(step, state, length=steps)
+    return state, tokens.T
+
+
+def right_align(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads each row to `length`: (tokens int32[B, length], valid bool[B, length])."""
+    tokens = np.full((len(rows), length), pad_id, np.int32)
+    valid = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        tokens[i, length - len(row):] = row
+        valid[i, length - len(row):] = True
+    return tokens, valid
+
+
+def generate_tokens(config: DecoderConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
+                    sampler: Sampler, temperature: float, top_p: float | None, seed: int,
+                    eos_ids: Sequence[int], pad_id: int) -> np.ndarray:
+    """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens].
+
+    LongRoPE models switch from short to long factors when the sequence first grows past
+    `original_max_position`; as transformers does, the cache is then rebuilt by re-running the whole
+    sequence (prompt and tokens so far) with the long factors.
+    """
+    key = jax.random.key(seed)
+    scalars = dict(key=key, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0),
+                   eos_ids=jnp.asarray(list(eos_ids) or [-1], jnp.int32), pad_id=jnp.int32(pad_id))
+    decode_steps = max_new_tokens - 1
+    chunk = min(MAX_CHUNK, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
+    longest = max(len(r) for r in rows)
+    rebuild_at = None  # tokens generated when the sequence crosses LongRoPE's original length
+    if config.rope.is_longrope and longest <= config.rope.original_max_position < longest + decode_steps:
+        rebuild_at = config.rope.original_max_position - longest + 1
+
+    def start(rows, done, step, steps_after):
+        length = prompt_bucket(max(len(r) for r in rows))
+        tokens, valid = right_align(rows, length, pad_id)
+        size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
+        return prefill(config, dtype, sampler, size, params, jnp.asarray(tokens), jnp.asarray(valid),
+                       jnp.asarray(done), jnp.int32(step), **scalars)
+
+    state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
+    generated = [np.asarray(first)[:, None]]
+    count = 1
+    while count < max_new_tokens and not np.asarray(state.done).all():
+        if count == rebuild_at:
+            sofar = np.concatenate(generated, axis=1)
+            rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
+            state, token = start(rows, np.asarray(state.done), count, max_new_tokens - count - 1)
+            generated.append(np.asarray(token)[:, None])
+            count += 1
+            continue
+        steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
+        state, tokens = decode(config, dtype, sampler, steps, params, state, **scalars)
+        generated.append(np.asarray(tokens))
+        count += steps
+    out = np.concatenate(generated, axis=1)[:, :max_new_tokens]
+    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)

@@ -1,0 +1,115 @@
+"""The building blocks shared by every model: projections, norms, MLPs, embeddings.
+
+Shape alphabet, used in docstrings, names and einsum strings across jaxvlm:
+  B batch, T query length, S key/value (cache) length, D model width, F MLP width,
+  N query heads, K kv heads, G = N // K, H head dim, V vocab, L layers,
+  P image tokens per image, C channels.
+
+Parameters are stored in whatever dtype the checkpoint holds and cast to the module's `dtype` (the
+compute dtype) where they are used; norms, softmax and logits run in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+Dtype = Any
+
+
+class Einsum(nn.Module):
+    """A projection spelled as an einsum, e.g. 'BTD,DNH->BTNH' with kernel `shape` (D, N, H)."""
+
+    spec: str
+    shape: tuple[int, ...]
+    bias_shape: tuple[int, ...] | None = None  # the output's trailing dims, when the projection has a bias
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.dtype)
+        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+        if self.bias_shape is not None:
+            y = y + self.param("bias", nn.initializers.zeros_init(), self.bias_shape, self.dtype).astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, normalised in float32.
+
+    `scale_offset = 1` is Gemma's convention: the stored weight w is used as (1 + w), and the product is
+    taken in float32 before casting back. With no offset (Llama, Qwen3, Phi-3) the normalised value is
+    cast to the input dtype first and then scaled, as those references do; in float32 the two agree.
+    """
+
+    eps: float = 1e-6
+    scale_offset: float = 0.0
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = nn.initializers.zeros_init() if self.scale_offset else nn.initializers.ones_init()
+        scale = self.param("scale", init, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.scale_offset:
+            return (normed * (self.scale_offset + scale.astype(jnp.float32))).astype(x.dtype)
+        return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class GatedMLP(nn.Module):
+    """down(act(x W_gate) * x W_up): SwiGLU with silu, GeGLU with gelu_tanh.  x: [B, T, D] -> [B, T, D]."""
+
+    width: int
+    mlp_dim: int
+    activation: str
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        D, F = self.width, self.mlp_dim
+        gate = Einsum("BTD,DF->BTF", (D, F), dtype=self.dtype, name="gate")(x)
+        up = Einsum("BTD,DF->BTF", (D, F), dtype=self.dtype, name="up")(x)
+        return Einsum("BTF,FD->BTD", (F, D), dtype=self.dtype, name="down")(_ACTIVATIONS[self.activation](gate) * up)
+
+
+class Embedder(nn.Module):
+    """Token embedding table [V, D], optionally scaled by sqrt(D) (Gemma), and the tied output head."""
+
+    vocab_size: int
+    width: int
+    scale_by_sqrt_width: bool = False
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = self.param("embedding", nn.initializers.normal(stddev=1.0), (self.vocab_size, self.width),
+                                    self.dtype)
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """tokens: int[B, T] -> float[B, T, D]."""
+        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        if self.scale_by_sqrt_width:
+            # The scale is rounded to the activation dtype before multiplying, as Gemma does
+            # (sqrt(2048) = 45.25 in bfloat16).
+            x = x * jnp.asarray(np.sqrt(self.width), dtype=self.dtype)
+        return x
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """Tied output head. x: float[B, T, D] -> float32[B, T, V]."""
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap): Gemma 2's bound on attention and output logits."""
+    return x if cap is None else cap * jnp.tanh(x / cap)

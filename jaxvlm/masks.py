@@ -1,0 +1,27 @@
+"""Attention masks, as bool[B, T, S] (True = may attend), in cache-slot coordinates.
+
+Because prompts are right-aligned and slots are filled left to right, the distance between two slots of
+the same row equals the distance between their positions, so causality and sliding windows can be
+expressed on slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def decoder_mask(kv_valid: jax.Array, query_start: jax.Array, num_queries: int,
+                 window: int | None = None) -> jax.Array:
+    """Causal mask (optionally sliding-window) over valid keys.
+
+    kv_valid: bool[B, S]; the T = num_queries queries sit at slots query_start .. query_start + T - 1.
+    With a window W a query sees the W most recent slots, itself included (transformers' convention:
+    key visible iff q - W < k <= q).
+    """
+    q_slot = query_start + jnp.arange(num_queries)[:, None]  # [T, 1]
+    k_slot = jnp.arange(kv_valid.shape[1])[None, :]  # [1, S]
+    allowed = k_slot <= q_slot
+    if window is not None:
+        allowed &= k_slot > q_slot - window
+    return kv_valid[:, None, :] & allowed[None]

@@ -1,0 +1,45 @@
+"""Rotary position embeddings: the default tables, LongRoPE, and their application (rotate-half layout)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvlm.config import RopeConfig
+
+
+def wavelength_powers(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """theta ** (2i / R), float32[R / 2] with R the rotary dim, in float32 as the references compute it."""
+    dim = rope.rotary_dim(head_dim)
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(rope.theta) ** exponents).astype(np.float32)
+
+
+def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """cos and sin, float32[B, T, R], for int positions[B, T].
+
+    LongRoPE picks its short or long factors from the longest position in this forward pass, as
+    transformers does on every call (`longrope_frequency_update`): `positions` must hold zeros (or any
+    smaller value) at padding slots.
+    """
+    powers = jnp.asarray(wavelength_powers(rope, head_dim))
+    if rope.is_longrope:
+        use_long = jnp.max(positions) + 1 > rope.original_max_position
+        powers = powers * jnp.where(use_long, jnp.asarray(rope.long_factor, jnp.float32),
+                                    jnp.asarray(rope.short_factor, jnp.float32))
+    inv_freq = 1.0 / powers
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates the first R features of each head. x: [B, T, N, H]; cos, sin: float32[B, T, R]."""
+    rot = cos.shape[-1]
+    # The tables are cast to the activation dtype before use, as transformers does (matters in bfloat16).
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    first, second = jnp.split(x_rot, 2, axis=-1)
+    rotated = x_rot * cos + jnp.concatenate([-second, first], axis=-1) * sin
+    return jnp.concatenate([rotated, x_pass], axis=-1)

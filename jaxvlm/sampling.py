@@ -1,0 +1,68 @@
+"""Choosing the next token from logits: greedy, or sampling with temperature, top-k and top-p.
+
+The filters apply in transformers' order (temperature, then top-k, then top-p) with its conventions:
+top-k keeps every token tied with the k-th, top-p drops the smallest tokens whose cumulative probability
+stays within 1 - p and always keeps the most likely one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sampler:
+    """The static part of a sampling choice (jit specialises on it); temperature and top_p are traced."""
+
+    greedy: bool = True
+    top_k: int | None = None
+    use_top_p: bool = False
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature is None or not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def make_sampler(temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
+    check_sampling_args(temperature, top_k, top_p)
+    if temperature == 0:
+        return Sampler()
+    return Sampler(greedy=False, top_k=top_k, use_top_p=top_p is not None and top_p < 1)
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Masks every logit below the k-th largest. logits: float32[B, V]."""
+    kth = jax.lax.top_k(logits, min(k, logits.shape[-1]))[0][:, -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits: jax.Array, p: jax.Array) -> jax.Array:
+    """Nucleus filter. logits: float32[B, V]; p: float32[]."""
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    drop_sorted = (cumulative <= 1 - p).at[:, -1].set(False)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    drop = jnp.zeros_like(drop_sorted).at[rows, order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, logits)
+
+
+def sample(sampler: Sampler, logits: jax.Array, key: jax.Array, temperature: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """logits: float32[B, V] -> int32[B]."""
+    if sampler.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if sampler.top_k is not None:
+        logits = top_k_filter(logits, sampler.top_k)
+    if sampler.use_top_p:
+        logits = top_p_filter(logits, top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

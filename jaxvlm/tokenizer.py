@@ -1,0 +1,48 @@
+"""Text to token ids and back, with the checkpoint's own tokenizer files.
+
+`tokenizer.json` is read with `tokenizers`, otherwise `tokenizer.model` with `sentencepiece`. Special
+tokens are never inserted by the tokenizer itself: BOS is prepended here when the family expects it
+(`TokensConfig.add_bos`), so the two file formats behave the same.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jaxvlm.config import TokensConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class Tokenizer:
+    def __init__(self, encode_fn, decode_fn, tokens: TokensConfig, source: str):
+        self._encode, self._decode, self.tokens, self.source = encode_fn, decode_fn, tokens, source
+
+    @classmethod
+    def from_dir(cls, directory: str | os.PathLike, tokens: TokensConfig) -> "Tokenizer | None":
+        """The tokenizer found in `directory`, or None if it holds no tokenizer file."""
+        json_path = os.path.join(directory, "tokenizer.json")
+        spm_path = os.path.join(directory, "tokenizer.model")
+        if os.path.isfile(json_path):
+            import tokenizers
+            tok = tokenizers.Tokenizer.from_file(json_path)
+            return cls(lambda text: tok.encode(text, add_special_tokens=False).ids,
+                       lambda ids: tok.decode(ids, skip_special_tokens=True), tokens, json_path)
+        if os.path.isfile(spm_path):
+            import sentencepiece as spm
+            sp = spm.SentencePieceProcessor(model_file=spm_path)
+            return cls(sp.encode, sp.decode, tokens, spm_path)
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        ids = list(self._encode(text))
+        return [self.tokens.bos_id] + ids if self.tokens.add_bos else ids
+
+    def decode(self, ids) -> str:
+        """Decodes up to the first end-of-sequence token, dropping special tokens."""
+        ids = [int(i) for i in ids]
+        for n, i in enumerate(ids):
+            if i in self.tokens.eos_ids:
+                ids = ids[:n]
+                break
+        return self._decode(ids)
