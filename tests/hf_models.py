@@ -1,0 +1,101 @@
+"""Tiny random `transformers` models, saved as Hugging Face checkpoint folders, for parity tests.
+
+Every parameter is re-randomised (transformers initialises norms to 1 or 0 and biases to 0), so norm
+offsets, biases and transposes are all exercised.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+VOCAB = 256
+
+# name -> (config class, kwargs). Each covers a family's distinctive features at a tiny size.
+CONFIGS = {
+    "gemma": ("GemmaConfig", dict(  # MQA, GeGLU-tanh, (1 + w) norms, sqrt(D) embedding scale, tied head
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(  # GQA, post-norms, soft-capping, query_pre_attn_scalar, local/global layers
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0)),
+    "phi3": ("Phi3Config", dict(  # MHA, fused qkv / gate_up, partial rotary, sliding window on every layer
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        partial_rotary_factor=0.5, sliding_window=7, tie_word_embeddings=False)),
+    "phi3_longrope": ("Phi3Config", dict(  # LongRoPE: 32 original positions extended to 256
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        original_max_position_embeddings=32, max_position_embeddings=256, tie_word_embeddings=False,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5],
+                      "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]})),
+    "qwen3": ("Qwen3Config", dict(  # GQA, q/k norms, explicit head_dim != D / N, biases, tied head
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, attention_bias=True, tie_word_embeddings=True)),
+}
+
+CAUSAL_LM = {"GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM", "Phi3Config": "Phi3ForCausalLM",
+             "Qwen3Config": "Qwen3ForCausalLM"}
+
+
+def build(name: str, seed: int = 0, eos_token_id=None, **overrides):
+    """A tiny random HF causal LM in float32 and eval mode, every parameter re-randomised."""
+    import torch
+    import transformers
+
+    config_class, kwargs = CONFIGS[name]
+    kwargs = dict(kwargs, vocab_size=VOCAB, pad_token_id=0, bos_token_id=2, eos_token_id=eos_token_id,
+                  attn_implementation="eager", dtype=torch.float32)
+    kwargs.setdefault("max_position_embeddings", 256)
+    kwargs.update(overrides)
+    config = getattr(transformers, config_class)(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, CAUSAL_LM[config_class])(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def save(model, directory: str, shard: str | None = None, bin_file: bool = False) -> str:
+    """Saves as safetensors (sharded when `shard` is a size like '20KB') or as pytorch_model.bin."""
+    import torch
+    model.save_pretrained(directory, max_shard_size=shard or "50GB")
+    if bin_file:
+        for f in os.listdir(directory):
+            if f.startswith("model") and ("safetensors" in f):
+                os.remove(os.path.join(directory, f))
+        torch.save(model.state_dict(), os.path.join(directory, "pytorch_model.bin"))
+    return directory
+
+
+def prompts(seed: int, lengths) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, VOCAB, size=n) for n in lengths]
+
+
+def left_pad(rows, pad_id: int = 0):
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, np.int64)
+    mask = np.zeros((len(rows), length), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+def hf_generate(model, rows, max_new_tokens: int, pad_id: int = 0, **kwargs) -> np.ndarray:
+    """transformers' greedy (or other) generation on left-padded rows, new tokens padded to max_new_tokens."""
+    import torch
+    ids, mask = left_pad(rows, pad_id)
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
+                             min_new_tokens=0, pad_token_id=pad_id, **kwargs)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=pad_id)
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    import torch
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids))).logits.float().numpy()

@@ -1,0 +1,131 @@
+"""End-to-end parity with transformers: tiny random HF model -> save_pretrained -> convert command -> load."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxvlm
+from tests import hf_models
+
+
+FAMILIES = ["gemma", "gemma2", "phi3", "phi3_longrope", "qwen3"]
+NEW_TOKENS = 24
+# Batches of three prompts of different lengths. The LongRoPE model (32 original positions) keeps
+# prompt + generation within 32 here so it stays on its short factors; the long and crossing cases
+# have tests of their own.
+LENGTHS = {"phi3_longrope": [5, 8, 3]}
+DEFAULT_LENGTHS = [5, 13, 9]
+
+
+def convert_command(hf_dir: str, out_dir: str, *extra: str) -> str:
+    subprocess.run([sys.executable, "-m", "convert", hf_dir, out_dir, *extra], check=True, capture_output=True)
+    return out_dir
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, torch model, jaxvlm model, prompts); EOS is a token the greedy run really produces."""
+    name = request.param
+    rows = hf_models.prompts(1, LENGTHS.get(name, DEFAULT_LENGTHS))
+    model = hf_models.build(name)
+    free_run = hf_models.hf_generate(model, rows, NEW_TOKENS)
+    eos = int(free_run[1, 6])  # row 1 stops at step 6 (or earlier): per-row end-of-sequence is exercised
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    root = tmp_path_factory.mktemp(name)
+    hf_dir = hf_models.save(model, str(root / "hf"))
+    out = convert_command(hf_dir, str(root / "jax"))
+    return name, model, jaxvlm.load(out), rows
+
+
+def test_logits_match(family):
+    name, hf, jx, _ = family
+    ids = np.stack(hf_models.prompts(2, [12, 12]))
+    diff = np.abs(jx.logits(ids) - hf_models.hf_logits(hf, ids)).max()
+    assert diff <= 1e-4, f"{name}: max |logits diff| {diff}"
+
+
+def test_greedy_tokens_match(family):
+    name, hf, jx, rows = family
+    ids, mask = hf_models.left_pad(rows)
+    want = hf_models.hf_generate(hf, rows, NEW_TOKENS, do_sample=False)
+    got = jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(got, want, err_msg=name)
+    eos = jx.config.tokens.eos_ids[0]
+    assert (got == eos).any(), "the test should exercise end-of-sequence"
+    assert not (got == eos).all(axis=1).any()
+
+
+def test_padded_rows_match_each_prompt_alone(family):
+    name, _, jx, rows = family
+    ids, mask = hf_models.left_pad(rows)
+    batch = jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)
+    batch_logits = jx.logits(ids, mask)
+    for i, row in enumerate(rows):
+        alone = jx.generate_ids(row[None], max_new_tokens=NEW_TOKENS)
+        np.testing.assert_array_equal(batch[i], alone[0], err_msg=f"{name} row {i}")
+        np.testing.assert_allclose(batch_logits[i, -len(row):], jx.logits(row[None])[0], atol=1e-5, rtol=0)
+
+
+def test_top_k_one_is_greedy_and_seed_repeats(family):
+    name, _, jx, rows = family
+    ids, mask = hf_models.left_pad(rows)
+    greedy = jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS, temperature=0.8, top_k=1,
+                                                  seed=5), greedy)
+    sampled = [jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS, temperature=1.5, top_k=40, top_p=0.9, seed=7)
+               for _ in range(2)]
+    np.testing.assert_array_equal(sampled[0], sampled[1])
+    assert (sampled[0] != greedy).any(), "sampling at temperature 1.5 should leave the greedy path"
+
+
+# --- LongRoPE: long prompts use the long factors; crossing the original length rebuilds the cache ---------
+@pytest.fixture(scope="module")
+def longrope(tmp_path_factory):
+    model = hf_models.build("phi3_longrope", seed=3)
+    root = tmp_path_factory.mktemp("longrope")
+    return model, jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+
+
+@pytest.mark.parametrize("length", [12, 40])
+def test_longrope_logits_short_and_long_prompt(longrope, length):
+    hf, jx = longrope
+    assert jx.config.decoder.rope.original_max_position == 32
+    ids = np.stack(hf_models.prompts(4, [length]))
+    diff = np.abs(jx.logits(ids) - hf_models.hf_logits(hf, ids)).max()
+    assert diff <= 1e-4, f"prompt of {length}: max |logits diff| {diff}"
+
+
+@pytest.mark.parametrize("lengths", [[40, 35, 37], [20, 14, 26]], ids=["long_prompts", "crossing"])
+def test_longrope_greedy_tokens(longrope, lengths):
+    hf, jx = longrope
+    rows = hf_models.prompts(5, lengths)
+    ids, mask = hf_models.left_pad(rows)
+    want = hf_models.hf_generate(hf, rows, NEW_TOKENS, do_sample=False)
+    np.testing.assert_array_equal(jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS), want)
+
+
+# --- other checkpoint layouts --------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+@pytest.mark.parametrize("name", ["qwen3", "phi3"])
+def test_sharded_and_bin_checkpoints(tmp_path, name, layout):
+    model = hf_models.build(name, seed=11)
+    hf_dir = hf_models.save(model, str(tmp_path / "hf"), shard="40KB" if layout == "sharded" else None,
+                            bin_file=layout == "bin")
+    files = os.listdir(hf_dir)
+    if layout == "sharded":
+        assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
+    else:
+        assert "pytorch_model.bin" in files and not any(f.endswith(".safetensors") for f in files)
+    jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
+    ids = np.stack(hf_models.prompts(6, [10, 10]))
+    assert np.abs(jx.logits(ids) - hf_models.hf_logits(model, ids)).max() <= 1e-4
+    rows = hf_models.prompts(7, [4, 9])
+    ids, mask = hf_models.left_pad(rows)
+    np.testing.assert_array_equal(jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS),
+                                  hf_models.hf_generate(model, rows, NEW_TOKENS, do_sample=False))
