@@ -31,7 +31,11 @@ class Tokenizer:
         if os.path.isfile(spm_path):
             import sentencepiece as spm
             sp = spm.SentencePieceProcessor(model_file=spm_path)
-            return cls(sp.encode, sp.decode, tokens, spm_path)
+            size, unk = sp.get_piece_size(), sp.unk_id()
+            # Model vocabularies are often padded past the tokenizer's (Gemma, Phi-3): ids without a piece
+            # decode to nothing, as they do with `tokenizers`; <unk> is dropped like the other specials.
+            return cls(sp.encode, lambda ids: sp.decode([i for i in ids if i < size and i != unk]), tokens,
+                       spm_path)
         return None
 
     def encode(self, text: str) -> list[int]:

@@ -1,0 +1,112 @@
+"""Converter behaviour on good and bad checkpoint folders, and the tables' coverage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import jaxvlm
+from convert import convert
+from convert.readers import CheckpointError
+from tests import hf_models
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return hf_models.save(hf_models.build("qwen3", seed=2), str(tmp_path_factory.mktemp("qwen3") / "hf"))
+
+
+def broken_copy(hf_dir, tmp_path, edit_tensors=None, edit_config=None):
+    """A copy of the checkpoint with its tensors or config.json edited."""
+    out = tmp_path / "broken"
+    out.mkdir()
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    if edit_config:
+        edit_config(cfg)
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def assert_fails_cleanly(src, tmp_path, match):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match) as err:
+        convert(src, str(out), progress=False)
+    assert "\n" not in str(err.value)
+    assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")], "temporary folder left behind"
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "hf").mkdir()
+    assert_fails_cleanly(str(tmp_path / "hf"), tmp_path, "no config.json")
+
+
+def test_unsupported_model_type(hf_dir, tmp_path):
+    src = broken_copy(hf_dir, tmp_path, edit_config=lambda c: c.update(model_type="mamba"))
+    assert_fails_cleanly(src, tmp_path, "unsupported model_type 'mamba'")
+
+
+def test_truncated_safetensors(hf_dir, tmp_path):
+    src = broken_copy(hf_dir, tmp_path)
+    path = os.path.join(src, "model.safetensors")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    assert_fails_cleanly(src, tmp_path, "model.safetensors: unreadable safetensors file")
+
+
+def test_missing_tensor(hf_dir, tmp_path):
+    src = broken_copy(hf_dir, tmp_path, edit_tensors=lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    assert_fails_cleanly(src, tmp_path, "missing tensor 'model.layers.1.mlp.up_proj.weight'")
+
+
+def test_unexpected_tensor(hf_dir, tmp_path):
+    src = broken_copy(hf_dir, tmp_path, edit_tensors=lambda t: t.update({"model.extra.weight": np.zeros(3, np.float32)}))
+    assert_fails_cleanly(src, tmp_path, "unexpected tensor 'model.extra.weight'")
+
+
+def test_shape_differs_from_config(hf_dir, tmp_path):
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:-1]
+    src = broken_copy(hf_dir, tmp_path, edit_tensors=shrink)
+    assert_fails_cleanly(src, tmp_path, r"'model.layers.0.self_attn.k_proj.weight' has shape \[63, 64\], "
+                                        r"config.json predicts \[64, 64\]")
+
+
+def test_existing_output_folder_is_refused(hf_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        convert(hf_dir, str(tmp_path / "out"), progress=False)
+
+
+def test_bfloat16_conversion_and_commands(hf_dir, tmp_path):
+    """`jaxvlm convert --dtype bfloat16` and `python -m convert` write the same params in the asked dtype."""
+    subprocess.run([sys.executable, "-m", "jaxvlm.cli", "convert", hf_dir, str(tmp_path / "bf16"),
+                    "--dtype", "bfloat16"], check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "convert", hf_dir, str(tmp_path / "bad"), "--dtype", "float32"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    bf16, f32 = jaxvlm.load(tmp_path / "bf16"), jaxvlm.load(tmp_path / "bad")
+    assert bf16.dtype == np.dtype("bfloat16") and f32.dtype == np.float32
+    ids = np.arange(3, 13)[None]
+    assert np.abs(bf16.logits(ids) - f32.logits(ids)).max() < 0.5  # bfloat16 rounding, same weights
+    assert np.array_equal(jaxvlm.load(tmp_path / "bf16", dtype="float32").params["embedder"]["embedding"],
+                          f32.params["embedder"]["embedding"].astype("bfloat16").astype(np.float32))
+
+
+def test_command_reports_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "convert", str(tmp_path), str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/config.json: no config.json in the "
+                                                  "checkpoint folder"]

@@ -1,0 +1,143 @@
+"""The KV cache and decode loop against a full forward, compilation counts, and the sampling filters."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm import generate, sampling
+from jaxvlm.config import DecoderConfig, ModelConfig, RopeConfig, TokensConfig
+from jaxvlm.decoder import Decoder
+from jaxvlm.kv_cache import KVCache
+from jaxvlm.model import Model
+
+CONFIGS = {
+    "gemma2_like": DecoderConfig(vocab_size=97, width=32, depth=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                                 mlp_dim=48, mlp_activation="gelu_tanh", norm_scale_offset=1.0, embed_scale=True,
+                                 use_post_norms=True, attn_logit_softcap=4.0, final_logit_softcap=5.0,
+                                 sliding_window=5, layer_types=("local", "global", "local")),
+    "qwen3_like": DecoderConfig(vocab_size=97, width=32, depth=2, num_heads=4, num_kv_heads=1, head_dim=16,
+                                mlp_dim=48, use_qk_norm=True, qkv_bias=True, tie_embeddings=True),
+    "phi3_like": DecoderConfig(vocab_size=97, width=32, depth=2, num_heads=4, num_kv_heads=4, head_dim=8,
+                               mlp_dim=48, rope=RopeConfig(rotary_fraction=0.5)),
+}
+
+
+def random_model(config: DecoderConfig, seed=0) -> Model:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    params = Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens > -1)["params"]
+    # Perturb every leaf so norm scales and biases are not at their trivial init.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = tree.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    return Model(ModelConfig(decoder=config, tokens=TokensConfig(eos_ids=(), pad_id=0)), params)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_then_decode_equals_full_forward(name):
+    """Logits from a prefill plus one-token cached steps equal one uncached forward over the whole sequence."""
+    config = CONFIGS[name]
+    model = random_model(config)
+    rng = np.random.default_rng(0)
+    seq = rng.integers(1, config.vocab_size, size=(2, 16))
+    lengths = [9, 6]  # row 1 is left-padded by 3 in the prompt
+    full = [model.logits(seq[i, : 9 + 7][None] if i == 0 else seq[i, : 6 + 7][None])[0] for i in range(2)]
+
+    tokens, valid = generate.right_align([seq[0, :9], seq[1, :6]], 9, 0)
+    positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
+    decoder = Decoder(config)
+    apply = jax.jit(lambda p, t, pos, v, c: decoder.apply({"params": p}, t, pos, v, c))
+    out = apply(model.params, tokens, positions, valid, KVCache.init(config, 2, 32, jnp.float32))
+    got = [[out.logits[0, -1]], [out.logits[1, -1]]]
+    cache, pos = out.cache, positions[:, -1]
+    for step in range(6):
+        pos = pos + 1
+        nxt = np.stack([seq[0, 9 + step], seq[1, 6 + step]])[:, None]
+        out = apply(model.params, nxt, pos[:, None], np.ones((2, 1), bool), cache)
+        cache = out.cache
+        for i in range(2):
+            got[i].append(out.logits[i, 0])
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(np.stack(got[i]), full[i][n - 1: n + 6], atol=2e-5, rtol=0)
+
+
+def test_prompt_lengths_in_a_bucket_compile_once(caplog):
+    model = random_model(CONFIGS["qwen3_like"])
+    rng = np.random.default_rng(1)
+    model.generate_ids(rng.integers(1, 97, size=(2, 3)), max_new_tokens=8)  # warm up (bucket 16)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        caplog.clear()
+        for length in (4, 7, 11, 16):
+            model.generate_ids(rng.integers(1, 97, size=(2, length)), max_new_tokens=8)
+        same_bucket = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+        caplog.clear()
+        model.generate_ids(rng.integers(1, 97, size=(2, 17)), max_new_tokens=8)  # next bucket: 32
+        next_bucket = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert same_bucket == [], same_bucket
+    assert any("prefill" in m for m in next_bucket), next_bucket
+
+
+def test_eos_pads_the_rest_of_the_row():
+    model = random_model(CONFIGS["phi3_like"])
+    prompt = np.random.default_rng(2).integers(1, 97, size=(1, 5))
+    free = model.generate_ids(prompt, max_new_tokens=12)
+    eos = int(free[0, 3])
+    first = int(np.argmax(free[0] == eos))
+    model.config = ModelConfig(decoder=model.config.decoder, tokens=TokensConfig(eos_ids=(eos,), pad_id=0))
+    out = model.generate_ids(prompt, max_new_tokens=12)
+    np.testing.assert_array_equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first + 1:] == 0).all()
+
+
+# --- sampling filters against transformers' warpers ----------------------------------------------------
+def test_top_k_and_top_p_match_transformers_warpers():
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = np.random.default_rng(3).normal(size=(4, 50)).astype(np.float32) * 3
+    logits[0, :5] = logits[0, 5]  # ties at the k-th value
+    for k in (1, 5, 17):
+        want = TopKLogitsWarper(k)(None, torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(np.asarray(sampling.top_k_filter(jnp.asarray(logits), k)), want)
+    for p in (0.05, 0.5, 0.9, 0.99):
+        want = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(np.asarray(sampling.top_p_filter(jnp.asarray(logits), jnp.float32(p))), want)
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = jax.vmap(lambda k: sampling.sample(sampling.Sampler(greedy=False, use_top_p=True), logits, k,
+                                              jnp.float32(1.0), jnp.float32(0.7))[0])
+    counts = np.bincount(np.asarray(draw(keys)), minlength=4) / 4000
+    # top-p 0.7 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375
+    np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.03)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(top_k=0), "top_k"),
+])
+def test_bad_generation_arguments(kwargs, message):
+    model = random_model(CONFIGS["qwen3_like"])
+    with pytest.raises(ValueError, match=message):
+        model.generate_ids(np.ones((1, 4), np.int32), **kwargs)
+
+
+def test_prompt_longer_than_context():
+    config = DecoderConfig(vocab_size=97, width=32, depth=1, num_heads=2, num_kv_heads=2, head_dim=16, mlp_dim=32,
+                           max_position_embeddings=20)
+    model = random_model(config)
+    with pytest.raises(ValueError, match="longer than the model's context of 20"):
+        model.generate_ids(np.ones((1, 25), np.int32), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens=8.*context of 20"):
+        model.generate_ids(np.ones((1, 15), np.int32), max_new_tokens=8)
+    with pytest.raises(ValueError, match="context of 20"):
+        model.logits(np.ones((1, 21), np.int32))
