@@ -68,12 +68,20 @@ def _rope(cfg: dict, head_dim: int) -> RopeConfig:
                       attention_factor=float(attention_factor))
 
 
-def _layer_types(cfg: dict, depth: int) -> tuple[str, ...]:
-    types = cfg.get("layer_types")
-    if not types:
+def _layer_types(cfg: dict, depth: int, sliding: int | None) -> tuple[str, ...]:
+    """Per-layer "local" (sliding window) or "global", with each family's default when the file has none."""
+    if sliding is None:
         return ()
     names = {"sliding_attention": "local", "full_attention": "global"}
-    return tuple(names[t] for t in types)
+    if cfg.get("layer_types"):
+        return tuple(names[t] for t in cfg["layer_types"])
+    t = cfg["model_type"]
+    if t == "gemma2":  # alternating, the first layer local
+        return tuple("local" if i % 2 == 0 else "global" for i in range(depth))
+    if t == "qwen3":  # the window applies from max_window_layers on
+        start = _get(cfg, "max_window_layers", 28)
+        return tuple("local" if i >= start else "global" for i in range(depth))
+    return ("local",) * depth  # Phi-3: every layer
 
 
 def decoder_config(cfg: dict) -> DecoderConfig:
@@ -87,14 +95,10 @@ def decoder_config(cfg: dict) -> DecoderConfig:
     if act not in _ACTIVATIONS:
         raise ConfigError(f"config.json: unsupported activation {act!r}")
     gemma = t in ("gemma", "gemma2")
-    sliding = _get(cfg, "sliding_window")
+    sliding = _get(cfg, "sliding_window") if t != "gemma" else None
     if t == "qwen3" and not _get(cfg, "use_sliding_window", False):
         sliding = None
-    layer_types = _layer_types(cfg, depth)
-    if sliding is None:
-        layer_types = ()
-    elif not layer_types:  # Phi-3: one window on every layer
-        layer_types = ("local",) * depth
+    layer_types = _layer_types(cfg, depth, sliding)
     return DecoderConfig(
         vocab_size=_get(cfg, "vocab_size", required=True),
         width=width,

@@ -147,7 +147,7 @@ TABLES: dict[str, list[Rule]] = {
     "qwen3": EMBEDDING + SEPARATE_QKV + ATTN_OUT + QK_NORM + SEPARATE_MLP + MLP_DOWN + PRE_NORMS,
 }
 
-# Tensors some files carry that hold nothing to convert: rotary tables saved by old code, and a tied head.
+# Tensors some files carry that hold nothing to convert: rotary tables saved by older transformers.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 

@@ -1,0 +1,24 @@
+"""Every preset builds (abstractly) and has the parameter count of the released model."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxvlm import presets
+from jaxvlm.checkpoint import abstract_params
+from jaxvlm.config import ModelConfig
+
+# Parameter counts transformers reports (`num_parameters()`) for the released checkpoints.
+RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "phi-3-mini-4k": 3_821_079_552,
+            "qwen3-0.6b": 596_049_920}
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_preset_shapes(name):
+    tree = abstract_params(ModelConfig(decoder=presets.get(name)))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)) == RELEASED[name]
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'gpt-5'"):
+        presets.get("gpt-5")
