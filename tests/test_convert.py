@@ -110,3 +110,22 @@ def test_command_reports_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path}/config.json: no config.json in the "
                                                   "checkpoint folder"]
+
+
+def test_tensors_are_streamed_one_at_a_time(hf_dir, tmp_path, monkeypatch):
+    """When a tensor is read, every tensor read before it has already been released."""
+    import weakref
+    from convert import readers
+
+    alive: list[weakref.ref] = []
+    read = readers.TensorReader.get
+
+    def tracked_get(self, name):
+        assert [r for r in alive if r() is not None] == [], f"an earlier tensor is still held when reading {name}"
+        array = read(self, name)
+        alive.append(weakref.ref(array))
+        return array
+
+    monkeypatch.setattr(readers.TensorReader, "get", tracked_get)
+    convert(hf_dir, str(tmp_path / "out"), progress=False)
+    assert len(alive) == 2 + 2 * 15  # embedding, final norm, 15 tensors per layer (qwen3 with biases)

@@ -1,0 +1,39 @@
+"""Configs: JSON round trip and validation errors that name the field."""
+
+import dataclasses
+
+import pytest
+
+from jaxvlm.config import DecoderConfig, ModelConfig, RopeConfig, TokensConfig
+
+BASE = dict(vocab_size=10, width=8, depth=2, num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=16)
+
+
+def test_json_round_trip_and_hashable():
+    config = ModelConfig(
+        decoder=DecoderConfig(**BASE, sliding_window=3, layer_types=("local", "global"),
+                              rope=RopeConfig(short_factor=(1.0, 2.0), long_factor=(3.0, 4.0),
+                                              original_max_position=16, attention_factor=1.2)),
+        tokens=TokensConfig(bos_id=2, eos_ids=(1, 5), pad_id=0, add_bos=True))
+    again = ModelConfig.from_json(config.to_json())
+    assert again == config and hash(again) == hash(config)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_kv_heads=3), "DecoderConfig.num_kv_heads: 3 does not divide num_heads=2"),
+    (dict(depth=0), "DecoderConfig.depth: must be a positive int"),
+    (dict(mlp_activation="relu"), "DecoderConfig.mlp_activation"),
+    (dict(layer_types=("local",)), "DecoderConfig.layer_types: has 1 entries for depth=2"),
+    (dict(layer_types=("local", "global")), "DecoderConfig.sliding_window: local layers need a sliding_window"),
+    (dict(rope=RopeConfig(short_factor=(1.0,), long_factor=(1.0,), original_max_position=4)),
+     "DecoderConfig.rope: LongRoPE factors need rotary_dim/2 = 2 entries"),
+])
+def test_validation_names_the_field(change, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DecoderConfig(**{**BASE, **change})
+
+
+def test_unknown_field_in_json():
+    text = ModelConfig(decoder=DecoderConfig(**BASE)).to_json().replace('"depth"', '"layers"')
+    with pytest.raises(ValueError, match="unknown field 'layers'"):
+        ModelConfig.from_json(text)
