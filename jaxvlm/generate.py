@@ -22,6 +22,7 @@ from jaxvlm.kv_cache import KVCache
 from jaxvlm.sampling import Sampler, sample
 
 MIN_PROMPT_BUCKET = 16
+PROMPT_STEP = 512  # past this length, prompts round up to multiples of it rather than powers of two
 CACHE_ALIGN = 64
 MAX_CHUNK = 32  # decode steps per scan call; the host checks for EOS between calls
 
@@ -36,7 +37,9 @@ class DecodeState:
 
 
 def prompt_bucket(length: int) -> int:
-    """Prompt lengths round up to a power of two (at least 16)."""
+    """Prompt lengths round up to a power of two (at least 16), and past 512 to a multiple of 512."""
+    if length > PROMPT_STEP:
+        return -(-length // PROMPT_STEP) * PROMPT_STEP
     return max(MIN_PROMPT_BUCKET, 1 << math.ceil(math.log2(length)))
 
 
