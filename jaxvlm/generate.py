@@ -19,6 +19,7 @@ from flax import struct
 from jaxvlm.config import DecoderConfig
 from jaxvlm.decoder import Decoder
 from jaxvlm.kv_cache import KVCache
+from jaxvlm.masks import token_positions
 from jaxvlm.sampling import Sampler, sample
 
 MIN_PROMPT_BUCKET = 16
@@ -58,7 +59,7 @@ def prefill(config: DecoderConfig, dtype, sampler: Sampler, cache_size: int, par
             key, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token."""
     B, T = tokens.shape
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    positions = token_positions(valid)
     cache = KVCache.init(config, B, cache_size, dtype)
     out = Decoder(config, dtype).apply({"params": params}, tokens, positions, valid, cache, last_only=True)
     token = sample(sampler, out.logits[:, -1], jax.random.fold_in(key, step), temperature, top_p)

@@ -25,3 +25,11 @@ def decoder_mask(kv_valid: jax.Array, query_start: jax.Array, num_queries: int,
     if window is not None:
         allowed &= k_slot > q_slot - window
     return kv_valid[:, None, :] & allowed[None]
+
+
+def token_positions(valid: jax.Array) -> jax.Array:
+    """int32[B, T] positions that count real tokens only (0 at and before the first), from valid: bool[B, T].
+
+    A left-padded row thus gets the positions it would have alone, as transformers' generate numbers them.
+    """
+    return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)

@@ -14,6 +14,7 @@ from jaxvlm import checkpoint
 from jaxvlm.config import ModelConfig
 from jaxvlm.decoder import Decoder
 from jaxvlm.generate import generate_tokens, prompt_bucket, right_align
+from jaxvlm.masks import token_positions
 from jaxvlm.sampling import make_sampler
 from jaxvlm.tokenizer import Tokenizer
 
@@ -22,8 +23,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _forward(config, dtype, params, tokens, valid):
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    return Decoder(config, dtype).apply({"params": params}, tokens, positions, valid).logits
+    return Decoder(config, dtype).apply({"params": params}, tokens, token_positions(valid), valid).logits
 
 
 class Model:
@@ -36,24 +36,29 @@ class Model:
                 f"vocab={d.vocab_size}, dtype={jnp.dtype(self.dtype).name})")
 
     # --- inputs -------------------------------------------------------------------------------------------
-    def _rows(self, input_ids, attention_mask) -> list[np.ndarray]:
-        """The real tokens of each row (padding on either side removed)."""
+    def _inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (ids int[B, T], mask bool[B, T]); a 1-D input is one row."""
         ids = np.asarray(input_ids)
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = ids[None] if ids.ndim == 1 else ids
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
-        mask = np.ones_like(ids, bool) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+        mask = mask[None] if mask.ndim == 1 else mask
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        mask = mask.astype(bool)
         vocab = self.config.decoder.vocab_size
-        rows = []
-        for i, (row, keep) in enumerate(zip(ids, mask.astype(bool))):
-            row = row[keep]
-            if row.size == 0:
+        for i, (row, keep) in enumerate(zip(ids, mask)):
+            if not keep.any():
                 raise ValueError(f"input_ids row {i} has no tokens under attention_mask")
-            if row.min() < 0 or row.max() >= vocab:
+            if row[keep].min() < 0 or row[keep].max() >= vocab:
                 raise ValueError(f"input_ids row {i} holds token ids outside [0, {vocab})")
-            rows.append(row)
-        return rows
+        return ids, mask
+
+    def _rows(self, input_ids, attention_mask) -> list[np.ndarray]:
+        """The real tokens of each row (padding on either side removed)."""
+        ids, mask = self._inputs(input_ids, attention_mask)
+        return [row[keep] for row, keep in zip(ids, mask)]
 
     def _check_length(self, length: int, what: str) -> None:
         limit = self.config.decoder.max_position_embeddings
@@ -66,12 +71,9 @@ class Model:
 
         Positions count real tokens only (as in generation), so a padded row matches the same prompt alone.
         """
-        ids = np.asarray(input_ids)
-        ids = ids[None] if ids.ndim == 1 else ids
-        self._rows(ids, attention_mask)  # validates
+        ids, valid = self._inputs(input_ids, attention_mask)
         B, T = ids.shape
         self._check_length(T, "input_ids")
-        valid = np.ones((B, T), bool) if attention_mask is None else np.asarray(attention_mask, bool).reshape(B, T)
         # Padding on the right up to a bucket keeps one compilation per bucket; causality hides it.
         length = prompt_bucket(T)
         tokens = np.zeros((B, length), np.int32)

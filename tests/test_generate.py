@@ -141,3 +141,13 @@ def test_prompt_longer_than_context():
         model.generate_ids(np.ones((1, 15), np.int32), max_new_tokens=8)
     with pytest.raises(ValueError, match="context of 20"):
         model.logits(np.ones((1, 21), np.int32))
+
+
+def test_bad_inputs_are_named():
+    model = random_model(CONFIGS["qwen3_like"])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\), input_ids \(1, 4\)"):
+        model.logits(np.ones((1, 4), np.int32), np.ones((1, 3), np.int32))
+    with pytest.raises(ValueError, match=r"row 1 holds token ids outside \[0, 97\)"):
+        model.generate_ids(np.array([[1, 2], [3, 97]]))
+    with pytest.raises(ValueError, match="row 0 has no tokens"):
+        model.generate_ids(np.array([[1, 2]]), np.array([[0, 0]]))
