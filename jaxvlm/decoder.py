@@ -56,7 +56,7 @@ class Decoder(nn.Module):
         self.layers = [Block(c, dtype=self.dtype, name=f"layer_{i}") for i in range(c.depth)]
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
-            self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), dtype=self.dtype)
+            self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), dtype=self.dtype, out_dtype=jnp.float32)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """int[B, T] -> [B, T, D]."""
@@ -92,10 +92,7 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
-        if c.tie_embeddings:
-            logits = self.embedder.decode(x)
-        else:
-            logits = self.lm_head(x).astype(jnp.float32)
+        logits = self.embedder.decode(x) if c.tie_embeddings else self.lm_head(x)
         logits = softcap(logits, c.final_logit_softcap)
         new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), end=end + T, valid=kv_valid)
         return DecoderOutput(logits=logits, cache=new_cache)

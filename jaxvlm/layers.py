@@ -28,11 +28,12 @@ class Einsum(nn.Module):
     shape: tuple[int, ...]
     bias_shape: tuple[int, ...] | None = None  # the output's trailing dims, when the projection has a bias
     dtype: Dtype = jnp.float32
+    out_dtype: Dtype | None = None  # accumulate and return in this dtype (float32 for output logits)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.dtype)
-        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         if self.bias_shape is not None:
             y = y + self.param("bias", nn.initializers.zeros_init(), self.bias_shape, self.dtype).astype(self.dtype)
         return y
