@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 
+import jax
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
@@ -64,12 +65,14 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         # By default bfloat16 checkpoints stay bfloat16 and everything else becomes float32.
         target = DTYPES[dtype or ("bfloat16" if reader.is_bfloat16("model.embed_tokens.weight") else "float32")]
 
+        # Each tensor is copied (so the output owns its memory and the source, often memory-mapped, can
+        # go) straight into a host-side jax array, the form orbax writes: saving makes no second copy.
+        cpu = jax.devices("cpu")[0]
         params: dict = {}
         for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
             source = reader.get(name)
             for path, transform in rule.targets:
-                # Copy, so the output owns its memory and the source (often memory-mapped) can go.
-                _set(params, path, np.array(transform(source, config.decoder), dtype=target))
+                _set(params, path, jax.device_put(np.array(transform(source, config.decoder), dtype=target), cpu))
             del source
 
     parent = os.path.dirname(out_dir)
