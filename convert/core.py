@@ -27,6 +27,10 @@ def _set(tree: dict, path: str, value) -> None:
     tree[leaf] = value
 
 
+def _first_of(names: list[str]) -> str:
+    return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
+
+
 def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool = True) -> str:
     """Converts `hf_dir` into `out_dir` and returns `out_dir`.
 
@@ -50,13 +54,11 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
             names = [n for n in names if n != "lm_head.weight"]
         missing = [n for n in rules if n not in names]
         if missing:
-            raise CheckpointError(f"{hf_dir}: missing tensor {missing[0]!r}"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise CheckpointError(f"{hf_dir}: missing tensor {_first_of(missing)}")
         unexpected = [n for n in names if n not in rules]
         if unexpected:
-            raise CheckpointError(f"{hf_dir}: unexpected tensor {unexpected[0]!r} for model_type "
-                                  f"{hf_cfg['model_type']!r}" + (f" (and {len(unexpected) - 1} more)"
-                                                                 if len(unexpected) > 1 else ""))
+            raise CheckpointError(f"{hf_dir}: unexpected tensor {_first_of(unexpected)} for model_type "
+                                  f"{hf_cfg['model_type']!r}")
         for name, rule in rules.items():
             want = rule.shape(config.decoder)
             if reader.shape(name) != want:
