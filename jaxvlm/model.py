@@ -15,7 +15,7 @@ from jaxvlm.config import ModelConfig
 from jaxvlm.decoder import Decoder
 from jaxvlm.generate import generate_tokens, prompt_bucket, right_align
 from jaxvlm.masks import token_positions
-from jaxvlm.sampling import make_sampler
+from jaxvlm.sampling import check_sampling_args, make_sampler
 from jaxvlm.tokenizer import Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -86,8 +86,7 @@ class Model:
     def generate_ids(self, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
         """New tokens only, int32[B, max_new_tokens]; after a row's end-of-sequence token, the pad id."""
-        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        _check_max_new_tokens(max_new_tokens)
         sampler = make_sampler(temperature, top_k, top_p)
         rows = self._rows(input_ids, attention_mask)
         longest = max(len(r) for r in rows)
@@ -101,6 +100,8 @@ class Model:
     def generate(self, prompt_or_prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str | list[str]:
         """Text in, text out; a list of prompts is generated as one batch."""
+        _check_max_new_tokens(max_new_tokens)
+        check_sampling_args(temperature, top_k, top_p)
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
                              "use generate_ids with token ids")
@@ -117,6 +118,11 @@ class Model:
                                 top_p=top_p, seed=seed)
         texts = [self.tokenizer.decode(row) for row in out]
         return texts[0] if single else texts
+
+
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
 def load(path: str | os.PathLike, dtype: str | None = None) -> Model:

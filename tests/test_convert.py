@@ -129,3 +129,17 @@ def test_tensors_are_streamed_one_at_a_time(hf_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(readers.TensorReader, "get", tracked_get)
     convert(hf_dir, str(tmp_path / "out"), progress=False)
     assert len(alive) == 2 + 2 * 15  # embedding, final norm, 15 tensors per layer (qwen3 with biases)
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--top-p", "2", "top_p must be in (0, 1], got 2.0"),
+    ("--top-k", "0", "top_k must be an int >= 1, got 0"),
+    ("--temperature", "-1", "temperature must be >= 0 (0 means greedy), got -1.0"),
+    ("--max-new-tokens", "0", "max_new_tokens must be an int >= 1, got 0"),
+])
+def test_generate_command_reports_bad_arguments(hf_dir, tmp_path, flag, value, message):
+    out = convert(hf_dir, str(tmp_path / "jax"), progress=False)
+    result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", out, "--prompt", "hi",
+                             flag, value], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
