@@ -100,6 +100,7 @@ def test_bfloat16_conversion_and_commands(hf_dir, tmp_path):
     assert bf16.dtype == np.dtype("bfloat16") and f32.dtype == np.float32
     ids = np.arange(3, 13)[None]
     assert np.abs(bf16.logits(ids) - f32.logits(ids)).max() < 0.5  # bfloat16 rounding, same weights
+    assert bf16.generate_ids(ids, max_new_tokens=5).shape == (1, 5)
     assert np.array_equal(jaxvlm.load(tmp_path / "bf16", dtype="float32").params["embedder"]["embedding"],
                           f32.params["embedder"]["embedding"].astype("bfloat16").astype(np.float32))
 
