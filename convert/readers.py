@@ -71,7 +71,12 @@ class TensorReader:
         except ImportError:
             raise CheckpointError(f"{path}: reading .bin checkpoints needs torch (pip install torch)") from None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # files from torch < 1.6 (not zip-based) cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for corrupt files
             raise CheckpointError(f"{path}: unreadable PyTorch checkpoint ({type(e).__name__}: {e})") from None
         for name, tensor in state.items():

@@ -58,14 +58,27 @@ def build(name: str, seed: int = 0, eos_token_id=None, **overrides):
 
 
 def save(model, directory: str, shard: str | None = None, bin_file: bool = False) -> str:
-    """Saves as safetensors (sharded when `shard` is a size like '20KB') or as pytorch_model.bin."""
+    """Saves as safetensors (sharded when `shard` is a size like '20KB') or as pytorch_model.bin files
+    (two shards with their index when `shard` is also given), as older transformers wrote them."""
+    import json
     import torch
     model.save_pretrained(directory, max_shard_size=shard or "50GB")
     if bin_file:
         for f in os.listdir(directory):
             if f.startswith("model") and ("safetensors" in f):
                 os.remove(os.path.join(directory, f))
-        torch.save(model.state_dict(), os.path.join(directory, "pytorch_model.bin"))
+        state = model.state_dict()
+        if not shard:
+            torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+            return directory
+        names = list(state)
+        files = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                 "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+        for file, keys in files.items():
+            torch.save({k: state[k] for k in keys}, os.path.join(directory, file))
+        index = {"metadata": {}, "weight_map": {k: file for file, keys in files.items() for k in keys}}
+        with open(os.path.join(directory, "pytorch_model.bin.index.json"), "w") as f:
+            json.dump(index, f)
     return directory
 
 

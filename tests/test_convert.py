@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
@@ -144,3 +145,19 @@ def test_generate_command_reports_bad_arguments(hf_dir, tmp_path, flag, value, m
                              flag, value], capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+def test_legacy_bin_format(hf_dir, tmp_path):
+    """A pytorch_model.bin from torch < 1.6 (not zip-based, so not memory-mappable) converts the same."""
+    import shutil
+    import torch
+    src = tmp_path / "legacy"
+    src.mkdir()
+    shutil.copy(os.path.join(hf_dir, "config.json"), src)
+    tensors = {k: torch.from_numpy(v) for k, v in load_file(os.path.join(hf_dir, "model.safetensors")).items()}
+    torch.save(tensors, src / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(RuntimeError, match="mmap can only be used"):  # the case the reader falls back on
+        torch.load(src / "pytorch_model.bin", weights_only=True, mmap=True)
+    legacy = jaxvlm.load(convert(str(src), str(tmp_path / "a"), progress=False))
+    modern = jaxvlm.load(convert(hf_dir, str(tmp_path / "b"), progress=False))
+    assert jax.tree.all(jax.tree.map(np.array_equal, legacy.params, modern.params))

@@ -111,17 +111,19 @@ def test_longrope_greedy_tokens(longrope, lengths):
 
 
 # --- other checkpoint layouts --------------------------------------------------------------------------
-@pytest.mark.parametrize("layout", ["sharded", "bin"])
+@pytest.mark.parametrize("layout", ["sharded", "bin", "sharded_bin"])
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])
 def test_sharded_and_bin_checkpoints(tmp_path, name, layout):
     model = hf_models.build(name, seed=11)
-    hf_dir = hf_models.save(model, str(tmp_path / "hf"), shard="40KB" if layout == "sharded" else None,
-                            bin_file=layout == "bin")
+    hf_dir = hf_models.save(model, str(tmp_path / "hf"), shard="40KB" if "sharded" in layout else None,
+                            bin_file="bin" in layout)
     files = os.listdir(hf_dir)
     if layout == "sharded":
         assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
-    else:
+    elif layout == "bin":
         assert "pytorch_model.bin" in files and not any(f.endswith(".safetensors") for f in files)
+    else:
+        assert "pytorch_model.bin.index.json" in files and sum(f.endswith(".bin") for f in files) == 2
     jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
     ids = np.stack(hf_models.prompts(6, [10, 10]))
     assert np.abs(jx.logits(ids) - hf_models.hf_logits(model, ids)).max() <= 1e-4
