@@ -28,18 +28,14 @@ def write_hf_checkpoint(directory: str, seed: int = 0) -> str:
     from safetensors.numpy import save_file
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    from convert import tables
+    from convert.hf_config import decoder_config
+
     os.makedirs(directory, exist_ok=True)
     c = CONFIG
-    D, F, N, K, H = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"], \
-        c["head_dim"]
-    shapes = {"model.embed_tokens.weight": (c["vocab_size"], D), "model.norm.weight": (D,)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.k_proj.weight": (K * H, D),
-                       p + "self_attn.v_proj.weight": (K * H, D), p + "self_attn.o_proj.weight": (D, N * H),
-                       p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                       p + "mlp.down_proj.weight": (D, F), p + "input_layernorm.weight": (D,),
-                       p + "post_attention_layernorm.weight": (D,)})
+    # The tensor names and torch shapes are the ones the converter's Gemma table expects.
+    config = decoder_config(c)
+    shapes = {name: rule.shape(config) for name, rule in tables.expand("gemma", config).items()}
     rng = np.random.default_rng(seed)
     tensors = {name: (rng.standard_normal(shape) * (0.1 if len(shape) == 1 else shape[-1] ** -0.5)).astype(np.float32)
                for name, shape in shapes.items()}
