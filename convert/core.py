@@ -18,6 +18,8 @@ from jaxvlm import checkpoint
 from jaxvlm.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+# Carried along for reference: their content is already in the jaxvlm config.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def _set(tree: dict, path: str, value) -> None:
@@ -45,36 +47,38 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         raise CheckpointError(f"{out_dir}: output folder already exists")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    config, hf_cfg = model_config(hf_dir)
-    rules = tables.expand(hf_cfg["model_type"], config.decoder)
+    config, text_family, layout = model_config(hf_dir)
+    rules = tables.expand(config, text_family)
 
     with TensorReader(hf_dir) as reader:
-        names = [n for n in reader.names() if not n.endswith(tables.IGNORED_SUFFIXES)]
-        if config.decoder.tie_embeddings:  # some files carry the tied head anyway; it is the embedding
-            names = [n for n in names if n != "lm_head.weight"]
+        # canonical name -> the file's name (errors quote the file's)
+        names = {tables.canonical_name(n, layout): n for n in reader.names()
+                 if not n.endswith(tables.IGNORED_SUFFIXES)}
+        if config.decoder is not None and config.decoder.tie_embeddings:
+            names.pop("lm_head.weight", None)  # some files carry the tied head anyway; it is the embedding
         missing = [n for n in rules if n not in names]
         if missing:
             raise CheckpointError(f"{hf_dir}: missing tensor {_first_of(missing)}")
-        unexpected = [n for n in names if n not in rules]
+        unexpected = [file_name for n, file_name in names.items() if n not in rules]
         if unexpected:
-            raise CheckpointError(f"{hf_dir}: unexpected tensor {_first_of(unexpected)} for model_type "
-                                  f"{hf_cfg['model_type']!r}")
+            model_type = text_family if layout == "text" else layout
+            raise CheckpointError(f"{hf_dir}: unexpected tensor {_first_of(unexpected)} for this {model_type!r} "
+                                  "config.json")
         for name, rule in rules.items():
-            want = rule.shape(config.decoder)
-            if reader.shape(name) != want:
-                raise CheckpointError(f"{hf_dir}: tensor {name!r} has shape {list(reader.shape(name))}, "
-                                      f"config.json predicts {list(want)}")
+            if reader.shape(names[name]) != rule.shape:
+                raise CheckpointError(f"{hf_dir}: tensor {names[name]!r} has shape {list(reader.shape(names[name]))}, "
+                                      f"config.json predicts {list(rule.shape)}")
         # By default bfloat16 checkpoints stay bfloat16 and everything else becomes float32.
-        target = DTYPES[dtype or ("bfloat16" if reader.is_bfloat16("model.embed_tokens.weight") else "float32")]
+        target = DTYPES[dtype or ("bfloat16" if reader.is_bfloat16(names[next(iter(rules))]) else "float32")]
 
         # Each tensor is copied (so the output owns its memory and the source, often memory-mapped, can
         # go) straight into a host-side jax array, the form orbax writes: saving makes no second copy.
         cpu = jax.devices("cpu")[0]
         params: dict = {}
         for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
-            source = reader.get(name)
+            source = reader.get(names[name])
             for path, transform in rule.targets:
-                _set(params, path, jax.device_put(np.array(transform(source, config.decoder), dtype=target), cpu))
+                _set(params, path, jax.device_put(np.array(transform(source), dtype=target), cpu))
             del source
 
     parent = os.path.dirname(out_dir)
@@ -86,7 +90,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
         checkpoint.save_params(tmp, params)
         config.save(tmp)
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_FILES + PROCESSOR_FILES:
             if os.path.isfile(os.path.join(hf_dir, name)):
                 shutil.copy2(os.path.join(hf_dir, name), tmp)
         os.rename(tmp, out_dir)

@@ -10,12 +10,33 @@ import json
 import os
 from typing import Any
 
-from jaxvlm.config import DecoderConfig, ModelConfig, RopeConfig, TokensConfig, longrope_attention_factor
+from jaxvlm.config import (DecoderConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig,
+                           longrope_attention_factor)
 
-SUPPORTED = ("gemma", "gemma2", "phi3", "qwen3")
+TEXT_FAMILIES = ("gemma", "gemma2", "phi3", "qwen3")
+VLM_FAMILIES = ("paligemma", "llava")
+VISION_FAMILIES = ("siglip_vision_model", "clip_vision_model")
+SUPPORTED = TEXT_FAMILIES + VLM_FAMILIES + VISION_FAMILIES
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-                "silu": "silu", "swish": "silu", "gelu": "gelu"}
+                "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "gelu": "gelu", "quick_gelu": "quick_gelu"}
+
+# transformers' class defaults, for the fields configs may leave out (the text and vision parts of real
+# PaliGemma configs list only what differs from them).
+FAMILY_DEFAULTS = {
+    "gemma": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10_000.0),
+    "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10_000.0,
+                   query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   sliding_window=4096),
+    "phi3": dict(hidden_act="silu", rms_norm_eps=1e-5),
+    "qwen3": dict(hidden_act="silu", rms_norm_eps=1e-6),
+    "siglip_vision_model": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
+                                num_hidden_layers=12, num_attention_heads=12, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6),
+    "clip_vision_model": dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                              num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
+                              layer_norm_eps=1e-5),
+}
 
 
 class ConfigError(ValueError):
@@ -84,8 +105,14 @@ def _layer_types(cfg: dict, depth: int, sliding: int | None) -> tuple[str, ...]:
     return ("local",) * depth  # Phi-3: every layer
 
 
+def with_defaults(cfg: dict, model_type: str) -> dict:
+    return {**FAMILY_DEFAULTS.get(model_type, {}), "model_type": model_type,
+            **{k: v for k, v in cfg.items() if v is not None}}
+
+
 def decoder_config(cfg: dict) -> DecoderConfig:
     t = cfg["model_type"]
+    cfg = with_defaults(cfg, t)
     width, heads = _get(cfg, "hidden_size", required=True), _get(cfg, "num_attention_heads", required=True)
     head_dim = _get(cfg, "head_dim") or width // heads
     depth = _get(cfg, "num_hidden_layers", required=True)
@@ -147,10 +174,118 @@ def tokens_config(hf_dir: str, cfg: dict) -> TokensConfig:
     return TokensConfig(bos_id=bos, eos_ids=eos, pad_id=int(pad), add_bos=add_bos)
 
 
-def model_config(hf_dir: str) -> tuple[ModelConfig, dict]:
-    """(jaxvlm config, the raw HF config) for the checkpoint folder `hf_dir`."""
+def vision_config(cfg: dict, **composition) -> VisionConfig:
+    """A SigLIP or CLIP vision config; `composition` adds what the enclosing model decides (feature layer, ...)."""
+    t = cfg.get("model_type") or "siglip_vision_model"
+    if t not in VISION_FAMILIES:
+        raise ConfigError(f"config.json: unsupported vision model_type {t!r} (supported: {', '.join(VISION_FAMILIES)})")
+    cfg = with_defaults(cfg, t)
+    act = cfg["hidden_act"]
+    if act not in _ACTIVATIONS:
+        raise ConfigError(f"config.json: unsupported vision activation {act!r}")
+    clip = t == "clip_vision_model"
+    return VisionConfig(
+        image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["hidden_size"],
+        depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"], mlp_dim=cfg["intermediate_size"],
+        activation=_ACTIVATIONS[act], norm_eps=float(cfg["layer_norm_eps"]), patch_bias=not clip, class_token=clip,
+        pre_norm=clip, post_norm_class_only=clip, **composition)
+
+
+def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> ImageProcessing:
+    """From `preprocessor_config.json`, or the processor's defaults at the encoder's image size."""
+    path = os.path.join(hf_dir, "preprocessor_config.json")
+    p = read_json(path) if os.path.isfile(path) else {}
+    size = vision.image_size
+    if clip_style:  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
+        defaults = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+                        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+    else:  # SiglipImageProcessor: a square, no crop, mean = std = 0.5
+        defaults = dict(size={"height": size, "width": size}, do_center_crop=False, image_mean=[0.5] * 3,
+                        image_std=[0.5] * 3)
+    p = {**defaults, **{k: v for k, v in p.items() if v is not None}}
+
+    def hw(value, what):
+        if isinstance(value, int):
+            return (value, value)
+        if isinstance(value, dict) and "height" in value and "width" in value:
+            return (int(value["height"]), int(value["width"]))
+        raise ConfigError(f"{path}: unsupported {what} {value!r}")
+
+    resize = p.get("do_resize", True)
+    size_field = p["size"]
+    shortest = size_field.get("shortest_edge") if isinstance(size_field, dict) else None
+    if isinstance(size_field, int) and clip_style:  # older CLIP configs: an int is the shortest edge
+        shortest = size_field
+    return ImageProcessing(
+        size=hw(size_field, "size") if resize and shortest is None else None,
+        shortest_edge=int(shortest) if resize and shortest is not None else None,
+        resample=int(p.get("resample", 3)),
+        crop_size=hw(p["crop_size"], "crop_size") if p.get("do_center_crop") else None,
+        rescale_factor=float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else None,
+        mean=tuple(map(float, p["image_mean"])) if p.get("do_normalize", True) else None,
+        std=tuple(map(float, p["image_std"])) if p.get("do_normalize", True) else None,
+    )
+
+
+def _text_part(cfg: dict, default_type: str) -> dict:
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("model_type", default_type)
+    if text["model_type"] not in TEXT_FAMILIES:
+        raise ConfigError(f"config.json: unsupported text model_type {text['model_type']!r} "
+                          f"(supported: {', '.join(TEXT_FAMILIES)})")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # special ids may sit at either level
+        if text.get(key) is None and cfg.get(key) is not None:
+            text[key] = cfg[key]
+    return text
+
+
+def _vlm_config(hf_dir: str, cfg: dict) -> tuple[ModelConfig, str]:
+    t = cfg["model_type"]
+    if t == "paligemma":
+        text = _text_part(cfg, "gemma")
+        vision = vision_config(cfg.get("vision_config") or {})
+        extra = dict(projector="linear", prefix_lm=True, position_offset=1, prompt_format="paligemma",
+                     image_token_id=int(_get(cfg, "image_token_index", _get(cfg, "image_token_id", 256000))))
+    else:  # llava
+        text = _text_part(cfg, "llama")
+        strategy = cfg.get("vision_feature_select_strategy", "default")
+        layer = cfg.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer is supported")
+        if strategy not in ("default", "full"):
+            raise ConfigError(f"config.json: unsupported vision_feature_select_strategy {strategy!r}")
+        act = cfg.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ConfigError(f"config.json: unsupported projector_hidden_act {act!r} (supported: gelu)")
+        vision = vision_config(cfg.get("vision_config") or {"model_type": "clip_vision_model"}, feature_layer=layer,
+                               keep_class_token=strategy == "full")
+        seq = cfg.get("image_seq_length")
+        if seq is not None and seq != vision.num_features:
+            raise ConfigError(f"config.json: image_seq_length {seq} but the vision tower gives "
+                              f"{vision.num_features} features per image")
+        extra = dict(projector="mlp", projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
+                     prompt_format="llava", image_token_id=int(_get(cfg, "image_token_index", 32000)))
+    decoder = decoder_config(text)
+    processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
+    config = ModelConfig(decoder=decoder, tokens=tokens_config(hf_dir, text), vision=vision,
+                         image_processing=processing, **extra)
+    return config, text["model_type"]
+
+
+def model_config(hf_dir: str) -> tuple[ModelConfig, str | None, str]:
+    """(jaxvlm config, the decoder's family, the tensor-name layout) for the checkpoint folder `hf_dir`."""
     cfg = load_hf_config(hf_dir)
+    t = cfg["model_type"]
     try:
-        return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg)), cfg
+        if t in TEXT_FAMILIES:
+            return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg)), t, "text"
+        if t in VLM_FAMILIES:
+            return (*_vlm_config(hf_dir, cfg), "vlm")
+        projection = cfg.get("projection_dim") if "CLIPVisionModelWithProjection" in cfg.get("architectures", []) \
+            else None
+        vision = vision_config(cfg, attention_pool=t == "siglip_vision_model" and cfg.get("vision_use_head", True),
+                               projection_dim=projection)
+        processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
+        return ModelConfig(vision=vision, image_processing=processing), None, "vision"
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{os.path.join(hf_dir, 'config.json')}: missing or malformed field {e}") from None

@@ -3,19 +3,24 @@
 Each `Rule` names a source tensor (`{i}` stands for the layer index), the shape the config predicts
 for it (torch layout), and where its pieces go in the jaxvlm tree with a pure re-layout (transpose,
 reshape, split): no arithmetic is folded into weights, so stored values stay bit-identical.
+
+A table covers one part of a model and reads one part of the config: the decoder tables take a
+`DecoderConfig`, the vision table a `VisionConfig`, the projector tables the whole `ModelConfig`.
+Names are canonical: `canonical_name` first maps each layout found in the wild onto them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from jaxvlm.config import DecoderConfig
+from jaxvlm.config import ModelConfig
 
-Shape = Callable[[DecoderConfig], tuple[int, ...]]
-Transform = Callable[[np.ndarray, DecoderConfig], np.ndarray]
+Config = Any  # the part of the ModelConfig a table reads
+Shape = Callable[[Config], tuple[int, ...]]
+Transform = Callable[[np.ndarray, Config], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +28,16 @@ class Rule:
     source: str  # e.g. "model.layers.{i}.self_attn.q_proj.weight"
     shape: Shape  # the torch shape the config predicts
     targets: tuple[tuple[str, Transform], ...]  # (jaxvlm path, re-layout)
-    when: Callable[[DecoderConfig], bool] = lambda c: True
+    when: Callable[[Config], bool] = lambda c: True
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundRule:
+    """A rule for one tensor, with its config applied: a shape and functions of the tensor alone."""
+
+    source: str
+    shape: tuple[int, ...]
+    targets: tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...]
 
 
 # --- re-layouts: torch Linear weights are [out, in]; jaxvlm einsum kernels put the input first ----------
@@ -63,7 +77,7 @@ KH = lambda c: c.num_kv_heads * c.head_dim
 ZERO = lambda c: 0
 
 LAYER = "model.layers.{i}."
-OUT = "layer_{i}/"
+OUT = "decoder/layer_{i}/"
 
 
 def norm(source: str, target: str, when=lambda c: True) -> Rule:
@@ -71,9 +85,9 @@ def norm(source: str, target: str, when=lambda c: True) -> Rule:
 
 
 EMBEDDING = [
-    Rule("model.embed_tokens.weight", lambda c: (c.vocab_size, c.width), (("embedder/embedding", keep),)),
-    norm("model.norm.weight", "final_norm"),
-    Rule("lm_head.weight", lambda c: (c.vocab_size, c.width), (("lm_head/kernel", transpose),),
+    Rule("model.embed_tokens.weight", lambda c: (c.vocab_size, c.width), (("decoder/embedder/embedding", keep),)),
+    norm("model.norm.weight", "decoder/final_norm"),
+    Rule("lm_head.weight", lambda c: (c.vocab_size, c.width), (("decoder/lm_head/kernel", transpose),),
          when=lambda c: not c.tie_embeddings),
 ]
 
@@ -147,18 +161,135 @@ TABLES: dict[str, list[Rule]] = {
     "qwen3": EMBEDDING + SEPARATE_QKV + ATTN_OUT + QK_NORM + SEPARATE_MLP + MLP_DOWN + PRE_NORMS,
 }
 
-# Tensors some files carry that hold nothing to convert: rotary tables saved by older transformers.
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# --- the ViT (SigLIP, CLIP): rules over a VisionConfig -------------------------------------------------
+VIT = "vision_tower."
+VLAYER = VIT + "encoder.layers.{i}."
+VOUT = "vision/layer_{i}/"
+QKV_NAMES = (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"))
 
 
-def expand(family: str, config: DecoderConfig) -> dict[str, Rule]:
-    """Every source tensor the config predicts for `family`, by name, layer indices filled in."""
-    rules = {}
-    for rule in TABLES[family]:
+def layer_norm(source: str, target: str, when=lambda c: True) -> list[Rule]:
+    return [Rule(source + ".weight", lambda c: (c.width,), ((target + "/scale", keep),), when),
+            Rule(source + ".bias", lambda c: (c.width,), ((target + "/bias", keep),), when)]
+
+
+def linear(source: str, target: str, out_dim, in_dim, bias: bool = True) -> list[Rule]:
+    """A torch Linear [out, in] with its bias, to an [in, out] kernel."""
+    rules = [Rule(source + ".weight", lambda c: (out_dim(c), in_dim(c)), ((target + "/kernel", transpose),))]
+    if bias:
+        rules.append(Rule(source + ".bias", lambda c: (out_dim(c),), ((target + "/bias", keep),)))
+    return rules
+
+
+def vit_attention(prefix: str, target: str) -> list[Rule]:
+    return [rule for name, proj in QKV_NAMES for rule in (
+        Rule(f"{prefix}{proj}.weight", lambda c: (c.width, c.width), ((f"{target}/{name}/kernel", to_heads(N)),)),
+        Rule(f"{prefix}{proj}.bias", lambda c: (c.width,), ((f"{target}/{name}/bias", bias_to_heads(N)),)),
+    )] + [
+        Rule(prefix + "out_proj.weight", lambda c: (c.width, c.width), ((target + "/o/kernel", from_heads),)),
+        Rule(prefix + "out_proj.bias", lambda c: (c.width,), ((target + "/o/bias", keep),)),
+    ]
+
+
+# torch.nn.MultiheadAttention (SigLIP's pooling head) packs q, k, v as rows of one in_proj.
+def _packed(index: int, then: Transform) -> Transform:
+    return lambda w, c: then(w[index * c.width:(index + 1) * c.width], c)
+
+
+VISION = [
+    Rule(VIT + "embeddings.patch_embedding.weight", lambda c: (c.width, 3, c.patch_size, c.patch_size),
+         (("vision/patch_embed/kernel", lambda w, c: w.transpose(2, 3, 1, 0)),)),  # to [h, w, C_in, C_out]
+    Rule(VIT + "embeddings.patch_embedding.bias", lambda c: (c.width,), (("vision/patch_embed/bias", keep),),
+         when=lambda c: c.patch_bias),
+    Rule(VIT + "embeddings.class_embedding", lambda c: (c.width,), (("vision/class_token", keep),),
+         when=lambda c: c.class_token),
+    Rule(VIT + "embeddings.position_embedding.weight", lambda c: (c.num_tokens, c.width),
+         (("vision/pos_embedding", keep),)),
+    *layer_norm(VIT + "pre_layrnorm", "vision/pre_norm", when=lambda c: c.pre_norm),  # sic: transformers' name
+    *layer_norm(VLAYER + "layer_norm1", VOUT + "pre_attn_norm"),
+    *vit_attention(VLAYER + "self_attn.", VOUT + "attn"),
+    *layer_norm(VLAYER + "layer_norm2", VOUT + "pre_mlp_norm"),
+    *linear(VLAYER + "mlp.fc1", VOUT + "mlp/fc1", F, D),
+    *linear(VLAYER + "mlp.fc2", VOUT + "mlp/fc2", D, F),
+    *layer_norm(VIT + "post_layernorm", "vision/post_norm"),
+    Rule("visual_projection.weight", lambda c: (c.projection_dim, c.width), (("vision/projection/kernel", transpose),),
+         when=lambda c: c.projection_dim is not None),
+]
+
+POOL = VIT + "head."
+ATTENTION_POOL = [
+    Rule(POOL + "probe", lambda c: (1, 1, c.width), (("vision/attention_pool/probe", lambda w, c: w.reshape(-1)),)),
+    Rule(POOL + "attention.in_proj_weight", lambda c: (3 * c.width, c.width), tuple(
+        (f"vision/attention_pool/attn/{name}/kernel", _packed(i, to_heads(N))) for i, (name, _) in enumerate(QKV_NAMES))),
+    Rule(POOL + "attention.in_proj_bias", lambda c: (3 * c.width,), tuple(
+        (f"vision/attention_pool/attn/{name}/bias", _packed(i, bias_to_heads(N))) for i, (name, _) in enumerate(QKV_NAMES))),
+    Rule(POOL + "attention.out_proj.weight", lambda c: (c.width, c.width),
+         (("vision/attention_pool/attn/o/kernel", from_heads),)),
+    Rule(POOL + "attention.out_proj.bias", lambda c: (c.width,), (("vision/attention_pool/attn/o/bias", keep),)),
+    *layer_norm(POOL + "layernorm", "vision/attention_pool/norm"),
+    *linear(POOL + "mlp.fc1", "vision/attention_pool/mlp/fc1", F, D),
+    *linear(POOL + "mlp.fc2", "vision/attention_pool/mlp/fc2", D, F),
+]
+
+# --- projectors: rules over the whole ModelConfig -------------------------------------------------------
+TEXT_WIDTH = lambda m: m.decoder.width
+VISION_WIDTH = lambda m: m.vision.width
+PROJECTORS = {
+    "linear": lambda m: linear("multi_modal_projector.linear", "projector/linear", TEXT_WIDTH, VISION_WIDTH,
+                               m.projector_bias),
+    "mlp": lambda m: (linear("multi_modal_projector.linear_1", "projector/mlp/fc1", TEXT_WIDTH, VISION_WIDTH,
+                             m.projector_bias)
+                      + linear("multi_modal_projector.linear_2", "projector/mlp/fc2", TEXT_WIDTH, TEXT_WIDTH,
+                               m.projector_bias)),
+}
+
+# Tensors some files carry that hold nothing to convert: rotary tables saved by older transformers,
+# CLIP's position ids buffer.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
+
+# Layouts in the wild -> canonical names, first match wins. Real PaliGemma and LLaVA checkpoints nest
+# the encoder as `vision_tower.vision_model.*`; transformers 5 `save_pretrained` writes `vision_tower.*`;
+# its in-memory names put everything under `model.`. Standalone encoders are `vision_model.*` or bare.
+RENAMES = {
+    "vlm": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+            ("model.language_model.", "model."), ("model.vision_tower.vision_model.", VIT),
+            ("model.vision_tower.", VIT), ("vision_tower.vision_model.", VIT),
+            ("model.multi_modal_projector.", "multi_modal_projector.")),
+    "vision": (("vision_model.", VIT), ("embeddings.", VIT + "embeddings."), ("encoder.", VIT + "encoder."),
+               ("pre_layrnorm.", VIT + "pre_layrnorm."), ("post_layernorm.", VIT + "post_layernorm."),
+               ("head.", VIT + "head.")),
+    "text": (),
+}
+
+
+def canonical_name(name: str, kind: str) -> str:
+    for old, new in RENAMES[kind]:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+def _bind(rules: list[Rule], config: Config) -> dict[str, BoundRule]:
+    """Every source tensor `rules` predict for `config`, by name, layer indices filled in."""
+    bound = {}
+    for rule in rules:
         if not rule.when(config):
             continue
         for i in range(config.depth) if "{i}" in rule.source else [None]:
             fill = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            rules[fill(rule.source)] = dataclasses.replace(
-                rule, source=fill(rule.source), targets=tuple((fill(path), t) for path, t in rule.targets))
+            targets = tuple((fill(path), lambda w, t=t: t(w, config)) for path, t in rule.targets)
+            bound[fill(rule.source)] = BoundRule(fill(rule.source), tuple(rule.shape(config)), targets)
+    return bound
+
+
+def expand(config: ModelConfig, text_family: str | None) -> dict[str, BoundRule]:
+    """Every source tensor (canonical name) a model predicts: its decoder (`text_family`'s table), its
+    image encoder and its projector."""
+    rules = {}
+    if config.decoder is not None:
+        rules |= _bind(TABLES[text_family], config.decoder)
+    if config.vision is not None:
+        rules |= _bind(VISION + (ATTENTION_POOL if config.vision.attention_pool else []), config.vision)
+    if config.is_vlm:
+        rules |= _bind(PROJECTORS[config.projector](config), config)
     return rules

@@ -1,4 +1,8 @@
-"""Multi-head attention for every family: MHA (K = N), GQA, MQA (K = 1) through one grouped einsum."""
+"""Multi-head attention for every model: MHA (K = N), GQA, MQA (K = 1) through one grouped einsum.
+
+The decoders add RoPE, a mask and a KV cache; the vision encoders use it bare (full attention, biases);
+SigLIP's pooling head gives it a separate key/value input (a learned probe attends over the patches).
+"""
 
 from __future__ import annotations
 
@@ -17,36 +21,54 @@ _MASKED = -2.3819763e38
 
 
 class Attention(nn.Module):
-    config: DecoderConfig
+    num_heads: int  # N
+    num_kv_heads: int  # K
+    head_dim: int  # H
+    query_scale: float
+    qkv_bias: bool = False
+    out_bias: bool = False
+    logit_softcap: float | None = None
+    qk_norm_eps: float | None = None  # set: RMSNorm over H on q and k before RoPE (Qwen3)
+    norm_scale_offset: float = 0.0
     dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 cache_kv: tuple[jax.Array, jax.Array] | None = None, end: jax.Array | int = 0):
-        """x: [B, T, D]; cos, sin: float32[B, T, R]; mask: bool[B, T, S].
+    @classmethod
+    def for_decoder(cls, c: DecoderConfig, dtype: Dtype, name: str) -> "Attention":
+        return cls(c.num_heads, c.num_kv_heads, c.head_dim, c.query_scale, c.qkv_bias, c.out_bias,
+                   c.attn_logit_softcap, c.norm_eps if c.use_qk_norm else None, c.norm_scale_offset, dtype, name=name)
 
-        With `cache_kv` ([B, S, K, H] each) the new keys and values are written at slots end .. end + T - 1
-        and attention runs over the whole cache; without it, S = T. Returns (out [B, T, D], (k, v)).
+    @nn.compact
+    def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None,
+                 cache_kv: tuple[jax.Array, jax.Array] | None = None, end: jax.Array | int = 0,
+                 kv_input: jax.Array | None = None):
+        """x: [B, T, D]; rope: (cos, sin), float32[B, T, R]; mask: bool[B, T, S], None for full attention.
+
+        Keys and values come from `kv_input` [B, S, D] when given, else from x. With `cache_kv` ([B, S, K, H]
+        each) the new keys and values are written at slots end .. end + T - 1 and attention runs over the
+        whole cache. Returns (out [B, T, D], (k, v)).
         """
-        c = self.config
-        D, N, K, G, H = c.width, c.num_heads, c.num_kv_heads, c.group_size, c.head_dim
-        bias = lambda *shape: shape if c.qkv_bias else None
+        N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
+        D = x.shape[-1]
+        bias = lambda *shape: shape if self.qkv_bias else None
+        kv_input = x if kv_input is None else kv_input
         q = Einsum("BTD,DNH->BTNH", (D, N, H), bias(N, H), dtype=self.dtype, name="q")(x)
-        k = Einsum("BSD,DKH->BSKH", (D, K, H), bias(K, H), dtype=self.dtype, name="k")(x)
-        v = Einsum("BSD,DKH->BSKH", (D, K, H), bias(K, H), dtype=self.dtype, name="v")(x)
-        if c.use_qk_norm:  # per-head RMSNorm over H, before RoPE (Qwen3)
-            q = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name="q_norm")(q)
-            k = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name="k_norm")(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = Einsum("BSD,DKH->BSKH", (D, K, H), bias(K, H), dtype=self.dtype, name="k")(kv_input)
+        v = Einsum("BSD,DKH->BSKH", (D, K, H), bias(K, H), dtype=self.dtype, name="v")(kv_input)
+        if self.qk_norm_eps is not None:
+            q = RMSNorm(self.qk_norm_eps, self.norm_scale_offset, dtype=self.dtype, name="q_norm")(q)
+            k = RMSNorm(self.qk_norm_eps, self.norm_scale_offset, dtype=self.dtype, name="k_norm")(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache_kv is not None:
             k, v = write(cache_kv[0], k, end), write(cache_kv[1], v, end)
 
         B, T = q.shape[:2]
-        q = (q * jnp.asarray(c.query_scale, q.dtype)).reshape(B, T, K, G, H)
+        q = (q * jnp.asarray(self.query_scale, q.dtype)).reshape(B, T, K, N // K, H)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-        logits = softcap(logits, c.attn_logit_softcap)
-        logits = jnp.where(mask[:, None, None], logits, _MASKED)
+        logits = softcap(logits, self.logit_softcap)
+        if mask is not None:
+            logits = jnp.where(mask[:, None, None], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
-        out = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if c.out_bias else None, dtype=self.dtype, name="o")(out)
+        out = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if self.out_bias else None, dtype=self.dtype, name="o")(out)
         return out, (k, v)

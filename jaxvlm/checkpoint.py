@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from jaxvlm.config import ModelConfig
-from jaxvlm.decoder import Decoder
+from jaxvlm.vlm import VisionLanguageModel
 
 PARAMS_DIR = "params"
 
@@ -17,7 +17,10 @@ PARAMS_DIR = "params"
 def abstract_params(config: ModelConfig, dtype=jnp.float32):
     """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    init = lambda: Decoder(config.decoder, dtype).init(jax.random.key(0), tokens, tokens, tokens > -1)["params"]
+    size = config.vision.image_size if config.vision is not None else 1
+    pixels = jnp.zeros((1, size, size, 3), jnp.float32)
+    init = lambda: VisionLanguageModel(config, dtype).init(jax.random.key(0), tokens, pixels,
+                                                           method="initialize")["params"]
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), jax.eval_shape(init))
 
 
@@ -29,7 +32,7 @@ def save_params(directory: str | os.PathLike, params) -> None:
 
 
 def stored_dtype(directory: str | os.PathLike):
-    """The dtype the params were saved in (taken from the embedding table)."""
+    """The dtype the params were saved in (taken from the first array)."""
     path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
     with ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(path).item_metadata

@@ -14,6 +14,9 @@ from typing import Any
 
 LAYER_TYPES = ("global", "local")  # local = sliding-window attention
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu")
+PROJECTORS = ("linear", "mlp")  # PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear
+PROMPT_FORMATS = ("plain", "paligemma", "llava")
 
 
 def _require(ok: bool, cls: str, field: str, message: str) -> None:
@@ -139,9 +142,115 @@ class TokensConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+    """A ViT image encoder; SigLIP and CLIP are two sets of these flags.
+
+    SigLIP: no class token, post-norm on every token, optional attention-pool head. CLIP: a class token,
+    a norm before the encoder, the post-norm on the pooled class token only, an optional projection.
+    """
+
+    image_size: int
+    patch_size: int
+    width: int  # D
+    depth: int  # L
+    num_heads: int  # N
+    mlp_dim: int  # F
+    activation: str = "gelu_tanh"
+    norm_eps: float = 1e-6
+    patch_bias: bool = True
+    class_token: bool = False
+    pre_norm: bool = False
+    post_norm_class_only: bool = False  # CLIP normalises the pooled class token only
+    attention_pool: bool = False  # SigLIP's multi-head attention pooling head
+    projection_dim: int | None = None  # CLIP's visual projection of the pooled token
+    # What a vision-language model takes: None is the final output (after the post-norm, PaliGemma);
+    # an int indexes the hidden states as transformers does (0 = embeddings, -2 = LLaVA's second-to-last).
+    feature_layer: int | None = None
+    keep_class_token: bool = False  # in the features (LLaVA's "full" strategy) rather than dropped
+
+    def __post_init__(self):
+        name = "VisionConfig"
+        for field in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"):
+            value = getattr(self, field)
+            _require(isinstance(value, int) and value > 0, name, field, f"must be a positive int, got {value!r}")
+        _require(self.image_size % self.patch_size == 0, name, "patch_size",
+                 f"{self.patch_size} does not divide image_size={self.image_size}")
+        _require(self.width % self.num_heads == 0, name, "num_heads",
+                 f"{self.num_heads} does not divide width={self.width}")
+        _require(self.activation in VISION_ACTIVATIONS, name, "activation",
+                 f"must be one of {VISION_ACTIVATIONS}, got {self.activation!r}")
+        if self.feature_layer is not None:
+            _require(-(self.depth + 1) <= self.feature_layer <= self.depth, name, "feature_layer",
+                     f"{self.feature_layer} is not a hidden-state index for depth={self.depth}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the encoder runs on: the patches, and the class token."""
+        return self.num_patches + int(self.class_token)
+
+    @property
+    def num_features(self) -> int:  # P: image tokens a vision-language model places in its prompt
+        return self.num_patches + int(self.class_token and self.keep_class_token)
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ImageProcessing:
+    """How an image becomes pixel values, as the checkpoint's `preprocessor_config.json` says.
+
+    Resize to `size` (height, width) or so the shortest edge is `shortest_edge`, centre-crop to
+    `crop_size`, multiply by `rescale_factor`, then (x - mean) / std per channel.
+    """
+
+    size: tuple[int, int] | None = None
+    shortest_edge: int | None = None
+    resample: int = 3  # a PIL filter number; 3 is bicubic
+    crop_size: tuple[int, int] | None = None
+    rescale_factor: float | None = 1 / 255
+    mean: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+
+    def __post_init__(self):
+        _require(self.size is None or self.shortest_edge is None, "ImageProcessing", "size",
+                 "give size or shortest_edge, not both")
+        _require((self.mean is None) == (self.std is None), "ImageProcessing", "std", "mean and std go together")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    decoder: DecoderConfig
+    """A decoder, optionally fed by an image encoder through a projector (a vision-language model);
+    or an image encoder alone."""
+
+    decoder: DecoderConfig | None = None
     tokens: TokensConfig = dataclasses.field(default_factory=TokensConfig)
+    vision: VisionConfig | None = None
+    image_processing: ImageProcessing | None = None
+    projector: str = "linear"
+    projector_bias: bool = True
+    image_token_id: int | None = None  # the placeholder token the image features replace
+    prefix_lm: bool = False  # full attention over the image + prompt prefix, causal after it (PaliGemma)
+    position_offset: int = 0  # PaliGemma numbers positions from 1
+    prompt_format: str = "plain"
+
+    def __post_init__(self):
+        name = "ModelConfig"
+        _require(self.decoder is not None or self.vision is not None, name, "decoder", "needs a decoder or a vision")
+        _require(self.projector in PROJECTORS, name, "projector", f"must be one of {PROJECTORS}, got {self.projector!r}")
+        _require(self.prompt_format in PROMPT_FORMATS, name, "prompt_format",
+                 f"must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        if self.is_vlm:
+            _require(self.image_token_id is not None, name, "image_token_id", "a vision-language model needs one")
+
+    @property
+    def is_vlm(self) -> bool:
+        return self.decoder is not None and self.vision is not None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -177,7 +286,7 @@ def _from_dict(cls, data: dict[str, Any]):
         if key not in hints:
             raise ValueError(f"{cls.__name__}: unknown field {key!r}")
         sub = _NESTED.get((cls.__name__, key))
-        if sub is not None:
+        if sub is not None and value is not None:
             value = _from_dict(sub, value)
         elif isinstance(value, list):
             value = tuple(value)
@@ -188,6 +297,8 @@ def _from_dict(cls, data: dict[str, Any]):
 _NESTED = {
     ("ModelConfig", "decoder"): DecoderConfig,
     ("ModelConfig", "tokens"): TokensConfig,
+    ("ModelConfig", "vision"): VisionConfig,
+    ("ModelConfig", "image_processing"): ImageProcessing,
     ("DecoderConfig", "rope"): RopeConfig,
 }
 

@@ -33,10 +33,10 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, end=0):
+    def __call__(self, x, rope, mask, cache_kv=None, end=0):
         c = self.config
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name=name)
-        h, kv = Attention(c, dtype=self.dtype, name="attn")(norm("pre_attn_norm")(x), cos, sin, mask, cache_kv, end)
+        h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end)
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -63,29 +63,35 @@ class Decoder(nn.Module):
         return self.embedder.encode(tokens)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
-                 embeddings: jax.Array | None = None, last_only: bool = False) -> DecoderOutput:
+                 embeddings: jax.Array | None = None, prefix: jax.Array | None = None,
+                 last_only: bool = False) -> DecoderOutput:
         """Runs T new tokens.
 
         tokens, positions: int[B, T]; valid: bool[B, T] (False at padding); embeddings: optional [B, T, D]
-        used instead of embedding `tokens`. With a cache the tokens go to slots cache.end .. cache.end + T - 1
-        and the updated cache is returned. `last_only` computes logits for the last slot only (prefill).
+        used instead of embedding `tokens`; prefix: optional bool[B, T], tokens that attend to each other
+        in both directions (a prefix-LM's prefix). With a cache the tokens go to slots
+        cache.end .. cache.end + T - 1 and the updated cache is returned. `last_only` computes logits for
+        the last slot only (prefill).
         """
         c = self.config
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
         T = x.shape[1]
         # Padding slots get position 0 so they never decide LongRoPE's short/long switch.
-        cos, sin = rope_tables(jnp.where(valid, positions, 0), c.rope, c.head_dim)
+        rope = rope_tables(jnp.where(valid, positions, 0), c.rope, c.head_dim)
         if cache is None:
             kv_valid, end = valid, jnp.zeros((), jnp.int32)
         else:
             kv_valid, end = write(cache.valid, valid, cache.end), cache.end
-        masks = {w: decoder_mask(kv_valid, end, T, w) for w in {c.window(i) for i in range(c.depth)}}
+        if prefix is not None:
+            kv_prefix = prefix if cache is None else write(jnp.zeros_like(cache.valid), prefix, end)
+            prefix = (prefix, kv_prefix)
+        masks = {w: decoder_mask(kv_valid, end, T, w, prefix) for w in {c.window(i) for i in range(c.depth)}}
 
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = layer(x, cos, sin, masks[c.window(i)], cache_kv, end)
+                x, (k, v) = layer(x, rope, masks[c.window(i)], cache_kv, end)
             new_k.append(k)
             new_v.append(v)
 

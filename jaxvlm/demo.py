@@ -30,12 +30,13 @@ def write_hf_checkpoint(directory: str, seed: int = 0) -> str:
 
     from convert import tables
     from convert.hf_config import decoder_config
+    from jaxvlm.config import ModelConfig
 
     os.makedirs(directory, exist_ok=True)
     c = CONFIG
     # The tensor names and torch shapes are the ones the converter's Gemma table expects.
-    config = decoder_config(c)
-    shapes = {name: rule.shape(config) for name, rule in tables.expand("gemma", config).items()}
+    config = ModelConfig(decoder=decoder_config(c))
+    shapes = {name: rule.shape for name, rule in tables.expand(config, "gemma").items()}
     rng = np.random.default_rng(seed)
     tensors = {name: (rng.standard_normal(shape) * (0.1 if len(shape) == 1 else shape[-1] ** -0.5)).astype(np.float32)
                for name, shape in shapes.items()}

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxvlm.config import DecoderConfig
-from jaxvlm.decoder import Decoder
+from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.masks import token_positions
 from jaxvlm.sampling import Sampler, sample
+from jaxvlm.vlm import VisionLanguageModel
 
 MIN_PROMPT_BUCKET = 16
 PROMPT_STEP = 512  # past this length, prompts round up to multiples of it rather than powers of two
@@ -55,13 +55,18 @@ def _finish(token, done, eos_ids, pad_id):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_size"))
-def prefill(config: DecoderConfig, dtype, sampler: Sampler, cache_size: int, params, tokens, valid, done, step,
-            key, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
-    """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token."""
+def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, params, tokens, valid, prefix, pixels,
+            done, step, key, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
+    """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token.
+
+    `pixels` [B, H, W, C] (or None) are encoded here, once; `prefix` bool[B, T] (or None) marks the
+    tokens that attend to each other in both directions.
+    """
     B, T = tokens.shape
-    positions = token_positions(valid)
-    cache = KVCache.init(config, B, cache_size, dtype)
-    out = Decoder(config, dtype).apply({"params": params}, tokens, positions, valid, cache, last_only=True)
+    positions = token_positions(valid) + config.position_offset
+    cache = KVCache.init(config.decoder, B, cache_size, dtype)
+    out = VisionLanguageModel(config, dtype).apply({"params": params}, tokens, positions, valid, cache, pixels,
+                                                   prefix, last_only=True)
     token = sample(sampler, out.logits[:, -1], jax.random.fold_in(key, step), temperature, top_p)
     token, done = _finish(token, done, eos_ids, pad_id)
     state = DecodeState(cache=out.cache, token=token, position=positions[:, -1] + 1, done=done, step=step + 1)
@@ -69,10 +74,10 @@ def prefill(config: DecoderConfig, dtype, sampler: Sampler, cache_size: int, par
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "steps"), donate_argnames=("state",))
-def decode(config: DecoderConfig, dtype, sampler: Sampler, steps: int, params, state: DecodeState, key,
+def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, params, state: DecodeState, key,
            temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
     """`steps` decode steps in one `lax.scan`; returns the new state and the chosen tokens int32[B, steps]."""
-    model = Decoder(config, dtype)
+    model = VisionLanguageModel(config, dtype)
     ones = jnp.ones((state.token.shape[0], 1), bool)
 
     def step(state: DecodeState, _):
@@ -86,9 +91,9 @@ def decode(config: DecoderConfig, dtype, sampler: Sampler, steps: int, params, s
     return state, tokens.T
 
 
-def right_align(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads each row to `length`: (tokens int32[B, length], valid bool[B, length])."""
-    tokens = np.full((len(rows), length), pad_id, np.int32)
+def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads each row to `length`: (tokens [B, length], valid bool[B, length])."""
+    tokens = np.full((len(rows), length), pad_id, dtype)
     valid = np.zeros((len(rows), length), bool)
     for i, row in enumerate(rows):
         tokens[i, length - len(row):] = row
@@ -96,14 +101,18 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[n
     return tokens, valid
 
 
-def generate_tokens(config: DecoderConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
+def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
                     sampler: Sampler, temperature: float, top_p: float | None, seed: int,
-                    eos_ids: Sequence[int], pad_id: int) -> np.ndarray:
+                    eos_ids: Sequence[int], pad_id: int, pixels: np.ndarray | None = None,
+                    prefixes: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens].
 
-    LongRoPE models switch from short to long factors when the sequence first grows past
-    `original_max_position`; as transformers does, the cache is then rebuilt by re-running the whole
-    sequence (prompt and tokens so far) with the long factors.
+    `pixels` hold one image per row; `prefixes` (bool[T_i] per row) mark each prompt's bidirectional prefix.
+
+    Text-only LongRoPE models switch from short to long factors when the sequence first grows past
+    `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
+    whole sequence (prompt and tokens so far) with the long factors. transformers' vision-language
+    models do not rebuild (new tokens get the long factors, the cache keeps the short ones): nor does this.
     """
     key = jax.random.key(seed)
     scalars = dict(key=key, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0),
@@ -112,15 +121,19 @@ def generate_tokens(config: DecoderConfig, dtype, params, rows: Sequence[np.ndar
     chunk = min(MAX_CHUNK, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
     longest = max(len(r) for r in rows)
     rebuild_at = None  # tokens generated when the sequence crosses LongRoPE's original length
-    if config.rope.is_longrope and longest <= config.rope.original_max_position < longest + decode_steps:
-        rebuild_at = config.rope.original_max_position - longest + 1
+    rope = config.decoder.rope
+    if (rope.is_longrope and config.vision is None
+            and longest <= rope.original_max_position < longest + decode_steps):
+        rebuild_at = rope.original_max_position - longest + 1
 
     def start(rows, done, step, steps_after):
         length = prompt_bucket(max(len(r) for r in rows))
         tokens, valid = right_align(rows, length, pad_id)
+        prefix = None if prefixes is None else jnp.asarray(right_align(prefixes, length, False, bool)[0])
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
-        return prefill(config, dtype, sampler, size, params, jnp.asarray(tokens), jnp.asarray(valid),
-                       jnp.asarray(done), jnp.int32(step), **scalars)
+        return prefill(config, dtype, sampler, size, params, jnp.asarray(tokens), jnp.asarray(valid), prefix,
+                       None if pixels is None else jnp.asarray(pixels), jnp.asarray(done), jnp.int32(step),
+                       **scalars)
 
     state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
@@ -129,6 +142,8 @@ def generate_tokens(config: DecoderConfig, dtype, params, rows: Sequence[np.ndar
         if count == rebuild_at:
             sofar = np.concatenate(generated, axis=1)
             rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
+            if prefixes is not None:  # generated tokens are never part of the prefix
+                prefixes = [np.concatenate([p, np.zeros(len(s), bool)]) for p, s in zip(prefixes, sofar)]
             state, token = start(rows, np.asarray(state.done), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
             count += 1

@@ -62,10 +62,11 @@ class RMSNorm(nn.Module):
         return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "silu": jax.nn.silu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP's
 }
 
 
@@ -82,7 +83,24 @@ class GatedMLP(nn.Module):
         D, F = self.width, self.mlp_dim
         gate = Einsum("BTD,DF->BTF", (D, F), dtype=self.dtype, name="gate")(x)
         up = Einsum("BTD,DF->BTF", (D, F), dtype=self.dtype, name="up")(x)
-        return Einsum("BTF,FD->BTD", (F, D), dtype=self.dtype, name="down")(_ACTIVATIONS[self.activation](gate) * up)
+        return Einsum("BTF,FD->BTD", (F, D), dtype=self.dtype, name="down")(ACTIVATIONS[self.activation](gate) * up)
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))) with biases: the vision encoder's MLP and LLaVA's projector.  [B, T, D] -> [B, T, out]."""
+
+    mlp_dim: int
+    out_dim: int
+    activation: str
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        D, F, O = x.shape[-1], self.mlp_dim, self.out_dim
+        bias = lambda n: (n,) if self.use_bias else None
+        h = Einsum("BTD,DF->BTF", (D, F), bias(F), dtype=self.dtype, name="fc1")(x)
+        return Einsum("BTF,FD->BTD", (F, O), bias(O), dtype=self.dtype, name="fc2")(ACTIVATIONS[self.activation](h))
 
 
 class Embedder(nn.Module):

@@ -1,10 +1,10 @@
-"""The user-facing model: a config, its params and its tokenizer, with logits and generation."""
+"""The user-facing model: a config, its params and its tokenizer, with logits, generation and image encoding."""
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,18 +12,35 @@ import numpy as np
 
 from jaxvlm import checkpoint
 from jaxvlm.config import ModelConfig
-from jaxvlm.decoder import Decoder
 from jaxvlm.generate import generate_tokens, prompt_bucket, right_align
+from jaxvlm.images import preprocess_batch
 from jaxvlm.masks import token_positions
+from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
 from jaxvlm.tokenizer import Tokenizer
+from jaxvlm.vlm import VisionLanguageModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _forward(config, dtype, params, tokens, valid):
-    return Decoder(config, dtype).apply({"params": params}, tokens, token_positions(valid), valid).logits
+def _forward(config, dtype, params, tokens, valid, prefix, pixels):
+    positions = token_positions(valid) + config.position_offset
+    return VisionLanguageModel(config, dtype).apply({"params": params}, tokens, positions, valid, pixels=pixels,
+                                                    prefix=prefix).logits
+
+
+_VISION_OUTPUTS = {
+    "features": lambda m, x: m.encode_image(x),
+    "output": lambda m, x: m.vision(x),
+    "pooled": lambda m, x: m.vision.pooled(x),
+    "hidden_states": lambda m, x: m.vision.hidden_states(x),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "output"))
+def _vision(config, dtype, output, params, pixels):
+    return VisionLanguageModel(config, dtype).apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
 
 
 class Model:
@@ -31,13 +48,26 @@ class Model:
         self.config, self.params, self.tokenizer, self.dtype = config, params, tokenizer, dtype
 
     def __repr__(self):
-        d = self.config.decoder
-        return (f"Model(width={d.width}, depth={d.depth}, heads={d.num_heads}/{d.num_kv_heads}, "
-                f"vocab={d.vocab_size}, dtype={jnp.dtype(self.dtype).name})")
+        parts = []
+        if (v := self.config.vision) is not None:
+            parts.append(f"vision=(image={v.image_size}, patch={v.patch_size}, width={v.width}, depth={v.depth})")
+        if (d := self.config.decoder) is not None:
+            parts.append(f"width={d.width}, depth={d.depth}, heads={d.num_heads}/{d.num_kv_heads}, "
+                         f"vocab={d.vocab_size}")
+        return f"Model({', '.join(parts)}, dtype={jnp.dtype(self.dtype).name})"
 
     # --- inputs -------------------------------------------------------------------------------------------
-    def _inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
-        """Validated (ids int[B, T], mask bool[B, T]); a 1-D input is one row."""
+    def _require_decoder(self) -> None:
+        if self.config.decoder is None:
+            raise ValueError("this model is an image encoder alone; use encode_image or image_embeddings")
+
+    def _require_vision(self) -> None:
+        if self.config.vision is None:
+            raise ValueError("this model has no image encoder; it takes no pixel_values or images")
+
+    def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None):
+        """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, pixels or None)."""
+        self._require_decoder()
         ids = np.asarray(input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -47,61 +77,140 @@ class Model:
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
         mask = mask.astype(bool)
-        vocab = self.config.decoder.vocab_size
+        vocab, image_id = self.config.decoder.vocab_size, self.config.image_token_id
+        pixels = None if pixel_values is None else self._pixels(pixel_values, batch=len(ids))
         for i, (row, keep) in enumerate(zip(ids, mask)):
             if not keep.any():
                 raise ValueError(f"input_ids row {i} has no tokens under attention_mask")
-            if row[keep].min() < 0 or row[keep].max() >= vocab:
+            real = row[keep]
+            images = int((real == image_id).sum()) if image_id is not None else 0
+            text = real[real != image_id] if images else real
+            if text.size and (text.min() < 0 or text.max() >= vocab):
                 raise ValueError(f"input_ids row {i} holds token ids outside [0, {vocab})")
-        return ids, mask
+            if pixels is None and images:
+                raise ValueError(f"input_ids row {i} holds {images} image tokens but no pixel_values were given")
+            if pixels is not None and images != self.config.vision.num_features:
+                raise ValueError(f"input_ids row {i} holds {images} image tokens; its image needs exactly "
+                                 f"{self.config.vision.num_features}")
+        prefix = None
+        if self.config.prefix_lm:
+            prefix = mask.copy()
+            if token_type_ids is not None:
+                types = np.asarray(token_type_ids)
+                types = types[None] if types.ndim == 1 else types
+                if types.shape != ids.shape:
+                    raise ValueError(f"token_type_ids has shape {types.shape}, input_ids {ids.shape}")
+                prefix &= types == 0
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids mark a prefix-LM's prefix; this model has none")
+        return ids, mask, prefix, pixels
 
-    def _rows(self, input_ids, attention_mask) -> list[np.ndarray]:
-        """The real tokens of each row (padding on either side removed)."""
-        ids, mask = self._inputs(input_ids, attention_mask)
-        return [row[keep] for row, keep in zip(ids, mask)]
+    def _pixels(self, pixel_values, batch: int | None = None) -> np.ndarray:
+        self._require_vision()
+        pixels = np.asarray(pixel_values)
+        size = self.config.vision.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or not np.issubdtype(pixels.dtype, np.floating):
+            raise ValueError(f"pixel_values must be float [B, {size}, {size}, 3], got {pixels.dtype} "
+                             f"{list(pixels.shape)} (use model.preprocess for images)")
+        if batch is not None and len(pixels) != batch:
+            raise ValueError(f"pixel_values hold {len(pixels)} images for {batch} rows of input_ids; "
+                             "one image per row")
+        return pixels.astype(np.float32)
 
     def _check_length(self, length: int, what: str) -> None:
         limit = self.config.decoder.max_position_embeddings
         if length > limit:
             raise ValueError(f"{what} is {length} tokens, longer than the model's context of {limit} tokens")
 
+    # --- images -------------------------------------------------------------------------------------------
+    def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
+        """Images (paths, PIL images or uint8 arrays; one or a list) -> pixel_values float32[B, H, W, 3]."""
+        self._require_vision()
+        if self.config.image_processing is None:
+            raise ValueError("this checkpoint has no image processing config (preprocessor_config.json)")
+        images = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValueError("no images given")
+        pixels = preprocess_batch(images, self.config.image_processing)
+        size = self.config.vision.image_size
+        if pixels.shape[1:3] != (size, size):
+            raise ValueError(f"the image processing config makes {pixels.shape[1]}x{pixels.shape[2]} images; "
+                             f"the encoder takes {size}x{size}")
+        return pixels
+
+    def encode_image(self, pixel_values) -> np.ndarray:
+        """float32[B, P, D]: with a decoder, the projected features that replace the image tokens;
+        for an encoder alone, its final output (transformers' `last_hidden_state`)."""
+        output = "features" if self.config.is_vlm else "output"
+        return np.asarray(_vision(self.config, self.dtype, output, self.params, self._pixels(pixel_values)),
+                          np.float32)
+
+    def image_embeddings(self, pixel_values) -> np.ndarray:
+        """float32[B, E]: one vector per image (CLIP: projected class token; SigLIP: the attention pool)."""
+        pixels = self._pixels(pixel_values)
+        v = self.config.vision
+        if not (v.attention_pool or v.class_token):
+            raise ValueError("this image encoder has no pooling head (neither a class token nor attention pooling)")
+        return np.asarray(_vision(self.config, self.dtype, "pooled", self.params, pixels), np.float32)
+
+    def vision_hidden_states(self, pixel_values) -> list[np.ndarray]:
+        """The encoder's hidden states as transformers lists them: embeddings, then each layer's output."""
+        pixels = self._pixels(pixel_values)
+        states = _vision(self.config, self.dtype, "hidden_states", self.params, pixels)
+        return [np.asarray(s, np.float32) for s in states]
+
     # --- forward ------------------------------------------------------------------------------------------
-    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
         """Full forward without a cache: float32[B, T, V].
 
-        Positions count real tokens only (as in generation), so a padded row matches the same prompt alone.
+        `input_ids` hold the image placeholder tokens where `pixel_values` [B, H, W, 3] (one image per row)
+        go. Prefix-LM models (PaliGemma) attend bidirectionally over the tokens whose `token_type_ids` are 0;
+        by default, all of them. Positions count real tokens only (as in generation), so a padded row
+        matches the same prompt alone.
         """
-        ids, valid = self._inputs(input_ids, attention_mask)
+        ids, valid, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
         B, T = ids.shape
         self._check_length(T, "input_ids")
         # Padding on the right up to a bucket keeps one compilation per bucket; causality hides it.
         length = prompt_bucket(T)
-        tokens = np.zeros((B, length), np.int32)
-        tokens[:, :T] = ids
-        mask = np.zeros((B, length), bool)
-        mask[:, :T] = valid
-        out = _forward(self.config.decoder, self.dtype, self.params, jnp.asarray(tokens), jnp.asarray(mask))
+        pad = lambda x, value: np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
+        out = _forward(self.config, self.dtype, self.params, jnp.asarray(pad(ids, 0), jnp.int32),
+                       jnp.asarray(pad(valid, False)), None if prefix is None else jnp.asarray(pad(prefix, False)),
+                       None if pixels is None else jnp.asarray(pixels))
         return np.asarray(out[:, :T], np.float32)
 
-    def generate_ids(self, input_ids, attention_mask=None, max_new_tokens: int = 32, temperature: float = 0.0,
-                     top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
-        """New tokens only, int32[B, max_new_tokens]; after a row's end-of-sequence token, the pad id."""
+    def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
+                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                     token_type_ids=None) -> np.ndarray:
+        """New tokens only, int32[B, max_new_tokens]; after a row's end-of-sequence token, the pad id.
+
+        The images in `pixel_values` are encoded once, at prefill.
+        """
         _check_max_new_tokens(max_new_tokens)
         sampler = make_sampler(temperature, top_k, top_p)
-        rows = self._rows(input_ids, attention_mask)
+        ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
+        rows = [row[keep] for row, keep in zip(ids, mask)]
+        prefixes = None if prefix is None else [p[keep] for p, keep in zip(prefix, mask)]
         longest = max(len(r) for r in rows)
         self._check_length(longest, "the prompt")
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
         tokens = self.config.tokens
-        return generate_tokens(self.config.decoder, self.dtype, self.params, rows, max_new_tokens=int(max_new_tokens),
+        return generate_tokens(self.config, self.dtype, self.params, rows, max_new_tokens=int(max_new_tokens),
                                sampler=sampler, temperature=temperature, top_p=top_p, seed=seed,
-                               eos_ids=tokens.eos_ids, pad_id=tokens.pad_id)
+                               eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes)
 
-    def generate(self, prompt_or_prompts: str | Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> str | list[str]:
-        """Text in, text out; a list of prompts is generated as one batch."""
+    def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0) -> str | list[str]:
+        """Text in, text out; a list of prompts is generated as one batch.
+
+        `image` (a path, PIL image or uint8 array; a list with one per prompt) is what vision-language
+        models answer about; the prompt is plain text, built into the model's format as its Hugging Face
+        processor would.
+        """
         _check_max_new_tokens(max_new_tokens)
         check_sampling_args(temperature, top_k, top_p)
+        self._require_decoder()
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
                              "use generate_ids with token ids")
@@ -109,13 +218,22 @@ class Model:
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt_or_prompts must be a string or a non-empty list of strings")
-        rows = [self.tokenizer.encode(p) for p in prompts]
+        pixels = None
+        if image is not None:
+            self._require_vision()
+            images = [image] if single or not isinstance(image, (list, tuple)) else list(image)
+            if len(images) != len(prompts):
+                raise ValueError(f"image: {len(images)} images for {len(prompts)} prompts; give one per prompt")
+            pixels = self.preprocess(images)
+        elif self.config.is_vlm:
+            raise ValueError("image: this vision-language model needs an image per prompt")
+        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None) for p in prompts]
         for i, r in enumerate(rows):
-            if not r:
+            if not len(r):
                 raise ValueError(f"prompt {i} is empty after tokenization")
         ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
-        out = self.generate_ids(ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                top_p=top_p, seed=seed)
+        out = self.generate_ids(ids, mask, pixels, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_k=top_k, top_p=top_p, seed=seed)
         texts = [self.tokenizer.decode(row) for row in out]
         return texts[0] if single else texts
 

@@ -38,9 +38,11 @@ class Tokenizer:
                        spm_path)
         return None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of `text`, after BOS when the model expects one (or when `add_bos` says so)."""
         ids = list(self._encode(text))
-        return [self.tokens.bos_id] + ids if self.tokens.add_bos else ids
+        add_bos = self.tokens.add_bos if add_bos is None else add_bos
+        return [self.tokens.bos_id] + ids if add_bos else ids
 
     def decode(self, ids) -> str:
         """Decodes up to the first end-of-sequence token, dropping special tokens."""

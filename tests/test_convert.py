@@ -102,8 +102,8 @@ def test_bfloat16_conversion_and_commands(hf_dir, tmp_path):
     ids = np.arange(3, 13)[None]
     assert np.abs(bf16.logits(ids) - f32.logits(ids)).max() < 0.5  # bfloat16 rounding, same weights
     assert bf16.generate_ids(ids, max_new_tokens=5).shape == (1, 5)
-    assert np.array_equal(jaxvlm.load(tmp_path / "bf16", dtype="float32").params["embedder"]["embedding"],
-                          f32.params["embedder"]["embedding"].astype("bfloat16").astype(np.float32))
+    assert np.array_equal(jaxvlm.load(tmp_path / "bf16", dtype="float32").params["decoder"]["embedder"]["embedding"],
+                          f32.params["decoder"]["embedder"]["embedding"].astype("bfloat16").astype(np.float32))
 
 
 def test_command_reports_one_line_error(tmp_path):

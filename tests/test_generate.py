@@ -29,7 +29,7 @@ CONFIGS = {
 
 def random_model(config: DecoderConfig, seed=0) -> Model:
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens > -1)["params"]
+    params = {"decoder": Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens > -1)["params"]}
     # Perturb every leaf so norm scales and biases are not at their trivial init.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -51,13 +51,13 @@ def test_prefill_then_decode_equals_full_forward(name):
     positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
     decoder = Decoder(config)
     apply = jax.jit(lambda p, t, pos, v, c: decoder.apply({"params": p}, t, pos, v, c))
-    out = apply(model.params, tokens, positions, valid, KVCache.init(config, 2, 32, jnp.float32))
+    out = apply(model.params["decoder"], tokens, positions, valid, KVCache.init(config, 2, 32, jnp.float32))
     got = [[out.logits[0, -1]], [out.logits[1, -1]]]
     cache, pos = out.cache, positions[:, -1]
     for step in range(6):
         pos = pos + 1
         nxt = np.stack([seq[0, 9 + step], seq[1, 6 + step]])[:, None]
-        out = apply(model.params, nxt, pos[:, None], np.ones((2, 1), bool), cache)
+        out = apply(model.params["decoder"], nxt, pos[:, None], np.ones((2, 1), bool), cache)
         cache = out.cache
         for i in range(2):
             got[i].append(out.logits[i, 0])

@@ -1,0 +1,114 @@
+"""Images to pixel values with Pillow, as transformers' PIL image processors compute them.
+
+Any PIL mode becomes RGB (transparency composited onto white); then resize (to a fixed size, or so the
+shortest edge has a given length), centre-crop, rescale and normalise, each as the checkpoint's
+`preprocessor_config.json` asks. The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import PIL.Image
+
+from jaxvlm.config import ImageProcessing
+
+
+class ImageError(ValueError):
+    pass
+
+
+def load_image(image: Any, what: str = "image") -> PIL.Image.Image:
+    """A path, a PIL image or a uint8 array ([H, W] or [H, W, 1 | 3 | 4]) as a fully decoded PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
+        if not os.path.isfile(path):
+            raise ImageError(f"{what}: {path}: no such file")
+        try:
+            with PIL.Image.open(path) as f:
+                f.load()  # decode now, so a truncated file fails here and not later
+                image = f.copy()
+        except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+            raise ImageError(f"{what}: {path}: cannot read the image ({e})") from None
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))):
+            raise ImageError(f"{what}: an array image must be uint8 [H, W] or [H, W, 1|3|4], "
+                             f"got {image.dtype} {list(image.shape)}")
+        if image.size == 0:
+            raise ImageError(f"{what}: the image is empty ({list(image.shape)})")
+        return image
+    elif not isinstance(image, PIL.Image.Image):
+        raise ImageError(f"{what}: expected a path, a PIL image or a uint8 array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"{what}: the image is empty ({image.width}x{image.height})")
+    return image
+
+
+def to_rgb(image: PIL.Image.Image | np.ndarray) -> np.ndarray:
+    """Any PIL mode, or a uint8 array, to uint8[H, W, 3]; transparency is composited onto white, as
+    transformers does (with Pillow for PIL images, rounding in numpy for arrays)."""
+    if isinstance(image, np.ndarray):
+        image = image[..., None] if image.ndim == 2 else image
+        if image.shape[-1] == 1:
+            return np.repeat(image, 3, axis=-1)
+        if image.shape[-1] == 4:
+            alpha = image[..., 3:4] / 255
+            return np.round(alpha * image[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+        return image
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("RGB"))
+
+
+def resized_shape(height: int, width: int, p: ImageProcessing) -> tuple[int, int]:
+    """(height, width) after resizing: a fixed size, or the shortest edge scaled with the aspect ratio kept
+    (the long edge rounded down, as transformers does)."""
+    if p.size is not None:
+        return tuple(p.size)
+    short, long = sorted((height, width))
+    new_short, new_long = p.shortest_edge, int(p.shortest_edge * long / short)
+    return (new_long, new_short) if width <= height else (new_short, new_long)
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h, w, C] -> [height, width, C] from the centre, zero-padding an image smaller than the crop."""
+    h, w = pixels.shape[:2]
+    if h < height or w < width:
+        padded = np.zeros((max(h, height), max(w, width), pixels.shape[2]), pixels.dtype)
+        top, left = math.ceil((padded.shape[0] - h) / 2), math.ceil((padded.shape[1] - w) / 2)
+        padded[top:top + h, left:left + w] = pixels
+        pixels = padded
+        h, w = pixels.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    return pixels[top:top + height, left:left + width]
+
+
+def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarray:
+    """One image -> float32[H, W, 3]."""
+    pixels = to_rgb(load_image(image, what))
+    if p.size is not None or p.shortest_edge is not None:
+        height, width = resized_shape(*pixels.shape[:2], p)
+        pixels = np.asarray(PIL.Image.fromarray(pixels).resize((width, height), resample=p.resample))
+    if p.crop_size is not None:
+        pixels = center_crop(pixels, *p.crop_size)
+    if p.rescale_factor is not None:
+        pixels = (pixels.astype(np.float64) * p.rescale_factor).astype(np.float32)
+    pixels = pixels.astype(np.float32)
+    if p.mean is not None:
+        pixels = (pixels - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+    return pixels
+
+
+def preprocess_batch(images: Sequence[Any], p: ImageProcessing) -> np.ndarray:
+    """Images -> float32[B, H, W, 3]; errors name the image by its index."""
+    out = [preprocess(image, p, what=f"image {i}") for i, image in enumerate(images)]
+    shapes = {x.shape for x in out}
+    if len(shapes) > 1:
+        raise ImageError(f"images came out in different shapes {sorted(shapes)}; the processing config has no "
+                         "fixed size or crop")
+    return np.stack(out)

@@ -1,0 +1,86 @@
+"""The whole model: a decoder, optionally fed by an image encoder through a projector; or an encoder alone.
+
+Image features replace the placeholder tokens' embeddings, in order: the i-th placeholder of a row gets
+the i-th feature of that row's image. Text embeddings are scaled as the decoder scales them (Gemma's
+sqrt(D)); image features enter unscaled, as transformers 5 and big_vision do.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from jaxvlm.config import ModelConfig
+from jaxvlm.decoder import Decoder, DecoderOutput
+from jaxvlm.kv_cache import KVCache
+from jaxvlm.layers import MLP, Dtype, Einsum
+from jaxvlm.vision import VisionEncoder
+
+
+class Projector(nn.Module):
+    """Vision width -> decoder width: one Linear (PaliGemma) or Linear, exact GELU, Linear (LLaVA)."""
+
+    kind: str
+    width: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "mlp":
+            return MLP(self.width, self.width, "gelu", self.use_bias, dtype=self.dtype, name="mlp")(x)
+        bias = (self.width,) if self.use_bias else None
+        return Einsum("BPC,CD->BPD", (x.shape[-1], self.width), bias, dtype=self.dtype, name="linear")(x)
+
+
+def merge_image_features(text: jax.Array, features: jax.Array, is_image: jax.Array) -> jax.Array:
+    """text: [B, T, D]; features: [B, P, D]; is_image: bool[B, T] with P placeholders per row -> [B, T, D]."""
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    placed = jnp.take_along_axis(features, index[:, :, None], axis=1)
+    return jnp.where(is_image[:, :, None], placed.astype(text.dtype), text)
+
+
+class VisionLanguageModel(nn.Module):
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        c = self.config
+        if c.decoder is not None:
+            self.decoder = Decoder(c.decoder, self.dtype)
+        if c.vision is not None:
+            self.vision = VisionEncoder(c.vision, self.dtype)
+        if c.is_vlm:
+            self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype)
+
+    def encode_image(self, pixels: jax.Array) -> jax.Array:
+        """pixels float[B, H, W, C] -> the features placed in the prompt, [B, P, D_decoder]."""
+        return self.projector(self.vision.features(pixels))
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
+                 pixels: jax.Array | None = None, prefix: jax.Array | None = None,
+                 last_only: bool = False) -> DecoderOutput:
+        """The decoder over `tokens`, with the images in `pixels` (one per row) at the placeholder tokens.
+
+        See `Decoder.__call__` for the arguments; placeholder ids may lie outside the vocabulary.
+        """
+        embeddings = None
+        if pixels is not None:
+            is_image = tokens == self.config.image_token_id
+            text = self.decoder.embed(jnp.where(is_image, 0, tokens))
+            embeddings = merge_image_features(text, self.encode_image(pixels), is_image)
+        return self.decoder(tokens, positions, valid, cache, embeddings, prefix, last_only)
+
+    def initialize(self, tokens: jax.Array, pixels: jax.Array):
+        """Touches every submodule, so `init` creates every parameter."""
+        c = self.config
+        out = []
+        if c.vision is not None:
+            out += [self.vision(pixels), self.vision.features(pixels)]
+            if c.vision.attention_pool or c.vision.class_token:
+                out.append(self.vision.pooled(pixels))
+        if c.decoder is not None:
+            valid = tokens >= 0
+            out.append(self(tokens, tokens, valid, pixels=pixels if c.is_vlm else None))
+        return out
