@@ -112,3 +112,124 @@ def hf_logits(model, ids) -> np.ndarray:
     import torch
     with torch.no_grad():
         return model(torch.tensor(np.asarray(ids))).logits.float().numpy()
+
+
+# --- vision-language models and image encoders ----------------------------------------------------------
+IMAGE_TOKEN = VOCAB - 1  # the placeholder id, inside the vocabulary as in real PaliGemma checkpoints
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+              patch_size=8)  # 16 patches
+
+VLMS = {
+    # SigLIP + Gemma: prefix-LM, 1-indexed positions, linear projector, tied head
+    "paligemma": ("PaliGemmaConfig", "SiglipVisionConfig", "gemma"),
+    # SigLIP + Gemma 2: the same composition over local/global layers with soft-capping
+    "paligemma2": ("PaliGemmaConfig", "SiglipVisionConfig", "gemma2"),
+    # CLIP + Phi-3 with LongRoPE: class token, second-to-last layer, two-layer GELU projector
+    "llava_phi3": ("LlavaConfig", "CLIPVisionConfig", "phi3_longrope"),
+}
+
+
+def _randomise(model, seed: int, embedding_scale: float = 0.3):
+    import torch
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * (embedding_scale if "embed_tokens" in name else 0.3))
+    return model.eval()
+
+
+def build_vlm(name: str, seed: int = 0, eos_token_id=None):
+    """A tiny random HF vision-language model (float32, eager attention), every parameter re-randomised."""
+    import torch
+    import transformers
+
+    config_class, vision_class, text = VLMS[name]
+    text_class, text_kwargs = CONFIGS[text]
+    text_config = getattr(transformers, text_class)(**dict(
+        text_kwargs, vocab_size=VOCAB, pad_token_id=0, bos_token_id=2, eos_token_id=eos_token_id,
+        max_position_embeddings=256))
+    vision_config = getattr(transformers, vision_class)(**VISION, **(
+        {"vision_use_head": False} if vision_class == "SiglipVisionConfig" else {}))
+    if config_class == "PaliGemmaConfig":
+        config = transformers.PaliGemmaConfig(vision_config=vision_config, text_config=text_config,
+                                              image_token_index=IMAGE_TOKEN, projection_dim=text_config.hidden_size,
+                                              hidden_size=text_config.hidden_size, vocab_size=VOCAB)
+        model_class = transformers.PaliGemmaForConditionalGeneration
+    else:
+        config = transformers.LlavaConfig(vision_config=vision_config, text_config=text_config,
+                                          image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-2,
+                                          vision_feature_select_strategy="default")
+        model_class = transformers.LlavaForConditionalGeneration
+    config._attn_implementation = "eager"
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    config.eos_token_id = eos_token_id
+    # Gemma 2's post-norms bound each block's output, so at the usual scale the sqrt(D)-scaled embedding
+    # of the last token dominates and the model only repeats it: smaller embeddings keep generation varied.
+    return _randomise(model_class(config).to(torch.float32), seed, embedding_scale=0.05 if text == "gemma2" else 0.3)
+
+
+def build_vision(name: str, seed: int = 0):
+    """A tiny random SigLIP encoder with its attention-pool head, or a CLIP encoder with its projection."""
+    import torch
+    import transformers
+    if name == "siglip":
+        model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION, vision_use_head=True))
+    else:
+        model = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**VISION, projection_dim=24))
+    model.config._attn_implementation = "eager"
+    return _randomise(model.to(torch.float32), seed)
+
+
+def pixels(seed: int, batch: int, size: int = VISION["image_size"]) -> np.ndarray:
+    """Random pixel values float32[B, H, W, 3] in [-1, 1] (jaxvlm's layout)."""
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+
+
+def to_torch_pixels(pixels: np.ndarray):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+
+
+def vlm_prompts(name: str, seed: int, text_lengths) -> list[np.ndarray]:
+    """Prompts with 16 image placeholders, laid out as each family's processor does."""
+    rows = []
+    for text in prompts(seed, text_lengths):
+        text = text[text != IMAGE_TOKEN]
+        image = np.full(16, IMAGE_TOKEN)
+        if name.startswith("paligemma"):  # image tokens, BOS, prompt, newline (any fixed id)
+            rows.append(np.concatenate([image, [2], text, [10]]))
+        else:  # BOS, text, image tokens, text
+            rows.append(np.concatenate([[2], text[:2], image, text[2:]]))
+    return rows
+
+
+def vlm_kwargs(name: str, mask: np.ndarray, pixel_values: np.ndarray) -> dict:
+    """The tensors a processor would give besides input_ids: pixel_values, and PaliGemma's token types
+    (0 over the whole prompt: its prefix)."""
+    import torch
+    kwargs = {"pixel_values": to_torch_pixels(pixel_values), "attention_mask": torch.tensor(mask)}
+    if name.startswith("paligemma"):
+        kwargs["token_type_ids"] = torch.zeros_like(kwargs["attention_mask"])
+    return kwargs
+
+
+def hf_vlm_generate(model, name: str, rows, pixel_values, max_new_tokens: int, pad_id: int = 0) -> np.ndarray:
+    import torch
+    ids, mask = left_pad(rows, pad_id)
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids), **vlm_kwargs(name, mask, pixel_values), max_new_tokens=max_new_tokens,
+                             min_new_tokens=0, pad_token_id=pad_id, do_sample=False)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=pad_id)
+
+
+def hf_vlm_logits(model, name: str, ids, mask, pixel_values, offset: int, token_type_ids=None) -> np.ndarray:
+    """A forward with generate's positions (real tokens counted, from `offset`), as jaxvlm numbers them."""
+    import torch
+    kwargs = vlm_kwargs(name, mask, pixel_values)
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = torch.tensor(token_type_ids)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + offset
+    with torch.no_grad():
+        return model(torch.tensor(ids), position_ids=torch.tensor(positions), **kwargs).logits.float().numpy()

@@ -1,0 +1,133 @@
+"""Vision-language parity with transformers: PaliGemma (Gemma), PaliGemma 2 (Gemma 2), LLaVA (CLIP + Phi-3).
+
+Tiny random models, every parameter re-randomised, saved with `save_pretrained`, converted with the
+convert command and loaded; a batch of 2 images with prompts of different lengths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jaxvlm
+from jaxvlm import generate as generate_module
+from jaxvlm.vision import VisionEncoder
+from tests import hf_models
+from tests.test_parity import convert_command
+
+NEW_TOKENS = 24
+TEXT_LENGTHS = [5, 9]
+
+
+@pytest.fixture(scope="module", params=list(hf_models.VLMS))
+def vlm(request, tmp_path_factory):
+    """(name, torch model, jaxvlm model, prompts, pixels); EOS is a token the greedy run really produces."""
+    name = request.param
+    rows = hf_models.vlm_prompts(name, 1, TEXT_LENGTHS)
+    pixels = hf_models.pixels(0, 2)
+    model = hf_models.build_vlm(name, seed=4)
+    free_run = hf_models.hf_vlm_generate(model, name, rows, pixels, NEW_TOKENS)
+    eos = int(free_run[1, 6])
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    root = tmp_path_factory.mktemp(name)
+    out = convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax"))
+    return name, model, jaxvlm.load(out), rows, pixels
+
+
+def test_image_features_match(vlm):
+    name, hf, jx, _, pixels = vlm
+    import torch
+    with torch.no_grad():
+        want = hf.model.get_image_features(hf_models.to_torch_pixels(pixels)).pooler_output
+    want = np.stack([np.asarray(w) for w in want])
+    assert jx.encode_image(pixels).shape == want.shape == (2, 16, jx.config.decoder.width)
+    np.testing.assert_allclose(jx.encode_image(pixels), want, atol=1e-5, rtol=1e-5, err_msg=name)  # float32 rounding
+
+
+def test_logits_match(vlm):
+    name, hf, jx, rows, pixels = vlm
+    ids, mask = hf_models.left_pad(rows)
+    want = hf_models.hf_vlm_logits(hf, name, ids, mask, pixels, jx.config.position_offset)
+    got = jx.logits(ids, mask, pixels)
+    diff = np.abs(got - want)[mask.astype(bool)].max()
+    assert diff <= 1e-4, f"{name}: max |logits diff| {diff}"
+
+
+def test_greedy_tokens_match(vlm):
+    name, hf, jx, rows, pixels = vlm
+    ids, mask = hf_models.left_pad(rows)
+    want = hf_models.hf_vlm_generate(hf, name, rows, pixels, NEW_TOKENS)
+    got = jx.generate_ids(ids, mask, pixels, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(got, want, err_msg=name)
+    eos = jx.config.tokens.eos_ids[0]
+    assert (got == eos).any(), "the test should exercise end-of-sequence"
+    assert len({tuple(r) for r in got[:, :8]}) == 2 and len(set(got[0, :8])) > 1, "degenerate generations"
+
+
+def test_padded_rows_match_each_prompt_alone(vlm):
+    name, _, jx, rows, pixels = vlm
+    ids, mask = hf_models.left_pad(rows)
+    batch = jx.generate_ids(ids, mask, pixels, max_new_tokens=8)
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(batch[i], jx.generate_ids(row[None], None, pixels[i:i + 1], max_new_tokens=8)[0],
+                                      err_msg=f"{name} row {i}")
+
+
+def test_image_is_encoded_once_at_prefill(vlm, monkeypatch):
+    """Tracing prefill and decode afresh calls the image encoder once: in prefill, never in the decode step."""
+    name, _, jx, rows, pixels = vlm
+    calls = []
+    features = VisionEncoder.features
+    monkeypatch.setattr(VisionEncoder, "features", lambda self, x: calls.append(x.shape) or features(self, x))
+    generate_module.prefill.clear_cache()
+    generate_module.decode.clear_cache()
+    ids, mask = hf_models.left_pad(rows)
+    jx.generate_ids(ids, mask, pixels, max_new_tokens=NEW_TOKENS)
+    assert calls == [(2, 32, 32, 3)], name
+
+
+# --- PaliGemma's prefix-LM mask ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def paligemma(tmp_path_factory):
+    model = hf_models.build_vlm("paligemma", seed=6)
+    root = tmp_path_factory.mktemp("paligemma_prefix")
+    return model, jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+
+
+def test_prefix_is_bidirectional_and_suffix_causal(paligemma):
+    hf, jx = paligemma
+    row = hf_models.vlm_prompts("paligemma", 3, [10])[0]
+    ids, pixels = row[None], hf_models.pixels(1, 1)
+    T, first_text = len(row), 17  # 16 image tokens, BOS, then text
+
+    def changed_at(position, token_type_ids=None):
+        other = ids.copy()
+        other[0, position] = 3 if ids[0, position] != 3 else 4
+        a = jx.logits(ids, pixel_values=pixels, token_type_ids=token_type_ids)
+        b = jx.logits(other, pixel_values=pixels, token_type_ids=token_type_ids)
+        return np.abs(a - b).max(axis=-1)[0] > 1e-6  # bool[T]: outputs the change reached
+
+    # The whole prompt is the prefix: its last token reaches every earlier position, images included.
+    assert changed_at(T - 1).all()
+    # With the last 4 tokens as a suffix, a suffix token reaches only itself and later positions.
+    types = np.zeros((1, T), int)
+    types[0, T - 4:] = 1
+    reached = changed_at(T - 2, types)
+    assert not reached[:T - 2].any() and reached[T - 2:].all()
+    # ... and a prefix token still reaches every position, earlier prefix ones included.
+    assert changed_at(first_text + 2, types).all()
+    # transformers gives the same logits for the same token types.
+    mask = np.ones((1, T), int)
+    want = hf_models.hf_vlm_logits(hf, "paligemma", ids, mask, pixels, 1, token_type_ids=types)
+    assert np.abs(jx.logits(ids, pixel_values=pixels, token_type_ids=types) - want).max() <= 1e-4
+
+
+def test_generated_tokens_are_causal(paligemma):
+    """Generation equals teacher forcing with the generated tokens as a causal suffix."""
+    _, jx = paligemma
+    row, pixels = hf_models.vlm_prompts("paligemma", 5, [6])[0], hf_models.pixels(2, 1)
+    new = jx.generate_ids(row[None], pixel_values=pixels, max_new_tokens=12)[0]
+    full = np.concatenate([row, new])[None]
+    types = np.concatenate([np.zeros(len(row), int), np.ones(len(new), int)])[None]
+    logits = jx.logits(full, pixel_values=pixels, token_type_ids=types)
+    np.testing.assert_array_equal(logits[0, len(row) - 1:-1].argmax(-1), new)
