@@ -1,0 +1,44 @@
+"""Image encoders alone against transformers: SigLIP with its attention-pool head, CLIP with its projection.
+
+Every hidden state (transformers' list: embeddings, then each layer), the final output and the pooled
+image embedding are compared on tiny random models converted with the convert command.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jaxvlm
+from tests import hf_models
+from tests.test_parity import convert_command
+
+
+@pytest.fixture(scope="module", params=["siglip", "clip"])
+def encoder(request, tmp_path_factory):
+    name = request.param
+    model = hf_models.build_vision(name, seed=8)
+    root = tmp_path_factory.mktemp(name)
+    return name, model, jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+
+
+def test_hidden_states_output_and_pooled_match(encoder):
+    import torch
+    name, hf, jx = encoder
+    pixels = hf_models.pixels(3, 2)
+    with torch.no_grad():
+        want = hf(hf_models.to_torch_pixels(pixels), output_hidden_states=True)
+    got = jx.vision_hidden_states(pixels)
+    assert len(got) == len(want.hidden_states) == 4
+    for i, (a, b) in enumerate(zip(got, want.hidden_states)):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-5, rtol=1e-5, err_msg=f"{name} hidden state {i}")
+    np.testing.assert_allclose(jx.encode_image(pixels), want.last_hidden_state.numpy(), atol=1e-5, rtol=1e-5)
+    pooled = want.pooler_output if name == "siglip" else want.image_embeds  # attention pool; projected class token
+    assert jx.image_embeddings(pixels).shape == tuple(pooled.shape)
+    np.testing.assert_allclose(jx.image_embeddings(pixels), pooled.numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_alone_has_no_decoder(encoder):
+    _, _, jx = encoder
+    with pytest.raises(ValueError, match="image encoder alone"):
+        jx.logits(np.zeros((1, 3), int))
