@@ -192,9 +192,14 @@ def vision_config(cfg: dict, **composition) -> VisionConfig:
 
 
 def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> ImageProcessing:
-    """From `preprocessor_config.json`, or the processor's defaults at the encoder's image size."""
+    """From `preprocessor_config.json` (or the `image_processor` entry of `processor_config.json`, where
+    transformers 5 writes it), else the processor's defaults at the encoder's image size."""
     path = os.path.join(hf_dir, "preprocessor_config.json")
-    p = read_json(path) if os.path.isfile(path) else {}
+    p = {}
+    if os.path.isfile(path):
+        p = read_json(path)
+    elif os.path.isfile(processor_path := os.path.join(hf_dir, "processor_config.json")):
+        path, p = processor_path, read_json(processor_path).get("image_processor") or {}
     size = vision.image_size
     if clip_style:  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
         defaults = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,

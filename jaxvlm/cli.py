@@ -9,8 +9,8 @@ import sys
 def _generate(args) -> None:
     import jaxvlm
     model = jaxvlm.load(args.checkpoint, dtype=args.dtype)
-    print(model.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    print(model.generate(args.prompt, image=args.image, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
 
 
 def _demo(args) -> None:
@@ -27,9 +27,10 @@ def main(argv=None) -> None:
     convert_cli.add_arguments(p)
     p.set_defaults(run=convert_cli.run)
 
-    p = sub.add_parser("generate", help="generate text from a prompt")
+    p = sub.add_parser("generate", help="generate text from a prompt (and an image)")
     p.add_argument("--checkpoint", required=True, help="a converted jaxvlm checkpoint folder")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--image", default=None, help="an image file, for vision-language models")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)

@@ -138,7 +138,7 @@ def _randomise(model, seed: int, embedding_scale: float = 0.3):
     return model.eval()
 
 
-def build_vlm(name: str, seed: int = 0, eos_token_id=None):
+def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, image_token: int = IMAGE_TOKEN):
     """A tiny random HF vision-language model (float32, eager attention), every parameter re-randomised."""
     import torch
     import transformers
@@ -146,18 +146,18 @@ def build_vlm(name: str, seed: int = 0, eos_token_id=None):
     config_class, vision_class, text = VLMS[name]
     text_class, text_kwargs = CONFIGS[text]
     text_config = getattr(transformers, text_class)(**dict(
-        text_kwargs, vocab_size=VOCAB, pad_token_id=0, bos_token_id=2, eos_token_id=eos_token_id,
+        text_kwargs, vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=eos_token_id,
         max_position_embeddings=256))
     vision_config = getattr(transformers, vision_class)(**VISION, **(
         {"vision_use_head": False} if vision_class == "SiglipVisionConfig" else {}))
     if config_class == "PaliGemmaConfig":
         config = transformers.PaliGemmaConfig(vision_config=vision_config, text_config=text_config,
-                                              image_token_index=IMAGE_TOKEN, projection_dim=text_config.hidden_size,
-                                              hidden_size=text_config.hidden_size, vocab_size=VOCAB)
+                                              image_token_index=image_token, projection_dim=text_config.hidden_size,
+                                              hidden_size=text_config.hidden_size, vocab_size=vocab)
         model_class = transformers.PaliGemmaForConditionalGeneration
     else:
         config = transformers.LlavaConfig(vision_config=vision_config, text_config=text_config,
-                                          image_token_index=IMAGE_TOKEN, image_seq_length=16, vision_feature_layer=-2,
+                                          image_token_index=image_token, image_seq_length=16, vision_feature_layer=-2,
                                           vision_feature_select_strategy="default")
         model_class = transformers.LlavaForConditionalGeneration
     config._attn_implementation = "eager"

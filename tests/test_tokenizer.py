@@ -17,15 +17,16 @@ TEXT = ["the quick brown fox jumps over the lazy dog", "a red circle above a blu
         "jax compiles numpy programs", "hello world, hello jax"] * 20
 
 
-def gemma_tokenizer(directory: str):
-    """A tiny Gemma-style SentencePiece model, and transformers' tokenizer for it (BOS added)."""
+def gemma_tokenizer(directory: str, symbols: tuple[str, ...] = ()):
+    """A tiny Gemma-style SentencePiece model (with `symbols` as single pieces, such as PaliGemma's
+    `<image>`), and transformers' tokenizer for it (BOS added)."""
     import sentencepiece as spm
     from transformers import GemmaTokenizer
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(TEXT), model_prefix=os.path.join(directory, "tokenizer"), vocab_size=120,
         model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
         eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, minloglevel=2)
+        remove_extra_whitespaces=False, user_defined_symbols=list(symbols), minloglevel=2)
     os.remove(os.path.join(directory, "tokenizer.vocab"))
     tok = GemmaTokenizer.from_pretrained(directory, add_bos_token=True)
     tok.save_pretrained(directory)

@@ -131,3 +131,70 @@ def test_generated_tokens_are_causal(paligemma):
     types = np.concatenate([np.zeros(len(row), int), np.ones(len(new), int)])[None]
     logits = jx.logits(full, pixel_values=pixels, token_type_ids=types)
     np.testing.assert_array_equal(logits[0, len(row) - 1:-1].argmax(-1), new)
+
+
+# --- what a user gets: plain text and an image file in, the text transformers produces out ---------------
+@pytest.fixture(scope="module")
+def paligemma_with_processor(tmp_path_factory):
+    """A PaliGemma checkpoint folder as Hugging Face writes it (model, tokenizer, processor), and the
+    transformers model and processor it came from."""
+    import PIL.Image
+    from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
+    from tests.test_tokenizer import gemma_tokenizer
+
+    root = tmp_path_factory.mktemp("paligemma_user")
+    hf_dir = root / "hf"
+    hf_dir.mkdir()
+    tokenizer = gemma_tokenizer(str(hf_dir), symbols=("<image>",))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    images = SiglipImageProcessorPil(size={"height": 32, "width": 32}, resample=3, image_mean=[0.5] * 3,
+                                     image_std=[0.5] * 3)
+    images.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer)
+    model = hf_models.build_vlm("paligemma", seed=9, eos_token_id=1, vocab=120, image_token=image_id)
+    model.save_pretrained(hf_dir)
+    processor.save_pretrained(hf_dir)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, size in enumerate([(40, 52), (24, 24)]):
+        paths.append(str(root / f"image{i}.png"))
+        PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    return str(hf_dir), model, processor, paths
+
+
+def hf_answer(model, processor, prompts, paths, max_new_tokens):
+    import PIL.Image
+    import torch
+    inputs = processor(images=[PIL.Image.open(p) for p in paths], text=prompts, return_tensors="pt", padding="longest")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return inputs, processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_processor, tmp_path):
+    from jaxvlm.prompts import build_prompt
+    hf_dir, hf, processor, paths = paligemma_with_processor
+    jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
+    for name in ("processor_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
+        assert (tmp_path / "jax" / name).is_file(), f"{name} not carried along"
+    prompts = ["caption en", "what color is the circle?"]
+    inputs, want = hf_answer(hf, processor, prompts, paths, 10)
+    for i, prompt in enumerate(prompts):  # the processor's ids: image tokens, BOS, the prompt, a newline
+        row = inputs["input_ids"][i][inputs["attention_mask"][i].bool()].numpy()
+        np.testing.assert_array_equal(build_prompt(jx.config, jx.tokenizer, prompt, with_image=True), row)
+    np.testing.assert_allclose(jx.preprocess(paths), inputs["pixel_values"].numpy().transpose(0, 2, 3, 1), atol=1e-6)
+    assert all(want) and want[0] != want[1], want  # real, distinct answers
+    assert jx.generate(prompts, image=paths, max_new_tokens=10) == want
+    assert jx.generate(prompts[0], image=paths[0], max_new_tokens=10) == want[0]
+
+
+def test_generate_command_with_image(paligemma_with_processor, tmp_path):
+    import subprocess
+    import sys
+    hf_dir, hf, processor, paths = paligemma_with_processor
+    out = convert_command(hf_dir, str(tmp_path / "jax"))
+    _, want = hf_answer(hf, processor, ["caption en"], paths[:1], 8)
+    result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", out, "--image", paths[0],
+                             "--prompt", "caption en", "--max-new-tokens", "8"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == want[0]
