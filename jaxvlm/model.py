@@ -61,9 +61,9 @@ class Model:
         if self.config.decoder is None:
             raise ValueError("this model is an image encoder alone; use encode_image or image_embeddings")
 
-    def _require_vision(self) -> None:
+    def _require_vision(self, argument: str) -> None:
         if self.config.vision is None:
-            raise ValueError("this model has no image encoder; it takes no pixel_values or images")
+            raise ValueError(f"{argument}: this model has no image encoder; it takes text only")
 
     def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None):
         """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, pixels or None)."""
@@ -106,7 +106,7 @@ class Model:
         return ids, mask, prefix, pixels
 
     def _pixels(self, pixel_values, batch: int | None = None) -> np.ndarray:
-        self._require_vision()
+        self._require_vision("pixel_values")
         pixels = np.asarray(pixel_values)
         size = self.config.vision.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or not np.issubdtype(pixels.dtype, np.floating):
@@ -125,7 +125,7 @@ class Model:
     # --- images -------------------------------------------------------------------------------------------
     def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
         """Images (paths, PIL images or uint8 arrays; one or a list) -> pixel_values float32[B, H, W, 3]."""
-        self._require_vision()
+        self._require_vision("image")
         if self.config.image_processing is None:
             raise ValueError("this checkpoint has no image processing config (preprocessor_config.json)")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -211,16 +211,17 @@ class Model:
         _check_max_new_tokens(max_new_tokens)
         check_sampling_args(temperature, top_k, top_p)
         self._require_decoder()
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
-                             "use generate_ids with token ids")
         single = isinstance(prompt_or_prompts, str)
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt_or_prompts must be a string or a non-empty list of strings")
+        if image is not None:
+            self._require_vision("image")
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
+                             "use generate_ids with token ids")
         pixels = None
         if image is not None:
-            self._require_vision()
             images = [image] if single or not isinstance(image, (list, tuple)) else list(image)
             if len(images) != len(prompts):
                 raise ValueError(f"image: {len(images)} images for {len(prompts)} prompts; give one per prompt")

@@ -161,3 +161,60 @@ def test_legacy_bin_format(hf_dir, tmp_path):
     legacy = jaxvlm.load(convert(str(src), str(tmp_path / "a"), progress=False))
     modern = jaxvlm.load(convert(hf_dir, str(tmp_path / "b"), progress=False))
     assert jax.tree.all(jax.tree.map(np.array_equal, legacy.params, modern.params))
+
+
+# --- vision-language checkpoints: the key layouts found in the wild ------------------------------------
+def rename_keys(hf_dir, out, rename):
+    """A copy of a checkpoint folder with its tensor names rewritten by `rename(name)`."""
+    import shutil
+    shutil.copytree(hf_dir, out)
+    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
+    save_file({rename(k): v for k, v in tensors.items()}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(out)
+
+
+def real_checkpoint_names(name):
+    """transformers 5 writes `vision_tower.*`; checkpoints on the hub nest it as `vision_tower.vision_model.*`."""
+    return name.replace("vision_tower.", "vision_tower.vision_model.", 1)
+
+
+def in_memory_names(name):
+    """transformers 5's `state_dict()` names: everything under `model.`, the head as `lm_head`."""
+    if name.startswith("language_model.model."):
+        return "model.language_model." + name[len("language_model.model."):]
+    if name.startswith("language_model.lm_head."):
+        return "lm_head." + name[len("language_model.lm_head."):]
+    return "model." + name
+
+
+@pytest.mark.parametrize("name", ["paligemma", "llava_phi3"])
+def test_vlm_key_layouts_convert_alike(tmp_path, name):
+    model = hf_models.build_vlm(name, seed=12)
+    hf_dir = hf_models.save(model, str(tmp_path / "hf"))
+    names = list(load_file(os.path.join(hf_dir, "model.safetensors")))
+    assert any(n.startswith("vision_tower.encoder.") for n in names)
+    assert ("language_model.lm_head.weight" in names) == (name == "llava_phi3")  # PaliGemma's head is tied
+    reference = jaxvlm.load(convert(hf_dir, str(tmp_path / "ref"), progress=False)).params
+    variants = {"real": real_checkpoint_names, "in_memory": in_memory_names}
+    if name == "paligemma":  # a file that carries the tied head anyway
+        variants["tied_head_in_file"] = in_memory_names
+    for variant, rename in variants.items():
+        src = rename_keys(hf_dir, tmp_path / f"hf_{variant}", rename)
+        if variant == "tied_head_in_file":
+            tensors = load_file(os.path.join(src, "model.safetensors"))
+            tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"]
+            save_file(tensors, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+        params = jaxvlm.load(convert(src, str(tmp_path / variant), progress=False)).params
+        assert jax.tree.structure(params) == jax.tree.structure(reference), variant
+        assert jax.tree.all(jax.tree.map(np.array_equal, params, reference)), variant
+
+
+def test_vlm_missing_vision_tensor_is_named(tmp_path):
+    hf_dir = hf_models.save(hf_models.build_vlm("paligemma", seed=12), str(tmp_path / "hf"))
+    src = rename_keys(hf_dir, tmp_path / "real", real_checkpoint_names)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    del tensors["vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias"]
+    save_file(tensors, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing tensor 'vision_tower.encoder.layers.1.mlp.fc2.bias'"):
+        convert(src, str(tmp_path / "out"), progress=False)

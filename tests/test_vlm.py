@@ -198,3 +198,67 @@ def test_generate_command_with_image(paligemma_with_processor, tmp_path):
                              "--prompt", "caption en", "--max-new-tokens", "8"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == want[0]
+
+
+# --- bad input: one line naming the image or argument ----------------------------------------------------
+@pytest.fixture(scope="module")
+def user_model(paligemma_with_processor, tmp_path_factory):
+    return jaxvlm.load(convert_command(paligemma_with_processor[0], str(tmp_path_factory.mktemp("user") / "jax")))
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text_only")
+    return jaxvlm.load(convert_command(hf_models.save(hf_models.build("gemma"), str(root / "hf")), str(root / "jax")))
+
+
+def one_line_error(call, match):
+    with pytest.raises(ValueError, match=match) as err:
+        call()
+    assert "\n" not in str(err.value)
+
+
+def test_bad_images_through_generate(user_model, tmp_path):
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    one_line_error(lambda: user_model.generate("hi", image=str(tmp_path / "nope.png")), r"image 0: .*nope.png: no such file")
+    one_line_error(lambda: user_model.generate(["a", "b"], image=["/dev/null/x", str(tmp_path / "cut.png")]),
+                   r"image 0: .*: no such file")
+    one_line_error(lambda: user_model.generate("hi", image=str(tmp_path / "cut.png")), r"image 0: .*cut.png: cannot read")
+    one_line_error(lambda: user_model.generate("hi", image=np.zeros((0, 0, 3), np.uint8)), r"image 0: the image is empty")
+
+
+def test_image_missing_where_needed(user_model):
+    one_line_error(lambda: user_model.generate("caption en"), "image: this vision-language model needs an image")
+    ids = np.array([[user_model.config.image_token_id] * 16 + [2, 5, 6]])
+    one_line_error(lambda: user_model.generate_ids(ids), "input_ids row 0 holds 16 image tokens but no pixel_values")
+    one_line_error(lambda: user_model.logits(ids[:, :10], pixel_values=hf_models.pixels(0, 1)),
+                   "input_ids row 0 holds 10 image tokens; its image needs exactly 16")
+
+
+def test_number_of_images_must_match_prompts(user_model, paligemma_with_processor):
+    paths = paligemma_with_processor[3]
+    one_line_error(lambda: user_model.generate(["a", "b"], image=paths[:1]), "image: 1 images for 2 prompts")
+    one_line_error(lambda: user_model.generate(["a"], image=paths), "image: 2 images for 1 prompts")
+    ids = np.array([[user_model.config.image_token_id] * 16 + [2, 5, 6]] * 2)
+    one_line_error(lambda: user_model.generate_ids(ids, pixel_values=hf_models.pixels(0, 1)),
+                   "pixel_values hold 1 images for 2 rows of input_ids")
+    one_line_error(lambda: user_model.logits(ids, pixel_values=hf_models.pixels(0, 2)[:, :16]),
+                   r"pixel_values must be float \[B, 32, 32, 3\], got float32 \[2, 16, 32, 3\]")
+
+
+def test_image_given_to_text_only_model(text_model, paligemma_with_processor):
+    path = paligemma_with_processor[3][0]
+    one_line_error(lambda: text_model.generate("hi", image=path), "image: this model has no image encoder")
+    one_line_error(lambda: text_model.generate_ids(np.array([[3, 4]]), pixel_values=hf_models.pixels(0, 1)),
+                   "pixel_values: this model has no image encoder")
+    one_line_error(lambda: text_model.encode_image(hf_models.pixels(0, 1)), "pixel_values: this model has no image")
+
+
+def test_generate_command_reports_bad_image(paligemma_with_processor, tmp_path):
+    import subprocess
+    import sys
+    out = convert_command(paligemma_with_processor[0], str(tmp_path / "jax"))
+    result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", out, "--image",
+                             str(tmp_path / "missing.jpg"), "--prompt", "caption en"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"error: image 0: {tmp_path}/missing.jpg: no such file"]
