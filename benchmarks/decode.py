@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+
+from common import bench_jaxvlm, bench_transformers, header, print_table
 
 
 def build_hf(args, directory: str):
@@ -30,65 +28,6 @@ def build_hf(args, directory: str):
     model = transformers.GemmaForCausalLM(config).eval()
     model.save_pretrained(directory)
     return model
-
-
-def timed(fn, repeats: int) -> tuple[float, object]:
-    """Median seconds of `repeats` calls (after the caller's warm-up), and the last result."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
-
-
-def bench_transformers(model, prompt: np.ndarray, new: int, repeats: int) -> dict:
-    import torch
-    ids = torch.tensor(prompt)
-    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-    with torch.inference_mode():
-        model(ids)  # warm-up
-        prefill, _ = timed(lambda: model(ids, use_cache=True), repeats)
-        model.generate(ids, **kwargs)
-        total, out = timed(lambda: model.generate(ids, **kwargs), repeats)
-    return dict(prefill_ms=prefill * 1e3, decode_tps=(new - 1) / (total - prefill), total_s=total, compile_s=0.0,
-                tokens=out[:, prompt.shape[1]:].numpy())
-
-
-def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int) -> dict:
-    from jaxvlm import generate
-    from jaxvlm.sampling import Sampler
-
-    c, sampler = model.config.decoder, Sampler()
-    rows = list(prompt)
-    length = generate.prompt_bucket(prompt.shape[1])
-    tokens, valid = map(jnp.asarray, generate.right_align(rows, length, 0))
-    steps = new - 1
-    scalars = dict(key=jax.random.key(0), temperature=jnp.float32(1), top_p=jnp.float32(1),
-                   eos_ids=jnp.asarray([1], jnp.int32), pad_id=jnp.int32(0))
-    size = generate.cache_bucket(length + steps)
-
-    def run_prefill():
-        state, token = generate.prefill(c, model.dtype, sampler, size, model.params, tokens, valid,
-                                        jnp.zeros(len(rows), bool), jnp.int32(0), **scalars)
-        return jax.block_until_ready((state, token))
-
-    def run_decode(state):
-        return jax.block_until_ready(generate.decode(c, model.dtype, sampler, steps, model.params, state, **scalars))
-
-    start = time.perf_counter()
-    state, _ = run_prefill()
-    run_decode(state)
-    compile_s = time.perf_counter() - start
-    prefill, _ = timed(run_prefill, repeats)
-    decode_times = []
-    for _ in range(repeats):
-        state, _ = run_prefill()
-        decode_times.append(timed(lambda: run_decode(state), 1)[0])
-    model.generate_ids(prompt, max_new_tokens=new)  # compile the chunked path generate_ids uses
-    total, out = timed(lambda: model.generate_ids(prompt, max_new_tokens=new), repeats)
-    return dict(prefill_ms=prefill * 1e3, decode_tps=steps / statistics.median(decode_times), total_s=total,
-                compile_s=compile_s, tokens=out)
 
 
 def main():
@@ -110,20 +49,11 @@ def main():
         model = jaxvlm.load(os.path.join(tmp, "jax"))
     prompt = np.random.default_rng(0).integers(3, 32000, size=(1, args.prompt))
 
-    print(f"Gemma-shaped model, {params / 1e6:.0f}M params, float32, batch 1, prompt {args.prompt}, "
-          f"{args.new} new tokens | jax {jax.__version__} on {jax.devices()[0].platform}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    hf = bench_transformers(hf_model, prompt, args.new, args.repeats)
+    print(header(f"Gemma-shaped model, {params / 1e6:.0f}M params, float32, batch 1, prompt {args.prompt}, "
+                 f"{args.new} new tokens"))
+    hf = bench_transformers(hf_model, {"input_ids": torch.tensor(prompt)}, args.new, args.repeats)
     jx = bench_jaxvlm(model, prompt, args.new, args.repeats)
-    same = np.array_equal(hf["tokens"], jx["tokens"])
-    rows = [("prefill ms", "prefill_ms", False), ("decode tokens/s", "decode_tps", True),
-            ("generate total s", "total_s", False), ("compile s", "compile_s", None)]
-    print(f"{'':18}{'transformers':>14}{'jaxvlm':>10}{'speed-up':>10}")
-    for label, key, higher_is_better in rows:
-        ratio = "" if higher_is_better is None else (
-            f"{jx[key] / hf[key]:.2f}x" if higher_is_better else f"{hf[key] / jx[key]:.2f}x")
-        print(f"{label:18}{hf[key]:>14.2f}{jx[key]:>10.2f}{ratio:>10}")
-    print(f"greedy tokens identical: {same}")
+    print_table(hf, jx)
 
 
 if __name__ == "__main__":

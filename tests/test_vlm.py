@@ -262,3 +262,35 @@ def test_generate_command_reports_bad_image(paligemma_with_processor, tmp_path):
                              str(tmp_path / "missing.jpg"), "--prompt", "caption en"], capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: image 0: {tmp_path}/missing.jpg: no such file"]
+
+
+def test_llava_prompt_equals_llava_processor(tmp_path):
+    """LLaVA prompts: the `<image>` expanded to the image tokens after BOS, as `LlavaProcessor` does; a
+    prompt without one gets it at its start, on a line of its own."""
+    import PIL.Image
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from jaxvlm.config import DecoderConfig, ModelConfig, TokensConfig, VisionConfig
+    from jaxvlm.prompts import build_prompt
+    from jaxvlm.tokenizer import Tokenizer
+    from tests.test_tokenizer import gemma_tokenizer
+
+    tokenizer = gemma_tokenizer(str(tmp_path), symbols=("<image>",))
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    processor = LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                                      crop_size={"height": 32, "width": 32}),
+                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, image_token="<image>")
+    config = ModelConfig(
+        decoder=DecoderConfig(vocab_size=120, width=8, depth=1, num_heads=1, num_kv_heads=1, head_dim=8, mlp_dim=8),
+        vision=VisionConfig(image_size=32, patch_size=8, width=8, depth=2, num_heads=1, mlp_dim=8, class_token=True,
+                            feature_layer=-2),
+        tokens=TokensConfig(bos_id=2, eos_ids=(1,), add_bos=True), image_token_id=image_id, projector="mlp",
+        prompt_format="llava")
+    jx_tokenizer = Tokenizer.from_dir(str(tmp_path), config.tokens)
+    image = PIL.Image.new("RGB", (40, 32))
+    for prompt, as_written in [("USER: <image>\nwhat is the fox? ASSISTANT:", None),
+                               ("the quick brown fox", "<image>\nthe quick brown fox")]:
+        want = processor(images=image, text=as_written or prompt)["input_ids"][0]
+        got = build_prompt(config, jx_tokenizer, prompt, with_image=True)
+        assert (got == image_id).sum() == 16
+        np.testing.assert_array_equal(got, want, err_msg=prompt)
