@@ -23,7 +23,7 @@ from jaxvlm.sampling import Sampler, sample
 from jaxvlm.vlm import VisionLanguageModel
 
 MIN_PROMPT_BUCKET = 16
-PROMPT_STEP = 512  # past this length, prompts round up to multiples of it rather than powers of two
+FINE_BUCKETS_FROM = 128  # past this length, four buckets per doubling rather than one
 CACHE_ALIGN = 64
 MAX_CHUNK = 32  # decode steps per scan call; the host checks for EOS between calls
 
@@ -38,10 +38,13 @@ class DecodeState:
 
 
 def prompt_bucket(length: int) -> int:
-    """Prompt lengths round up to a power of two (at least 16), and past 512 to a multiple of 512."""
-    if length > PROMPT_STEP:
-        return -(-length // PROMPT_STEP) * PROMPT_STEP
-    return max(MIN_PROMPT_BUCKET, 1 << math.ceil(math.log2(length)))
+    """Prompt lengths round up to a power of two (at least 16); past 128, to a quarter of the power of two
+    below (320, 384, 448, 512, 640, ...), so padding stays under a quarter of the prompt while buckets
+    grow only logarithmically. (A PaliGemma prompt of 256 image tokens and some text lands in 320.)"""
+    if length <= FINE_BUCKETS_FROM:
+        return max(MIN_PROMPT_BUCKET, 1 << math.ceil(math.log2(length)))
+    step = (1 << (math.ceil(math.log2(length)) - 1)) // 4
+    return -(-length // step) * step
 
 
 def cache_bucket(length: int) -> int:

@@ -151,3 +151,12 @@ def test_bad_inputs_are_named():
         model.generate_ids(np.array([[1, 2], [3, 97]]))
     with pytest.raises(ValueError, match="row 0 has no tokens"):
         model.generate_ids(np.array([[1, 2]]), np.array([[0, 0]]))
+
+
+def test_prompt_buckets_bound_padding_and_count():
+    from jaxvlm.generate import prompt_bucket
+    buckets = [prompt_bucket(n) for n in range(1, 8193)]
+    assert all(b >= n for n, b in enumerate(buckets, 1)) and buckets == sorted(buckets)
+    assert all((b - n) / n < 0.25 for n, b in enumerate(buckets, 1) if n > 128)
+    assert len(set(buckets)) == 4 + 4 * 6  # 16, 32, 64, 128; then four per doubling up to 8192
+    assert prompt_bucket(16 * 16 + 12) == 320  # a PaliGemma-224 prompt
