@@ -37,3 +37,36 @@ def test_unknown_field_in_json():
     text = ModelConfig(decoder=DecoderConfig(**BASE)).to_json().replace('"depth"', '"layers"')
     with pytest.raises(ValueError, match="unknown field 'layers'"):
         ModelConfig.from_json(text)
+
+
+def test_vision_language_config_round_trip():
+    from jaxvlm.config import ImageProcessing, VisionConfig
+    config = ModelConfig(
+        decoder=DecoderConfig(**BASE),
+        vision=VisionConfig(image_size=32, patch_size=8, width=8, depth=2, num_heads=2, mlp_dim=16, class_token=True,
+                            pre_norm=True, post_norm_class_only=True, feature_layer=-2),
+        image_processing=ImageProcessing(shortest_edge=40, crop_size=(32, 32), mean=(0.1, 0.2, 0.3),
+                                         std=(0.4, 0.5, 0.6)),
+        projector="mlp", image_token_id=9, prompt_format="llava")
+    again = ModelConfig.from_json(config.to_json())
+    assert again == config and hash(again) == hash(config)
+    assert config.vision.num_tokens == 17 and config.vision.num_features == 16
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(patch_size=5), "VisionConfig.patch_size: 5 does not divide image_size=32"),
+    (dict(num_heads=3), "VisionConfig.num_heads: 3 does not divide width=8"),
+    (dict(activation="relu"), "VisionConfig.activation"),
+    (dict(feature_layer=-4), "VisionConfig.feature_layer: -4 is not a hidden-state index for depth=2"),
+])
+def test_vision_validation_names_the_field(change, message):
+    from jaxvlm.config import VisionConfig
+    with pytest.raises(ValueError, match=message):
+        VisionConfig(**{**dict(image_size=32, patch_size=8, width=8, depth=2, num_heads=2, mlp_dim=16), **change})
+
+
+def test_vision_language_model_needs_an_image_token():
+    from jaxvlm.config import VisionConfig
+    with pytest.raises(ValueError, match="ModelConfig.image_token_id: a vision-language model needs one"):
+        ModelConfig(decoder=DecoderConfig(**BASE),
+                    vision=VisionConfig(image_size=32, patch_size=8, width=8, depth=2, num_heads=2, mlp_dim=16))

@@ -50,3 +50,49 @@ def test_unsupported_rope_type():
     d["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}
     with pytest.raises(ValueError, match="unsupported rope type 'yarn'"):
         decoder_config(d)
+
+
+# The config.json of google/paligemma-3b-pt-224 as published: its text and vision parts list only what
+# differs from transformers' class defaults.
+PALIGEMMA_3B = {
+    "architectures": ["PaliGemmaForConditionalGeneration"], "bos_token_id": 2, "eos_token_id": 1,
+    "hidden_size": 2048, "ignore_index": -100, "image_token_index": 257152, "model_type": "paligemma",
+    "pad_token_id": 0, "projection_dim": 2048,
+    "text_config": {"hidden_size": 2048, "intermediate_size": 16384, "model_type": "gemma", "num_attention_heads": 8,
+                    "num_hidden_layers": 18, "num_image_tokens": 256, "num_key_value_heads": 1,
+                    "torch_dtype": "float32", "vocab_size": 257216},
+    "torch_dtype": "float32", "transformers_version": "4.41.0.dev0",
+    "vision_config": {"hidden_size": 1152, "intermediate_size": 4304, "model_type": "siglip_vision_model",
+                      "num_attention_heads": 16, "num_hidden_layers": 27, "num_image_tokens": 256, "patch_size": 14,
+                      "projection_dim": 2048, "projector_hidden_act": "gelu_fast", "vision_use_head": False},
+    "vocab_size": 257216,
+}
+
+
+def test_published_paligemma_config(tmp_path):
+    """transformers' defaults fill the gaps: the tensors predicted are transformers' own model's."""
+    import json
+    import math
+    from convert import tables
+    from convert.hf_config import model_config
+    (tmp_path / "config.json").write_text(json.dumps(PALIGEMMA_3B))
+    config, family, layout = model_config(str(tmp_path))
+    d, v = config.decoder, config.vision
+    assert (family, layout) == ("gemma", "vlm")
+    assert (d.width, d.depth, d.num_heads, d.num_kv_heads, d.head_dim, d.mlp_dim, d.vocab_size) == \
+        (2048, 18, 8, 1, 256, 16384, 257216)
+    assert d.mlp_activation == "gelu_tanh" and d.tie_embeddings and d.embed_scale and d.norm_scale_offset == 1
+    assert (v.image_size, v.patch_size, v.width, v.depth, v.num_heads, v.mlp_dim, v.num_features) == \
+        (224, 14, 1152, 27, 16, 4304, 256)
+    assert v.activation == "gelu_tanh" and not v.class_token and not v.attention_pool and v.feature_layer is None
+    assert config.image_token_id == 257152 and config.prefix_lm and config.position_offset == 1
+    assert config.tokens.bos_id == 2 and config.tokens.eos_ids == (1,)
+    p = config.image_processing
+    assert p.size == (224, 224) and p.crop_size is None and p.mean == p.std == (0.5,) * 3
+    import torch
+    with torch.device("meta"):  # shapes only, nothing allocated
+        hf = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(**PALIGEMMA_3B))
+    want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
+    got = {n: r.shape for n, r in tables.expand(config, family).items()}
+    assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
+    assert sum(math.prod(s) for s in got.values()) == 2_923_466_480
