@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def convert_for_jaxvlm(hf_model):
+    """The jaxvlm model with `hf_model`'s weights: saved as Hugging Face does, converted, loaded."""
+    import jaxvlm
+    from convert import convert
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(os.path.join(tmp, "hf"))
+        convert(os.path.join(tmp, "hf"), os.path.join(tmp, "jax"), progress=False)
+        return jaxvlm.load(os.path.join(tmp, "jax"))
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

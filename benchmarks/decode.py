@@ -9,15 +9,13 @@ head_dim 128, MLP 4096, vocab 32000) in float32, batch 1, a 128-token prompt and
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import numpy as np
 
-from common import bench_jaxvlm, bench_transformers, header, print_table
+from common import convert_for_jaxvlm, bench_jaxvlm, bench_transformers, header, print_table
 
 
-def build_hf(args, directory: str):
+def build_hf(args):
     import torch
     import transformers
     config = transformers.GemmaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096,
@@ -26,7 +24,6 @@ def build_hf(args, directory: str):
                                       bos_token_id=2, dtype=torch.float32)
     torch.manual_seed(0)
     model = transformers.GemmaForCausalLM(config).eval()
-    model.save_pretrained(directory)
     return model
 
 
@@ -39,14 +36,10 @@ def main():
     args = parser.parse_args()
 
     import torch
-    import jaxvlm
-    from convert import convert
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model = build_hf(args, os.path.join(tmp, "hf"))
-        params = sum(p.numel() for p in hf_model.parameters())
-        convert(os.path.join(tmp, "hf"), os.path.join(tmp, "jax"), progress=False)
-        model = jaxvlm.load(os.path.join(tmp, "jax"))
+    hf_model = build_hf(args)
+    params = sum(p.numel() for p in hf_model.parameters())
+    model = convert_for_jaxvlm(hf_model)
     prompt = np.random.default_rng(0).integers(3, 32000, size=(1, args.prompt))
 
     print(header(f"Gemma-shaped model, {params / 1e6:.0f}M params, float32, batch 1, prompt {args.prompt}, "

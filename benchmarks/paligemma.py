@@ -11,17 +11,15 @@ Default: a SigLIP-style encoder (224 px, patch 14: 256 image tokens; width 384, 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 
 import numpy as np
 
-from common import ROWS, bench_jaxvlm, bench_transformers, header, print_table, timed
+from common import convert_for_jaxvlm, ROWS, bench_jaxvlm, bench_transformers, header, print_table, timed
 
 IMAGE_TOKEN = 31999
 
 
-def build_hf(args, directory: str):
+def build_hf(args):
     import torch
     import transformers
     vision = transformers.SiglipVisionConfig(image_size=224, patch_size=14, hidden_size=384, intermediate_size=1536,
@@ -35,7 +33,6 @@ def build_hf(args, directory: str):
                                           projection_dim=1024, hidden_size=1024, vocab_size=32000)
     torch.manual_seed(0)
     model = transformers.PaliGemmaForConditionalGeneration(config).to(torch.float32).eval()
-    model.save_pretrained(directory)
     return model
 
 
@@ -49,14 +46,10 @@ def main():
 
     import jax
     import torch
-    import jaxvlm
-    from convert import convert
 
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model = build_hf(args, os.path.join(tmp, "hf"))
-        params = sum(p.numel() for p in hf_model.parameters())
-        convert(os.path.join(tmp, "hf"), os.path.join(tmp, "jax"), progress=False)
-        model = jaxvlm.load(os.path.join(tmp, "jax"))
+    hf_model = build_hf(args)
+    params = sum(p.numel() for p in hf_model.parameters())
+    model = convert_for_jaxvlm(hf_model)
     rng = np.random.default_rng(0)
     prompt = np.concatenate([[IMAGE_TOKEN] * 256, [2], rng.integers(3, 31000, size=10), [108]])[None]
     pixels = rng.uniform(-1, 1, (1, 224, 224, 3)).astype(np.float32)
