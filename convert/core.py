@@ -51,12 +51,16 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
     rules = tables.expand(config, text_family)
 
     with TensorReader(hf_dir) as reader:
-        # canonical name -> the file's name (errors quote the file's)
-        names = {tables.canonical_name(n, layout): n for n in reader.names()
-                 if not n.endswith(tables.IGNORED_SUFFIXES)}
+        # canonical name -> the file's name: errors quote the file's spelling
+        names, renames = {}, set()
+        for n in reader.names():
+            if not n.endswith(tables.IGNORED_SUFFIXES):
+                canonical, rename = tables.canonical_name(n, layout)
+                names[canonical] = n
+                renames.update([rename] if rename else [])
         if config.decoder is not None and config.decoder.tie_embeddings:
             names.pop("lm_head.weight", None)  # some files carry the tied head anyway; it is the embedding
-        missing = [n for n in rules if n not in names]
+        missing = [tables.file_name(n, renames) for n in rules if n not in names]
         if missing:
             raise CheckpointError(f"{hf_dir}: missing tensor {_first_of(missing)}")
         unexpected = [file_name for n, file_name in names.items() if n not in rules]

@@ -262,11 +262,20 @@ RENAMES = {
 }
 
 
-def canonical_name(name: str, kind: str) -> str:
+def canonical_name(name: str, kind: str) -> tuple[str, tuple[str, str] | None]:
+    """(the canonical name, the (file prefix, canonical prefix) rename applied, if any)."""
     for old, new in RENAMES[kind]:
         if name.startswith(old):
-            return new + name[len(old):]
-    return name
+            return new + name[len(old):], (old, new)
+    return name, None
+
+
+def file_name(canonical: str, renames: set[tuple[str, str]]) -> str:
+    """A canonical name spelled as the file spells its neighbours (for naming a missing tensor)."""
+    for old, new in sorted(renames, key=lambda r: -len(r[1])):
+        if canonical.startswith(new):
+            return old + canonical[len(new):]
+    return canonical
 
 
 def _bind(rules: list[Rule], config: Config) -> dict[str, BoundRule]:

@@ -2,7 +2,9 @@
 
 - paligemma: P image tokens, BOS, the prompt, a newline (`PaliGemmaProcessor`); the whole is the prefix.
 - llava: the prompt with its `<image>` expanded to P image tokens, after BOS (`LlavaProcessor`); a prompt
-  without `<image>` gets one at its start, on a line of its own.
+  without `<image>` gets one at its start, on a line of its own. As the processor does, the expanded
+  text is tokenized as a whole when the tokenizer knows the image token's text, so tokenizers that mark
+  word starts (Llama's, Phi-3's) see the text after the image as the processor's tokenizer does.
 - plain: the prompt, after BOS when the model expects one; no image.
 """
 
@@ -31,5 +33,9 @@ def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_im
     else:
         if not images:
             after = "\n" + after
-        ids = tokenizer.encode(before) + placeholders + tokenizer.encode(after, add_bos=False)
+        image_text = tokenizer.single_token_text(config.image_token_id)
+        if image_text is not None:
+            ids = tokenizer.encode(before + image_text * len(placeholders) + after)
+        else:
+            ids = tokenizer.encode(before) + placeholders + tokenizer.encode(after, add_bos=False)
     return np.asarray(ids, np.int32)

@@ -15,8 +15,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 class Tokenizer:
-    def __init__(self, encode_fn, decode_fn, tokens: TokensConfig, source: str):
+    def __init__(self, encode_fn, decode_fn, tokens: TokensConfig, source: str, piece_fn=lambda i: None):
         self._encode, self._decode, self.tokens, self.source = encode_fn, decode_fn, tokens, source
+        self._piece = piece_fn
+
+    def single_token_text(self, token_id: int) -> str | None:
+        """The text that encodes to exactly `token_id`, if the tokenizer has one (special pieces such as
+        `<image>` usually do; SentencePiece control tokens such as `<bos>` do not)."""
+        text = self._piece(token_id)
+        return text if text is not None and list(self._encode(text)) == [token_id] else None
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, tokens: TokensConfig) -> "Tokenizer | None":
@@ -27,7 +34,7 @@ class Tokenizer:
             import tokenizers
             tok = tokenizers.Tokenizer.from_file(json_path)
             return cls(lambda text: tok.encode(text, add_special_tokens=False).ids,
-                       lambda ids: tok.decode(ids, skip_special_tokens=True), tokens, json_path)
+                       lambda ids: tok.decode(ids, skip_special_tokens=True), tokens, json_path, tok.id_to_token)
         if os.path.isfile(spm_path):
             import sentencepiece as spm
             sp = spm.SentencePieceProcessor(model_file=spm_path)
@@ -35,7 +42,7 @@ class Tokenizer:
             # Model vocabularies are often padded past the tokenizer's (Gemma, Phi-3): ids without a piece
             # decode to nothing, as they do with `tokenizers`; <unk> is dropped like the other specials.
             return cls(sp.encode, lambda ids: sp.decode([i for i in ids if i < size and i != unk]), tokens,
-                       spm_path)
+                       spm_path, lambda i: sp.id_to_piece(i) if 0 <= i < size else None)
         return None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:

@@ -216,5 +216,5 @@ def test_vlm_missing_vision_tensor_is_named(tmp_path):
     tensors = load_file(os.path.join(src, "model.safetensors"))
     del tensors["vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias"]
     save_file(tensors, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="missing tensor 'vision_tower.encoder.layers.1.mlp.fc2.bias'"):
+    with pytest.raises(ValueError, match="missing tensor 'vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias'"):
         convert(src, str(tmp_path / "out"), progress=False)

@@ -42,3 +42,23 @@ def test_encoder_alone_has_no_decoder(encoder):
     _, _, jx = encoder
     with pytest.raises(ValueError, match="image encoder alone"):
         jx.logits(np.zeros((1, 3), int))
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clip_features")
+    model = hf_models.build_vision("clip", seed=9)
+    return jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+
+
+@pytest.mark.parametrize("keep_class_token", [False, True], ids=["default", "full"])
+def test_feature_layer_and_class_token(clip, keep_class_token):
+    """LLaVA's selection: hidden_states[feature_layer], the class token dropped ("default") or kept ("full")."""
+    import dataclasses
+    from jaxvlm.vision import VisionEncoder
+    config = dataclasses.replace(clip.config.vision, feature_layer=-2, keep_class_token=keep_class_token)
+    pixels = hf_models.pixels(4, 1)
+    features = VisionEncoder(config).apply({"params": clip.params["vision"]}, pixels, method="features")
+    want = clip.vision_hidden_states(pixels)[-2]
+    assert features.shape[1] == config.num_features == 16 + keep_class_token
+    np.testing.assert_allclose(np.asarray(features), want if keep_class_token else want[:, 1:], atol=1e-5, rtol=1e-5)

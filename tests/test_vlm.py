@@ -287,6 +287,7 @@ def test_llava_prompt_equals_llava_processor(tmp_path):
         tokens=TokensConfig(bos_id=2, eos_ids=(1,), add_bos=True), image_token_id=image_id, projector="mlp",
         prompt_format="llava")
     jx_tokenizer = Tokenizer.from_dir(str(tmp_path), config.tokens)
+    assert jx_tokenizer.single_token_text(image_id) == "<image>"  # so the text is tokenized as a whole
     image = PIL.Image.new("RGB", (40, 32))
     for prompt, as_written in [("USER: <image>\nwhat is the fox? ASSISTANT:", None),
                                ("the quick brown fox", "<image>\nthe quick brown fox")]:
@@ -294,3 +295,7 @@ def test_llava_prompt_equals_llava_processor(tmp_path):
         got = build_prompt(config, jx_tokenizer, prompt, with_image=True)
         assert (got == image_id).sum() == 16
         np.testing.assert_array_equal(got, want, err_msg=prompt)
+        # a tokenizer that cannot spell the image token gets the placeholders put in between the pieces
+        jx_tokenizer.single_token_text = lambda token_id: None
+        np.testing.assert_array_equal(build_prompt(config, jx_tokenizer, prompt, with_image=True), want)
+        del jx_tokenizer.single_token_text
