@@ -200,6 +200,11 @@ class VisionConfig:
     def head_dim(self) -> int:
         return self.width // self.num_heads
 
+    @property
+    def can_pool(self) -> bool:
+        """Whether it gives one vector per image: through the attention pool, or from the class token."""
+        return self.attention_pool or self.class_token
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageProcessing:

@@ -145,8 +145,6 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
         if count == rebuild_at:
             sofar = np.concatenate(generated, axis=1)
             rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
-            if prefixes is not None:  # generated tokens are never part of the prefix
-                prefixes = [np.concatenate([p, np.zeros(len(s), bool)]) for p, s in zip(prefixes, sofar)]
             state, token = start(rows, np.asarray(state.done), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
             count += 1

@@ -148,8 +148,7 @@ class Model:
     def image_embeddings(self, pixel_values) -> np.ndarray:
         """float32[B, E]: one vector per image (CLIP: projected class token; SigLIP: the attention pool)."""
         pixels = self._pixels(pixel_values)
-        v = self.config.vision
-        if not (v.attention_pool or v.class_token):
+        if not self.config.vision.can_pool:
             raise ValueError("this image encoder has no pooling head (neither a class token nor attention pooling)")
         return np.asarray(_vision(self.config, self.dtype, "pooled", self.params, pixels), np.float32)
 

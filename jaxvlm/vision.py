@@ -107,7 +107,7 @@ class VisionEncoder(nn.Module):
         c = self.config
         if c.attention_pool:
             return self.attention_pool(self(pixels)).astype(jnp.float32)
-        if not c.class_token:
+        if not c.can_pool:
             raise ValueError("this image encoder has neither a class token nor an attention-pool head to pool with")
         x = self.post_norm(self.hidden_states(pixels)[-1][:, 0])
         return self.projection(x) if c.projection_dim is not None else x.astype(jnp.float32)

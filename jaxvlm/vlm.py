@@ -78,7 +78,7 @@ class VisionLanguageModel(nn.Module):
         out = []
         if c.vision is not None:
             out += [self.vision(pixels), self.vision.features(pixels)]
-            if c.vision.attention_pool or c.vision.class_token:
+            if c.vision.can_pool:
                 out.append(self.vision.pooled(pixels))
         if c.decoder is not None:
             valid = tokens >= 0
