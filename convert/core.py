@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import jax
 import ml_dtypes
@@ -85,20 +83,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
                 _set(params, path, jax.device_put(np.array(transform(source), dtype=target), cpu))
             del source
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
-        checkpoint.save_params(tmp, params)
-        config.save(tmp)
-        for name in TOKENIZER_FILES + PROCESSOR_FILES:
-            if os.path.isfile(os.path.join(hf_dir, name)):
-                shutil.copy2(os.path.join(hf_dir, name), tmp)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    files = [os.path.join(hf_dir, n) for n in TOKENIZER_FILES + PROCESSOR_FILES
+             if os.path.isfile(os.path.join(hf_dir, n))]
+    checkpoint.save_model(out_dir, config, params, files)
     return out_dir

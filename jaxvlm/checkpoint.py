@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,31 @@ def save_params(directory: str | os.PathLike, params) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params)
         ckptr.wait_until_finished()
+
+
+def save_model(directory: str | os.PathLike, config: ModelConfig, params, files: Iterable[str] = ()) -> str:
+    """Writes a loadable model folder: `config.json`, the params and copies of `files` (tokenizer and
+    processor files). It is written into a temporary folder beside `directory` and renamed at the end,
+    so an interrupted save leaves no half-written model behind."""
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory):
+        raise FileExistsError(f"{directory}: output folder already exists")
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
+        save_params(tmp, params)
+        config.save(tmp)
+        for path in files:
+            shutil.copy2(path, tmp)
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def stored_dtype(directory: str | os.PathLike):

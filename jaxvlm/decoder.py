@@ -49,11 +49,13 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     config: DecoderConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
 
     def setup(self):
         c = self.config
         self.embedder = Embedder(c.vocab_size, c.width, c.embed_scale, dtype=self.dtype)
-        self.layers = [Block(c, dtype=self.dtype, name=f"layer_{i}") for i in range(c.depth)]
+        block = nn.remat(Block) if self.remat else Block
+        self.layers = [block(c, dtype=self.dtype, name=f"layer_{i}") for i in range(c.depth)]
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), dtype=self.dtype, out_dtype=jnp.float32)

@@ -112,8 +112,9 @@ class Embedder(nn.Module):
     dtype: Dtype = jnp.float32
 
     def setup(self):
-        self.embedding = self.param("embedding", nn.initializers.normal(stddev=1.0), (self.vocab_size, self.width),
-                                    self.dtype)
+        # Unit-variance inputs after the sqrt(D) scale, and unit-scale logits from the tied head, at init.
+        self.embedding = self.param("embedding", nn.initializers.normal(stddev=self.width ** -0.5),
+                                    (self.vocab_size, self.width), self.dtype)
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: int[B, T] -> float[B, T, D]."""

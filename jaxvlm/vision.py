@@ -56,6 +56,7 @@ class AttentionPool(nn.Module):
 class VisionEncoder(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
 
     def setup(self):
         c = self.config
@@ -68,7 +69,8 @@ class VisionEncoder(nn.Module):
                                         self.dtype)
         if c.pre_norm:
             self.pre_norm = _layer_norm(c, self.dtype, "pre_norm")
-        self.layers = [EncoderBlock(c, self.dtype, name=f"layer_{i}") for i in range(c.depth)]
+        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+        self.layers = [block(c, self.dtype, name=f"layer_{i}") for i in range(c.depth)]
         self.post_norm = _layer_norm(c, self.dtype, "post_norm")
         if c.attention_pool:
             self.attention_pool = AttentionPool(c, self.dtype)

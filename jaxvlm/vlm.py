@@ -43,14 +43,15 @@ def merge_image_features(text: jax.Array, features: jax.Array, is_image: jax.Arr
 
 class VisionLanguageModel(nn.Module):
     config: ModelConfig
-    dtype: Dtype = jnp.float32
+    dtype: Dtype = jnp.float32  # the compute dtype; params are used in whatever dtype they are given
+    remat: bool = False  # per-layer gradient checkpointing, in the decoder and the encoder
 
     def setup(self):
         c = self.config
         if c.decoder is not None:
-            self.decoder = Decoder(c.decoder, self.dtype)
+            self.decoder = Decoder(c.decoder, self.dtype, self.remat)
         if c.vision is not None:
-            self.vision = VisionEncoder(c.vision, self.dtype)
+            self.vision = VisionEncoder(c.vision, self.dtype, self.remat)
         if c.is_vlm:
             self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype)
 

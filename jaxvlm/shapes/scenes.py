@@ -1,0 +1,160 @@
+"""Scenes of one to three shapes drawn with Pillow, and the prompts the built-in model answers about them.
+
+The canvas is a 3x3 grid; each shape sits in its own cell, at a random size and offset within it, so
+"where" and "above / left of" always have one right answer. A scene holds each kind of shape at most
+once ("what color is the circle?" names one shape); colours may repeat.
+
+Prompts and answers:
+  caption en                   a red circle left of a blue square above a green triangle
+  count shapes                 2
+  what color is the circle?    red
+  where is the square?         top left
+Captions list the shapes in reading order (top row first, left to right); between two neighbours the
+relation is "above" when the second is on a lower row, "left of" when it is on the same row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 60, 190),
+    "orange": (245, 135, 20),
+    "black": (20, 20, 20),
+    "white": (250, 250, 250),
+}
+ROWS = ("top", "middle", "bottom")
+COLUMNS = ("left", "center", "right")
+PROMPT_KINDS = ("caption", "count", "color", "where")
+
+SIZE = 128  # pixels per side of a drawn scene
+_CELL = SIZE / 3
+_SUPERSAMPLE = 2  # shapes are drawn this much larger, then downsampled, for smooth edges
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    kind: str  # one of SHAPES
+    color: str  # a key of COLORS
+    row: int  # grid cell, 0..2 from the top
+    column: int  # 0..2 from the left
+    size: float  # side (or diameter) in pixels
+    center: tuple[float, float]  # (x, y) in pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    shapes: tuple[Shape, ...]  # in reading order
+    background: tuple[int, int, int]
+
+    def find(self, kind: str) -> Shape | None:
+        return next((s for s in self.shapes if s.kind == kind), None)
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    """One to three distinct shapes in distinct cells, with colours that stand out from the background."""
+    count = int(rng.integers(1, 4))
+    kinds = rng.choice(SHAPES, size=count, replace=False)
+    cells = rng.choice(9, size=count, replace=False)
+    # Backgrounds are light or dark tints; a shape's colour must differ clearly from it.
+    if rng.random() < 0.7:
+        background = tuple(int(v) for v in rng.integers(175, 256, size=3))
+    else:
+        background = tuple(int(v) for v in rng.integers(0, 90, size=3))
+    names = [c for c in COLORS if _distance(COLORS[c], background) > 120]
+    shapes = []
+    for kind, cell in zip(kinds, cells):
+        row, column = divmod(int(cell), 3)
+        size = float(rng.uniform(0.5, 0.85) * _CELL)
+        slack = (_CELL - size) / 2
+        center = tuple(float((i + 0.5) * _CELL + rng.uniform(-slack, slack) * 0.9) for i in (column, row))
+        shapes.append(Shape(str(kind), str(rng.choice(names)), row, column, size, center))
+    shapes.sort(key=lambda s: (s.row, s.column))
+    return Scene(tuple(shapes), background)
+
+
+def _distance(a, b) -> float:
+    return float(np.linalg.norm(np.subtract(a, b)))
+
+
+def draw(scene: Scene, size: int = SIZE) -> Image.Image:
+    """The scene as an RGB image of `size` x `size` pixels."""
+    big = SIZE * _SUPERSAMPLE
+    image = Image.new("RGB", (big, big), scene.background)
+    pen = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        x, y = (v * _SUPERSAMPLE for v in s.center)
+        r = s.size * _SUPERSAMPLE / 2
+        fill = COLORS[s.color]
+        if s.kind == "circle":
+            pen.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif s.kind == "square":
+            pen.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        else:  # an upright equilateral-looking triangle inside the same box
+            pen.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def where(shape: Shape) -> str:
+    """'top left', 'middle right', 'bottom center', ...; the middle cell is 'center'."""
+    if (shape.row, shape.column) == (1, 1):
+        return "center"
+    return f"{ROWS[shape.row]} {COLUMNS[shape.column]}"
+
+
+def caption(scene: Scene) -> str:
+    words = [_a(scene.shapes[0])]
+    for before, s in zip(scene.shapes, scene.shapes[1:]):
+        relation = "above" if s.row > before.row else "left of"
+        words.append(f"{relation} {_a(s)}")
+    return " ".join(words)
+
+
+def prompts_for(scene: Scene) -> list[tuple[str, str]]:
+    """Every (kind, prompt) that has an answer for this scene."""
+    out = [("caption", "caption en"), ("count", "count shapes")]
+    for s in scene.shapes:
+        out += [("color", f"what color is the {s.kind}?"), ("where", f"where is the {s.kind}?")]
+    return out
+
+
+def answer(scene: Scene, prompt: str) -> str:
+    """The one right answer to `prompt` about `scene`."""
+    if prompt == "caption en":
+        return caption(scene)
+    if prompt == "count shapes":
+        return str(len(scene.shapes))
+    for question, attribute in (("what color is the ", lambda s: s.color), ("where is the ", where)):
+        if prompt.startswith(question) and prompt.endswith("?"):
+            shape = scene.find(prompt[len(question):-1])
+            if shape is None:
+                raise ValueError(f"prompt {prompt!r}: the scene has no {prompt[len(question):-1]}")
+            return attribute(shape)
+    raise ValueError(f"prompt {prompt!r} is not one the shapes task asks")
+
+
+def examples(seed: int, count: int, kinds=PROMPT_KINDS) -> list[dict]:
+    """`count` rows {"image", "prompt", "answer", "kind"}, each a fresh scene and one of its prompts of
+    `kinds` (cycling through the kinds, so each is equally common)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        kind = kinds[i % len(kinds)]
+        scene = random_scene(rng)
+        choices = [p for k, p in prompts_for(scene) if k == kind]
+        prompt = choices[int(rng.integers(len(choices)))]
+        rows.append({"image": draw(scene), "prompt": prompt, "answer": answer(scene, prompt), "kind": kind})
+    return rows
+
+
+def _a(shape: Shape) -> str:
+    article = "an" if shape.color[0] in "aeiou" else "a"
+    return f"{article} {shape.color} {shape.kind}"

@@ -1,0 +1,121 @@
+"""Trains the built-in model from scratch: `python -m jaxvlm.shapes.train [--out DIR] [--workdir DIR]`.
+
+A small PaliGemma-architecture model (a SigLIP-style encoder, a linear projector, a Gemma-style decoder
+with multi-query attention, its own SentencePiece tokenizer) learns the shapes task of `scenes.py`.
+Everything is seeded: the tokenizer's text, the initial weights and every batch (batch `step` is drawn
+from a generator seeded with (SEED, step), so a resumed run sees the same data). The result is written to
+`--out`, by default the folder `jaxvlm.load()` opens when given no path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, TokensConfig, VisionConfig
+from jaxvlm.data import collate, encode_row
+from jaxvlm.shapes import scenes
+from jaxvlm.tokenizer import Tokenizer
+from jaxvlm.train import TrainConfig, Trainer
+from jaxvlm.vlm import VisionLanguageModel
+
+SEED = 0  # tokenizer text, initial weights and batches; the accuracy test uses other seeds
+MODEL_DIR = os.path.join(os.path.dirname(__file__), "model")
+VOCAB_SIZE = 512
+IMAGE_TOKEN = "<image>"
+SEQUENCE_LENGTH = 88  # 64 image tokens, BOS, the prompt, the answer, EOS: at most 83 here
+KIND_WEIGHTS = {"caption": 0.4, "count": 0.2, "color": 0.2, "where": 0.2}  # captions are the hardest
+
+TRAIN = TrainConfig(steps=5000, learning_rate=1e-3, warmup_steps=250, final_learning_rate=1e-5, weight_decay=0.01,
+                    b2=0.99, grad_clip_norm=1.0, compute_dtype="bfloat16", checkpoint_every=500)
+BATCH_SIZE = 32
+
+
+def train_tokenizer(directory: str) -> Tokenizer:
+    """A Gemma-style SentencePiece BPE model (pad 0, eos 1, bos 2, unk 3, `<image>` 4) over the task's text,
+    with byte fallback so any other text still encodes."""
+    import sentencepiece as spm
+    rng = np.random.default_rng([SEED, 1])
+    text = []
+    for _ in range(2000):
+        scene = scenes.random_scene(rng)
+        for _, prompt in scenes.prompts_for(scene):
+            text += [prompt, scenes.answer(scene, prompt)]
+    text.append("abcdefghijklmnopqrstuvwxyz 0123456789 ?!.,:;'-")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=os.path.join(directory, "tokenizer"), vocab_size=VOCAB_SIZE,
+        model_type="bpe", character_coverage=1.0, byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, user_defined_symbols=[IMAGE_TOKEN], num_threads=1, minloglevel=2)
+    os.remove(os.path.join(directory, "tokenizer.vocab"))
+    return Tokenizer.from_dir(directory, TOKENS)
+
+
+TOKENS = TokensConfig(bos_id=2, eos_ids=(1,), pad_id=0, add_bos=True)
+
+CONFIG = ModelConfig(
+    decoder=DecoderConfig(vocab_size=VOCAB_SIZE, width=128, depth=4, num_heads=4, num_kv_heads=1, head_dim=32,
+                          mlp_dim=512, mlp_activation="gelu_tanh", norm_scale_offset=1.0, embed_scale=True,
+                          tie_embeddings=True, max_position_embeddings=256),
+    tokens=TOKENS,
+    vision=VisionConfig(image_size=64, patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512),
+    image_processing=ImageProcessing(size=(64, 64)),
+    projector="linear", image_token_id=4, prefix_lm=True, position_offset=1, prompt_format="paligemma",
+)
+
+
+def batches(tokenizer: Tokenizer, batch_size: int = BATCH_SIZE, seed: int = SEED):
+    """batch(step): fresh scenes drawn from a generator seeded with (seed, step)."""
+    kinds, weights = list(KIND_WEIGHTS), np.array(list(KIND_WEIGHTS.values()))
+
+    def batch(step: int):
+        rng = np.random.default_rng([seed, step])
+        examples = []
+        for i in range(batch_size):
+            scene = scenes.random_scene(rng)
+            kind = kinds[rng.choice(len(kinds), p=weights)]
+            choices = [p for k, p in scenes.prompts_for(scene) if k == kind]
+            prompt = choices[int(rng.integers(len(choices)))]
+            row = {"image": scenes.draw(scene), "prompt": prompt, "answer": scenes.answer(scene, prompt)}
+            examples.append(encode_row(CONFIG, tokenizer, row, f"step {step} row {i}"))
+        return collate(examples, CONFIG.tokens.pad_id, SEQUENCE_LENGTH)
+
+    return batch
+
+
+def init_params(seed: int = SEED):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    pixels = jnp.zeros((1, 64, 64, 3), jnp.float32)
+    return VisionLanguageModel(CONFIG).init(jax.random.key(seed), tokens, pixels, method="initialize")["params"]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=MODEL_DIR, help="where to write the trained model (must not exist)")
+    parser.add_argument("--workdir", default=os.path.join("runs", "shapes"),
+                        help="checkpoints, resumed from when the run is started again")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if os.path.exists(args.out):
+        parser.error(f"--out {args.out} already exists; remove it or choose another folder")
+
+    from jaxvlm.checkpoint import save_model
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer = train_tokenizer(tok_dir)
+        started = time.time()
+        state = Trainer(CONFIG, TRAIN, args.workdir).fit(init_params(), batches(tokenizer))
+        minutes = (time.time() - started) / 60
+        params = jax.tree.map(lambda p: np.asarray(p, np.float32), state.params)
+        save_model(args.out, CONFIG, params, [os.path.join(tok_dir, "tokenizer.model")])
+    print(f"trained {TRAIN.steps} steps in {minutes:.1f} min; model written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

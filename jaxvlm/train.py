@@ -1,0 +1,259 @@
+"""Training and fine-tuning: next-token loss on the answer, AdamW with warm-up and cosine decay, gradient
+clipping, bfloat16 compute over float32 master weights, optional per-layer rematerialisation, and orbax
+checkpoints that a run resumes from.
+
+    trainer = Trainer(config, TrainConfig(steps=1000), workdir="runs/shapes")
+    state = trainer.fit(params, batches)          # batches(step) -> data.Batch; resumes from workdir
+    save_model("my-model", config, state.params, tokenizer_dir="original-model")
+
+A resumed run continues the same loss curve: the state (step, params, optimizer moments) is restored
+exactly, and batches are a function of the step. A step whose loss or gradient is not finite is skipped
+(the weights and moments stay as they were) with a warning naming the step; `max_bad_steps` in a row stop
+the run. Checkpoints are written by orbax into a temporary folder renamed when complete, so a run killed
+mid-save resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import struct
+from tqdm.auto import tqdm
+
+from jaxvlm.config import ModelConfig
+from jaxvlm.data import Batch, RowBatches
+from jaxvlm.losses import next_token_loss
+from jaxvlm.masks import token_positions
+from jaxvlm.vlm import VisionLanguageModel
+
+log = logging.getLogger("jaxvlm.train")
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int
+    learning_rate: float = 1e-3  # the peak, reached after the warm-up
+    warmup_steps: int = 0  # linear warm-up from 0, then cosine decay to final_learning_rate at `steps`
+    final_learning_rate: float = 0.0
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only: not on norms, biases or vectors
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip_norm: float | None = 1.0  # clip the global gradient norm to this
+    compute_dtype: str = "bfloat16"  # activations and matmuls; params and optimizer state stay float32
+    remat: bool = False  # recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)
+    checkpoint_every: int | None = None  # steps between checkpoints (with a workdir); the last step is always saved
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # non-finite losses in a row before the run stops
+
+    def __post_init__(self):
+        for field in ("steps", "keep_checkpoints", "max_bad_steps"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{field}: must be a positive int, got {value!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}], got {self.warmup_steps}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"TrainConfig.compute_dtype: must be one of {sorted(COMPUTE_DTYPES)}, "
+                             f"got {self.compute_dtype!r}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"TrainConfig.checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+
+    def schedule(self) -> optax.Schedule:
+        return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps,
+                                                  max(self.steps, self.warmup_steps + 1), self.final_learning_rate)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(tc.schedule(), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=matrices)
+    if tc.grad_clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32[]: batches consumed
+    params: Any  # float32 master weights
+    opt_state: Any
+
+
+def _batch_arrays(batch: Batch, config: ModelConfig) -> dict[str, Any]:
+    arrays = {"tokens": batch.tokens, "valid": batch.valid, "loss_mask": batch.loss_mask & batch.valid}
+    if config.prefix_lm:
+        arrays["prefix"] = batch.prefix & batch.valid
+    if batch.pixels is not None:
+        arrays["pixels"] = batch.pixels
+    return arrays
+
+
+def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """(mean next-token loss over the answer tokens, their count) for one batch of `_batch_arrays`."""
+    valid = batch["valid"]
+    positions = token_positions(valid) + model.config.position_offset
+    logits = model.apply({"params": params}, batch["tokens"], positions, valid, pixels=batch.get("pixels"),
+                         prefix=batch.get("prefix")).logits
+    return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+
+def _train_step(model, optimizer, schedule, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    (loss, tokens), grads = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)(state.params, batch)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient leaves weights and moments untouched; the host reports the step.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state))
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
+               "learning_rate": schedule(state.step - 1)}
+    return state, metrics
+
+
+class Trainer:
+    """Trains a model's params on batches; checkpoints to and resumes from `workdir` when one is given."""
+
+    def __init__(self, config: ModelConfig, tc: TrainConfig, workdir: str | os.PathLike | None = None):
+        if config.decoder is None:
+            raise ValueError("training needs a decoder; this model is an image encoder alone")
+        self.config, self.tc = config, tc
+        self.workdir = None if workdir is None else os.path.abspath(os.fspath(workdir))
+        self.model = VisionLanguageModel(config, COMPUTE_DTYPES[tc.compute_dtype], tc.remat)
+        self.optimizer = make_optimizer(tc)
+        self._step = jax.jit(functools.partial(_train_step, self.model, self.optimizer, tc.schedule()),
+                             donate_argnums=0)
+        self._manager = None
+
+    # --- state and checkpoints -----------------------------------------------------------------------------
+    def init_state(self, params) -> TrainState:
+        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+
+    def manager(self) -> ocp.CheckpointManager | None:
+        if self.workdir is not None and self._manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.tc.keep_checkpoints, create=True,
+                                                   cleanup_tmp_directories=True)
+            self._manager = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS_DIR), options=options)
+        return self._manager
+
+    def save(self, state: TrainState) -> None:
+        manager = self.manager()
+        step = int(state.step)
+        if manager is not None and step not in manager.all_steps():
+            manager.save(step, args=ocp.args.StandardSave(state))
+
+    def restore(self, params) -> TrainState:
+        """The latest checkpoint in `workdir` if there is one (checked against `params`' shapes), else a
+        fresh state from `params`."""
+        state = self.init_state(params)
+        manager = self.manager()
+        step = None if manager is None else manager.latest_step()
+        if step is None:
+            return state
+        where = os.path.join(manager.directory, str(step))
+        _check_same_shapes(manager.item_metadata(step), state, where)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        log.info("resumed from %s (step %d)", where, step)
+        return restored
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def fit(self, params, batches: Callable[[int], Batch], progress: bool = True,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainState:
+        """Runs to `tc.steps` from the latest checkpoint (or from `params`); returns the final state.
+
+        `batches(step)` gives batch `step` (0-based). `on_step(step, metrics)` sees each step's metrics
+        (step counted from 1), e.g. to record the loss curve.
+        """
+        try:
+            state = self.restore(params)
+            start = int(state.step)
+            bar = tqdm(total=self.tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+            bad_in_a_row = 0
+            # The next batch is made on a thread while the device runs the current step.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                upcoming = pool.submit(batches, start) if start < self.tc.steps else None
+                for step in range(start, self.tc.steps):
+                    batch = _batch_arrays(upcoming.result(), self.config)
+                    if step + 1 < self.tc.steps:
+                        upcoming = pool.submit(batches, step + 1)
+                    state, metrics = self._step(state, batch)
+                    metrics = {k: float(v) for k, v in metrics.items()}
+                    if metrics["finite"]:
+                        bad_in_a_row = 0
+                    else:
+                        bad_in_a_row += 1
+                        log.warning("step %d: loss %s, gradient norm %s; update skipped", step + 1, metrics["loss"],
+                                    metrics["grad_norm"])
+                        if bad_in_a_row >= self.tc.max_bad_steps:
+                            raise FloatingPointError(
+                                f"steps {step + 2 - bad_in_a_row}-{step + 1}: the loss was not finite "
+                                f"{bad_in_a_row} times in a row; stopping (last checkpoint: {self._latest()})")
+                    if on_step is not None:
+                        on_step(step + 1, metrics)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+                    every = self.tc.checkpoint_every
+                    if every is not None and (step + 1) % every == 0:
+                        self.save(state)
+            bar.close()
+            self.save(state)
+            return state
+        finally:
+            self.close()
+
+    def _latest(self) -> str:
+        manager = self.manager()
+        step = None if manager is None else manager.latest_step()
+        return "none" if step is None else os.path.join(manager.directory, str(step))
+
+
+def _check_same_shapes(saved, state: TrainState, where: str) -> None:
+    """A clear error when the checkpoint was saved from a model of another shape."""
+    saved_params = saved["params"] if isinstance(saved, dict) else saved.params
+    flat_saved = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
+    flat_now = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    for key in sorted(set(flat_saved) | set(flat_now)):
+        if key not in flat_now:
+            raise ValueError(f"{where}: the checkpoint has param {key}, which this model lacks; "
+                             "it was saved from a model of another shape")
+        if key not in flat_saved:
+            raise ValueError(f"{where}: the checkpoint lacks param {key}; it was saved from a model of another shape")
+        if tuple(flat_saved[key].shape) != tuple(flat_now[key].shape):
+            raise ValueError(f"{where}: param {key} has shape {tuple(flat_saved[key].shape)} in the checkpoint but "
+                             f"{tuple(flat_now[key].shape)} in this model; it was saved from a model of another shape")
+
+
+def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, workdir=None, progress: bool = True,
+             on_step=None):
+    """Fine-tunes a loaded `jaxvlm.Model` on rows {"prompt", "answer", "image"} and returns the tuned Model
+    (float32 params; the original is left as it was)."""
+    from jaxvlm.model import Model
+    batches = RowBatches(model.config, model.tokenizer, rows, batch_size, seed)
+    state = Trainer(model.config, tc, workdir).fit(model.params, batches, progress, on_step)
+    return Model(model.config, state.params, model.tokenizer, jnp.float32)
+
+
+def loss_curve() -> tuple[list[float], Callable[[int, dict[str, float]], None]]:
+    """A list and an `on_step` callback that appends each step's loss to it."""
+    losses: list[float] = []
+    return losses, lambda step, metrics: losses.append(metrics["loss"])
