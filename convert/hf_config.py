@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any
 
-from jaxvlm.config import (DecoderConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig,
+from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig,
                            longrope_attention_factor)
 
 TEXT_FAMILIES = ("gemma", "gemma2", "phi3", "qwen3")
@@ -277,13 +277,32 @@ def _vlm_config(hf_dir: str, cfg: dict) -> tuple[ModelConfig, str]:
     return config, text["model_type"]
 
 
+HEAD_ARCHITECTURES = {"ForSequenceClassification": "sequence_classification",
+                      "ForTokenClassification": "token_classification"}
+
+
+def head_config(cfg: dict) -> HeadConfig | None:
+    """The classification head `architectures` names (transformers' `score` Linear), or None for a causal LM."""
+    kinds = [kind for arch in cfg.get("architectures") or [] for suffix, kind in HEAD_ARCHITECTURES.items()
+             if arch.endswith(suffix)]
+    if not kinds:
+        return None
+    id2label = cfg.get("id2label") or {}
+    num_labels = len(id2label) or int(cfg.get("num_labels", 2))
+    labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels))
+    # The sequence head has no bias; the token head's follows `token_classification_bias` (default True).
+    bias = kinds[0] == "token_classification" and cfg.get("token_classification_bias", True)
+    return HeadConfig(kind=kinds[0], labels=labels, bias=bool(bias))
+
+
 def model_config(hf_dir: str) -> tuple[ModelConfig, str | None, str]:
     """(jaxvlm config, the decoder's family, the tensor-name layout) for the checkpoint folder `hf_dir`."""
     cfg = load_hf_config(hf_dir)
     t = cfg["model_type"]
     try:
         if t in TEXT_FAMILIES:
-            return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg)), t, "text"
+            return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg),
+                               head=head_config(cfg)), t, "text"
         if t in VLM_FAMILIES:
             return (*_vlm_config(hf_dir, cfg), "vlm")
         projection = cfg.get("projection_dim") if "CLIPVisionModelWithProjection" in cfg.get("architectures", []) \

@@ -243,6 +243,13 @@ PROJECTORS = {
                                m.projector_bias)),
 }
 
+# A classification head (`...ForSequenceClassification`, `...ForTokenClassification`) replaces lm_head.
+LABELS = lambda m: m.head.num_labels
+HEADS = [
+    Rule("score.weight", lambda m: (LABELS(m), m.decoder.width), (("head/score/kernel", transpose),)),
+    Rule("score.bias", lambda m: (LABELS(m),), (("head/score/bias", keep),), when=lambda m: m.head.bias),
+]
+
 # Tensors some files carry that hold nothing to convert: rotary tables saved by older transformers,
 # CLIP's position ids buffer.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "embeddings.position_ids")
@@ -301,4 +308,7 @@ def expand(config: ModelConfig, text_family: str | None) -> dict[str, BoundRule]
         rules |= _bind(VISION + (ATTENTION_POOL if config.vision.attention_pool else []), config.vision)
     if config.is_vlm:
         rules |= _bind(PROJECTORS[config.projector](config), config)
+    if config.head is not None:
+        rules.pop("lm_head.weight", None)
+        rules |= _bind(HEADS, config)
     return rules

@@ -17,6 +17,7 @@ MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu")
 PROJECTORS = ("linear", "mlp")  # PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear
 PROMPT_FORMATS = ("plain", "paligemma", "llava")
+HEAD_KINDS = ("sequence_classification", "token_classification")
 
 
 def _require(ok: bool, cls: str, field: str, message: str) -> None:
@@ -229,6 +230,24 @@ class ImageProcessing:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+    """A classification head in place of the language-model head: a Linear over the final hidden states,
+    of the last real token (sequence classification) or of every token (token classification)."""
+
+    kind: str  # one of HEAD_KINDS
+    labels: tuple[str, ...]  # the class names, in logit order
+    bias: bool = False
+
+    def __post_init__(self):
+        _require(self.kind in HEAD_KINDS, "HeadConfig", "kind", f"must be one of {HEAD_KINDS}, got {self.kind!r}")
+        _require(len(self.labels) > 0, "HeadConfig", "labels", "needs at least one label")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder, optionally fed by an image encoder through a projector (a vision-language model);
     or an image encoder alone."""
@@ -243,9 +262,11 @@ class ModelConfig:
     prefix_lm: bool = False  # full attention over the image + prompt prefix, causal after it (PaliGemma)
     position_offset: int = 0  # PaliGemma numbers positions from 1
     prompt_format: str = "plain"
+    head: HeadConfig | None = None  # a classification head instead of the language-model head
 
     def __post_init__(self):
         name = "ModelConfig"
+        _require(self.head is None or self.decoder is not None, name, "head", "a classification head needs a decoder")
         _require(self.decoder is not None or self.vision is not None, name, "decoder", "needs a decoder or a vision")
         _require(self.projector in PROJECTORS, name, "projector", f"must be one of {PROJECTORS}, got {self.projector!r}")
         _require(self.prompt_format in PROMPT_FORMATS, name, "prompt_format",
@@ -304,6 +325,7 @@ _NESTED = {
     ("ModelConfig", "tokens"): TokensConfig,
     ("ModelConfig", "vision"): VisionConfig,
     ("ModelConfig", "image_processing"): ImageProcessing,
+    ("ModelConfig", "head"): HeadConfig,
     ("DecoderConfig", "rope"): RopeConfig,
 }
 

@@ -64,16 +64,15 @@ class Decoder(nn.Module):
         """int[B, T] -> [B, T, D]."""
         return self.embedder.encode(tokens)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
-                 embeddings: jax.Array | None = None, prefix: jax.Array | None = None,
-                 last_only: bool = False) -> DecoderOutput:
-        """Runs T new tokens.
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
+                      embeddings: jax.Array | None = None,
+                      prefix: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The final hidden states [B, T, D] (after the final norm) of T new tokens, and the updated cache.
 
         tokens, positions: int[B, T]; valid: bool[B, T] (False at padding); embeddings: optional [B, T, D]
         used instead of embedding `tokens`; prefix: optional bool[B, T], tokens that attend to each other
         in both directions (a prefix-LM's prefix). With a cache the tokens go to slots
-        cache.end .. cache.end + T - 1 and the updated cache is returned. `last_only` computes logits for
-        the last slot only (prefill).
+        cache.end .. cache.end + T - 1 and the updated cache is returned.
         """
         c = self.config
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
@@ -96,11 +95,17 @@ class Decoder(nn.Module):
                 x, (k, v) = layer(x, rope, masks[c.window(i)], cache_kv, end)
             new_k.append(k)
             new_v.append(v)
+        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), end=end + T, valid=kv_valid)
+        return self.final_norm(x), new_cache
 
+    def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
+                 embeddings: jax.Array | None = None, prefix: jax.Array | None = None,
+                 last_only: bool = False) -> DecoderOutput:
+        """Next-token logits of T new tokens (see `hidden_states` for the arguments). `last_only` computes
+        logits for the last slot only (prefill)."""
+        c = self.config
+        x, cache = self.hidden_states(tokens, positions, valid, cache, embeddings, prefix)
         if last_only:
             x = x[:, -1:]
-        x = self.final_norm(x)
         logits = self.embedder.decode(x) if c.tie_embeddings else self.lm_head(x)
-        logits = softcap(logits, c.final_logit_softcap)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), end=end + T, valid=kv_valid)
-        return DecoderOutput(logits=logits, cache=new_cache)
+        return DecoderOutput(logits=softcap(logits, c.final_logit_softcap), cache=cache)

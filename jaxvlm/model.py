@@ -26,8 +26,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def _forward(config, dtype, params, tokens, valid, prefix, pixels):
     positions = token_positions(valid) + config.position_offset
-    return VisionLanguageModel(config, dtype).apply({"params": params}, tokens, positions, valid, pixels=pixels,
-                                                    prefix=prefix).logits
+    model = VisionLanguageModel(config, dtype)
+    if config.head is not None:
+        return model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
+    return model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
 
 
 _VISION_OUTPUTS = {
@@ -60,6 +62,12 @@ class Model:
     def _require_decoder(self) -> None:
         if self.config.decoder is None:
             raise ValueError("this model is an image encoder alone; use encode_image or image_embeddings")
+
+    def _require_lm_head(self) -> None:
+        self._require_decoder()
+        if self.config.head is not None:
+            raise ValueError(f"this model has a {self.config.head.kind} head instead of a language-model head; "
+                             "use classify")
 
     def _require_vision(self, argument: str) -> None:
         if self.config.vision is None:
@@ -167,6 +175,18 @@ class Model:
         by default, all of them. Positions count real tokens only (as in generation), so a padded row
         matches the same prompt alone.
         """
+        self._require_lm_head()
+        return self._run(input_ids, attention_mask, pixel_values, token_type_ids)
+
+    def classify(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
+        """A classification head's logits: float32[B, labels] from each row's last real token (sequence
+        classification), or float32[B, T, labels] (token classification). `config.head.labels` names them."""
+        if self.config.head is None:
+            raise ValueError("this model has no classification head (convert a ...ForSequenceClassification or "
+                             "...ForTokenClassification checkpoint)")
+        return self._run(input_ids, attention_mask, pixel_values)
+
+    def _run(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
         ids, valid, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
         B, T = ids.shape
         self._check_length(T, "input_ids")
@@ -176,7 +196,8 @@ class Model:
         out = _forward(self.config, self.dtype, self.params, jnp.asarray(pad(ids, 0), jnp.int32),
                        jnp.asarray(pad(valid, False)), None if prefix is None else jnp.asarray(pad(prefix, False)),
                        None if pixels is None else jnp.asarray(pixels))
-        return np.asarray(out[:, :T], np.float32)
+        out = np.asarray(out, np.float32)
+        return out if out.ndim == 2 else out[:, :T]
 
     def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
                      temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -186,6 +207,7 @@ class Model:
         The images in `pixel_values` are encoded once, at prefill.
         """
         _check_max_new_tokens(max_new_tokens)
+        self._require_lm_head()
         sampler = make_sampler(temperature, top_k, top_p)
         ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
         rows = [row[keep] for row, keep in zip(ids, mask)]
@@ -209,7 +231,7 @@ class Model:
         """
         _check_max_new_tokens(max_new_tokens)
         check_sampling_args(temperature, top_k, top_p)
-        self._require_decoder()
+        self._require_lm_head()
         single = isinstance(prompt_or_prompts, str)
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts or not all(isinstance(p, str) for p in prompts):

@@ -13,6 +13,7 @@ import flax.linen as nn
 
 from jaxvlm.config import ModelConfig
 from jaxvlm.decoder import Decoder, DecoderOutput
+from jaxvlm.heads import ClassificationHead
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layers import MLP, Dtype, Einsum
 from jaxvlm.vision import VisionEncoder
@@ -54,10 +55,20 @@ class VisionLanguageModel(nn.Module):
             self.vision = VisionEncoder(c.vision, self.dtype, self.remat)
         if c.is_vlm:
             self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype)
+        if c.head is not None:
+            self.head = ClassificationHead(c.head, self.dtype)
 
     def encode_image(self, pixels: jax.Array) -> jax.Array:
         """pixels float[B, H, W, C] -> the features placed in the prompt, [B, P, D_decoder]."""
         return self.projector(self.vision.features(pixels))
+
+    def _embeddings(self, tokens: jax.Array, pixels: jax.Array | None) -> jax.Array | None:
+        """The prompt's embeddings with the images' features at the placeholders (None without images)."""
+        if pixels is None:
+            return None
+        is_image = tokens == self.config.image_token_id
+        text = self.decoder.embed(jnp.where(is_image, 0, tokens))
+        return merge_image_features(text, self.encode_image(pixels), is_image)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
                  pixels: jax.Array | None = None, prefix: jax.Array | None = None,
@@ -66,12 +77,14 @@ class VisionLanguageModel(nn.Module):
 
         See `Decoder.__call__` for the arguments; placeholder ids may lie outside the vocabulary.
         """
-        embeddings = None
-        if pixels is not None:
-            is_image = tokens == self.config.image_token_id
-            text = self.decoder.embed(jnp.where(is_image, 0, tokens))
-            embeddings = merge_image_features(text, self.encode_image(pixels), is_image)
-        return self.decoder(tokens, positions, valid, cache, embeddings, prefix, last_only)
+        return self.decoder(tokens, positions, valid, cache, self._embeddings(tokens, pixels), prefix, last_only)
+
+    def classify(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, pixels: jax.Array | None = None,
+                 prefix: jax.Array | None = None) -> jax.Array:
+        """The classification head's float32 logits: [B, labels] or, per token, [B, T, labels]."""
+        hidden, _ = self.decoder.hidden_states(tokens, positions, valid, None, self._embeddings(tokens, pixels),
+                                               prefix)
+        return self.head(hidden, valid)
 
     def initialize(self, tokens: jax.Array, pixels: jax.Array):
         """Touches every submodule, so `init` creates every parameter."""
@@ -83,5 +96,6 @@ class VisionLanguageModel(nn.Module):
                 out.append(self.vision.pooled(pixels))
         if c.decoder is not None:
             valid = tokens >= 0
-            out.append(self(tokens, tokens, valid, pixels=pixels if c.is_vlm else None))
+            run = self.classify if c.head is not None else self
+            out.append(run(tokens, tokens, valid, pixels=pixels if c.is_vlm else None))
         return out

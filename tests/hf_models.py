@@ -38,8 +38,9 @@ CAUSAL_LM = {"GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausal
              "Qwen3Config": "Qwen3ForCausalLM"}
 
 
-def build(name: str, seed: int = 0, eos_token_id=None, **overrides):
-    """A tiny random HF causal LM in float32 and eval mode, every parameter re-randomised."""
+def build(name: str, seed: int = 0, eos_token_id=None, architecture: str | None = None, **overrides):
+    """A tiny random HF causal LM (or `architecture`, e.g. 'Phi3ForTokenClassification') in float32 and
+    eval mode, every parameter re-randomised."""
     import torch
     import transformers
 
@@ -50,7 +51,7 @@ def build(name: str, seed: int = 0, eos_token_id=None, **overrides):
     kwargs.update(overrides)
     config = getattr(transformers, config_class)(**kwargs)
     torch.manual_seed(seed)
-    model = getattr(transformers, CAUSAL_LM[config_class])(config).eval()
+    model = getattr(transformers, architecture or CAUSAL_LM[config_class])(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.3)
