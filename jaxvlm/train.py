@@ -110,7 +110,7 @@ def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> 
 
 def _train_step(model, optimizer, schedule, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     (loss, tokens), grads = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)(state.params, batch)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss or gradient leaves weights and moments untouched; the host reports the step.
@@ -146,7 +146,8 @@ class Trainer:
         if self.workdir is not None and self._manager is None:
             options = ocp.CheckpointManagerOptions(max_to_keep=self.tc.keep_checkpoints, create=True,
                                                    cleanup_tmp_directories=True)
-            self._manager = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS_DIR), options=options)
+            self._manager = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINTS_DIR), options=options,
+                                                  item_handlers=ocp.StandardCheckpointHandler())
         return self._manager
 
     def save(self, state: TrainState) -> None:
@@ -229,9 +230,10 @@ class Trainer:
 
 def _check_same_shapes(saved, state: TrainState, where: str) -> None:
     """A clear error when the checkpoint was saved from a model of another shape."""
-    saved_params = saved["params"] if isinstance(saved, dict) else saved.params
-    flat_saved = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
-    flat_now = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+    saved_params = getattr(saved, "tree", saved)["params"]  # orbax's TreeMetadata wraps the saved dict
+    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
+    flat_saved = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
+    flat_now = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     for key in sorted(set(flat_saved) | set(flat_now)):
         if key not in flat_now:
             raise ValueError(f"{where}: the checkpoint has param {key}, which this model lacks; "

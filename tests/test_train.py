@@ -1,0 +1,156 @@
+"""The train loop: optimizer schedule, mixed precision, remat, resuming the same loss curve, a run killed
+mid-save, non-finite losses and a checkpoint of another model shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvlm.train import Trainer, _batch_arrays, loss_fn, loss_curve
+from jaxvlm.vlm import VisionLanguageModel
+from tests import tiny_training as tiny
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tokenizer"))
+    tiny.tokenizer(directory)
+    return directory
+
+
+def run(tok_dir, steps, workdir=None, params=None, batches=None, **kwargs):
+    losses, record = loss_curve()
+    state = Trainer(tiny.TINY, tiny.train_config(steps, **kwargs), workdir).fit(
+        tiny.init_params() if params is None else params, batches or tiny.batches(tiny.tokenizer(tok_dir)),
+        progress=False, on_step=record)
+    return state, losses
+
+
+@pytest.fixture(scope="module")
+def straight(tok):
+    """Eight steps without interruption: the reference loss curve."""
+    return run(tok, 8)
+
+
+def test_loss_falls_and_master_weights_stay_float32(tok):
+    state, losses = run(tok, 30, compute_dtype="bfloat16")
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert {p.dtype for p in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert int(state.step) == 30
+
+
+def test_learning_rate_warms_up_then_decays(tok):
+    rates = []
+    Trainer(tiny.TINY, tiny.train_config(10, warmup_steps=4, learning_rate=1e-2, final_learning_rate=1e-4)).fit(
+        tiny.init_params(), tiny.batches(tiny.tokenizer(tok)), progress=False,
+        on_step=lambda s, m: rates.append(m["learning_rate"]))
+    np.testing.assert_allclose(rates[:5], [0, 2.5e-3, 5e-3, 7.5e-3, 1e-2], rtol=1e-5, atol=1e-9)
+    assert all(a > b for a, b in zip(rates[4:], rates[5:])) and rates[-1] > 1e-4
+
+
+def test_remat_gives_the_same_loss_and_gradients(tok):
+    params = tiny.init_params()
+    batch = _batch_arrays(tiny.batches(tiny.tokenizer(tok))(0), tiny.TINY)
+    grads = {}
+    for remat in (False, True):
+        model = VisionLanguageModel(tiny.TINY, remat=remat)
+        grads[remat] = jax.jit(jax.grad(lambda p: loss_fn(model, p, batch)[0]))(params)
+    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_resumed_run_continues_the_same_loss_curve(tok, straight, tmp_path):
+    """Stop after a checkpoint at step 4, start again: steps 5-8 repeat the uninterrupted run's losses."""
+    _, want = straight
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(step, metrics):
+        if step == 5:
+            raise Stop
+    with pytest.raises(Stop):
+        Trainer(tiny.TINY, tiny.train_config(8, checkpoint_every=4), tmp_path).fit(
+            tiny.init_params(), tiny.batches(tiny.tokenizer(tok)), progress=False, on_step=stop_at_5)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+    state, losses = run(tok, 8, workdir=tmp_path, checkpoint_every=4)
+    assert int(state.step) == 8
+    np.testing.assert_allclose(losses, want[4:], rtol=1e-6)
+
+
+def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tok, straight, tmp_path):
+    """A training process saving every step is killed (SIGKILL) while a checkpoint is being written;
+    the unfinished one is never taken for a checkpoint, and the resumed run repeats the reference curve."""
+    _, want = straight
+    checkpoints = tmp_path / "checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.tiny_training", str(tmp_path), tok, "400"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    unfinished = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            names = os.listdir(checkpoints) if checkpoints.is_dir() else []
+            unfinished = [n for n in names if "tmp" in n]
+            if unfinished and any(n.isdigit() for n in names):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.001)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert unfinished, "the run was not caught while writing a checkpoint"
+    complete = sorted(int(n) for n in os.listdir(checkpoints) if n.isdigit())
+    assert complete
+    resumed_at = complete[-1]
+    state, losses = run(tok, resumed_at + 3, workdir=tmp_path, checkpoint_every=1)
+    assert not [n for n in os.listdir(checkpoints) if "tmp" in n], "leftovers of the killed save remain"
+    assert int(state.step) == resumed_at + 3 and len(losses) == 3
+    if resumed_at + 3 <= len(want):
+        np.testing.assert_allclose(losses, want[resumed_at:resumed_at + 3], rtol=1e-6)
+
+
+def test_resume_from_another_model_shape_names_the_param(tok, straight, tmp_path):
+    run(tok, 2, workdir=tmp_path)
+    wider = dataclasses.replace(tiny.TINY, decoder=dataclasses.replace(tiny.TINY.decoder, mlp_dim=96))
+    with pytest.raises(ValueError, match=r"checkpoints/2: param decoder/layer_0/mlp/down/kernel has shape "
+                                         r"\(64, 32\) in the checkpoint but \(96, 32\) in this model"):
+        Trainer(wider, tiny.train_config(4), tmp_path).fit(tiny.init_params(wider),
+                                                          tiny.batches(tiny.tokenizer(tok), config=wider),
+                                                          progress=False)
+
+
+def poisoned(tok_dir, bad_steps):
+    """The usual batches, with NaN pixels at `bad_steps` (0-based)."""
+    good = tiny.batches(tiny.tokenizer(tok_dir))
+
+    def batch(step):
+        b = good(step)
+        return dataclasses.replace(b, pixels=np.full_like(b.pixels, np.nan)) if step in bad_steps else b
+    return batch
+
+
+def test_a_nan_loss_skips_the_step_and_names_it(tok, straight, caplog):
+    _, want = straight
+    with caplog.at_level(logging.WARNING, "jaxvlm.train"):
+        state, losses = run(tok, 4, batches=poisoned(tok, {1}))
+    assert "step 2: loss nan" in caplog.text and "update skipped" in caplog.text
+    assert np.isnan(losses[1]) and losses[0] == pytest.approx(want[0], rel=1e-6)
+    assert np.isfinite(losses[2:]).all()
+    assert all(np.isfinite(p).all() for p in jax.tree.leaves(state.params))
+
+
+def test_non_finite_losses_in_a_row_stop_the_run(tok, tmp_path):
+    # Skipped steps leave the weights as they were, so the checkpoint at step 4 holds step 2's weights.
+    with pytest.raises(FloatingPointError, match=r"steps 3-5: the loss was not finite 3 times in a row; stopping "
+                                                 r"\(last checkpoint: .*checkpoints/4\)"):
+        run(tok, 8, workdir=tmp_path, batches=poisoned(tok, {2, 3, 4}), max_bad_steps=3, checkpoint_every=2)
