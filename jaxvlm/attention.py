@@ -69,6 +69,8 @@ class Attention(nn.Module):
         if mask is not None:
             logits = jnp.where(mask[:, None, None], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        # float[B, K, G, T, S], kept only when applied with mutable=["intermediates"] (for inspection).
+        self.sow("intermediates", "attention", probs)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
         out = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if self.out_bias else None, dtype=self.dtype, name="o")(out)
         return out, (k, v)

@@ -1,4 +1,4 @@
-"""The `jaxvlm` command: convert, generate, demo."""
+"""The `jaxvlm` command: convert, generate, train-shapes."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ def _generate(args) -> None:
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
 
 
-def _demo(args) -> None:
-    from jaxvlm.demo import run
-    run(args.workdir)
+def _train_shapes(args) -> None:
+    from jaxvlm.shapes.train import main
+    main(["--out", args.out, "--workdir", args.workdir])
 
 
 def main(argv=None) -> None:
@@ -28,7 +28,8 @@ def main(argv=None) -> None:
     p.set_defaults(run=convert_cli.run)
 
     p = sub.add_parser("generate", help="generate text from a prompt (and an image)")
-    p.add_argument("--checkpoint", required=True, help="a converted jaxvlm checkpoint folder")
+    p.add_argument("--checkpoint", default=None,
+                   help="a converted jaxvlm checkpoint folder (default: the built-in shapes model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--image", default=None, help="an image file, for vision-language models")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -39,9 +40,10 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("demo", help="build a tiny random Gemma-style checkpoint, convert it and generate")
-    p.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temporary folder)")
-    p.set_defaults(run=_demo)
+    p = sub.add_parser("train-shapes", help="train the built-in shapes model from scratch (seeded)")
+    p.add_argument("--out", required=True, help="where to write the trained model (must not exist)")
+    p.add_argument("--workdir", default="runs/shapes", help="checkpoints, resumed from when run again")
+    p.set_defaults(run=_train_shapes)
 
     args = parser.parse_args(argv)
     try:

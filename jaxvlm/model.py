@@ -265,9 +265,13 @@ def _check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
 
 
-def load(path: str | os.PathLike, dtype: str | None = None) -> Model:
-    """Loads a converted checkpoint folder. `dtype` ('float32' or 'bfloat16') defaults to the stored one."""
-    path = os.fspath(path)
+BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
+
+
+def load(path: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
+    """Loads a converted checkpoint folder; with no path, the built-in shapes model (see `jaxvlm.shapes`).
+    `dtype` ('float32' or 'bfloat16') defaults to the stored one."""
+    path = BUILTIN_MODEL if path is None else os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     config = ModelConfig.load(path)
