@@ -73,7 +73,7 @@ def random_scene(rng: np.random.Generator) -> Scene:
     shapes = []
     for kind, cell in zip(kinds, cells):
         row, column = divmod(int(cell), 3)
-        size = float(rng.uniform(0.5, 0.85) * _CELL)
+        size = float(rng.uniform(0.55, 0.9) * _CELL)
         slack = (_CELL - size) / 2
         center = tuple(float((i + 0.5) * _CELL + rng.uniform(-slack, slack) * 0.9) for i in (column, row))
         shapes.append(Shape(str(kind), str(rng.choice(names)), row, column, size, center))
