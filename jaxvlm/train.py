@@ -33,6 +33,7 @@ from jaxvlm.config import ModelConfig
 from jaxvlm.data import Batch, RowBatches
 from jaxvlm.losses import next_token_loss
 from jaxvlm.masks import token_positions
+from jaxvlm.model import Model
 from jaxvlm.vlm import VisionLanguageModel
 
 log = logging.getLogger("jaxvlm.train")
@@ -129,6 +130,8 @@ class Trainer:
     def __init__(self, config: ModelConfig, tc: TrainConfig, workdir: str | os.PathLike | None = None):
         if config.decoder is None:
             raise ValueError("training needs a decoder; this model is an image encoder alone")
+        if config.head is not None:
+            raise ValueError(f"this model has a {config.head.kind} head; the trainer trains language-model heads")
         self.config, self.tc = config, tc
         self.workdir = None if workdir is None else os.path.abspath(os.fspath(workdir))
         self.model = VisionLanguageModel(config, COMPUTE_DTYPES[tc.compute_dtype], tc.remat)
@@ -139,7 +142,8 @@ class Trainer:
 
     # --- state and checkpoints -----------------------------------------------------------------------------
     def init_state(self, params) -> TrainState:
-        params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+        # A copy: the train step donates its state, which must not take the caller's arrays with it.
+        params = jax.tree.map(lambda p: jnp.array(p, jnp.float32), params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
 
     def manager(self) -> ocp.CheckpointManager | None:
@@ -249,7 +253,6 @@ def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, w
              on_step=None):
     """Fine-tunes a loaded `jaxvlm.Model` on rows {"prompt", "answer", "image"} and returns the tuned Model
     (float32 params; the original is left as it was)."""
-    from jaxvlm.model import Model
     batches = RowBatches(model.config, model.tokenizer, rows, batch_size, seed)
     state = Trainer(model.config, tc, workdir).fit(model.params, batches, progress, on_step)
     return Model(model.config, state.params, model.tokenizer, jnp.float32)

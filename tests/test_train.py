@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvlm.train import Trainer, _batch_arrays, loss_fn, loss_curve
+from jaxvlm.model import Model
+from jaxvlm.train import Trainer, _batch_arrays, finetune, loss_curve, loss_fn
 from jaxvlm.vlm import VisionLanguageModel
 from tests import tiny_training as tiny
 
@@ -154,3 +155,20 @@ def test_non_finite_losses_in_a_row_stop_the_run(tok, tmp_path):
     with pytest.raises(FloatingPointError, match=r"steps 3-5: the loss was not finite 3 times in a row; stopping "
                                                  r"\(last checkpoint: .*checkpoints/4\)"):
         run(tok, 8, workdir=tmp_path, batches=poisoned(tok, {2, 3, 4}), max_bad_steps=3, checkpoint_every=2)
+
+
+def test_finetune_a_text_model_leaves_the_original_untouched(tok):
+    """Text-only rows (no image, plain prompts); the tuned model is new and the original keeps its weights."""
+    config = dataclasses.replace(tiny.TINY, vision=None, image_processing=None, image_token_id=None, prefix_lm=False,
+                                 position_offset=0, prompt_format="plain")
+    params = VisionLanguageModel(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32), None,
+                                              method="initialize")["params"]
+    model = Model(config, params, tiny.tokenizer(tok))
+    before = jax.tree.map(np.array, params)
+    rows = [{"prompt": f"count shapes {i}", "answer": str(i % 3 + 1)} for i in range(12)]
+    losses, record = loss_curve()
+    tuned = finetune(model, rows, tiny.train_config(25), batch_size=4, progress=False, on_step=record)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(a, b)
+    assert isinstance(tuned.generate("count shapes 4", max_new_tokens=2), str)
