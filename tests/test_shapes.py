@@ -1,5 +1,5 @@
-"""The built-in model: its scenes and answers, its training script's determinism, and its held-out
-exact-match accuracy on fresh scenes (a seed never used in training)."""
+"""The built-in model: its scenes and answers, its training script's determinism, the shipped checkpoint,
+and the README's first command."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import jaxvlm
 from jaxvlm.model import BUILTIN_MODEL
 from jaxvlm.shapes import scenes
 from jaxvlm.shapes import train as shapes_train
-from jaxvlm.shapes.evaluate import EVAL_SEED, exact_match, questions
 from jaxvlm.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,19 +75,6 @@ def test_builtin_model_is_small_and_the_default():
     assert size <= 25 * 2 ** 20
     model = jaxvlm.load()
     assert model.config == shapes_train.CONFIG
-
-
-@pytest.fixture(scope="module")
-def builtin():
-    return jaxvlm.load()
-
-
-def test_held_out_exact_match_per_prompt_kind(builtin):
-    """200 fresh scenes, each asked one prompt of every kind; greedy answers must be exactly right."""
-    accuracy = exact_match(builtin, questions(EVAL_SEED, 200))
-    print(accuracy)
-    assert set(accuracy) == set(scenes.PROMPT_KINDS)
-    assert all(a >= 0.95 for a in accuracy.values()), accuracy
 
 
 def test_readme_first_command_answers_about_the_example_image():
