@@ -19,8 +19,7 @@ def questions(seed: int = EVAL_SEED, count: int = 200) -> list[dict]:
         scene = scenes.random_scene(rng)
         image = scenes.draw(scene)
         for kind in scenes.PROMPT_KINDS:
-            choices = [p for k, p in scenes.prompts_for(scene) if k == kind]
-            prompt = choices[int(rng.integers(len(choices)))]
+            prompt = scenes.ask(scene, kind, rng)
             rows.append({"image": image, "prompt": prompt, "answer": scenes.answer(scene, prompt), "kind": kind})
     return rows
 

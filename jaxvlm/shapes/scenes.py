@@ -126,6 +126,12 @@ def prompts_for(scene: Scene) -> list[tuple[str, str]]:
     return out
 
 
+def ask(scene: Scene, kind: str, rng: np.random.Generator) -> str:
+    """A prompt of `kind` about `scene`, picked at random among the ones it has an answer to."""
+    choices = [p for k, p in prompts_for(scene) if k == kind]
+    return choices[int(rng.integers(len(choices)))]
+
+
 def answer(scene: Scene, prompt: str) -> str:
     """The one right answer to `prompt` about `scene`."""
     if prompt == "caption en":
@@ -149,8 +155,7 @@ def examples(seed: int, count: int, kinds=PROMPT_KINDS) -> list[dict]:
     for i in range(count):
         kind = kinds[i % len(kinds)]
         scene = random_scene(rng)
-        choices = [p for k, p in prompts_for(scene) if k == kind]
-        prompt = choices[int(rng.integers(len(choices)))]
+        prompt = ask(scene, kind, rng)
         rows.append({"image": draw(scene), "prompt": prompt, "answer": answer(scene, prompt), "kind": kind})
     return rows
 

@@ -83,8 +83,7 @@ def batches(tokenizer: Tokenizer, batch_size: int = BATCH_SIZE, seed: int = SEED
         for i in range(batch_size):
             scene = scenes.random_scene(rng)
             kind = kinds[rng.choice(len(kinds), p=weights)]
-            choices = [p for k, p in scenes.prompts_for(scene) if k == kind]
-            prompt = choices[int(rng.integers(len(choices)))]
+            prompt = scenes.ask(scene, kind, rng)
             row = {"image": scenes.draw(scene), "prompt": prompt, "answer": scenes.answer(scene, prompt)}
             examples.append(encode_row(CONFIG, tokenizer, row, f"step {step} row {i}"))
         return collate(examples, CONFIG.tokens.pad_id, SEQUENCE_LENGTH)
