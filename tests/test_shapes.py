@@ -45,6 +45,11 @@ def test_answers_read_off_the_layout():
     assert scenes.answer(scene, "where is the triangle?") == "center"
     assert scenes.answer(scene, "where is the square?") == "middle right"
     assert scenes.answer(scene, "what color is the triangle?") == "orange"
+    assert scenes.answer(scene, "what is in the top left?") == "a red circle"
+    assert scenes.answer(scene, "what is in the center?") == "an orange triangle"
+    assert scenes.answer(scene, "what is in the bottom right?") == "nothing"
+    with pytest.raises(ValueError, match="'upper left' is not a place on the grid"):
+        scenes.answer(scene, "what is in the upper left?")
     with pytest.raises(ValueError, match="not one the shapes task asks"):
         scenes.answer(scene, "how many?")
     image = np.asarray(scenes.draw(scene))

@@ -9,6 +9,7 @@ Prompts and answers:
   count shapes                 2
   what color is the circle?    red
   where is the square?         top left
+  what is in the top left?     a blue square          (or "nothing" for an empty cell)
 Captions list the shapes in reading order (top row first, left to right); between two neighbours the
 relation is "above" when the second is on a lower row, "left of" when it is on the same row.
 """
@@ -33,7 +34,7 @@ COLORS = {
 }
 ROWS = ("top", "middle", "bottom")
 COLUMNS = ("left", "center", "right")
-PROMPT_KINDS = ("caption", "count", "color", "where")
+PROMPT_KINDS = ("caption", "count", "color", "where", "what")
 
 SIZE = 128  # pixels per side of a drawn scene
 _CELL = SIZE / 3
@@ -59,9 +60,10 @@ class Scene:
         return next((s for s in self.shapes if s.kind == kind), None)
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
-    """One to three distinct shapes in distinct cells, with colours that stand out from the background."""
-    count = int(rng.integers(1, 4))
+def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
+    """One to `max_shapes` (at most three) distinct shapes in distinct cells, with colours that stand out
+    from the background."""
+    count = int(rng.integers(1, max_shapes + 1))
     kinds = rng.choice(SHAPES, size=count, replace=False)
     cells = rng.choice(9, size=count, replace=False)
     # Backgrounds are light or dark tints; a shape's colour must differ clearly from it.
@@ -103,11 +105,15 @@ def draw(scene: Scene, size: int = SIZE) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def where(shape: Shape) -> str:
+def place(row: int, column: int) -> str:
     """'top left', 'middle right', 'bottom center', ...; the middle cell is 'center'."""
-    if (shape.row, shape.column) == (1, 1):
+    if (row, column) == (1, 1):
         return "center"
-    return f"{ROWS[shape.row]} {COLUMNS[shape.column]}"
+    return f"{ROWS[row]} {COLUMNS[column]}"
+
+
+def where(shape: Shape) -> str:
+    return place(shape.row, shape.column)
 
 
 def caption(scene: Scene) -> str:
@@ -123,12 +129,17 @@ def prompts_for(scene: Scene) -> list[tuple[str, str]]:
     out = [("caption", "caption en"), ("count", "count shapes")]
     for s in scene.shapes:
         out += [("color", f"what color is the {s.kind}?"), ("where", f"where is the {s.kind}?")]
+    out += [("what", f"what is in the {place(*divmod(cell, 3))}?") for cell in range(9)]
     return out
 
 
 def ask(scene: Scene, kind: str, rng: np.random.Generator) -> str:
-    """A prompt of `kind` about `scene`, picked at random among the ones it has an answer to."""
-    choices = [p for k, p in prompts_for(scene) if k == kind]
+    """A prompt of `kind` about `scene`, picked at random among the ones it has an answer to. Most cells
+    are empty, so half of the "what is in ...?" prompts ask about a cell with a shape in it."""
+    if kind == "what" and rng.random() < 0.5:
+        choices = [f"what is in the {where(s)}?" for s in scene.shapes]
+    else:
+        choices = [p for k, p in prompts_for(scene) if k == kind]
     return choices[int(rng.integers(len(choices)))]
 
 
@@ -144,6 +155,13 @@ def answer(scene: Scene, prompt: str) -> str:
             if shape is None:
                 raise ValueError(f"prompt {prompt!r}: the scene has no {prompt[len(question):-1]}")
             return attribute(shape)
+    if prompt.startswith("what is in the ") and prompt.endswith("?"):
+        cell = prompt[len("what is in the "):-1]
+        cells = [place(*divmod(i, 3)) for i in range(9)]
+        if cell not in cells:
+            raise ValueError(f"prompt {prompt!r}: {cell!r} is not a place on the grid ({', '.join(cells)})")
+        shape = next((s for s in scene.shapes if where(s) == cell), None)
+        return "nothing" if shape is None else _a(shape)
     raise ValueError(f"prompt {prompt!r} is not one the shapes task asks")
 
 
