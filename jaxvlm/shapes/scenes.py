@@ -116,6 +116,9 @@ def where(shape: Shape) -> str:
     return place(shape.row, shape.column)
 
 
+PLACES = tuple(place(*divmod(cell, 3)) for cell in range(9))  # reading order
+
+
 def caption(scene: Scene) -> str:
     words = [_a(scene.shapes[0])]
     for before, s in zip(scene.shapes, scene.shapes[1:]):
@@ -129,17 +132,16 @@ def prompts_for(scene: Scene) -> list[tuple[str, str]]:
     out = [("caption", "caption en"), ("count", "count shapes")]
     for s in scene.shapes:
         out += [("color", f"what color is the {s.kind}?"), ("where", f"where is the {s.kind}?")]
-    out += [("what", f"what is in the {place(*divmod(cell, 3))}?") for cell in range(9)]
+    out += [("what", f"what is in the {p}?") for p in PLACES]
     return out
 
 
 def ask(scene: Scene, kind: str, rng: np.random.Generator) -> str:
     """A prompt of `kind` about `scene`, picked at random among the ones it has an answer to. Most cells
     are empty, so half of the "what is in ...?" prompts ask about a cell with a shape in it."""
+    choices = [p for k, p in prompts_for(scene) if k == kind]
     if kind == "what" and rng.random() < 0.5:
-        choices = [f"what is in the {where(s)}?" for s in scene.shapes]
-    else:
-        choices = [p for k, p in prompts_for(scene) if k == kind]
+        choices = [p for p in choices if answer(scene, p) != "nothing"]
     return choices[int(rng.integers(len(choices)))]
 
 
@@ -157,9 +159,8 @@ def answer(scene: Scene, prompt: str) -> str:
             return attribute(shape)
     if prompt.startswith("what is in the ") and prompt.endswith("?"):
         cell = prompt[len("what is in the "):-1]
-        cells = [place(*divmod(i, 3)) for i in range(9)]
-        if cell not in cells:
-            raise ValueError(f"prompt {prompt!r}: {cell!r} is not a place on the grid ({', '.join(cells)})")
+        if cell not in PLACES:
+            raise ValueError(f"prompt {prompt!r}: {cell!r} is not a place on the grid ({', '.join(PLACES)})")
         shape = next((s for s in scene.shapes if where(s) == cell), None)
         return "nothing" if shape is None else _a(shape)
     raise ValueError(f"prompt {prompt!r} is not one the shapes task asks")
