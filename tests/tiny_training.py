@@ -21,7 +21,8 @@ from jaxvlm.vlm import VisionLanguageModel
 
 TINY = dataclasses.replace(
     CONFIG,
-    decoder=dataclasses.replace(CONFIG.decoder, width=32, depth=2, num_heads=2, head_dim=16, mlp_dim=64),
+    decoder=dataclasses.replace(CONFIG.decoder, width=32, depth=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                                mlp_dim=64),
     vision=dataclasses.replace(CONFIG.vision, image_size=16, patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32),
     image_processing=ImageProcessing(size=(16, 16)))
 
