@@ -53,6 +53,8 @@ def test_answers_read_off_the_layout():
         scenes.answer(scene, "what is in the upper left?")
     with pytest.raises(ValueError, match="not one the shapes task asks"):
         scenes.answer(scene, "how many?")
+    with pytest.raises(ValueError, match="max_shapes=4: a scene holds one to 3 distinct shapes"):
+        scenes.random_scene(np.random.default_rng(0), max_shapes=4)
     image = np.asarray(scenes.draw(scene))
     assert image.shape == (scenes.SIZE, scenes.SIZE, 3)
     np.testing.assert_allclose(image[int(c / 2), int(c / 2)], scenes.COLORS["red"], atol=2)

@@ -63,6 +63,8 @@ class Scene:
 def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     """One to `max_shapes` (at most three) distinct shapes in distinct cells, with colours that stand out
     from the background."""
+    if not 1 <= max_shapes <= len(SHAPES):
+        raise ValueError(f"max_shapes={max_shapes}: a scene holds one to {len(SHAPES)} distinct shapes")
     count = int(rng.integers(1, max_shapes + 1))
     kinds = rng.choice(SHAPES, size=count, replace=False)
     cells = rng.choice(9, size=count, replace=False)
