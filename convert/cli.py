@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +22,5 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m convert", description="Convert a Hugging Face checkpoint.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    from jaxvlm.cli import run as run_command
+    run_command(run, args)

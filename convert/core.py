@@ -11,8 +11,9 @@ from tqdm import tqdm
 
 from convert import tables
 from convert.hf_config import model_config
-from convert.readers import CheckpointError, TensorReader
+from convert.readers import FLOAT_DTYPES, CheckpointError, TensorReader
 from jaxvlm import checkpoint
+from jaxvlm import files as checkpoint_files
 from jaxvlm.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -34,56 +35,79 @@ def _first_of(names: list[str]) -> str:
 def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool = True) -> str:
     """Converts `hf_dir` into `out_dir` and returns `out_dir`.
 
-    Tensors are read, checked against the shape the config predicts, re-laid out and cast one at a time.
-    Everything is written into a temporary folder beside `out_dir` that is renamed at the end, so a failed
-    conversion leaves nothing behind.
+    Tensors are read, checked against the shape the config predicts and for a float dtype, re-laid out
+    and cast one at a time. Everything is written into a temporary folder beside `out_dir` that is renamed
+    at the end, so a failed or interrupted conversion leaves nothing behind; that folder is made before
+    any tensor is read, so an unwritable destination is reported first.
     """
     hf_dir, out_dir = os.fspath(hf_dir), os.path.abspath(os.fspath(out_dir))
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: no such checkpoint folder")
-    if os.path.exists(out_dir):
-        raise CheckpointError(f"{out_dir}: output folder already exists")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if os.path.lexists(out_dir):
+        raise CheckpointError(f"{out_dir}: output folder already exists")
     config, text_family, layout = model_config(hf_dir)
     rules = tables.expand(config, text_family)
+    copies = [_inside(hf_dir, n) for n in TOKENIZER_FILES + PROCESSOR_FILES
+              if os.path.lexists(os.path.join(hf_dir, n))]
 
     with TensorReader(hf_dir) as reader:
-        # canonical name -> the file's name: errors quote the file's spelling
-        names, renames = {}, set()
-        for n in reader.names():
-            if not n.endswith(tables.IGNORED_SUFFIXES):
-                canonical, rename = tables.canonical_name(n, layout)
-                names[canonical] = n
-                renames.update([rename] if rename else [])
-        if config.decoder is not None and config.decoder.tie_embeddings:
-            names.pop("lm_head.weight", None)  # some files carry the tied head anyway; it is the embedding
-        missing = [tables.file_name(n, renames) for n in rules if n not in names]
-        if missing:
-            raise CheckpointError(f"{hf_dir}: missing tensor {_first_of(missing)}")
-        unexpected = [file_name for n, file_name in names.items() if n not in rules]
-        if unexpected:
-            model_type = text_family if layout == "text" else layout
-            raise CheckpointError(f"{hf_dir}: unexpected tensor {_first_of(unexpected)} for this {model_type!r} "
-                                  "config.json")
+        names = _match_names(hf_dir, reader, rules, config, text_family, layout)
         for name, rule in rules.items():
-            if reader.shape(names[name]) != rule.shape:
-                raise CheckpointError(f"{hf_dir}: tensor {names[name]!r} has shape {list(reader.shape(names[name]))}, "
+            file_name, stored = names[name], reader.dtype(names[name])
+            if reader.shape(file_name) != rule.shape:
+                raise CheckpointError(f"{hf_dir}: tensor {file_name!r} has shape {list(reader.shape(file_name))}, "
                                       f"config.json predicts {list(rule.shape)}")
-        # By default bfloat16 checkpoints stay bfloat16 and everything else becomes float32.
-        target = DTYPES[dtype or ("bfloat16" if reader.is_bfloat16(names[next(iter(rules))]) else "float32")]
+            if stored not in FLOAT_DTYPES.values():
+                raise CheckpointError(f"{reader.file(file_name)}: tensor {file_name!r} is stored as {stored}; "
+                                      f"weights must be floats ({', '.join(FLOAT_DTYPES.values())})")
+        # bfloat16 checkpoints stay bfloat16; any other mix becomes float32, which holds float16, bfloat16
+        # and float32 values exactly (float64 ones are rounded).
+        stored = {reader.dtype(names[n]) for n in rules}
+        target = DTYPES[dtype or ("bfloat16" if stored == {"bfloat16"} else "float32")]
 
-        # Each tensor is copied (so the output owns its memory and the source, often memory-mapped, can
-        # go) straight into a host-side jax array, the form orbax writes: saving makes no second copy.
-        cpu = jax.devices("cpu")[0]
-        params: dict = {}
-        for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
-            source = reader.get(names[name])
-            for path, transform in rule.targets:
-                _set(params, path, jax.device_put(np.array(transform(source), dtype=target), cpu))
-            del source
-
-    files = [os.path.join(hf_dir, n) for n in TOKENIZER_FILES + PROCESSOR_FILES
-             if os.path.isfile(os.path.join(hf_dir, n))]
-    checkpoint.save_model(out_dir, config, params, files)
+        with checkpoint_files.writing(out_dir) as tmp:
+            # Each tensor is copied (so the output owns its memory and the source, often memory-mapped, can
+            # go) straight into a host-side jax array, the form orbax writes: saving makes no second copy.
+            cpu = jax.devices("cpu")[0]
+            params: dict = {}
+            for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
+                source = reader.get(names[name])
+                if not np.isfinite(source.astype(np.float32)).all():
+                    raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN or "
+                                          "infinite values")
+                for path, transform in rule.targets:
+                    _set(params, path, jax.device_put(np.array(transform(source), dtype=target), cpu))
+                del source
+            checkpoint.write_model(tmp, config, params, copies)
     return out_dir
+
+
+def _inside(hf_dir: str, name: str) -> str:
+    try:
+        return checkpoint_files.inside(hf_dir, name)
+    except checkpoint_files.FileError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def _match_names(hf_dir, reader, rules, config, text_family, layout) -> dict[str, str]:
+    """canonical name -> the file's name (errors quote the file's spelling), every predicted tensor
+    present and none unexpected."""
+    names, renames = {}, set()
+    for n in reader.names():
+        if not n.endswith(tables.IGNORED_SUFFIXES):
+            canonical, rename = tables.canonical_name(n, layout)
+            names[canonical] = n
+            renames.update([rename] if rename else [])
+    if config.decoder is not None and config.decoder.tie_embeddings:
+        names.pop("lm_head.weight", None)  # some files carry the tied head anyway; it is the embedding
+    missing = [tables.file_name(n, renames) for n in rules if n not in names]
+    if missing:
+        raise CheckpointError(f"{hf_dir}: missing tensor {_first_of(missing)}")
+    unexpected = [file_name for n, file_name in names.items() if n not in rules]
+    if unexpected:
+        model_type = text_family if layout == "text" else layout
+        raise CheckpointError(f"{hf_dir}: unexpected tensor {_first_of(unexpected)} for this {model_type!r} "
+                              "config.json")
+    return names

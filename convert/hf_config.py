@@ -2,14 +2,15 @@
 
 This is the only place Hugging Face names meet jaxvlm's: each family is a set of behavioural flags.
 Both the transformers 5 layout (`rope_parameters`) and the older one (`rope_theta`, `rope_scaling`) are read.
+Every field is read with its type checked (`convert.fields`), and every file from inside the folder.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
+from convert.fields import ConfigError, Fields
+from jaxvlm import files
 from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig,
                            longrope_attention_factor)
 
@@ -39,167 +40,157 @@ FAMILY_DEFAULTS = {
 }
 
 
-class ConfigError(ValueError):
-    pass
 
-
-def read_json(path: str) -> dict[str, Any]:
+def read_json(hf_dir: str, name: str) -> Fields | None:
+    """The JSON object `name` in `hf_dir` as typed fields, or None when the folder has no such file."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        path = files.optional_file(hf_dir, name)
+        return None if path is None else Fields(files.read_json(path), path)
+    except files.FileError as e:
+        raise ConfigError(str(e)) from None
 
 
-def load_hf_config(hf_dir: str) -> dict[str, Any]:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no config.json in the checkpoint folder")
-    cfg = read_json(path)
-    model_type = cfg.get("model_type")
+def load_hf_config(hf_dir: str) -> Fields:
+    cfg = read_json(hf_dir, "config.json")
+    if cfg is None:
+        raise ConfigError(f"{os.path.join(hf_dir, 'config.json')}: no config.json in the checkpoint folder")
+    model_type = cfg.raw("model_type")
     if model_type not in SUPPORTED:
-        raise ConfigError(f"{path}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
+        raise ConfigError(f"{cfg.path}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
     return cfg
 
 
-def _get(cfg: dict, key: str, default: Any = None, *, required: bool = False):
-    if key in cfg and cfg[key] is not None:
-        return cfg[key]
-    if required:
-        raise ConfigError(f"config.json: missing {key!r}")
-    return default
+def _fields(cfg: Fields | dict) -> Fields:
+    return cfg if isinstance(cfg, Fields) else Fields(cfg, "config.json")
 
 
-def _rope(cfg: dict, head_dim: int) -> RopeConfig:
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    kind = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", _get(cfg, "rope_theta", 10_000.0)))
-    fraction = float(params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0)))
+def _rope(cfg: Fields) -> RopeConfig:
+    params = cfg.sub("rope_parameters") if cfg.has("rope_parameters") else cfg.sub("rope_scaling")
+    kind = params.text("rope_type", params.text("type", "default"))
+    theta = params.number("rope_theta", cfg.number("rope_theta", 10_000.0))
+    fraction = params.number("partial_rotary_factor", cfg.number("partial_rotary_factor", 1.0))
     if kind == "default":
         return RopeConfig(theta=theta, rotary_fraction=fraction)
     if kind not in ("longrope", "su"):  # "su" is LongRoPE's old name
-        raise ConfigError(f"config.json: unsupported rope type {kind!r} (supported: default, longrope)")
+        raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} (supported: default, longrope)")
     # Phi-3 keeps the pre-training length outside the rope dict, and it takes precedence there.
-    original = int(_get(cfg, "original_max_position_embeddings") or params.get("original_max_position_embeddings")
-                   or cfg["max_position_embeddings"])
-    scale = params.get("factor") or cfg["max_position_embeddings"] / original
-    attention_factor = params.get("attention_factor") or longrope_attention_factor(scale, original)
-    return RopeConfig(theta=theta, rotary_fraction=fraction, short_factor=tuple(map(float, params["short_factor"])),
-                      long_factor=tuple(map(float, params["long_factor"])), original_max_position=original,
+    original = cfg.integer("original_max_position_embeddings", None) \
+        or params.integer("original_max_position_embeddings", None) or cfg.integer("max_position_embeddings")
+    scale = params.number("factor", None) or cfg.integer("max_position_embeddings") / original
+    attention_factor = params.number("attention_factor", None) or longrope_attention_factor(scale, original)
+    return RopeConfig(theta=theta, rotary_fraction=fraction, short_factor=params.numbers("short_factor"),
+                      long_factor=params.numbers("long_factor"), original_max_position=original,
                       attention_factor=float(attention_factor))
 
 
-def _layer_types(cfg: dict, depth: int, sliding: int | None) -> tuple[str, ...]:
+LAYER_TYPE_NAMES = {"sliding_attention": "local", "full_attention": "global"}
+
+
+def _layer_types(cfg: Fields, depth: int, sliding: int | None) -> tuple[str, ...]:
     """Per-layer "local" (sliding window) or "global", with each family's default when the file has none."""
     if sliding is None:
         return ()
-    names = {"sliding_attention": "local", "full_attention": "global"}
-    if cfg.get("layer_types"):
-        return tuple(names[t] for t in cfg["layer_types"])
-    t = cfg["model_type"]
+    if cfg.has("layer_types"):
+        names = cfg.texts("layer_types")
+        unknown = [t for t in names if t not in LAYER_TYPE_NAMES]
+        if unknown:
+            cfg.fail("layer_types", f"a list of {' or '.join(LAYER_TYPE_NAMES)}", unknown[0])
+        return tuple(LAYER_TYPE_NAMES[t] for t in names)
+    t = cfg.raw("model_type")
     if t == "gemma2":  # alternating, the first layer local
         return tuple("local" if i % 2 == 0 else "global" for i in range(depth))
     if t == "qwen3":  # the window applies from max_window_layers on
-        start = _get(cfg, "max_window_layers", 28)
+        start = cfg.integer("max_window_layers", 28)
         return tuple("local" if i >= start else "global" for i in range(depth))
     return ("local",) * depth  # Phi-3: every layer
 
 
-def with_defaults(cfg: dict, model_type: str) -> dict:
-    return {**FAMILY_DEFAULTS.get(model_type, {}), "model_type": model_type,
-            **{k: v for k, v in cfg.items() if v is not None}}
-
-
-def decoder_config(cfg: dict) -> DecoderConfig:
-    t = cfg["model_type"]
-    cfg = with_defaults(cfg, t)
-    width, heads = _get(cfg, "hidden_size", required=True), _get(cfg, "num_attention_heads", required=True)
-    head_dim = _get(cfg, "head_dim") or width // heads
-    depth = _get(cfg, "num_hidden_layers", required=True)
-    act = _get(cfg, "hidden_activation") or _get(cfg, "hidden_act", "silu")
+def decoder_config(cfg: Fields | dict) -> DecoderConfig:
+    cfg = _fields(cfg)
+    t = cfg.raw("model_type")
+    cfg = cfg.with_defaults(FAMILY_DEFAULTS.get(t, {}))
+    width, heads = cfg.integer("hidden_size"), cfg.integer("num_attention_heads")
+    if heads <= 0:
+        cfg.fail("num_attention_heads", "a positive integer", heads)
+    head_dim = cfg.integer("head_dim", None) or width // heads
+    depth = cfg.integer("num_hidden_layers")
+    act = cfg.text("hidden_activation", None) or cfg.text("hidden_act", "silu")
     if t == "gemma" and act == "gelu":  # Gemma's legacy "gelu" means the tanh approximation (as transformers)
         act = "gelu_pytorch_tanh"
     if act not in _ACTIVATIONS:
-        raise ConfigError(f"config.json: unsupported activation {act!r}")
+        raise ConfigError(f"{cfg.path}: unsupported activation {act!r}")
     gemma = t in ("gemma", "gemma2")
-    sliding = _get(cfg, "sliding_window") if t != "gemma" else None
-    if t == "qwen3" and not _get(cfg, "use_sliding_window", False):
+    sliding = cfg.integer("sliding_window", None) if t != "gemma" else None
+    if t == "qwen3" and not cfg.flag("use_sliding_window", False):
         sliding = None
-    layer_types = _layer_types(cfg, depth, sliding)
+    bias = cfg.flag("attention_bias", False)
+    gemma2 = t == "gemma2"
     return DecoderConfig(
-        vocab_size=_get(cfg, "vocab_size", required=True),
+        vocab_size=cfg.integer("vocab_size"),
         width=width,
         depth=depth,
         num_heads=heads,
-        num_kv_heads=_get(cfg, "num_key_value_heads") or heads,
+        num_kv_heads=cfg.integer("num_key_value_heads", None) or heads,
         head_dim=head_dim,
-        mlp_dim=_get(cfg, "intermediate_size", required=True),
+        mlp_dim=cfg.integer("intermediate_size"),
         mlp_activation=_ACTIVATIONS[act],
-        norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+        norm_eps=cfg.number("rms_norm_eps", 1e-6),
         norm_scale_offset=1.0 if gemma else 0.0,
         embed_scale=gemma,
-        qkv_bias=bool(_get(cfg, "attention_bias", False)),
-        out_bias=bool(_get(cfg, "attention_bias", False)),
+        qkv_bias=bias,
+        out_bias=bias,
         use_qk_norm=t == "qwen3",
-        use_post_norms=t == "gemma2",
-        query_pre_attn_scalar=_get(cfg, "query_pre_attn_scalar") if t == "gemma2" else None,
-        attn_logit_softcap=_get(cfg, "attn_logit_softcapping") if t == "gemma2" else None,
-        final_logit_softcap=_get(cfg, "final_logit_softcapping") if t == "gemma2" else None,
+        use_post_norms=gemma2,
+        query_pre_attn_scalar=cfg.number("query_pre_attn_scalar", None) if gemma2 else None,
+        attn_logit_softcap=cfg.number("attn_logit_softcapping", None) if gemma2 else None,
+        final_logit_softcap=cfg.number("final_logit_softcapping", None) if gemma2 else None,
         sliding_window=sliding,
-        layer_types=layer_types,
-        rope=_rope(cfg, head_dim),
-        max_position_embeddings=_get(cfg, "max_position_embeddings", 8192),
-        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", gemma)),
+        layer_types=_layer_types(cfg, depth, sliding),
+        rope=_rope(cfg),
+        max_position_embeddings=cfg.integer("max_position_embeddings", 8192),
+        tie_embeddings=cfg.flag("tie_word_embeddings", gemma),
     )
 
 
-def _ids(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
-
-
-def tokens_config(hf_dir: str, cfg: dict) -> TokensConfig:
-    gen_path = os.path.join(hf_dir, "generation_config.json")
-    gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
-    tok_path = os.path.join(hf_dir, "tokenizer_config.json")
-    tok = read_json(tok_path) if os.path.isfile(tok_path) else {}
-    eos = tuple(dict.fromkeys(_ids(cfg.get("eos_token_id")) + _ids(gen.get("eos_token_id"))))
-    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
-    pad = gen.get("pad_token_id", cfg.get("pad_token_id"))
+def tokens_config(hf_dir: str, cfg: Fields | dict) -> TokensConfig:
+    cfg = _fields(cfg)
+    gen = read_json(hf_dir, "generation_config.json") or Fields({}, "generation_config.json")
+    tok = read_json(hf_dir, "tokenizer_config.json") or Fields({}, "tokenizer_config.json")
+    eos = tuple(dict.fromkeys(cfg.token_ids("eos_token_id") + gen.token_ids("eos_token_id")))
+    bos = gen.token_id("bos_token_id", cfg.token_id("bos_token_id"))
+    pad = gen.token_id("pad_token_id", cfg.token_id("pad_token_id"))
     if pad is None:
         pad = eos[0] if eos else 0
     # Gemma and Llama-style tokenizers (Phi-3) start prompts with BOS; Qwen's do not.
-    add_bos = bool(tok.get("add_bos_token", cfg["model_type"] in ("gemma", "gemma2", "phi3"))) and bos is not None
-    return TokensConfig(bos_id=bos, eos_ids=eos, pad_id=int(pad), add_bos=add_bos)
+    add_bos = tok.flag("add_bos_token", cfg.raw("model_type") in ("gemma", "gemma2", "phi3")) and bos is not None
+    return TokensConfig(bos_id=bos, eos_ids=eos, pad_id=pad, add_bos=add_bos)
 
 
-def vision_config(cfg: dict, **composition) -> VisionConfig:
+def vision_config(cfg: Fields | dict, **composition) -> VisionConfig:
     """A SigLIP or CLIP vision config; `composition` adds what the enclosing model decides (feature layer, ...)."""
-    t = cfg.get("model_type") or "siglip_vision_model"
+    cfg = _fields(cfg)
+    t = cfg.text("model_type", "siglip_vision_model")
     if t not in VISION_FAMILIES:
-        raise ConfigError(f"config.json: unsupported vision model_type {t!r} (supported: {', '.join(VISION_FAMILIES)})")
-    cfg = with_defaults(cfg, t)
-    act = cfg["hidden_act"]
+        raise ConfigError(f"{cfg.path}: unsupported vision model_type {t!r} (supported: {', '.join(VISION_FAMILIES)})")
+    cfg = cfg.with_defaults(FAMILY_DEFAULTS[t])
+    act = cfg.text("hidden_act")
     if act not in _ACTIVATIONS:
-        raise ConfigError(f"config.json: unsupported vision activation {act!r}")
+        raise ConfigError(f"{cfg.path}: unsupported vision activation {act!r}")
     clip = t == "clip_vision_model"
     return VisionConfig(
-        image_size=cfg["image_size"], patch_size=cfg["patch_size"], width=cfg["hidden_size"],
-        depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"], mlp_dim=cfg["intermediate_size"],
-        activation=_ACTIVATIONS[act], norm_eps=float(cfg["layer_norm_eps"]), patch_bias=not clip, class_token=clip,
-        pre_norm=clip, post_norm_class_only=clip, **composition)
+        image_size=cfg.integer("image_size"), patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
+        depth=cfg.integer("num_hidden_layers"), num_heads=cfg.integer("num_attention_heads"),
+        mlp_dim=cfg.integer("intermediate_size"), activation=_ACTIVATIONS[act], norm_eps=cfg.number("layer_norm_eps"),
+        patch_bias=not clip, class_token=clip, pre_norm=clip, post_norm_class_only=clip, **composition)
 
 
 def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> ImageProcessing:
     """From `preprocessor_config.json` (or the `image_processor` entry of `processor_config.json`, where
     transformers 5 writes it), else the processor's defaults at the encoder's image size."""
-    path = os.path.join(hf_dir, "preprocessor_config.json")
-    p = {}
-    if os.path.isfile(path):
-        p = read_json(path)
-    elif os.path.isfile(processor_path := os.path.join(hf_dir, "processor_config.json")):
-        path, p = processor_path, read_json(processor_path).get("image_processor") or {}
+    p = read_json(hf_dir, "preprocessor_config.json")
+    if p is None:
+        processor = read_json(hf_dir, "processor_config.json")
+        p = processor.sub("image_processor") if processor is not None else Fields({}, "preprocessor_config.json")
     size = vision.image_size
     if clip_style:  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
         defaults = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
@@ -207,109 +198,124 @@ def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> Ima
     else:  # SiglipImageProcessor: a square, no crop, mean = std = 0.5
         defaults = dict(size={"height": size, "width": size}, do_center_crop=False, image_mean=[0.5] * 3,
                         image_std=[0.5] * 3)
-    p = {**defaults, **{k: v for k, v in p.items() if v is not None}}
+    p = p.with_defaults(defaults)
 
-    def hw(value, what):
-        if isinstance(value, int):
+    def hw(key: str) -> tuple[int, int]:
+        value = p.raw(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return (value, value)
-        if isinstance(value, dict) and "height" in value and "width" in value:
-            return (int(value["height"]), int(value["width"]))
-        raise ConfigError(f"{path}: unsupported {what} {value!r}")
+        if isinstance(value, dict):
+            sub = p.sub(key)
+            return (sub.integer("height"), sub.integer("width"))
+        p.fail(key, "an integer or {height, width}", value)
 
-    resize = p.get("do_resize", True)
-    size_field = p["size"]
-    shortest = size_field.get("shortest_edge") if isinstance(size_field, dict) else None
+    def channels(key: str) -> tuple[float, float, float]:
+        values = p.numbers(key)
+        if len(values) != 3:
+            p.fail(key, "three numbers (one per channel)", list(values))
+        return values
+
+    resize = p.flag("do_resize", True)
+    size_field = p.raw("size")
+    shortest = p.sub("size").integer("shortest_edge", None) if isinstance(size_field, dict) else None
     if isinstance(size_field, int) and clip_style:  # older CLIP configs: an int is the shortest edge
-        shortest = size_field
+        shortest = p.integer("size")
+    normalize = p.flag("do_normalize", True)
     return ImageProcessing(
-        size=hw(size_field, "size") if resize and shortest is None else None,
-        shortest_edge=int(shortest) if resize and shortest is not None else None,
-        resample=int(p.get("resample", 3)),
-        crop_size=hw(p["crop_size"], "crop_size") if p.get("do_center_crop") else None,
-        rescale_factor=float(p.get("rescale_factor", 1 / 255)) if p.get("do_rescale", True) else None,
-        mean=tuple(map(float, p["image_mean"])) if p.get("do_normalize", True) else None,
-        std=tuple(map(float, p["image_std"])) if p.get("do_normalize", True) else None,
+        size=hw("size") if resize and shortest is None else None,
+        shortest_edge=shortest if resize else None,
+        resample=p.integer("resample", 3),
+        crop_size=hw("crop_size") if p.flag("do_center_crop") else None,
+        rescale_factor=p.number("rescale_factor", 1 / 255) if p.flag("do_rescale", True) else None,
+        mean=channels("image_mean") if normalize else None,
+        std=channels("image_std") if normalize else None,
     )
 
 
-def _text_part(cfg: dict, default_type: str) -> dict:
-    text = dict(cfg.get("text_config") or {})
-    text.setdefault("model_type", default_type)
-    if text["model_type"] not in TEXT_FAMILIES:
-        raise ConfigError(f"config.json: unsupported text model_type {text['model_type']!r} "
+def _text_part(cfg: Fields, default_type: str) -> Fields:
+    text = cfg.sub("text_config")
+    text = Fields(dict(text.data), text.path, text.prefix)
+    text.data.setdefault("model_type", default_type)
+    if text.raw("model_type") not in TEXT_FAMILIES:
+        raise ConfigError(f"{cfg.path}: unsupported text model_type {text.raw('model_type')!r} "
                           f"(supported: {', '.join(TEXT_FAMILIES)})")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # special ids may sit at either level
-        if text.get(key) is None and cfg.get(key) is not None:
-            text[key] = cfg[key]
+        if text.raw(key) is None and cfg.raw(key) is not None:
+            text.data[key] = cfg.raw(key)
     return text
 
 
-def _vlm_config(hf_dir: str, cfg: dict) -> tuple[ModelConfig, str]:
-    t = cfg["model_type"]
+def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, str]:
+    t = cfg.raw("model_type")
     if t == "paligemma":
         text = _text_part(cfg, "gemma")
-        vision = vision_config(cfg.get("vision_config") or {})
+        vision = vision_config(cfg.sub("vision_config"))
+        image_token = cfg.token_id("image_token_index", cfg.token_id("image_token_id", 256000))
         extra = dict(projector="linear", prefix_lm=True, position_offset=1, prompt_format="paligemma",
-                     image_token_id=int(_get(cfg, "image_token_index", _get(cfg, "image_token_id", 256000))))
+                     image_token_id=image_token)
     else:  # llava
         text = _text_part(cfg, "llama")
-        strategy = cfg.get("vision_feature_select_strategy", "default")
-        layer = cfg.get("vision_feature_layer", -2)
-        if not isinstance(layer, int):
-            raise ConfigError(f"config.json: vision_feature_layer {layer!r}: only a single layer is supported")
+        strategy = cfg.text("vision_feature_select_strategy", "default")
+        layer = cfg.raw("vision_feature_layer", -2)
+        if isinstance(layer, list):
+            raise ConfigError(f"{cfg.path}: vision_feature_layer {layer!r}: only a single layer is supported")
+        layer = cfg.integer("vision_feature_layer", -2)
         if strategy not in ("default", "full"):
-            raise ConfigError(f"config.json: unsupported vision_feature_select_strategy {strategy!r}")
-        act = cfg.get("projector_hidden_act", "gelu")
+            raise ConfigError(f"{cfg.path}: unsupported vision_feature_select_strategy {strategy!r}")
+        act = cfg.text("projector_hidden_act", "gelu")
         if act != "gelu":
-            raise ConfigError(f"config.json: unsupported projector_hidden_act {act!r} (supported: gelu)")
-        vision = vision_config(cfg.get("vision_config") or {"model_type": "clip_vision_model"}, feature_layer=layer,
-                               keep_class_token=strategy == "full")
-        seq = cfg.get("image_seq_length")
+            raise ConfigError(f"{cfg.path}: unsupported projector_hidden_act {act!r} (supported: gelu)")
+        vision_fields = cfg.sub("vision_config") if cfg.has("vision_config") else \
+            Fields({"model_type": "clip_vision_model"}, cfg.path, "vision_config.")
+        vision = vision_config(vision_fields, feature_layer=layer, keep_class_token=strategy == "full")
+        seq = cfg.integer("image_seq_length", None)
         if seq is not None and seq != vision.num_features:
-            raise ConfigError(f"config.json: image_seq_length {seq} but the vision tower gives "
+            raise ConfigError(f"{cfg.path}: image_seq_length {seq} but the vision tower gives "
                               f"{vision.num_features} features per image")
-        extra = dict(projector="mlp", projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
-                     prompt_format="llava", image_token_id=int(_get(cfg, "image_token_index", 32000)))
+        extra = dict(projector="mlp", projector_bias=cfg.flag("multimodal_projector_bias", True),
+                     prompt_format="llava", image_token_id=cfg.token_id("image_token_index", 32000))
     decoder = decoder_config(text)
     processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
     config = ModelConfig(decoder=decoder, tokens=tokens_config(hf_dir, text), vision=vision,
                          image_processing=processing, **extra)
-    return config, text["model_type"]
+    return config, text.raw("model_type")
 
 
 HEAD_ARCHITECTURES = {"ForSequenceClassification": "sequence_classification",
                       "ForTokenClassification": "token_classification"}
 
 
-def head_config(cfg: dict) -> HeadConfig | None:
+def head_config(cfg: Fields) -> HeadConfig | None:
     """The classification head `architectures` names (transformers' `score` Linear), or None for a causal LM."""
-    kinds = [kind for arch in cfg.get("architectures") or [] for suffix, kind in HEAD_ARCHITECTURES.items()
+    kinds = [kind for arch in cfg.texts("architectures") for suffix, kind in HEAD_ARCHITECTURES.items()
              if arch.endswith(suffix)]
     if not kinds:
         return None
-    id2label = cfg.get("id2label") or {}
-    num_labels = len(id2label) or int(cfg.get("num_labels", 2))
-    labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels))
+    id2label = cfg.sub("id2label").data
+    num_labels = len(id2label) or cfg.integer("num_labels", 2)
+    labels = tuple(str(id2label.get(str(i), f"LABEL_{i}")) for i in range(num_labels))
     # The sequence head has no bias; the token head's follows `token_classification_bias` (default True).
-    bias = kinds[0] == "token_classification" and cfg.get("token_classification_bias", True)
-    return HeadConfig(kind=kinds[0], labels=labels, bias=bool(bias))
+    bias = kinds[0] == "token_classification" and cfg.flag("token_classification_bias", True)
+    return HeadConfig(kind=kinds[0], labels=labels, bias=bias)
 
 
 def model_config(hf_dir: str) -> tuple[ModelConfig, str | None, str]:
     """(jaxvlm config, the decoder's family, the tensor-name layout) for the checkpoint folder `hf_dir`."""
     cfg = load_hf_config(hf_dir)
-    t = cfg["model_type"]
+    t = cfg.raw("model_type")
     try:
         if t in TEXT_FAMILIES:
             return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg),
                                head=head_config(cfg)), t, "text"
         if t in VLM_FAMILIES:
             return (*_vlm_config(hf_dir, cfg), "vlm")
-        projection = cfg.get("projection_dim") if "CLIPVisionModelWithProjection" in cfg.get("architectures", []) \
-            else None
-        vision = vision_config(cfg, attention_pool=t == "siglip_vision_model" and cfg.get("vision_use_head", True),
+        projection = cfg.integer("projection_dim", None) \
+            if "CLIPVisionModelWithProjection" in cfg.texts("architectures") else None
+        vision = vision_config(cfg, attention_pool=t == "siglip_vision_model" and cfg.flag("vision_use_head", True),
                                projection_dim=projection)
         processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
         return ModelConfig(vision=vision, image_processing=processing), None, "vision"
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{os.path.join(hf_dir, 'config.json')}: missing or malformed field {e}") from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # a value the jaxvlm config refuses (e.g. heads that do not divide)
+        raise ConfigError(f"{cfg.path}: {e}") from None

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from jaxvlm.config import ModelConfig
+from jaxvlm.config import DecoderConfig, ModelConfig
 
 Config = Any  # the part of the ModelConfig a table reads
 Shape = Callable[[Config], tuple[int, ...]]

@@ -1,17 +1,20 @@
-"""Params on disk: an orbax checkpoint in `params/`, beside the model's `config.json`."""
+"""Params on disk: an orbax checkpoint in `params/`, beside the model's `config.json` and a
+`checksums.json` of every file, so a damaged folder is named at load instead of misread."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxvlm import files
 from jaxvlm.config import ModelConfig
+from jaxvlm.files import FileError
 from jaxvlm.vlm import VisionLanguageModel
 
 PARAMS_DIR = "params"
@@ -27,54 +30,102 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), jax.eval_shape(init))
 
 
+def param_name(path) -> str:
+    """'decoder/layer_0/attn/q/kernel' for a tree path."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def check_finite(params, where: str) -> None:
+    """Refuses to write NaN or infinite weights, naming the first such param."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not np.isfinite(np.asarray(leaf, np.float32)).all():
+            raise ValueError(f"{where}: param {param_name(path)} holds NaN or infinite values; not saved")
+
+
+def compare_trees(saved, expected, where: str, source: str = "this model") -> None:
+    """A named error for the first param missing from either tree or of another shape."""
+    flat_saved = {param_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    flat_now = {param_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+    for key in sorted(set(flat_saved) | set(flat_now)):
+        if key not in flat_now:
+            raise ValueError(f"{where}: the checkpoint has param {key}, which {source} lacks")
+        if key not in flat_saved:
+            raise ValueError(f"{where}: the checkpoint lacks param {key}, which {source} has")
+        if tuple(flat_saved[key].shape) != tuple(flat_now[key].shape):
+            raise ValueError(f"{where}: param {key} has shape {tuple(flat_saved[key].shape)} in the checkpoint but "
+                             f"{tuple(flat_now[key].shape)} in {source}")
+
+
 def save_params(directory: str | os.PathLike, params) -> None:
     path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for orbax's writer threads
         ckptr.save(path, params)
         ckptr.wait_until_finished()
 
 
-def save_model(directory: str | os.PathLike, config: ModelConfig, params, files: Iterable[str] = ()) -> str:
-    """Writes a loadable model folder: `config.json`, the params and copies of `files` (tokenizer and
-    processor files). It is written into a temporary folder beside `directory` and renamed at the end,
-    so an interrupted save leaves no half-written model behind."""
-    directory = os.path.abspath(os.fspath(directory))
-    if os.path.exists(directory):
-        raise FileExistsError(f"{directory}: output folder already exists")
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.", dir=parent)
+def write_model(directory: str, config: ModelConfig, params, copies: Iterable[str] = ()) -> None:
+    """Writes `config.json`, the params, copies of the files `copies` (their contents: a link is never
+    copied as a link) and `checksums.json` into the existing, empty folder `directory`."""
+    check_finite(params, directory)
+    save_params(directory, params)
+    config.save(directory)
+    for path in copies:
+        shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
+    files.write_checksums(directory)
+
+
+def save_model(directory: str | os.PathLike, config: ModelConfig, params, copies: Iterable[str] = ()) -> str:
+    """Writes a loadable model folder (see `write_model`) all at once: into a temporary folder renamed at
+    the end, so an interrupted or failed save leaves nothing behind."""
+    with files.writing(directory) as tmp:
+        write_model(tmp, config, params, copies)
+    return os.path.abspath(os.fspath(directory))
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def params_path(directory: str | os.PathLike) -> str:
+    """`directory/params`, checked to exist and to hold nothing that resolves outside `directory`."""
+    directory = os.fspath(directory)
+    path = os.path.join(directory, PARAMS_DIR)
+    if not os.path.isdir(path):
+        raise FileError(f"{path}: no params checkpoint (convert a Hugging Face folder with `jaxvlm convert`)")
+    if not any(names for _, _, names in os.walk(path)):
+        raise FileError(f"{path}: the params folder is empty")
+    return os.path.abspath(files.check_tree_inside(directory, PARAMS_DIR))
+
+
+def stored_metadata(directory: str | os.PathLike):
+    """The saved params tree's shapes and dtypes, read without the data."""
+    path = params_path(directory)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any folder
-        save_params(tmp, params)
-        config.save(tmp)
-        for path in files:
-            shutil.copy2(path, tmp)
-        os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(path).item_metadata
+    except Exception as e:  # orbax raises IndexError, KeyError, ValueError... for damaged folders
+        raise FileError(f"{path}: not a readable params checkpoint ({_first_line(e)})") from None
+    tree = getattr(meta, "tree", meta)  # orbax's TreeMetadata wraps the saved tree
+    if not jax.tree.leaves(tree):  # orbax only warns when it finds no metadata
+        raise FileError(f"{path}: not a readable params checkpoint (its metadata is missing or damaged)")
+    return tree
 
 
 def stored_dtype(directory: str | os.PathLike):
-    """The dtype the params were saved in (taken from the first array)."""
-    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(path).item_metadata
-    return jnp.dtype(jax.tree.leaves(meta)[0].dtype)
+    """The dtype the params were saved in: bfloat16 when every array is, else float32 (which holds the
+    values of every other float dtype exactly)."""
+    dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(stored_metadata(directory))}
+    return jnp.dtype(jnp.bfloat16) if dtypes == {jnp.dtype(jnp.bfloat16)} else jnp.dtype(jnp.float32)
 
 
 def load_params(directory: str | os.PathLike, config: ModelConfig, dtype):
     """Restores params as `dtype`, checking the tree against what `config` predicts."""
-    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no params checkpoint (convert a Hugging Face folder with `jaxvlm convert`)")
+    path = params_path(directory)
     target = abstract_params(config, dtype)
-    with ocp.StandardCheckpointer() as ckptr:
-        try:
+    compare_trees(stored_metadata(directory), target, path, os.path.join(directory, "config.json"))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(path, target)
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"{path}: params do not match {os.path.join(directory, 'config.json')}: {e}") from None
+    except Exception as e:
+        raise FileError(f"{path}: unreadable params checkpoint ({_first_line(e)})") from None

@@ -46,10 +46,18 @@ def main(argv=None) -> None:
     p.set_defaults(run=_train_shapes)
 
     args = parser.parse_args(argv)
+    run(args.run, args)
+
+
+def run(command, args) -> None:
+    """Runs a command; its errors, and an interruption, end the program with one line."""
     try:
-        args.run(args)
+        command(args)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a write (see jaxvlm.files)
+        print(f"error: {e}" if str(e) and " " in str(e) else "error: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

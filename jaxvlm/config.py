@@ -10,6 +10,8 @@ import dataclasses
 import json
 import math
 import os
+import types
+import typing
 from typing import Any
 
 LAYER_TYPES = ("global", "local")  # local = sliding-window attention
@@ -283,7 +285,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return _from_dict(cls, json.loads(text))
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object at the top level, got {type(data).__name__}")
+        return _from_dict(cls, data, "")
 
     def save(self, directory: str | os.PathLike) -> None:
         with open(os.path.join(directory, CONFIG_FILE), "w") as f:
@@ -291,43 +296,77 @@ class ModelConfig:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ModelConfig":
-        path = os.path.join(directory, CONFIG_FILE)
+        from jaxvlm.files import inside
+        path = inside(directory, CONFIG_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no jaxvlm config (convert a Hugging Face folder with `jaxvlm convert`)")
-        with open(path) as f:
-            try:
+        try:
+            with open(path, encoding="utf-8") as f:
                 return cls.from_json(f.read())
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{path}: invalid jaxvlm config: {e}") from None
+        except (TypeError, ValueError) as e:  # JSON, UTF-8 and field errors alike
+            raise ValueError(f"{path}: invalid jaxvlm config: {e}") from None
 
 
 CONFIG_FILE = "config.json"
 
 
-def _from_dict(cls, data: dict[str, Any]):
-    """Rebuilds nested config dataclasses from JSON, turning lists back into tuples."""
+def _from_dict(cls, data: dict[str, Any], where: str):
+    """Rebuilds a config dataclass from JSON, each field checked against its annotation (lists become
+    tuples); errors name the field by its dotted path, e.g. `decoder.rope.theta`."""
+    hints = typing.get_type_hints(cls)
     kwargs = {}
-    hints = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key not in hints:
-            raise ValueError(f"{cls.__name__}: unknown field {key!r}")
-        sub = _NESTED.get((cls.__name__, key))
-        if sub is not None and value is not None:
-            value = _from_dict(sub, value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
+            raise ValueError(f"unknown field {where + key!r}")
+        kwargs[key] = _typed(value, hints[key], where + key)
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing field {where + missing[0]!r}")
     return cls(**kwargs)
 
 
-_NESTED = {
-    ("ModelConfig", "decoder"): DecoderConfig,
-    ("ModelConfig", "tokens"): TokensConfig,
-    ("ModelConfig", "vision"): VisionConfig,
-    ("ModelConfig", "image_processing"): ImageProcessing,
-    ("ModelConfig", "head"): HeadConfig,
-    ("DecoderConfig", "rope"): RopeConfig,
-}
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """`value`, read from JSON, as the annotation `hint` asks; a ValueError naming `name` otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and value is not None:
+            return _typed(value, options[0], name)
+        raise ValueError(f"{name}: expected {_describe(hint)}, got {value!r}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ValueError(f"{name}: expected an object, got {value!r}")
+        return _from_dict(hint, value, name + ".")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(v, args[0], f"{name}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"{name}: expected {len(args)} entries, got {len(value)}")
+        return tuple(_typed(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          str: lambda v: isinstance(v, str)}
+    if hint in ok:
+        if not ok[hint](value):
+            raise ValueError(f"{name}: expected {_describe(hint)}, got {value!r}")
+        return float(value) if hint is float else value
+    raise TypeError(f"{name}: no JSON reading for {hint}")  # a field type this module does not yet read
+
+
+def _describe(hint: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a finite number", str: "a string", type(None): "null"}
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if typing.get_origin(hint) is tuple:
+        return "a list"
+    return names.get(hint, "an object")
 
 
 def longrope_attention_factor(scale: float, original_max_position: int) -> float:

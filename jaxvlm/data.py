@@ -9,6 +9,10 @@ to a bucketed length, so a dataset compiles a handful of train steps.
 run sees exactly the batches it would have seen. A row that cannot be used (no answer, an image that
 does not load) is skipped with a warning naming it, once, and the next row of the permutation takes its
 place.
+
+A row longer than the model's context (or than the batch length, when one is fixed) is, by the
+`too_long` choice, skipped as unusable ("skip", the default) or cut to fit with a warning naming it
+("truncate": the answer loses its last tokens; a prompt that alone does not fit is skipped either way).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from jaxvlm import checks
 from jaxvlm.config import ModelConfig
 from jaxvlm.generate import prompt_bucket
 from jaxvlm.images import ImageError, preprocess
@@ -48,8 +53,13 @@ class Batch:
     pixels: np.ndarray | None  # float32[B, H, W, 3]
 
 
-def encode_row(config: ModelConfig, tokenizer: Tokenizer, row: Any, name: str = "row") -> Example:
-    """One row as token ids; raises RowError naming `name` (e.g. 'row 17') when the row is unusable."""
+TOO_LONG = ("skip", "truncate")
+
+
+def encode_row(config: ModelConfig, tokenizer: Tokenizer, row: Any, name: str = "row", too_long: str = "skip",
+               length: int | None = None) -> Example:
+    """One row as token ids; raises RowError naming `name` (e.g. 'row 17') when the row is unusable.
+    Rows longer than the context (or `length`) are skipped or truncated as `too_long` says."""
     if not isinstance(row, dict):
         raise RowError(f"{name}: expected a dict with 'prompt' and 'answer', got {type(row).__name__}")
     prompt, answer = row.get("prompt"), row.get("answer")
@@ -69,9 +79,21 @@ def encode_row(config: ModelConfig, tokenizer: Tokenizer, row: Any, name: str = 
             raise RowError(f"{name}: {e}") from None
     elif row.get("image") is not None:
         raise RowError(f"{name}: has an 'image' but this model takes text only")
-    prompt_ids = build_prompt(config, tokenizer, prompt, with_image=pixels is not None)
-    answer_ids = tokenizer.encode(answer, add_bos=False) + [config.tokens.eos_ids[0]]
+    try:
+        prompt_ids = build_prompt(config, tokenizer, prompt, with_image=pixels is not None)
+        answer_ids = tokenizer.encode(answer, add_bos=False, what="'answer'") + [config.tokens.eos_ids[0]]
+    except ValueError as e:
+        raise RowError(f"{name}: {e}") from None
     ids = np.concatenate([prompt_ids, np.asarray(answer_ids, np.int32)])
+    limit = config.decoder.max_position_embeddings if length is None else min(length,
+                                                                             config.decoder.max_position_embeddings)
+    if len(ids) > limit:
+        what = f"{name}: {len(ids)} tokens, more than the {limit} that fit"
+        if too_long == "skip" or len(prompt_ids) >= limit:
+            raise RowError(f"{what} (the prompt alone has {len(prompt_ids)})" if len(prompt_ids) >= limit
+                           else f"{what} (too_long='truncate' would cut the answer)")
+        log.warning("%s; the answer is cut to %d tokens", what, limit - len(prompt_ids))
+        ids = ids[:limit]
     return Example(ids, len(prompt_ids), pixels)
 
 
@@ -97,15 +119,20 @@ class RowBatches:
     """Batch `step` of a list of rows, as a pure function of `step` (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, rows: Sequence[Any], batch_size: int,
-                 seed: int = 0, length: int | None = None):
+                 seed: int = 0, length: int | None = None, too_long: str = "skip"):
         if tokenizer is None:
             raise ValueError("training on text rows needs the model's tokenizer")
+        if not hasattr(rows, "__len__") or not hasattr(rows, "__getitem__"):
+            raise ValueError(f"rows must be a sequence of dicts, got {type(rows).__name__}")
         if not len(rows):
             raise ValueError("rows: the dataset is empty")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        checks.integer("batch_size", batch_size, 1)
+        checks.seed(seed)
+        checks.optional_integer("length", length, 1)
+        if too_long not in TOO_LONG:
+            raise ValueError(f"too_long must be one of {TOO_LONG}, got {too_long!r}")
         self.config, self.tokenizer, self.rows = config, tokenizer, rows
-        self.batch_size, self.seed, self.length = batch_size, seed, length
+        self.batch_size, self.seed, self.length, self.too_long = batch_size, seed, length, too_long
         self._unusable: set[int] = set()
         self._epoch_order = (-1, None)
 
@@ -113,7 +140,8 @@ class RowBatches:
         if index in self._unusable:
             return None
         try:
-            return encode_row(self.config, self.tokenizer, self.rows[index], f"row {index}")
+            return encode_row(self.config, self.tokenizer, self.rows[index], f"row {index}", self.too_long,
+                              self.length)
         except RowError as e:
             log.warning("%s; skipped", e)
             self._unusable.add(index)

@@ -21,17 +21,33 @@ class ImageError(ValueError):
     pass
 
 
-def load_image(image: Any, what: str = "image") -> PIL.Image.Image:
-    """A path, a PIL image or a uint8 array ([H, W] or [H, W, 1 | 3 | 4]) as a fully decoded PIL image."""
+# Files are refused past Pillow's decompression-bomb threshold (it only warns up to twice that), before
+# any pixel is decoded; JPEGs past DRAFT_ABOVE pixels are decoded at 1/2, 1/4 or 1/8 scale (Pillow's
+# `draft`), keeping at least twice the size they are resized to.
+MAX_PIXELS = PIL.Image.MAX_IMAGE_PIXELS or 89_478_485
+DRAFT_ABOVE = 4096 * 4096
+
+
+def load_image(image: Any, what: str = "image", resize_to: tuple[int, int] | None = None) -> PIL.Image.Image:
+    """A path, a PIL image or a uint8 array ([H, W] or [H, W, 1 | 3 | 4]) as a fully decoded PIL image.
+    `resize_to` (height, width), the size the image is resized to next, lets a very large JPEG decode
+    at a reduced scale."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
             raise ImageError(f"{what}: {path}: no such file")
         try:
             with PIL.Image.open(path) as f:
+                if f.width * f.height > MAX_PIXELS:
+                    raise ImageError(f"{what}: {path}: {f.width}x{f.height} pixels, more than the {MAX_PIXELS} "
+                                     "an image may have; downscale it first")
+                if resize_to is not None and f.format == "JPEG" and f.width * f.height > DRAFT_ABOVE:
+                    f.draft("RGB", (2 * resize_to[1], 2 * resize_to[0]))
                 f.load()  # decode now, so a truncated file fails here and not later
                 image = f.copy()
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+            if isinstance(e, ImageError):
+                raise
             raise ImageError(f"{what}: {path}: cannot read the image ({e})") from None
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))):
@@ -90,7 +106,8 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarray:
     """One image -> float32[H, W, 3]."""
-    pixels = to_rgb(load_image(image, what))
+    target = p.size or ((p.shortest_edge,) * 2 if p.shortest_edge is not None else None)
+    pixels = to_rgb(load_image(image, what, resize_to=target))
     if p.size is not None or p.shortest_edge is not None:
         height, width = resized_shape(*pixels.shape[:2], p)
         pixels = np.asarray(PIL.Image.fromarray(pixels).resize((width, height), resample=p.resample))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any, Sequence
 
@@ -10,15 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import checkpoint
+from jaxvlm import checkpoint, checks, files, memory
 from jaxvlm.config import ModelConfig
-from jaxvlm.generate import generate_tokens, prompt_bucket, right_align
+from jaxvlm.generate import MAX_CHUNK, cache_bucket, generate_tokens, prompt_bucket, right_align
 from jaxvlm.images import preprocess_batch
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
-from jaxvlm.tokenizer import Tokenizer
+from jaxvlm.tokenizer import Tokenizer, check_text
 from jaxvlm.vlm import VisionLanguageModel
+
+log = logging.getLogger("jaxvlm")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -76,14 +79,18 @@ class Model:
     def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None):
         """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, pixels or None)."""
         self._require_decoder()
-        ids = np.asarray(input_ids)
+        ids = _array("input_ids", input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be an int array [B, T], got {ids.dtype} {ids.shape}")
-        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask)
+        if ids.size == 0:
+            raise ValueError(f"input_ids is empty (shape {list(ids.shape)})")
+        mask = np.ones(ids.shape, bool) if attention_mask is None else _array("attention_mask", attention_mask)
         mask = mask[None] if mask.ndim == 1 else mask
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+        if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()):
+            raise ValueError(f"attention_mask must hold booleans or 0/1 integers, got {mask.dtype}")
         mask = mask.astype(bool)
         vocab, image_id = self.config.decoder.vocab_size, self.config.image_token_id
         pixels = None if pixel_values is None else self._pixels(pixel_values, batch=len(ids))
@@ -104,7 +111,7 @@ class Model:
         if self.config.prefix_lm:
             prefix = mask.copy()
             if token_type_ids is not None:
-                types = np.asarray(token_type_ids)
+                types = _array("token_type_ids", token_type_ids)
                 types = types[None] if types.ndim == 1 else types
                 if types.shape != ids.shape:
                     raise ValueError(f"token_type_ids has shape {types.shape}, input_ids {ids.shape}")
@@ -115,11 +122,16 @@ class Model:
 
     def _pixels(self, pixel_values, batch: int | None = None) -> np.ndarray:
         self._require_vision("pixel_values")
-        pixels = np.asarray(pixel_values)
+        pixels = _array("pixel_values", pixel_values)
         size = self.config.vision.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3) or not np.issubdtype(pixels.dtype, np.floating):
             raise ValueError(f"pixel_values must be float [B, {size}, {size}, 3], got {pixels.dtype} "
                              f"{list(pixels.shape)} (use model.preprocess for images)")
+        if not len(pixels):
+            raise ValueError("pixel_values hold no images")
+        if not np.isfinite(pixels).all():
+            bad = int(np.argwhere(~np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1))[0, 0])
+            raise ValueError(f"pixel_values: image {bad} holds NaN or infinite values")
         if batch is not None and len(pixels) != batch:
             raise ValueError(f"pixel_values hold {len(pixels)} images for {batch} rows of input_ids; "
                              "one image per row")
@@ -192,6 +204,8 @@ class Model:
         self._check_length(T, "input_ids")
         # Padding on the right up to a bucket keeps one compilation per bucket; causality hides it.
         length = prompt_bucket(T)
+        outputs = self.config.head.num_labels if self.config.head is not None else self.config.decoder.vocab_size
+        memory.check_fits(B * length * outputs * 4, f"the logits of {B} rows of {length} tokens")
         pad = lambda x, value: np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
         out = _forward(self.config, self.dtype, self.params, jnp.asarray(pad(ids, 0), jnp.int32),
                        jnp.asarray(pad(valid, False)), None if prefix is None else jnp.asarray(pad(prefix, False)),
@@ -206,7 +220,7 @@ class Model:
 
         The images in `pixel_values` are encoded once, at prefill.
         """
-        _check_max_new_tokens(max_new_tokens)
+        max_new_tokens, seed = _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
         self._require_lm_head()
         sampler = make_sampler(temperature, top_k, top_p)
         ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
@@ -215,8 +229,13 @@ class Model:
         longest = max(len(r) for r in rows)
         self._check_length(longest, "the prompt")
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
+        d = self.config.decoder
+        slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
+        cache_bytes = 2 * d.depth * len(rows) * slots * d.num_kv_heads * d.head_dim * jnp.dtype(self.dtype).itemsize
+        memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "
+                                       f"{slots} tokens")
         tokens = self.config.tokens
-        return generate_tokens(self.config, self.dtype, self.params, rows, max_new_tokens=int(max_new_tokens),
+        return generate_tokens(self.config, self.dtype, self.params, rows, max_new_tokens=max_new_tokens,
                                sampler=sampler, temperature=temperature, top_p=top_p, seed=seed,
                                eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes)
 
@@ -229,13 +248,17 @@ class Model:
         models answer about; the prompt is plain text, built into the model's format as its Hugging Face
         processor would.
         """
-        _check_max_new_tokens(max_new_tokens)
-        check_sampling_args(temperature, top_k, top_p)
+        _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
         self._require_lm_head()
         single = isinstance(prompt_or_prompts, str)
+        if not single and not isinstance(prompt_or_prompts, (list, tuple)):
+            raise ValueError(f"prompt_or_prompts must be a string or a list of strings, got "
+                             f"{type(prompt_or_prompts).__name__}")
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt_or_prompts must be a string or a non-empty list of strings")
+        if not prompts:
+            raise ValueError("prompt_or_prompts is an empty list")
+        for i, p in enumerate(prompts):
+            check_text(p, "prompt" if single else f"prompt {i}")
         if image is not None:
             self._require_vision("image")
         if self.tokenizer is None:
@@ -260,26 +283,40 @@ class Model:
         return texts[0] if single else texts
 
 
-def _check_max_new_tokens(max_new_tokens) -> None:
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+def _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed) -> tuple[int, int]:
+    check_sampling_args(temperature, top_k, top_p)
+    return checks.integer("max_new_tokens", max_new_tokens, 1), checks.seed(seed)
+
+
+def _array(name: str, value) -> np.ndarray:
+    """`value` as a numpy array; a ValueError naming the argument for what numpy cannot make one of
+    (ragged lists, objects)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: not an array ({e})") from None
+    if array.dtype == object:
+        raise ValueError(f"{name}: not a numeric array (ragged rows or objects)")
+    return array
 
 
 BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 
 
-def load(path: str | os.PathLike | None = None, dtype: str | None = None) -> Model:
+def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True) -> Model:
     """Loads a converted checkpoint folder; with no path, the built-in shapes model (see `jaxvlm.shapes`).
-    `dtype` ('float32' or 'bfloat16') defaults to the stored one."""
+    `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file is first
+    checked against the folder's `checksums.json`, so a missing, truncated or altered file is named."""
     path = BUILTIN_MODEL if path is None else os.fspath(path)
+    if dtype is not None and str(dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    checks.flag("verify", verify)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    if verify and not files.verify_checksums(path):
+        log.warning("%s has no %s (written by an older jaxvlm): its files cannot be verified", path,
+                    files.CHECKSUMS_FILE)
     config = ModelConfig.load(path)
-    if dtype is None:
-        jdtype = checkpoint.stored_dtype(path)
-    elif str(dtype) in DTYPES:
-        jdtype = DTYPES[str(dtype)]
-    else:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
     params = checkpoint.load_params(path, config, jdtype)
     return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype)

@@ -12,6 +12,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxvlm import checks
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sampler:
@@ -23,12 +25,10 @@ class Sampler:
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature is None or not temperature >= 0:
+    if checks.number("temperature", temperature) < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    checks.optional_integer("top_k", top_k, 1)
+    checks.optional_number("top_p", top_p, low=0, high=1, low_open=True)
 
 
 def make_sampler(temperature: float, top_k: int | None, top_p: float | None) -> Sampler:

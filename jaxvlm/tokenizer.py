@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from jaxvlm.config import TokensConfig
+from jaxvlm.files import FileError, optional_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -27,17 +28,24 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike, tokens: TokensConfig) -> "Tokenizer | None":
-        """The tokenizer found in `directory`, or None if it holds no tokenizer file."""
-        json_path = os.path.join(directory, "tokenizer.json")
-        spm_path = os.path.join(directory, "tokenizer.model")
-        if os.path.isfile(json_path):
+        """The tokenizer found in `directory`, or None if it holds no tokenizer file. A file that cannot be
+        read, or that resolves outside `directory`, is a FileError naming it."""
+        json_path = optional_file(directory, "tokenizer.json")
+        spm_path = optional_file(directory, "tokenizer.model")
+        if json_path is not None:
             import tokenizers
-            tok = tokenizers.Tokenizer.from_file(json_path)
+            try:
+                tok = tokenizers.Tokenizer.from_file(json_path)
+            except Exception as e:  # the Rust library raises its own exception type
+                raise FileError(f"{json_path}: not a readable tokenizer ({_first_line(e)})") from None
             return cls(lambda text: tok.encode(text, add_special_tokens=False).ids,
                        lambda ids: tok.decode(ids, skip_special_tokens=True), tokens, json_path, tok.id_to_token)
-        if os.path.isfile(spm_path):
+        if spm_path is not None:
             import sentencepiece as spm
-            sp = spm.SentencePieceProcessor(model_file=spm_path)
+            try:
+                sp = spm.SentencePieceProcessor(model_file=spm_path)
+            except Exception as e:
+                raise FileError(f"{spm_path}: not a readable SentencePiece model ({_first_line(e)})") from None
             size, unk = sp.get_piece_size(), sp.unk_id()
             # Model vocabularies are often padded past the tokenizer's (Gemma, Phi-3): ids without a piece
             # decode to nothing, as they do with `tokenizers`; <unk> is dropped like the other specials.
@@ -45,9 +53,10 @@ class Tokenizer:
                        spm_path, lambda i: sp.id_to_piece(i) if 0 <= i < size else None)
         return None
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`, after BOS when the model expects one (or when `add_bos` says so)."""
-        ids = list(self._encode(text))
+    def encode(self, text: str, add_bos: bool | None = None, what: str = "text") -> list[int]:
+        """Token ids of `text`, after BOS when the model expects one (or when `add_bos` says so); `what`
+        names the text in errors (e.g. 'prompt 3')."""
+        ids = list(self._encode(check_text(text, what)))
         add_bos = self.tokens.add_bos if add_bos is None else add_bos
         return [self.tokens.bos_id] + ids if add_bos else ids
 
@@ -59,3 +68,19 @@ class Tokenizer:
                 ids = ids[:n]
                 break
         return self._decode(ids)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def check_text(text, what: str) -> str:
+    """`text`, checked to be a string that UTF-8 can encode (tokenizers fail deep inside on lone surrogates)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what}: expected a string, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what}: cannot be encoded as UTF-8 ({e.reason} at character {e.start}: "
+                         f"{text[e.start:e.end]!r})") from None
+    return text

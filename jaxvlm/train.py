@@ -29,6 +29,8 @@ import orbax.checkpoint as ocp
 from flax import struct
 from tqdm.auto import tqdm
 
+from jaxvlm import checks
+from jaxvlm.checkpoint import compare_trees
 from jaxvlm.config import ModelConfig
 from jaxvlm.data import Batch, RowBatches
 from jaxvlm.losses import next_token_loss
@@ -59,17 +61,20 @@ class TrainConfig:
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
 
     def __post_init__(self):
+        name = lambda field: f"TrainConfig.{field}"
         for field in ("steps", "keep_checkpoints", "max_bad_steps"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{field}: must be a positive int, got {value!r}")
-        if not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps: must be in [0, steps={self.steps}], got {self.warmup_steps}")
+            checks.integer(name(field), getattr(self, field), 1)
+        checks.integer(name("warmup_steps"), self.warmup_steps, 0, self.steps)
+        for field in ("learning_rate", "final_learning_rate", "weight_decay"):
+            checks.number(name(field), getattr(self, field), low=0)
+        for field in ("b1", "b2"):  # Adam's moment decays: 1 would never forget, past it diverges
+            checks.number(name(field), getattr(self, field), low=0, high=1, high_open=True)
+        checks.optional_number(name("grad_clip_norm"), self.grad_clip_norm, low=0, low_open=True)
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"TrainConfig.compute_dtype: must be one of {sorted(COMPUTE_DTYPES)}, "
                              f"got {self.compute_dtype!r}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"TrainConfig.checkpoint_every: must be >= 1, got {self.checkpoint_every}")
+        checks.flag(name("remat"), self.remat)
+        checks.optional_integer(name("checkpoint_every"), self.checkpoint_every, 1)
 
     def schedule(self) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps,
@@ -109,17 +114,26 @@ def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> 
     return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """bool[]: every value of every array of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def _train_step(model, optimizer, schedule, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
     (loss, tokens), grads = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)(state.params, batch)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient leaves weights and moments untouched; the host reports the step.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or update leaves weights and moments untouched; the host reports the
+    # step. So no non-finite weight is ever trained in, or saved.
+    weights_finite = all_finite(params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & weights_finite
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     state = TrainState(step=state.step + 1, params=keep(params, state.params),
                        opt_state=keep(opt_state, state.opt_state))
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
+               "weights_finite": weights_finite,
                "learning_rate": schedule(state.step - 1)}
     return state, metrics
 
@@ -158,22 +172,42 @@ class Trainer:
         manager = self.manager()
         step = int(state.step)
         if manager is not None and step not in manager.all_steps():
+            if not all_finite(state.params):  # the train step keeps weights finite; this is the last guard
+                raise FloatingPointError(f"step {step}: the weights are not finite; not saved over the "
+                                         f"checkpoints in {manager.directory}")
             manager.save(step, args=ocp.args.StandardSave(state))
 
     def restore(self, params) -> TrainState:
-        """The latest checkpoint in `workdir` if there is one (checked against `params`' shapes), else a
-        fresh state from `params`."""
+        """The latest usable checkpoint in `workdir` if there is one (checked against `params`' shapes),
+        else a fresh state from `params`. A damaged checkpoint (unreadable, or with non-finite weights) is
+        passed over with a warning naming it, for the one before it."""
         state = self.init_state(params)
         manager = self.manager()
-        step = None if manager is None else manager.latest_step()
-        if step is None:
-            return state
-        where = os.path.join(manager.directory, str(step))
-        _check_same_shapes(manager.item_metadata(step), state, where)
+        steps = [] if manager is None else sorted(manager.all_steps(), reverse=True)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        log.info("resumed from %s (step %d)", where, step)
-        return restored
+        for step in steps:
+            where = os.path.join(manager.directory, str(step))
+            try:
+                saved = manager.item_metadata(step)
+                saved = getattr(saved, "tree", saved)["params"]  # orbax's TreeMetadata wraps the saved dict
+            except Exception as e:
+                log.warning("%s: damaged checkpoint (%s); trying the one before", where, _first_line(e))
+                continue
+            compare_trees(saved, state.params, where, "this model (it was saved from a model of another shape)")
+            try:
+                restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+            except Exception as e:
+                log.warning("%s: damaged checkpoint (%s); trying the one before", where, _first_line(e))
+                continue
+            if not all_finite(restored.params):
+                log.warning("%s: the saved weights are not finite; trying the one before", where)
+                continue
+            log.info("resumed from %s (step %d)", where, step)
+            return restored
+        if steps:
+            raise ValueError(f"{manager.directory}: no checkpoint there can be restored (steps "
+                             f"{', '.join(map(str, steps))}; see the warnings); move the folder away to start afresh")
+        return state
 
     def close(self) -> None:
         if self._manager is not None:
@@ -207,8 +241,9 @@ class Trainer:
                         bad_in_a_row = 0
                     else:
                         bad_in_a_row += 1
-                        log.warning("step %d: loss %s, gradient norm %s; update skipped", step + 1, metrics["loss"],
-                                    metrics["grad_norm"])
+                        log.warning("step %d: loss %s, gradient norm %s%s; update skipped", step + 1,
+                                    metrics["loss"], metrics["grad_norm"],
+                                    "" if metrics["weights_finite"] else ", updated weights not finite")
                         if bad_in_a_row >= self.tc.max_bad_steps:
                             raise FloatingPointError(
                                 f"steps {step + 2 - bad_in_a_row}-{step + 1}: the loss was not finite "
@@ -232,28 +267,18 @@ class Trainer:
         return "none" if step is None else os.path.join(manager.directory, str(step))
 
 
-def _check_same_shapes(saved, state: TrainState, where: str) -> None:
-    """A clear error when the checkpoint was saved from a model of another shape."""
-    saved_params = getattr(saved, "tree", saved)["params"]  # orbax's TreeMetadata wraps the saved dict
-    name = lambda path: "/".join(str(getattr(k, "key", k)) for k in path)
-    flat_saved = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved_params)[0]}
-    flat_now = {name(k): v for k, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
-    for key in sorted(set(flat_saved) | set(flat_now)):
-        if key not in flat_now:
-            raise ValueError(f"{where}: the checkpoint has param {key}, which this model lacks; "
-                             "it was saved from a model of another shape")
-        if key not in flat_saved:
-            raise ValueError(f"{where}: the checkpoint lacks param {key}; it was saved from a model of another shape")
-        if tuple(flat_saved[key].shape) != tuple(flat_now[key].shape):
-            raise ValueError(f"{where}: param {key} has shape {tuple(flat_saved[key].shape)} in the checkpoint but "
-                             f"{tuple(flat_now[key].shape)} in this model; it was saved from a model of another shape")
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, workdir=None, progress: bool = True,
-             on_step=None):
+             on_step=None, too_long: str = "skip"):
     """Fine-tunes a loaded `jaxvlm.Model` on rows {"prompt", "answer", "image"} and returns the tuned Model
-    (float32 params; the original is left as it was)."""
-    batches = RowBatches(model.config, model.tokenizer, rows, batch_size, seed)
+    (float32 params; the original is left as it was). Rows longer than the context are skipped or cut as
+    `too_long` says (see `jaxvlm.data`)."""
+    if not isinstance(tc, TrainConfig):
+        raise ValueError(f"tc must be a TrainConfig, got {type(tc).__name__}")
+    batches = RowBatches(model.config, model.tokenizer, rows, batch_size, seed, too_long=too_long)
     state = Trainer(model.config, tc, workdir).fit(model.params, batches, progress, on_step)
     return Model(model.config, state.params, model.tokenizer, jnp.float32)
 

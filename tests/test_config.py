@@ -35,7 +35,7 @@ def test_validation_names_the_field(change, message):
 
 def test_unknown_field_in_json():
     text = ModelConfig(decoder=DecoderConfig(**BASE)).to_json().replace('"depth"', '"layers"')
-    with pytest.raises(ValueError, match="unknown field 'layers'"):
+    with pytest.raises(ValueError, match="unknown field 'decoder.layers'"):
         ModelConfig.from_json(text)
 
 
