@@ -49,8 +49,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         raise CheckpointError(f"{out_dir}: output folder already exists")
     config, text_family, layout = model_config(hf_dir)
     rules = tables.expand(config, text_family)
-    copies = [_inside(hf_dir, n) for n in TOKENIZER_FILES + PROCESSOR_FILES
-              if os.path.lexists(os.path.join(hf_dir, n))]
+    copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := _optional_file(hf_dir, n)) is not None]
 
     with TensorReader(hf_dir) as reader:
         names = _match_names(hf_dir, reader, rules, config, text_family, layout)
@@ -84,9 +83,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
     return out_dir
 
 
-def _inside(hf_dir: str, name: str) -> str:
+def _optional_file(hf_dir: str, name: str) -> str | None:
     try:
-        return checkpoint_files.inside(hf_dir, name)
+        return checkpoint_files.optional_file(hf_dir, name)
     except checkpoint_files.FileError as e:
         raise CheckpointError(str(e)) from None
 

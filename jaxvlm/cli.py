@@ -53,7 +53,7 @@ def run(command, args) -> None:
     """Runs a command; its errors, and an interruption, end the program with one line."""
     try:
         command(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # the last: training that stopped on NaN losses
         sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during a write (see jaxvlm.files)
         print(f"error: {e}" if str(e) and " " in str(e) else "error: interrupted", file=sys.stderr)
