@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import struct
 from tqdm.auto import tqdm
 
-from jaxvlm import checks
+from jaxvlm import checks, files
 from jaxvlm.checkpoint import compare_trees
 from jaxvlm.config import ModelConfig
 from jaxvlm.data import Batch, RowBatches
@@ -153,6 +153,7 @@ class Trainer:
         self._step = jax.jit(functools.partial(_train_step, self.model, self.optimizer, tc.schedule()),
                              donate_argnums=0)
         self._manager = None
+        self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
 
     # --- state and checkpoints -----------------------------------------------------------------------------
     def init_state(self, params) -> TrainState:
@@ -175,7 +176,22 @@ class Trainer:
             if not all_finite(state.params):  # the train step keeps weights finite; this is the last guard
                 raise FloatingPointError(f"step {step}: the weights are not finite; not saved over the "
                                          f"checkpoints in {manager.directory}")
+            self._seal()
             manager.save(step, args=ocp.args.StandardSave(state))
+            self._unsealed.append(step)
+
+    def _seal(self) -> None:
+        """Writes `checksums.json` into each finished checkpoint that has none yet, so flipped bytes are
+        found at resume. orbax saves in the background: a checkpoint is sealed when the next one starts,
+        or when the trainer closes (one killed before that resumes unverified)."""
+        if self._manager is None or not self._unsealed:
+            return
+        self._manager.wait_until_finished()
+        for step in self._unsealed:
+            folder = os.path.join(self._manager.directory, str(step))
+            if os.path.isdir(folder):  # unless max_to_keep has rotated it out already
+                files.write_checksums(folder)
+        self._unsealed = []
 
     def restore(self, params) -> TrainState:
         """The latest usable checkpoint in `workdir` if there is one (checked against `params`' shapes),
@@ -195,6 +211,7 @@ class Trainer:
                 continue
             compare_trees(saved, state.params, where, "this model (it was saved from a model of another shape)")
             try:
+                files.verify_checksums(where)
                 restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
             except Exception as e:
                 log.warning("%s: damaged checkpoint (%s); trying the one before", where, _first_line(e))
@@ -211,6 +228,7 @@ class Trainer:
 
     def close(self) -> None:
         if self._manager is not None:
+            self._seal()
             self._manager.wait_until_finished()
             self._manager.close()
             self._manager = None

@@ -428,7 +428,9 @@ def train(tok, steps, workdir, **kwargs):
     lambda step: [open(p, "r+b").truncate(0) for p, _, ns in os.walk(step) for p in [os.path.join(p, n) for n in ns]
                   if "/d/" in p],
     lambda step: open(os.path.join(step, "default", "_METADATA"), "w").write("{garbage"),
-], ids=["item folder gone", "data truncated", "tree metadata garbled"])
+    lambda step: flip_a_byte(next(f for p, _, ns in os.walk(step) for f in [os.path.join(p, n) for n in ns]
+                                  if "/d/" in f)),
+], ids=["item folder gone", "data truncated", "tree metadata garbled", "a byte flipped"])
 def test_damaged_latest_training_checkpoint_falls_back_with_a_warning(tok, tmp_path, caplog, damage):
     train(tok, 4, tmp_path, checkpoint_every=2)
     damage(str(tmp_path / "checkpoints" / "4"))
