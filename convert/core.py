@@ -49,7 +49,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         raise CheckpointError(f"{out_dir}: output folder already exists")
     config, text_family, layout = model_config(hf_dir)
     rules = tables.expand(config, text_family)
-    copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := _optional_file(hf_dir, n)) is not None]
+    copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := checkpoint_files.optional_file(hf_dir, n))]
 
     with TensorReader(hf_dir) as reader:
         names = _match_names(hf_dir, reader, rules, config, text_family, layout)
@@ -81,13 +81,6 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
                 del source
             checkpoint.write_model(tmp, config, params, copies)
     return out_dir
-
-
-def _optional_file(hf_dir: str, name: str) -> str | None:
-    try:
-        return checkpoint_files.optional_file(hf_dir, name)
-    except checkpoint_files.FileError as e:
-        raise CheckpointError(str(e)) from None
 
 
 def _match_names(hf_dir, reader, rules, config, text_family, layout) -> dict[str, str]:

@@ -43,11 +43,8 @@ FAMILY_DEFAULTS = {
 
 def read_json(hf_dir: str, name: str) -> Fields | None:
     """The JSON object `name` in `hf_dir` as typed fields, or None when the folder has no such file."""
-    try:
-        path = files.optional_file(hf_dir, name)
-        return None if path is None else Fields(files.read_json(path), path)
-    except files.FileError as e:
-        raise ConfigError(str(e)) from None
+    path = files.optional_file(hf_dir, name)
+    return None if path is None else Fields(files.read_json(path), path)
 
 
 def load_hf_config(hf_dir: str) -> Fields:
@@ -315,7 +312,7 @@ def model_config(hf_dir: str) -> tuple[ModelConfig, str | None, str]:
                                projection_dim=projection)
         processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
         return ModelConfig(vision=vision, image_processing=processing), None, "vision"
-    except ConfigError:
+    except (ConfigError, files.FileError):  # already name their file and field
         raise
     except ValueError as e:  # a value the jaxvlm config refuses (e.g. heads that do not divide)
         raise ConfigError(f"{cfg.path}: {e}") from None

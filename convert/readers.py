@@ -152,10 +152,7 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 def _read_index(hf_dir: str, name: str) -> tuple[dict[str, str], str]:
     """The index's weight_map {tensor: shard}, every entry checked to be a file inside the folder."""
     path = files.inside(hf_dir, name)
-    try:
-        index = files.read_json(path, "an index object")
-    except files.FileError as e:
-        raise CheckpointError(str(e)) from None
+    index = files.read_json(path, "an index object")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{path}: field 'weight_map' must be an object of tensor names to files, "
@@ -163,10 +160,7 @@ def _read_index(hf_dir: str, name: str) -> tuple[dict[str, str], str]:
     for tensor, shard in weight_map.items():
         if not isinstance(shard, str):
             raise CheckpointError(f"{path}: weight_map[{tensor!r}] must be a file name, got {shard!r}")
-        try:
-            files.inside(hf_dir, shard, f"{path}: weight_map[{tensor!r}]")
-        except files.FileError as e:
-            raise CheckpointError(str(e)) from None
+        files.inside(hf_dir, shard, f"{path}: weight_map[{tensor!r}]")
     return weight_map, path
 
 
@@ -182,8 +176,5 @@ def _weight_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None, str | 
                 raise CheckpointError(f"{missing[0]}: shard listed in {index} is missing")
             return shards, weight_map, index_path
         if os.path.lexists(os.path.join(hf_dir, single)):
-            try:
-                return [files.inside(hf_dir, single)], None, None
-            except files.FileError as e:
-                raise CheckpointError(str(e)) from None
+            return [files.inside(hf_dir, single)], None, None
     raise CheckpointError(f"{hf_dir}: no weights (model.safetensors, its sharded index, or pytorch_model.bin)")

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 
 from jaxvlm import files
 from jaxvlm.config import ModelConfig
-from jaxvlm.files import FileError
+from jaxvlm.files import FileError, error_line
 from jaxvlm.vlm import VisionLanguageModel
 
 PARAMS_DIR = "params"
@@ -82,11 +82,6 @@ def save_model(directory: str | os.PathLike, config: ModelConfig, params, copies
     return os.path.abspath(os.fspath(directory))
 
 
-def _first_line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {text[:200]}"
-
-
 def params_path(directory: str | os.PathLike) -> str:
     """`directory/params`, checked to exist and to hold nothing that resolves outside `directory`."""
     directory = os.fspath(directory)
@@ -105,7 +100,7 @@ def stored_metadata(directory: str | os.PathLike):
         with ocp.StandardCheckpointer() as ckptr:
             meta = ckptr.metadata(path).item_metadata
     except Exception as e:  # orbax raises IndexError, KeyError, ValueError... for damaged folders
-        raise FileError(f"{path}: not a readable params checkpoint ({_first_line(e)})") from None
+        raise FileError(f"{path}: not a readable params checkpoint ({error_line(e)})") from None
     tree = getattr(meta, "tree", meta)  # orbax's TreeMetadata wraps the saved tree
     if not jax.tree.leaves(tree):  # orbax only warns when it finds no metadata
         raise FileError(f"{path}: not a readable params checkpoint (its metadata is missing or damaged)")
@@ -128,4 +123,4 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, dtype):
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(path, target)
     except Exception as e:
-        raise FileError(f"{path}: unreadable params checkpoint ({_first_line(e)})") from None
+        raise FileError(f"{path}: unreadable params checkpoint ({error_line(e)})") from None

@@ -41,6 +41,12 @@ class WriteError(OSError):
     """A folder could not be written; the message names it. Nothing was left behind."""
 
 
+def error_line(e: BaseException) -> str:
+    """'Type: the first line of the message', to quote a library's error inside a one-line one."""
+    text = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
 # --- reading inside a folder ----------------------------------------------------------------------------
 def _roots(folder: str) -> list[str]:
     """The real folders a checkpoint's files may resolve into: itself, and the hub cache's blobs."""

@@ -129,9 +129,9 @@ class Model:
                              f"{list(pixels.shape)} (use model.preprocess for images)")
         if not len(pixels):
             raise ValueError("pixel_values hold no images")
-        if not np.isfinite(pixels).all():
-            bad = int(np.argwhere(~np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1))[0, 0])
-            raise ValueError(f"pixel_values: image {bad} holds NaN or infinite values")
+        finite = np.isfinite(pixels).reshape(len(pixels), -1).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"pixel_values: image {int(np.argmin(finite))} holds NaN or infinite values")
         if batch is not None and len(pixels) != batch:
             raise ValueError(f"pixel_values hold {len(pixels)} images for {batch} rows of input_ids; "
                              "one image per row")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from jaxvlm.config import TokensConfig
-from jaxvlm.files import FileError, optional_file
+from jaxvlm.files import FileError, error_line, optional_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -37,7 +37,7 @@ class Tokenizer:
             try:
                 tok = tokenizers.Tokenizer.from_file(json_path)
             except Exception as e:  # the Rust library raises its own exception type
-                raise FileError(f"{json_path}: not a readable tokenizer ({_first_line(e)})") from None
+                raise FileError(f"{json_path}: not a readable tokenizer ({error_line(e)})") from None
             return cls(lambda text: tok.encode(text, add_special_tokens=False).ids,
                        lambda ids: tok.decode(ids, skip_special_tokens=True), tokens, json_path, tok.id_to_token)
         if spm_path is not None:
@@ -45,7 +45,7 @@ class Tokenizer:
             try:
                 sp = spm.SentencePieceProcessor(model_file=spm_path)
             except Exception as e:
-                raise FileError(f"{spm_path}: not a readable SentencePiece model ({_first_line(e)})") from None
+                raise FileError(f"{spm_path}: not a readable SentencePiece model ({error_line(e)})") from None
             size, unk = sp.get_piece_size(), sp.unk_id()
             # Model vocabularies are often padded past the tokenizer's (Gemma, Phi-3): ids without a piece
             # decode to nothing, as they do with `tokenizers`; <unk> is dropped like the other specials.
@@ -68,10 +68,6 @@ class Tokenizer:
                 ids = ids[:n]
                 break
         return self._decode(ids)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def check_text(text, what: str) -> str:

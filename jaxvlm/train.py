@@ -207,14 +207,14 @@ class Trainer:
                 saved = manager.item_metadata(step)
                 saved = getattr(saved, "tree", saved)["params"]  # orbax's TreeMetadata wraps the saved dict
             except Exception as e:
-                log.warning("%s: damaged checkpoint (%s); trying the one before", where, _first_line(e))
+                log.warning("%s: damaged checkpoint (%s); trying the one before", where, files.error_line(e))
                 continue
             compare_trees(saved, state.params, where, "this model (it was saved from a model of another shape)")
             try:
                 files.verify_checksums(where)
                 restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
             except Exception as e:
-                log.warning("%s: damaged checkpoint (%s); trying the one before", where, _first_line(e))
+                log.warning("%s: damaged checkpoint (%s); trying the one before", where, files.error_line(e))
                 continue
             if not all_finite(restored.params):
                 log.warning("%s: the saved weights are not finite; trying the one before", where)
@@ -283,10 +283,6 @@ class Trainer:
         manager = self.manager()
         step = None if manager is None else manager.latest_step()
         return "none" if step is None else os.path.join(manager.directory, str(step))
-
-
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, workdir=None, progress: bool = True,
