@@ -73,11 +73,13 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
             params: dict = {}
             for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
                 source = reader.get(names[name])
-                if not np.isfinite(source.astype(np.float32)).all():
-                    raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN or "
-                                          "infinite values")
                 for path, transform in rule.targets:
-                    _set(params, path, jax.device_put(np.array(transform(source), dtype=target), cpu))
+                    value = np.array(transform(source), dtype=target)
+                    # checked after the cast, which also catches float64 values past the target's range
+                    if not np.isfinite(value).all():
+                        raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN or "
+                                              f"infinite values (as {np.dtype(target).name})")
+                    _set(params, path, jax.device_put(value, cpu))
                 del source
             checkpoint.write_model(tmp, config, params, copies)
     return out_dir

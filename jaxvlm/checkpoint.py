@@ -9,7 +9,6 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxvlm import files
@@ -35,10 +34,18 @@ def param_name(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """bool[]: every value of every array of `tree` is finite (computed where the arrays live)."""
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def check_finite(params, where: str) -> None:
     """Refuses to write NaN or infinite weights, naming the first such param."""
+    if all_finite(params):
+        return
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not np.isfinite(np.asarray(leaf, np.float32)).all():
+        if not jnp.isfinite(leaf).all():
             raise ValueError(f"{where}: param {param_name(path)} holds NaN or infinite values; not saved")
 
 
@@ -65,8 +72,8 @@ def save_params(directory: str | os.PathLike, params) -> None:
 
 def write_model(directory: str, config: ModelConfig, params, copies: Iterable[str] = ()) -> None:
     """Writes `config.json`, the params, copies of the files `copies` (their contents: a link is never
-    copied as a link) and `checksums.json` into the existing, empty folder `directory`."""
-    check_finite(params, directory)
+    copied as a link) and `checksums.json` into the existing, empty folder `directory`. (The converter
+    checks each tensor as it reads it; `save_model` checks the whole tree.)"""
     save_params(directory, params)
     config.save(directory)
     for path in copies:
@@ -76,7 +83,8 @@ def write_model(directory: str, config: ModelConfig, params, copies: Iterable[st
 
 def save_model(directory: str | os.PathLike, config: ModelConfig, params, copies: Iterable[str] = ()) -> str:
     """Writes a loadable model folder (see `write_model`) all at once: into a temporary folder renamed at
-    the end, so an interrupted or failed save leaves nothing behind."""
+    the end, so an interrupted or failed save leaves nothing behind. Non-finite weights are refused."""
+    check_finite(params, os.path.abspath(os.fspath(directory)))
     with files.writing(directory) as tmp:
         write_model(tmp, config, params, copies)
     return os.path.abspath(os.fspath(directory))

@@ -85,8 +85,7 @@ def encode_row(config: ModelConfig, tokenizer: Tokenizer, row: Any, name: str = 
     except ValueError as e:
         raise RowError(f"{name}: {e}") from None
     ids = np.concatenate([prompt_ids, np.asarray(answer_ids, np.int32)])
-    limit = config.decoder.max_position_embeddings if length is None else min(length,
-                                                                             config.decoder.max_position_embeddings)
+    limit = min(config.decoder.max_position_embeddings, length or config.decoder.max_position_embeddings)
     if len(ids) > limit:
         what = f"{name}: {len(ids)} tokens, more than the {limit} that fit"
         if too_long == "skip" or len(prompt_ids) >= limit:

@@ -30,7 +30,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from jaxvlm import checks, files
-from jaxvlm.checkpoint import compare_trees
+from jaxvlm.checkpoint import all_finite, compare_trees
 from jaxvlm.config import ModelConfig
 from jaxvlm.data import Batch, RowBatches
 from jaxvlm.losses import next_token_loss
@@ -112,12 +112,6 @@ def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> 
     logits = model.apply({"params": params}, batch["tokens"], positions, valid, pixels=batch.get("pixels"),
                          prefix=batch.get("prefix")).logits
     return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """bool[]: every value of every array of `tree` is finite."""
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
 def _train_step(model, optimizer, schedule, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
