@@ -49,14 +49,14 @@ class Attention(nn.Module):
         """
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         D = x.shape[-1]
-        bias = lambda *shape: shape if self.qkv_bias else None
         kv_input = x if kv_input is None else kv_input
-        q = Einsum("BTD,DNH->BTNH", (D, N, H), bias(N, H), dtype=self.dtype, name="q")(x)
-        k = Einsum("BSD,DKH->BSKH", (D, K, H), bias(K, H), dtype=self.dtype, name="k")(kv_input)
-        v = Einsum("BSD,DKH->BSKH", (D, K, H), bias(K, H), dtype=self.dtype, name="v")(kv_input)
+        q_axes, kv_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
+        q = Einsum("BTD,DNH->BTNH", (D, N, H), q_axes, self.qkv_bias, dtype=self.dtype, name="q")(x)
+        k = Einsum("BSD,DKH->BSKH", (D, K, H), kv_axes, self.qkv_bias, dtype=self.dtype, name="k")(kv_input)
+        v = Einsum("BSD,DKH->BSKH", (D, K, H), kv_axes, self.qkv_bias, dtype=self.dtype, name="v")(kv_input)
         if self.qk_norm_eps is not None:
-            q = RMSNorm(self.qk_norm_eps, self.norm_scale_offset, dtype=self.dtype, name="q_norm")(q)
-            k = RMSNorm(self.qk_norm_eps, self.norm_scale_offset, dtype=self.dtype, name="k_norm")(k)
+            qk_norm = lambda name: RMSNorm(self.qk_norm_eps, self.norm_scale_offset, self.dtype, "head_dim", name=name)
+            q, k = qk_norm("q_norm")(q), qk_norm("k_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache_kv is not None:
@@ -72,5 +72,6 @@ class Attention(nn.Module):
         # float[B, K, G, T, S], kept only when applied with mutable=["intermediates"] (for inspection).
         self.sow("intermediates", "attention", probs)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
-        out = Einsum("BTNH,NHD->BTD", (N, H, D), (D,) if self.out_bias else None, dtype=self.dtype, name="o")(out)
+        out = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), self.out_bias, dtype=self.dtype,
+                     name="o")(out)
         return out, (k, v)

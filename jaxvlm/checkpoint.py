@@ -8,6 +8,7 @@ import shutil
 from typing import Iterable
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
@@ -19,14 +20,29 @@ from jaxvlm.vlm import VisionLanguageModel
 PARAMS_DIR = "params"
 
 
-def abstract_params(config: ModelConfig, dtype=jnp.float32):
-    """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated)."""
+def _init_boxed(config: ModelConfig, key: jax.Array, dtype):
+    """Freshly initialised params, each still boxed with the logical names of its axes."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     size = config.vision.image_size if config.vision is not None else 1
     pixels = jnp.zeros((1, size, size, 3), jnp.float32)
-    init = lambda: VisionLanguageModel(config, dtype).init(jax.random.key(0), tokens, pixels,
-                                                           method="initialize")["params"]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), jax.eval_shape(init))
+    return VisionLanguageModel(config, dtype).init(key, tokens, pixels, method="initialize")["params"]
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32):
+    """Randomly initialised params (plain arrays), for training from scratch."""
+    return nn.meta.unbox(_init_boxed(config, key, dtype))
+
+
+def abstract_params(config: ModelConfig, dtype=jnp.float32):
+    """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated)."""
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), dtype))
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(boxed))
+
+
+def param_axes(config: ModelConfig):
+    """The params tree with, at each leaf, the logical names of the param's axes (a PartitionSpec such as
+    P('embed', 'heads', 'head_dim')), as the layers declare them."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32)))
 
 
 def param_name(path) -> str:

@@ -58,7 +58,8 @@ class Decoder(nn.Module):
         self.layers = [block(c, dtype=self.dtype, name=f"layer_{i}") for i in range(c.depth)]
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
-            self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), dtype=self.dtype, out_dtype=jnp.float32)
+            self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), ("embed", "vocab"), dtype=self.dtype,
+                                  out_dtype=jnp.float32)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """int[B, T] -> [B, T, D]."""

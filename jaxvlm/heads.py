@@ -32,7 +32,7 @@ class ClassificationHead(nn.Module):
         c = self.config
         if c.kind == "sequence_classification":
             hidden = last_token(hidden, valid)[:, None]
-        score = Einsum("BTD,DC->BTC", (hidden.shape[-1], c.num_labels), (c.num_labels,) if c.bias else None,
+        score = Einsum("BTD,DC->BTC", (hidden.shape[-1], c.num_labels), ("embed", "labels"), c.bias,
                        dtype=self.dtype, out_dtype=jnp.float32, name="score")
         logits = score(hidden).astype(jnp.float32)
         return logits[:, 0] if c.kind == "sequence_classification" else logits

@@ -5,13 +5,20 @@ Shape alphabet, used in docstrings, names and einsum strings across jaxvlm:
   N query heads, K kv heads, G = N // K, H head dim, V vocab, L layers,
   P image tokens per image, C channels.
 
+Every parameter names what each of its axes is (its logical axes), so that sharding rules, and whatever
+else depends on a weight's layout, are derived from the names in one place (`jaxvlm.sharding`):
+  embed (D, and a vision encoder's width), heads (N), kv_heads (K), head_dim (H), mlp (F), vocab (V),
+  labels (a classification head's outputs), image_tokens (the encoder's positions), patch and channels
+  (the patch embedding's kernel). The names ride on the params only at `init` (flax's logical
+  partitioning boxes); `jaxvlm.checkpoint.param_axes` reads them, everything else sees plain arrays.
+
 Parameters are stored in whatever dtype the checkpoint holds and cast to the module's `dtype` (the
 compute dtype) where they are used; norms, softmax and logits run in float32.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,23 +26,34 @@ import flax.linen as nn
 import numpy as np
 
 Dtype = Any
+Axes = tuple[str, ...]
+
+
+def named(init: Callable, axes: Axes) -> Callable:
+    """An initializer whose parameter carries the logical names of its axes."""
+    return nn.with_logical_partitioning(init, axes)
 
 
 class Einsum(nn.Module):
-    """A projection spelled as an einsum, e.g. 'BTD,DNH->BTNH' with kernel `shape` (D, N, H)."""
+    """A projection spelled as an einsum, e.g. 'BTD,DNH->BTNH' with kernel `shape` (D, N, H) and `axes`
+    ('embed', 'heads', 'head_dim'). A bias covers the kernel's axes that reach the output, (N, H) here."""
 
     spec: str
     shape: tuple[int, ...]
-    bias_shape: tuple[int, ...] | None = None  # the output's trailing dims, when the projection has a bias
+    axes: Axes
+    use_bias: bool = False
     dtype: Dtype = jnp.float32
     out_dtype: Dtype | None = None  # accumulate and return in this dtype (float32 for output logits)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), self.shape, self.dtype)
+        kernel = self.param("kernel", named(nn.initializers.lecun_normal(), self.axes), self.shape, self.dtype)
         y = jnp.einsum(self.spec, x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
-        if self.bias_shape is not None:
-            y = y + self.param("bias", nn.initializers.zeros_init(), self.bias_shape, self.dtype).astype(self.dtype)
+        if self.use_bias:
+            kernel_letters, out_letters = self.spec.split(",")[1].split("->")
+            kept = [i for i, letter in enumerate(kernel_letters) if letter in out_letters]
+            shape, axes = tuple(self.shape[i] for i in kept), tuple(self.axes[i] for i in kept)
+            y = y + self.param("bias", named(nn.initializers.zeros_init(), axes), shape, self.dtype).astype(self.dtype)
         return y
 
 
@@ -50,11 +68,12 @@ class RMSNorm(nn.Module):
     eps: float = 1e-6
     scale_offset: float = 0.0
     dtype: Dtype = jnp.float32
+    axis: str = "embed"  # what the normalised axis is: head_dim for q/k norms
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         init = nn.initializers.zeros_init() if self.scale_offset else nn.initializers.ones_init()
-        scale = self.param("scale", init, (x.shape[-1],), self.dtype)
+        scale = self.param("scale", named(init, (self.axis,)), (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         if self.scale_offset:
@@ -81,9 +100,10 @@ class GatedMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         D, F = self.width, self.mlp_dim
-        gate = Einsum("BTD,DF->BTF", (D, F), dtype=self.dtype, name="gate")(x)
-        up = Einsum("BTD,DF->BTF", (D, F), dtype=self.dtype, name="up")(x)
-        return Einsum("BTF,FD->BTD", (F, D), dtype=self.dtype, name="down")(ACTIVATIONS[self.activation](gate) * up)
+        gate = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
+        up = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), dtype=self.dtype, name="up")(x)
+        down = Einsum("BTF,FD->BTD", (F, D), ("mlp", "embed"), dtype=self.dtype, name="down")
+        return down(ACTIVATIONS[self.activation](gate) * up)
 
 
 class MLP(nn.Module):
@@ -98,9 +118,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         D, F, O = x.shape[-1], self.mlp_dim, self.out_dim
-        bias = lambda n: (n,) if self.use_bias else None
-        h = Einsum("BTD,DF->BTF", (D, F), bias(F), dtype=self.dtype, name="fc1")(x)
-        return Einsum("BTF,FD->BTD", (F, O), bias(O), dtype=self.dtype, name="fc2")(ACTIVATIONS[self.activation](h))
+        h = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), self.use_bias, dtype=self.dtype, name="fc1")(x)
+        fc2 = Einsum("BTF,FD->BTD", (F, O), ("mlp", "embed"), self.use_bias, dtype=self.dtype, name="fc2")
+        return fc2(ACTIVATIONS[self.activation](h))
 
 
 class Embedder(nn.Module):
@@ -113,8 +133,8 @@ class Embedder(nn.Module):
 
     def setup(self):
         # Unit-variance inputs after the sqrt(D) scale, and unit-scale logits from the tied head, at init.
-        self.embedding = self.param("embedding", nn.initializers.normal(stddev=self.width ** -0.5),
-                                    (self.vocab_size, self.width), self.dtype)
+        self.embedding = self.param("embedding", named(nn.initializers.normal(stddev=self.width ** -0.5),
+                                                       ("vocab", "embed")), (self.vocab_size, self.width), self.dtype)
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: int[B, T] -> float[B, T, D]."""

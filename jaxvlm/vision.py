@@ -12,11 +12,13 @@ import flax.linen as nn
 
 from jaxvlm.attention import Attention
 from jaxvlm.config import VisionConfig
-from jaxvlm.layers import MLP, Dtype, Einsum
+from jaxvlm.layers import MLP, Dtype, Einsum, named
 
 
 def _layer_norm(c: VisionConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.LayerNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=dtype, name=name,
+                        scale_init=named(nn.initializers.ones_init(), ("embed",)),
+                        bias_init=named(nn.initializers.zeros_init(), ("embed",)))
 
 
 def _attention(c: VisionConfig, dtype: Dtype, name: str) -> Attention:
@@ -45,7 +47,8 @@ class AttentionPool(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        probe = self.param("probe", nn.initializers.normal(1.0), (c.width,), self.dtype).astype(self.dtype)
+        probe = self.param("probe", named(nn.initializers.normal(1.0), ("embed",)), (c.width,), self.dtype)
+        probe = probe.astype(self.dtype)
         probe = jnp.broadcast_to(probe, (x.shape[0], 1, c.width))
         h = _attention(c, self.dtype, "attn")(probe, kv_input=x)[0]
         h = h + MLP(c.mlp_dim, c.width, c.activation, dtype=self.dtype, name="mlp")(
@@ -62,11 +65,15 @@ class VisionEncoder(nn.Module):
         c = self.config
         p = c.patch_size
         self.patch_embed = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias,
-                                   dtype=self.dtype, param_dtype=self.dtype)
+                                   dtype=self.dtype, param_dtype=self.dtype,
+                                   kernel_init=named(nn.initializers.lecun_normal(),
+                                                     ("patch", "patch", "channels", "embed")),
+                                   bias_init=named(nn.initializers.zeros_init(), ("embed",)))
         if c.class_token:
-            self.class_token = self.param("class_token", nn.initializers.normal(1.0), (c.width,), self.dtype)
-        self.pos_embedding = self.param("pos_embedding", nn.initializers.normal(0.02), (c.num_tokens, c.width),
-                                        self.dtype)
+            self.class_token = self.param("class_token", named(nn.initializers.normal(1.0), ("embed",)), (c.width,),
+                                          self.dtype)
+        self.pos_embedding = self.param("pos_embedding", named(nn.initializers.normal(0.02), ("image_tokens", "embed")),
+                                        (c.num_tokens, c.width), self.dtype)
         if c.pre_norm:
             self.pre_norm = _layer_norm(c, self.dtype, "pre_norm")
         block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
@@ -75,7 +82,7 @@ class VisionEncoder(nn.Module):
         if c.attention_pool:
             self.attention_pool = AttentionPool(c, self.dtype)
         if c.projection_dim is not None:
-            self.projection = Einsum("BD,DE->BE", (c.width, c.projection_dim), dtype=self.dtype,
+            self.projection = Einsum("BD,DE->BE", (c.width, c.projection_dim), ("embed", "embed"), dtype=self.dtype,
                                      out_dtype=jnp.float32)
 
     def hidden_states(self, pixels: jax.Array, depth: int | None = None) -> list[jax.Array]:

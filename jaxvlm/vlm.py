@@ -31,8 +31,8 @@ class Projector(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "mlp":
             return MLP(self.width, self.width, "gelu", self.use_bias, dtype=self.dtype, name="mlp")(x)
-        bias = (self.width,) if self.use_bias else None
-        return Einsum("BPC,CD->BPD", (x.shape[-1], self.width), bias, dtype=self.dtype, name="linear")(x)
+        return Einsum("BPC,CD->BPD", (x.shape[-1], self.width), ("embed", "embed"), self.use_bias, dtype=self.dtype,
+                      name="linear")(x)
 
 
 def merge_image_features(text: jax.Array, features: jax.Array, is_image: jax.Array) -> jax.Array:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ CONFIGS = {
 
 def random_model(config: DecoderConfig, seed=0) -> Model:
     tokens = jnp.zeros((1, 1), jnp.int32)
-    params = {"decoder": Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens > -1)["params"]}
+    params = {"decoder": nn.meta.unbox(Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens > -1)["params"])}
     # Perturb every leaf so norm scales and biases are not at their trivial init.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))

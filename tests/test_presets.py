@@ -22,3 +22,18 @@ def test_preset_shapes(name):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'gpt-5'"):
         presets.get("gpt-5")
+
+
+AXIS_NAMES = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "labels", "image_tokens", "patch", "channels"}
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_every_param_names_each_of_its_axes(name):
+    """Sharding rules (and everything else keyed on a weight's layout) read these names."""
+    from jaxvlm.checkpoint import param_axes
+    config = ModelConfig(decoder=presets.get(name))
+    shapes = jax.tree.leaves(abstract_params(config))
+    axes = jax.tree.leaves(param_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert len(shapes) == len(axes)
+    for shape, names in zip(shapes, axes):
+        assert len(names) == len(shape.shape) and set(names) <= AXIS_NAMES, (shape, names)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxvlm import checkpoint
 from jaxvlm.model import Model
 from jaxvlm.train import Trainer, _batch_arrays, finetune, loss_curve, loss_fn
 from jaxvlm.vlm import VisionLanguageModel
@@ -161,8 +162,7 @@ def test_finetune_a_text_model_leaves_the_original_untouched(tok):
     """Text-only rows (no image, plain prompts); the tuned model is new and the original keeps its weights."""
     config = dataclasses.replace(tiny.TINY, vision=None, image_processing=None, image_token_id=None, prefix_lm=False,
                                  position_offset=0, prompt_format="plain")
-    params = VisionLanguageModel(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32), None,
-                                              method="initialize")["params"]
+    params = checkpoint.init_params(config, jax.random.key(0))
     model = Model(config, params, tiny.tokenizer(tok))
     before = jax.tree.map(np.array, params)
     rows = [{"prompt": f"count shapes {i}", "answer": str(i % 3 + 1)} for i in range(12)]

@@ -9,15 +9,14 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 
+from jaxvlm import checkpoint
 from jaxvlm.config import ImageProcessing
 from jaxvlm.data import RowBatches
 from jaxvlm.shapes import examples
 from jaxvlm.shapes.train import CONFIG, TOKENS, train_tokenizer
 from jaxvlm.tokenizer import Tokenizer
 from jaxvlm.train import TrainConfig, Trainer
-from jaxvlm.vlm import VisionLanguageModel
 
 TINY = dataclasses.replace(
     CONFIG,
@@ -34,9 +33,7 @@ def tokenizer(directory: str) -> Tokenizer:
 
 
 def init_params(config=TINY, seed: int = 0):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    pixels = jnp.zeros((1, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
-    return VisionLanguageModel(config).init(jax.random.key(seed), tokens, pixels, method="initialize")["params"]
+    return checkpoint.init_params(config, jax.random.key(seed))
 
 
 def rows(count: int = 24, seed: int = 7):

@@ -16,15 +16,14 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from jaxvlm import checkpoint
 from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, TokensConfig, VisionConfig
 from jaxvlm.data import collate, encode_row
 from jaxvlm.shapes import scenes
 from jaxvlm.tokenizer import Tokenizer
 from jaxvlm.train import TrainConfig, Trainer
-from jaxvlm.vlm import VisionLanguageModel
 
 SEED = 0  # tokenizer text, initial weights and batches; the accuracy test uses other seeds
 MODEL_DIR = os.path.join(os.path.dirname(__file__), "model")
@@ -98,10 +97,7 @@ def batches(tokenizer: Tokenizer, batch_size: int = BATCH_SIZE, seed: int = SEED
 
 
 def init_params(seed: int = SEED):
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    size = CONFIG.vision.image_size
-    pixels = jnp.zeros((1, size, size, 3), jnp.float32)
-    return VisionLanguageModel(CONFIG).init(jax.random.key(seed), tokens, pixels, method="initialize")["params"]
+    return checkpoint.init_params(CONFIG, jax.random.key(seed))
 
 
 def main(argv=None) -> None:
