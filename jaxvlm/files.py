@@ -28,6 +28,7 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
 from typing import Any, Iterator
 
 CHECKSUMS_FILE = "checksums.json"
@@ -170,23 +171,41 @@ def _quiet_orbax() -> Iterator[None]:
     and tensorstore's callbacks into orbax's closed event loop print one more traceback each; the error
     itself still reaches the caller, which reports it in one line. (asyncio logs the failed futures orbax
     never awaited when they are collected: they are collected here, quietly.)"""
-    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    loggers = [logging.getLogger(name) for name in _ORBAX_LOGGERS]
     levels, hook = [logger.level for logger in loggers], sys.unraisablehook
-
-    def quiet_hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
-            hook(unraisable)
-
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
-    sys.unraisablehook = quiet_hook
+    sys.unraisablehook = _quiet_hook(hook)
     try:
         yield
+    except BaseException:
+        _quiet_leftovers()
+        raise
     finally:
         gc.collect()
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-        sys.unraisablehook = hook
+        if not _failed_writes:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+            sys.unraisablehook = hook
+
+
+_ORBAX_LOGGERS = ("absl", "asyncio")
+_failed_writes: list[bool] = []
+
+
+def _quiet_hook(hook):
+    def quiet(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            hook(unraisable)
+    return quiet
+
+
+def _quiet_leftovers() -> None:
+    """After a failed write, orbax's unfinished writes live on in its background threads and would each
+    print a traceback or a never-awaited warning whenever they are collected, at exit at the latest:
+    they stay quiet for the rest of the process (the failure itself has been raised)."""
+    _failed_writes.append(True)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
