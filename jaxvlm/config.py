@@ -280,6 +280,15 @@ class ModelConfig:
     def is_vlm(self) -> bool:
         return self.decoder is not None and self.vision is not None
 
+    @property
+    def computation(self) -> "ModelConfig":
+        """This config less what only the host reads (special tokens, prompt format, image processing, the
+        labels' names): the static argument of the jit-compiled functions, so that none of those settings
+        causes a compilation. (Token ids the computation needs, such as EOS, are passed as arrays.)"""
+        head = None if self.head is None else dataclasses.replace(self.head, labels=("",) * self.head.num_labels)
+        return dataclasses.replace(self, tokens=TokensConfig(), image_processing=None, prompt_format="plain",
+                                   head=head)
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
 

@@ -26,6 +26,7 @@ MIN_PROMPT_BUCKET = 16
 FINE_BUCKETS_FROM = 128  # past this length, four buckets per doubling rather than one
 CACHE_ALIGN = 64
 MAX_CHUNK = 32  # decode steps per scan call; the host checks for EOS between calls
+EOS_SLOTS = 8
 
 
 @struct.dataclass
@@ -118,8 +119,12 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
     models do not rebuild (new tokens get the long factors, the cache keeps the short ones): nor does this.
     """
     key = jax.random.key(seed)
+    # EOS ids are padded with -1 (no token) to a multiple of 8, so their count rarely changes a shape.
+    slots = max(1, -(-len(eos_ids) // EOS_SLOTS)) * EOS_SLOTS
+    eos = list(eos_ids) + [-1] * (slots - len(eos_ids))
     scalars = dict(key=key, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0),
-                   eos_ids=jnp.asarray(list(eos_ids) or [-1], jnp.int32), pad_id=jnp.int32(pad_id))
+                   eos_ids=jnp.asarray(eos, jnp.int32), pad_id=jnp.int32(pad_id))
+    config = config.computation  # the jit key: host-only settings never recompile
     decode_steps = max_new_tokens - 1
     chunk = min(MAX_CHUNK, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
     longest = max(len(r) for r in rows)

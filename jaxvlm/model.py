@@ -162,7 +162,7 @@ class Model:
         """float32[B, P, D]: with a decoder, the projected features that replace the image tokens;
         for an encoder alone, its final output (transformers' `last_hidden_state`)."""
         output = "features" if self.config.is_vlm else "output"
-        return np.asarray(_vision(self.config, self.dtype, output, self.params, self._pixels(pixel_values)),
+        return np.asarray(_vision(self.config.computation, self.dtype, output, self.params, self._pixels(pixel_values)),
                           np.float32)
 
     def image_embeddings(self, pixel_values) -> np.ndarray:
@@ -170,12 +170,12 @@ class Model:
         pixels = self._pixels(pixel_values)
         if not self.config.vision.can_pool:
             raise ValueError("this image encoder has no pooling head (neither a class token nor attention pooling)")
-        return np.asarray(_vision(self.config, self.dtype, "pooled", self.params, pixels), np.float32)
+        return np.asarray(_vision(self.config.computation, self.dtype, "pooled", self.params, pixels), np.float32)
 
     def vision_hidden_states(self, pixel_values) -> list[np.ndarray]:
         """The encoder's hidden states as transformers lists them: embeddings, then each layer's output."""
         pixels = self._pixels(pixel_values)
-        states = _vision(self.config, self.dtype, "hidden_states", self.params, pixels)
+        states = _vision(self.config.computation, self.dtype, "hidden_states", self.params, pixels)
         return [np.asarray(s, np.float32) for s in states]
 
     # --- forward ------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ class Model:
         outputs = self.config.head.num_labels if self.config.head is not None else self.config.decoder.vocab_size
         memory.check_fits(B * length * outputs * 4, f"the logits of {B} rows of {length} tokens")
         pad = lambda x, value: np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
-        out = _forward(self.config, self.dtype, self.params, jnp.asarray(pad(ids, 0), jnp.int32),
+        out = _forward(self.config.computation, self.dtype, self.params, jnp.asarray(pad(ids, 0), jnp.int32),
                        jnp.asarray(pad(valid, False)), None if prefix is None else jnp.asarray(pad(prefix, False)),
                        None if pixels is None else jnp.asarray(pixels))
         out = np.asarray(out, np.float32)

@@ -82,6 +82,26 @@ def test_prompt_lengths_in_a_bucket_compile_once(caplog):
     assert any("prefill" in m for m in next_bucket), next_bucket
 
 
+def test_host_only_settings_never_recompile(caplog):
+    """Special tokens, prompt format, image processing and label names stay out of the jit key."""
+    import dataclasses
+    from jaxvlm.config import ImageProcessing
+    model = random_model(CONFIGS["qwen3_like"])
+    prompt = np.random.default_rng(3).integers(1, 97, size=(2, 5))
+    model.generate_ids(prompt, max_new_tokens=4)
+    model.logits(prompt)
+    variants = [dict(tokens=TokensConfig(bos_id=2, eos_ids=(5, 6, 7), pad_id=1, add_bos=True)),
+                dict(prompt_format="paligemma"), dict(image_processing=ImageProcessing(size=(32, 32)))]
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        caplog.clear()
+        for change in variants:
+            model.config = dataclasses.replace(model.config, **change)
+            model.generate_ids(prompt, max_new_tokens=4)
+            model.logits(prompt)
+        compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled
+
+
 def test_eos_pads_the_rest_of_the_row():
     model = random_model(CONFIGS["phi3_like"])
     prompt = np.random.default_rng(2).integers(1, 97, size=(1, 5))
