@@ -28,13 +28,12 @@ from jaxvlm.config import DecoderConfig, ModelConfig, TokensConfig
 from jaxvlm.data import RowBatches, RowError, encode_row
 from jaxvlm.model import Model
 from jaxvlm.train import TrainConfig, Trainer
-from tests import hf_models
 from tests import tiny_training as tiny
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return hf_models.save(hf_models.build("qwen3", seed=3), str(tmp_path_factory.mktemp("qwen3") / "hf"))
+def hf_dir(hf_checkpoint):
+    return hf_checkpoint("qwen3", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +208,8 @@ def test_malformed_index_is_named(hf_dir, tmp_path, weight_map, message):
 
 
 @pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
-    return hf_models.save(hf_models.build_vlm("llava_phi3", seed=4), str(tmp_path_factory.mktemp("llava") / "hf"))
+def llava_dir(hf_checkpoint):
+    return hf_checkpoint("llava_phi3", seed=4, vision_language=True)
 
 
 @pytest.mark.parametrize("name, edit, message", [
@@ -412,8 +411,8 @@ def test_folder_without_checksums_loads_with_a_warning(converted, tmp_path, capl
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny.tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def train(tok, steps, workdir, **kwargs):

@@ -19,8 +19,8 @@ from tests import hf_models
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return hf_models.save(hf_models.build("qwen3", seed=2), str(tmp_path_factory.mktemp("qwen3") / "hf"))
+def hf_dir(hf_checkpoint):
+    return hf_checkpoint("qwen3", seed=2)
 
 
 def broken_copy(hf_dir, tmp_path, edit_tensors=None, edit_config=None):

@@ -13,8 +13,8 @@ from tests import tiny_training as tiny
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny.tokenizer(str(tmp_path_factory.mktemp("tokenizer")))
+def tok(tiny_tokenizer):
+    return tiny_tokenizer
 
 
 def test_row_layout(tok):

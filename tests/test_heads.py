@@ -6,20 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import jaxvlm
 from tests import hf_models
-from tests.test_parity import convert_command
 
 LABELS = {"0": "negative", "1": "neutral", "2": "positive"}
 
 
 @pytest.fixture(scope="module", params=["Phi3ForSequenceClassification", "Phi3ForTokenClassification"])
-def head_model(request, tmp_path_factory):
+def head_model(request, convert_and_load):
     hf = hf_models.build("phi3", architecture=request.param, id2label=LABELS,
                          label2id={v: int(k) for k, v in LABELS.items()})
-    root = tmp_path_factory.mktemp(request.param)
-    out = convert_command(hf_models.save(hf, str(root / "hf")), str(root / "jax"))
-    return request.param, hf, jaxvlm.load(out)
+    return request.param, hf, convert_and_load(hf, request.param)
 
 
 def right_pad(rows, pad_id=0):

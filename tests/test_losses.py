@@ -6,13 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import jaxvlm
 from jaxvlm.data import Batch
 from jaxvlm.losses import clip_loss, next_token_loss, siglip_loss
 from jaxvlm.train import _batch_arrays, loss_fn
 from jaxvlm.vlm import VisionLanguageModel
 from tests import hf_models
-from tests.test_parity import convert_command
 
 TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16)
@@ -74,10 +72,9 @@ def test_next_token_loss_counts_masked_targets_only():
 
 
 @pytest.fixture(scope="module")
-def paligemma(tmp_path_factory):
+def paligemma(convert_and_load):
     hf = hf_models.build_vlm("paligemma")
-    root = tmp_path_factory.mktemp("paligemma-loss")
-    return hf, jaxvlm.load(convert_command(hf_models.save(hf, str(root / "hf")), str(root / "jax")))
+    return hf, convert_and_load(hf, "paligemma-loss")
 
 
 def test_answer_loss_matches_paligemma(paligemma):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,13 +20,8 @@ LENGTHS = {"phi3_longrope": [5, 8, 3]}
 DEFAULT_LENGTHS = [5, 13, 9]
 
 
-def convert_command(hf_dir: str, out_dir: str, *extra: str) -> str:
-    subprocess.run([sys.executable, "-m", "convert", hf_dir, out_dir, *extra], check=True, capture_output=True)
-    return out_dir
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, tmp_path_factory):
+def family(request, convert_and_load):
     """(name, torch model, jaxvlm model, prompts); EOS is a token the greedy run really produces."""
     name = request.param
     rows = hf_models.prompts(1, LENGTHS.get(name, DEFAULT_LENGTHS))
@@ -37,10 +30,7 @@ def family(request, tmp_path_factory):
     eos = int(free_run[1, 6])  # row 1 stops at step 6 (or earlier): per-row end-of-sequence is exercised
     model.config.eos_token_id = eos
     model.generation_config.eos_token_id = eos
-    root = tmp_path_factory.mktemp(name)
-    hf_dir = hf_models.save(model, str(root / "hf"))
-    out = convert_command(hf_dir, str(root / "jax"))
-    return name, model, jaxvlm.load(out), rows
+    return name, model, convert_and_load(model, name), rows
 
 
 def test_logits_match(family):
@@ -86,10 +76,9 @@ def test_top_k_one_is_greedy_and_seed_repeats(family):
 
 # --- LongRoPE: long prompts use the long factors; crossing the original length rebuilds the cache ---------
 @pytest.fixture(scope="module")
-def longrope(tmp_path_factory):
+def longrope(convert_and_load):
     model = hf_models.build("phi3_longrope", seed=3)
-    root = tmp_path_factory.mktemp("longrope")
-    return model, jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+    return model, convert_and_load(model, "longrope")
 
 
 @pytest.mark.parametrize("length", [12, 40])
@@ -113,7 +102,7 @@ def test_longrope_greedy_tokens(longrope, lengths):
 # --- other checkpoint layouts --------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["sharded", "bin", "sharded_bin"])
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])
-def test_sharded_and_bin_checkpoints(tmp_path, name, layout):
+def test_sharded_and_bin_checkpoints(tmp_path, name, layout, convert_command):
     model = hf_models.build(name, seed=11)
     hf_dir = hf_models.save(model, str(tmp_path / "hf"), shard="40KB" if "sharded" in layout else None,
                             bin_file="bin" in layout)

@@ -24,10 +24,8 @@ from tests import tiny_training as tiny
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("tokenizer"))
-    tiny.tokenizer(directory)
-    return directory
+def tok(tiny_tokenizer_dir):
+    return tiny_tokenizer_dir
 
 
 def run(tok_dir, steps, workdir=None, params=None, batches=None, **kwargs):

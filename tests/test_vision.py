@@ -9,17 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import jaxvlm
 from tests import hf_models
-from tests.test_parity import convert_command
 
 
 @pytest.fixture(scope="module", params=["siglip", "clip"])
-def encoder(request, tmp_path_factory):
+def encoder(request, convert_and_load):
     name = request.param
     model = hf_models.build_vision(name, seed=8)
-    root = tmp_path_factory.mktemp(name)
-    return name, model, jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+    return name, model, convert_and_load(model, name)
 
 
 def test_hidden_states_output_and_pooled_match(encoder):
@@ -45,10 +42,8 @@ def test_encoder_alone_has_no_decoder(encoder):
 
 
 @pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clip_features")
-    model = hf_models.build_vision("clip", seed=9)
-    return jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+def clip(convert_and_load):
+    return convert_and_load(hf_models.build_vision("clip", seed=9), "clip_features")
 
 
 @pytest.mark.parametrize("keep_class_token", [False, True], ids=["default", "full"])

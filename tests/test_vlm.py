@@ -13,14 +13,13 @@ import jaxvlm
 from jaxvlm import generate as generate_module
 from jaxvlm.vision import VisionEncoder
 from tests import hf_models
-from tests.test_parity import convert_command
 
 NEW_TOKENS = 24
 TEXT_LENGTHS = [5, 9]
 
 
 @pytest.fixture(scope="module", params=list(hf_models.VLMS))
-def vlm(request, tmp_path_factory):
+def vlm(request, convert_and_load):
     """(name, torch model, jaxvlm model, prompts, pixels); EOS is a token the greedy run really produces."""
     name = request.param
     rows = hf_models.vlm_prompts(name, 1, TEXT_LENGTHS)
@@ -29,9 +28,7 @@ def vlm(request, tmp_path_factory):
     free_run = hf_models.hf_vlm_generate(model, name, rows, pixels, NEW_TOKENS)
     eos = int(free_run[1, 6])
     model.config.eos_token_id = model.generation_config.eos_token_id = eos
-    root = tmp_path_factory.mktemp(name)
-    out = convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax"))
-    return name, model, jaxvlm.load(out), rows, pixels
+    return name, model, convert_and_load(model, name), rows, pixels
 
 
 def test_image_features_match(vlm):
@@ -88,10 +85,9 @@ def test_image_is_encoded_once_at_prefill(vlm, monkeypatch):
 
 # --- PaliGemma's prefix-LM mask ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def paligemma(tmp_path_factory):
+def paligemma(convert_and_load):
     model = hf_models.build_vlm("paligemma", seed=6)
-    root = tmp_path_factory.mktemp("paligemma_prefix")
-    return model, jaxvlm.load(convert_command(hf_models.save(model, str(root / "hf")), str(root / "jax")))
+    return model, convert_and_load(model, "paligemma_prefix")
 
 
 def test_prefix_is_bidirectional_and_suffix_causal(paligemma):
@@ -135,12 +131,11 @@ def test_generated_tokens_are_causal(paligemma):
 
 # --- what a user gets: plain text and an image file in, the text transformers produces out ---------------
 @pytest.fixture(scope="module")
-def paligemma_with_processor(tmp_path_factory):
+def paligemma_with_processor(tmp_path_factory, gemma_tokenizer):
     """A PaliGemma checkpoint folder as Hugging Face writes it (model, tokenizer, processor), and the
     transformers model and processor it came from."""
     import PIL.Image
     from transformers import PaliGemmaProcessor, SiglipImageProcessorPil
-    from tests.test_tokenizer import gemma_tokenizer
 
     root = tmp_path_factory.mktemp("paligemma_user")
     hf_dir = root / "hf"
@@ -171,7 +166,7 @@ def hf_answer(model, processor, prompts, paths, max_new_tokens):
     return inputs, processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_processor, tmp_path):
+def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_processor, tmp_path, convert_command):
     from jaxvlm.prompts import build_prompt
     hf_dir, hf, processor, paths = paligemma_with_processor
     jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
@@ -188,7 +183,7 @@ def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_proc
     assert jx.generate(prompts[0], image=paths[0], max_new_tokens=10) == want[0]
 
 
-def test_generate_command_with_image(paligemma_with_processor, tmp_path):
+def test_generate_command_with_image(paligemma_with_processor, tmp_path, convert_command):
     import subprocess
     import sys
     hf_dir, hf, processor, paths = paligemma_with_processor
@@ -202,14 +197,13 @@ def test_generate_command_with_image(paligemma_with_processor, tmp_path):
 
 # --- bad input: one line naming the image or argument ----------------------------------------------------
 @pytest.fixture(scope="module")
-def user_model(paligemma_with_processor, tmp_path_factory):
+def user_model(paligemma_with_processor, tmp_path_factory, convert_command):
     return jaxvlm.load(convert_command(paligemma_with_processor[0], str(tmp_path_factory.mktemp("user") / "jax")))
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text_only")
-    return jaxvlm.load(convert_command(hf_models.save(hf_models.build("gemma"), str(root / "hf")), str(root / "jax")))
+def text_model(convert_and_load):
+    return convert_and_load(hf_models.build("gemma"), "text_only")
 
 
 def one_line_error(call, match):
@@ -254,7 +248,7 @@ def test_image_given_to_text_only_model(text_model, paligemma_with_processor):
     one_line_error(lambda: text_model.encode_image(hf_models.pixels(0, 1)), "pixel_values: this model has no image")
 
 
-def test_generate_command_reports_bad_image(paligemma_with_processor, tmp_path):
+def test_generate_command_reports_bad_image(paligemma_with_processor, tmp_path, convert_command):
     import subprocess
     import sys
     out = convert_command(paligemma_with_processor[0], str(tmp_path / "jax"))
@@ -264,7 +258,7 @@ def test_generate_command_reports_bad_image(paligemma_with_processor, tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: image 0: {tmp_path}/missing.jpg: no such file"]
 
 
-def test_llava_prompt_equals_llava_processor(tmp_path):
+def test_llava_prompt_equals_llava_processor(tmp_path, gemma_tokenizer):
     """LLaVA prompts: the `<image>` expanded to the image tokens after BOS, as `LlavaProcessor` does; a
     prompt without one gets it at its start, on a line of its own."""
     import PIL.Image
@@ -272,7 +266,6 @@ def test_llava_prompt_equals_llava_processor(tmp_path):
     from jaxvlm.config import DecoderConfig, ModelConfig, TokensConfig, VisionConfig
     from jaxvlm.prompts import build_prompt
     from jaxvlm.tokenizer import Tokenizer
-    from tests.test_tokenizer import gemma_tokenizer
 
     tokenizer = gemma_tokenizer(str(tmp_path), symbols=("<image>",))
     image_id = tokenizer.convert_tokens_to_ids("<image>")

@@ -1,0 +1,109 @@
+"""Fixtures shared by the test modules: tiny transformers checkpoints, the convert-and-load round trip, and
+tokenizer builders. Session-scoped where building is slow and the result is only read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import jaxvlm
+from tests import hf_models
+from tests import tiny_training as tiny
+
+TEXT = ["the quick brown fox jumps over the lazy dog", "a red circle above a blue square",
+        "jax compiles numpy programs", "hello world, hello jax"] * 20
+
+
+def _convert_command(hf_dir: str, out_dir: str, *extra: str) -> str:
+    subprocess.run([sys.executable, "-m", "convert", hf_dir, out_dir, *extra], check=True, capture_output=True)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def convert_command():
+    """(hf_dir, out_dir, *flags) -> out_dir, through the `convert` command line as a user runs it."""
+    return _convert_command
+
+
+@pytest.fixture(scope="session")
+def convert_and_load(tmp_path_factory):
+    """(torch model, name, *convert flags) -> jaxvlm.Model: save_pretrained, the convert command, load."""
+    def run(hf_model, name: str = "model", *extra: str) -> jaxvlm.Model:
+        root = tmp_path_factory.mktemp(name)
+        hf_dir = hf_models.save(hf_model, str(root / "hf"))
+        return jaxvlm.load(_convert_command(hf_dir, str(root / "jax"), *extra))
+    return run
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """(family, seed, vision_language=False) -> a saved tiny random transformers checkpoint folder, built
+    once per session for each argument set (read it; copy before editing)."""
+    made: dict[tuple, str] = {}
+
+    def get(name: str, seed: int = 0, vision_language: bool = False) -> str:
+        key = (name, seed, vision_language)
+        if key not in made:
+            model = (hf_models.build_vlm if vision_language else hf_models.build)(name, seed=seed)
+            made[key] = hf_models.save(model, str(tmp_path_factory.mktemp(f"{name}-{seed}") / "hf"))
+        return made[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    """A folder with the small SentencePiece model the training tests' rows are written in."""
+    directory = str(tmp_path_factory.mktemp("tokenizer"))
+    tiny.tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    return tiny.tokenizer(tiny_tokenizer_dir)
+
+
+def _gemma_tokenizer(directory: str, symbols: tuple[str, ...] = ()):
+    """A tiny Gemma-style SentencePiece model (with `symbols` as single pieces, such as PaliGemma's
+    `<image>`) written into `directory`, and transformers' tokenizer for it (BOS added)."""
+    import sentencepiece as spm
+    from transformers import GemmaTokenizer
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TEXT), model_prefix=os.path.join(directory, "tokenizer"), vocab_size=120,
+        model_type="bpe", character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+        eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, user_defined_symbols=list(symbols), minloglevel=2)
+    os.remove(os.path.join(directory, "tokenizer.vocab"))
+    tok = GemmaTokenizer.from_pretrained(directory, add_bos_token=True)
+    tok.save_pretrained(directory)
+    return tok
+
+
+def _qwen_tokenizer(directory: str):
+    """A tiny byte-level BPE `tokenizer.json` with no BOS, as Qwen's, written into `directory`, and
+    transformers' wrapper for it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=250, special_tokens=["<|pad|>", "<|eos|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    return PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"), eos_token="<|eos|>",
+                                   pad_token="<|pad|>")
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer():
+    """(directory, symbols=()) -> transformers' tokenizer, its files written into `directory`."""
+    return _gemma_tokenizer
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """(directory) -> transformers' tokenizer, its tokenizer.json written into `directory`."""
+    return _qwen_tokenizer
