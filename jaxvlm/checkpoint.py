@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 from jaxvlm import files
 from jaxvlm.config import ModelConfig
 from jaxvlm.files import FileError, error_line
+from jaxvlm.sharding import MeshRules
 from jaxvlm.vlm import VisionLanguageModel
 
 PARAMS_DIR = "params"
@@ -138,11 +139,15 @@ def stored_dtype(directory: str | os.PathLike):
     return jnp.dtype(jnp.bfloat16) if dtypes == {jnp.dtype(jnp.bfloat16)} else jnp.dtype(jnp.float32)
 
 
-def load_params(directory: str | os.PathLike, config: ModelConfig, dtype):
-    """Restores params as `dtype`, checking the tree against what `config` predicts."""
+def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard: MeshRules | None = None):
+    """Restores params as `dtype`, checking the tree against what `config` predicts. With `shard`, each
+    param is read straight into its shards on the mesh: no whole copy on one device or on the host."""
     path = params_path(directory)
     target = abstract_params(config, dtype)
     compare_trees(stored_metadata(directory), target, path, os.path.join(directory, "config.json"))
+    if shard is not None:
+        shardings = shard.params(param_axes(config), target)
+        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     try:
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(path, target)

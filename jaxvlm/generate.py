@@ -20,6 +20,7 @@ from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.masks import token_positions
 from jaxvlm.sampling import Sampler, sample
+from jaxvlm.sharding import MeshRules
 from jaxvlm.vlm import VisionLanguageModel
 
 MIN_PROMPT_BUCKET = 16
@@ -58,41 +59,59 @@ def _finish(token, done, eos_ids, pad_id):
     return token, done | jnp.isin(token, eos_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_size"))
-def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, params, tokens, valid, prefix, pixels,
-            done, step, key, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
+def _place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
+    """The cache split on batch and kv heads over the mesh (a no-op on one device)."""
+    if shard is None:
+        return cache
+    kv = lambda x: shard.constrain(x, ("batch", None, "kv_heads", "head_dim"))
+    return KVCache(k=tuple(map(kv, cache.k)), v=tuple(map(kv, cache.v)), end=cache.end,
+                   valid=shard.constrain(cache.valid, ("batch", None)))
+
+
+def _everywhere(x: jax.Array, shard: MeshRules | None) -> jax.Array:
+    """Chosen tokens, copied to every device so that every host can read them."""
+    return x if shard is None else shard.constrain(x, ())
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_size", "shard"))
+def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard: MeshRules | None, params, tokens,
+            valid, prefix, pixels, done, step, seed, temperature, top_p, eos_ids,
+            pad_id) -> tuple[DecodeState, jax.Array]:
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token.
 
     `pixels` [B, H, W, C] (or None) are encoded here, once; `prefix` bool[B, T] (or None) marks the
-    tokens that attend to each other in both directions.
+    tokens that attend to each other in both directions. `shard` places the cache on a mesh.
     """
     B, T = tokens.shape
     positions = token_positions(valid) + config.position_offset
-    cache = KVCache.init(config.decoder, B, cache_size, dtype)
+    cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype), shard)
     out = VisionLanguageModel(config, dtype).apply({"params": params}, tokens, positions, valid, cache, pixels,
                                                    prefix, last_only=True)
-    token = sample(sampler, out.logits[:, -1], jax.random.fold_in(key, step), temperature, top_p)
+    token = sample(sampler, out.logits[:, -1], jax.random.fold_in(jax.random.key(seed), step), temperature, top_p)
     token, done = _finish(token, done, eos_ids, pad_id)
-    state = DecodeState(cache=out.cache, token=token, position=positions[:, -1] + 1, done=done, step=step + 1)
-    return state, token
+    state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=positions[:, -1] + 1, done=done,
+                        step=step + 1)
+    return state, _everywhere(token, shard)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "steps"), donate_argnames=("state",))
-def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, params, state: DecodeState, key,
-           temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "steps", "shard"),
+                   donate_argnames=("state",))
+def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: MeshRules | None, params,
+           state: DecodeState, seed, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
     """`steps` decode steps in one `lax.scan`; returns the new state and the chosen tokens int32[B, steps]."""
     model = VisionLanguageModel(config, dtype)
     ones = jnp.ones((state.token.shape[0], 1), bool)
+    key = jax.random.key(seed)
 
     def step(state: DecodeState, _):
         out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
         token = sample(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), temperature, top_p)
         token, done = _finish(token, state.done, eos_ids, pad_id)
-        return DecodeState(cache=out.cache, token=token, position=state.position + 1, done=done,
-                           step=state.step + 1), token
+        return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,
+                           done=done, step=state.step + 1), token
 
     state, tokens = jax.lax.scan(step, state, length=steps)
-    return state, tokens.T
+    return state, _everywhere(tokens.T, shard)
 
 
 def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
@@ -108,23 +127,32 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32)
 def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
                     sampler: Sampler, temperature: float, top_p: float | None, seed: int,
                     eos_ids: Sequence[int], pad_id: int, pixels: np.ndarray | None = None,
-                    prefixes: Sequence[np.ndarray] | None = None) -> np.ndarray:
+                    prefixes: Sequence[np.ndarray] | None = None, shard: MeshRules | None = None) -> np.ndarray:
     """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens].
 
     `pixels` hold one image per row; `prefixes` (bool[T_i] per row) mark each prompt's bidirectional prefix.
+    With `shard` (params already on its mesh), the batch is split over the mesh, padded with copies of
+    its last row to a multiple of the devices it is split over.
 
     Text-only LongRoPE models switch from short to long factors when the sequence first grows past
     `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
     whole sequence (prompt and tokens so far) with the long factors. transformers' vision-language
     models do not rebuild (new tokens get the long factors, the cache keeps the short ones): nor does this.
     """
-    key = jax.random.key(seed)
     # EOS ids are padded with -1 (no token) to a multiple of 8, so their count rarely changes a shape.
     slots = max(1, -(-len(eos_ids) // EOS_SLOTS)) * EOS_SLOTS
     eos = list(eos_ids) + [-1] * (slots - len(eos_ids))
-    scalars = dict(key=key, temperature=jnp.float32(temperature or 1.0), top_p=jnp.float32(top_p or 1.0),
-                   eos_ids=jnp.asarray(eos, jnp.int32), pad_id=jnp.int32(pad_id))
+    # Host values only (numpy), the same on every process: jit places them on the mesh.
+    scalars = dict(seed=np.uint32(seed), temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p or 1.0),
+                   eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
     config = config.computation  # the jit key: host-only settings never recompile
+    batch = len(rows)
+    if shard is not None and batch % shard.batch_multiple:
+        extra = shard.batch_multiple - batch % shard.batch_multiple
+        rows = list(rows) + [rows[-1]] * extra
+        prefixes = None if prefixes is None else list(prefixes) + [prefixes[-1]] * extra
+        pixels = None if pixels is None else np.concatenate([pixels, np.repeat(pixels[-1:], extra, axis=0)])
+    put = (lambda x, names=(): x) if shard is None else shard.put
     decode_steps = max_new_tokens - 1
     chunk = min(MAX_CHUNK, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
     longest = max(len(r) for r in rows)
@@ -137,26 +165,28 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
     def start(rows, done, step, steps_after):
         length = prompt_bucket(max(len(r) for r in rows))
         tokens, valid = right_align(rows, length, pad_id)
-        prefix = None if prefixes is None else jnp.asarray(right_align(prefixes, length, False, bool)[0])
+        prefix = None if prefixes is None else put(right_align(prefixes, length, False, bool)[0], ("batch",))
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
-        return prefill(config, dtype, sampler, size, params, jnp.asarray(tokens), jnp.asarray(valid), prefix,
-                       None if pixels is None else jnp.asarray(pixels), jnp.asarray(done), jnp.int32(step),
-                       **scalars)
+        return prefill(config, dtype, sampler, size, shard, params, put(tokens, ("batch",)), put(valid, ("batch",)),
+                       prefix, None if pixels is None else put(pixels, ("batch",)), put(done, ("batch",)),
+                       np.int32(step), **scalars)
 
     state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
+    # Which rows have finished, read from the chosen tokens (on every host) rather than the device state.
+    finished = lambda: np.isin(np.concatenate(generated, axis=1), eos_ids).any(axis=1)
     count = 1
-    while count < max_new_tokens and not np.asarray(state.done).all():
+    while count < max_new_tokens and not finished().all():
         if count == rebuild_at:
             sofar = np.concatenate(generated, axis=1)
             rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
-            state, token = start(rows, np.asarray(state.done), count, max_new_tokens - count - 1)
+            state, token = start(rows, finished(), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
             count += 1
             continue
         steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
-        state, tokens = decode(config, dtype, sampler, steps, params, state, **scalars)
+        state, tokens = decode(config, dtype, sampler, steps, shard, params, state, **scalars)
         generated.append(np.asarray(tokens))
         count += steps
-    out = np.concatenate(generated, axis=1)[:, :max_new_tokens]
+    out = np.concatenate(generated, axis=1)[:batch, :max_new_tokens]
     return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)

@@ -18,6 +18,7 @@ from jaxvlm.images import preprocess_batch
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
+from jaxvlm.sharding import MeshRules, Rules, check_distributed
 from jaxvlm.tokenizer import Tokenizer, check_text
 from jaxvlm.vlm import VisionLanguageModel
 
@@ -26,13 +27,20 @@ log = logging.getLogger("jaxvlm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype"))
-def _forward(config, dtype, params, tokens, valid, prefix, pixels):
+def _everywhere(tree, shard: MeshRules | None):
+    """Outputs copied to every device, so that every host reads them as plain numpy."""
+    return tree if shard is None else jax.tree.map(lambda x: shard.constrain(x, ()), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "shard"))
+def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels):
     positions = token_positions(valid) + config.position_offset
     model = VisionLanguageModel(config, dtype)
     if config.head is not None:
-        return model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
-    return model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
+        out = model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
+    else:
+        out = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
+    return _everywhere(out, shard)
 
 
 _VISION_OUTPUTS = {
@@ -43,14 +51,32 @@ _VISION_OUTPUTS = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "output"))
-def _vision(config, dtype, output, params, pixels):
-    return VisionLanguageModel(config, dtype).apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "output", "shard"))
+def _vision(config, dtype, output, shard, params, pixels):
+    out = VisionLanguageModel(config, dtype).apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
+    return _everywhere(out, shard)
 
 
 class Model:
-    def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer | None = None, dtype=jnp.float32):
-        self.config, self.params, self.tokenizer, self.dtype = config, params, tokenizer, dtype
+    """`shard` (a `MeshRules`) says how params and batches lie on a device mesh; None on one device."""
+
+    def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer | None = None, dtype=jnp.float32,
+                 shard: MeshRules | None = None):
+        self.config, self.params, self.tokenizer, self.dtype, self.shard = config, params, tokenizer, dtype, shard
+
+    def _put(self, x: np.ndarray | None, names=("batch",)):
+        """A host batch, split over the mesh (or as is, on one device)."""
+        if x is None or self.shard is None:
+            return None if x is None else jnp.asarray(x)
+        return self.shard.put(x, names)
+
+    def _pad_batch(self, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
+        """Rows repeated at the end up to a multiple of the devices the batch is split over."""
+        if self.shard is None:
+            return arrays
+        B = len(next(a for a in arrays if a is not None))
+        extra = -B % self.shard.batch_multiple
+        return tuple(None if a is None else np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays)
 
     def __repr__(self):
         parts = []
@@ -162,21 +188,27 @@ class Model:
         """float32[B, P, D]: with a decoder, the projected features that replace the image tokens;
         for an encoder alone, its final output (transformers' `last_hidden_state`)."""
         output = "features" if self.config.is_vlm else "output"
-        return np.asarray(_vision(self.config.computation, self.dtype, output, self.params, self._pixels(pixel_values)),
-                          np.float32)
+        return self._run_vision(output, self._pixels(pixel_values))
+
+    def _run_vision(self, output: str, pixels: np.ndarray):
+        B = len(pixels)
+        out = _vision(self.config.computation, self.dtype, output, self.shard, self.params,
+                      self._put(*self._pad_batch(pixels)))
+        if isinstance(out, (list, tuple)):
+            return [np.asarray(s, np.float32)[:B] for s in out]
+        return np.asarray(out, np.float32)[:B]
 
     def image_embeddings(self, pixel_values) -> np.ndarray:
         """float32[B, E]: one vector per image (CLIP: projected class token; SigLIP: the attention pool)."""
         pixels = self._pixels(pixel_values)
         if not self.config.vision.can_pool:
             raise ValueError("this image encoder has no pooling head (neither a class token nor attention pooling)")
-        return np.asarray(_vision(self.config.computation, self.dtype, "pooled", self.params, pixels), np.float32)
+        return self._run_vision("pooled", pixels)
 
     def vision_hidden_states(self, pixel_values) -> list[np.ndarray]:
         """The encoder's hidden states as transformers lists them: embeddings, then each layer's output."""
         pixels = self._pixels(pixel_values)
-        states = _vision(self.config.computation, self.dtype, "hidden_states", self.params, pixels)
-        return [np.asarray(s, np.float32) for s in states]
+        return self._run_vision("hidden_states", pixels)
 
     # --- forward ------------------------------------------------------------------------------------------
     def logits(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
@@ -206,11 +238,12 @@ class Model:
         length = prompt_bucket(T)
         outputs = self.config.head.num_labels if self.config.head is not None else self.config.decoder.vocab_size
         memory.check_fits(B * length * outputs * 4, f"the logits of {B} rows of {length} tokens")
-        pad = lambda x, value: np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
-        out = _forward(self.config.computation, self.dtype, self.params, jnp.asarray(pad(ids, 0), jnp.int32),
-                       jnp.asarray(pad(valid, False)), None if prefix is None else jnp.asarray(pad(prefix, False)),
-                       None if pixels is None else jnp.asarray(pixels))
-        out = np.asarray(out, np.float32)
+        pad = lambda x, value: None if x is None else np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
+        ids, valid, prefix, pixels = self._pad_batch(pad(ids, 0).astype(np.int32), pad(valid, False),
+                                                     pad(prefix, False), pixels)
+        out = _forward(self.config.computation, self.dtype, self.shard, self.params, self._put(ids), self._put(valid),
+                       self._put(prefix), self._put(pixels))
+        out = np.asarray(out, np.float32)[:B]
         return out if out.ndim == 2 else out[:, :T]
 
     def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
@@ -237,7 +270,8 @@ class Model:
         tokens = self.config.tokens
         return generate_tokens(self.config, self.dtype, self.params, rows, max_new_tokens=max_new_tokens,
                                sampler=sampler, temperature=temperature, top_p=top_p, seed=seed,
-                               eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes)
+                               eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes,
+                               shard=self.shard)
 
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -303,14 +337,25 @@ def _array(name: str, value) -> np.ndarray:
 BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 
 
-def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True) -> Model:
+def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True,
+         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> Model:
     """Loads a converted checkpoint folder; with no path, the built-in shapes model (see `jaxvlm.shapes`).
     `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file is first
-    checked against the folder's `checksums.json`, so a missing, truncated or altered file is named."""
+    checked against the folder's `checksums.json`, so a missing, truncated or altered file is named.
+
+    With `mesh` (axes named from `data`, `fsdp`, `model`), each param is read straight into its shards
+    and the model runs over the whole mesh; `rules` (logical axis name -> mesh axes) change the defaults
+    in `jaxvlm.sharding`. In a job of several hosts, every process calls `load` alike, after
+    `jax.distributed.initialize`.
+    """
     path = BUILTIN_MODEL if path is None else os.fspath(path)
     if dtype is not None and str(dtype) not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     checks.flag("verify", verify)
+    if rules is not None and mesh is None:
+        raise ValueError("rules: they place params on a mesh; give mesh= too")
+    check_distributed("load")
+    shard = None if mesh is None else MeshRules.create(mesh, rules)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     if verify and not files.verify_checksums(path):
@@ -318,5 +363,5 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
                     files.CHECKSUMS_FILE)
     config = ModelConfig.load(path)
     jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
-    params = checkpoint.load_params(path, config, jdtype)
-    return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype)
+    params = checkpoint.load_params(path, config, jdtype, shard)
+    return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard)

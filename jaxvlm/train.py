@@ -24,18 +24,20 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
 from tqdm.auto import tqdm
 
 from jaxvlm import checks, files
-from jaxvlm.checkpoint import all_finite, compare_trees
+from jaxvlm.checkpoint import all_finite, compare_trees, param_axes
 from jaxvlm.config import ModelConfig
 from jaxvlm.data import Batch, RowBatches
 from jaxvlm.losses import next_token_loss
 from jaxvlm.masks import token_positions
 from jaxvlm.model import Model
+from jaxvlm.sharding import MeshRules, Rules
 from jaxvlm.vlm import VisionLanguageModel
 
 log = logging.getLogger("jaxvlm.train")
@@ -135,25 +137,66 @@ def _train_step(model, optimizer, schedule, state: TrainState, batch) -> tuple[T
 class Trainer:
     """Trains a model's params on batches; checkpoints to and resumes from `workdir` when one is given."""
 
-    def __init__(self, config: ModelConfig, tc: TrainConfig, workdir: str | os.PathLike | None = None):
+    def __init__(self, config: ModelConfig, tc: TrainConfig, workdir: str | os.PathLike | None = None,
+                 mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None):
+        """With `mesh`, params and optimizer state are split over it as `jaxvlm.sharding`'s rules say
+        (FSDP over `fsdp`, tensor parallel over `model`) and each batch over `data` and `fsdp`."""
         if config.decoder is None:
             raise ValueError("training needs a decoder; this model is an image encoder alone")
         if config.head is not None:
             raise ValueError(f"this model has a {config.head.kind} head; the trainer trains language-model heads")
         self.config, self.tc = config, tc
         self.workdir = None if workdir is None else os.path.abspath(os.fspath(workdir))
+        if rules is not None and mesh is None:
+            raise ValueError("rules: they place params on a mesh; give mesh= too")
+        self.shard = None if mesh is None else MeshRules.create(mesh, rules)
         self.model = VisionLanguageModel(config, COMPUTE_DTYPES[tc.compute_dtype], tc.remat)
         self.optimizer = make_optimizer(tc)
-        self._step = jax.jit(functools.partial(_train_step, self.model, self.optimizer, tc.schedule()),
-                             donate_argnums=0)
         self._manager = None
         self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
 
     # --- state and checkpoints -----------------------------------------------------------------------------
     def init_state(self, params) -> TrainState:
-        # A copy: the train step donates its state, which must not take the caller's arrays with it.
-        params = jax.tree.map(lambda p: jnp.array(p, jnp.float32), params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        """A fresh state from `params` (a copy: the train step donates its state, which must not take the
+        caller's arrays with it), laid out on the mesh if there is one."""
+        def fresh(params):
+            params = jax.tree.map(lambda p: jnp.array(p, jnp.float32), params)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
+        if self.shard is None:
+            return fresh(params)
+        devices = set(self.shard.mesh.devices.flat)
+        # Params already on the mesh stay where they are; any others come from the host (the same on every
+        # process), each process placing its own shards.
+        params = jax.tree.map(lambda p: p if isinstance(p, jax.Array) and p.sharding.device_set == devices
+                              else np.asarray(p), params)
+        return jax.jit(fresh, out_shardings=self._state_shardings(params))(params)
+
+    def _state_shardings(self, params) -> TrainState:
+        """Where each part of the state lives: params by their axes' names, the optimizer's moments as
+        their params, step counts everywhere."""
+        shard = self.shard
+        shapes = jax.eval_shape(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p), params)
+        param_shardings = shard.params(param_axes(self.config), shapes)
+        opt_state = jax.eval_shape(self.optimizer.init, shapes)
+        opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, param_shardings,
+                                              transform_non_params=lambda _: shard.replicated)
+        return TrainState(step=shard.replicated, params=param_shardings, opt_state=opt_shardings)
+
+    def _compile_step(self, state: TrainState):
+        step = functools.partial(_train_step, self.model, self.optimizer, self.tc.schedule())
+        if self.shard is None:
+            return jax.jit(step, donate_argnums=0)
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        return jax.jit(step, out_shardings=(shardings, self.shard.replicated), donate_argnums=0)
+
+    def _place_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.shard is None:
+            return batch
+        rows, multiple = len(batch["tokens"]), self.shard.batch_multiple
+        if rows % multiple:
+            raise ValueError(f"batch_size {rows}: the mesh splits each batch over {multiple} devices (its data and "
+                             f"fsdp axes); give a multiple of {multiple}")
+        return {name: self.shard.put(x, ("batch",)) for name, x in batch.items()}
 
     def manager(self) -> ocp.CheckpointManager | None:
         if self.workdir is not None and self._manager is None:
@@ -183,7 +226,8 @@ class Trainer:
         self._manager.wait_until_finished()
         for step in self._unsealed:
             folder = os.path.join(self._manager.directory, str(step))
-            if os.path.isdir(folder):  # unless max_to_keep has rotated it out already
+            # One process writes them (every host shares the checkpoint folder).
+            if jax.process_index() == 0 and os.path.isdir(folder):  # unless max_to_keep has rotated it out
                 files.write_checksums(folder)
         self._unsealed = []
 
@@ -194,7 +238,7 @@ class Trainer:
         state = self.init_state(params)
         manager = self.manager()
         steps = [] if manager is None else sorted(manager.all_steps(), reverse=True)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         for step in steps:
             where = os.path.join(manager.directory, str(step))
             try:
@@ -237,6 +281,7 @@ class Trainer:
         """
         try:
             state = self.restore(params)
+            train_step = self._compile_step(state)
             start = int(state.step)
             bar = tqdm(total=self.tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
             bad_in_a_row = 0
@@ -244,10 +289,10 @@ class Trainer:
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 upcoming = pool.submit(batches, start) if start < self.tc.steps else None
                 for step in range(start, self.tc.steps):
-                    batch = _batch_arrays(upcoming.result(), self.config)
+                    batch = self._place_batch(_batch_arrays(upcoming.result(), self.config))
                     if step + 1 < self.tc.steps:
                         upcoming = pool.submit(batches, step + 1)
-                    state, metrics = self._step(state, batch)
+                    state, metrics = train_step(state, batch)
                     metrics = {k: float(v) for k, v in metrics.items()}
                     if metrics["finite"]:
                         bad_in_a_row = 0
@@ -280,15 +325,18 @@ class Trainer:
 
 
 def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, workdir=None, progress: bool = True,
-             on_step=None, too_long: str = "skip"):
+             on_step=None, too_long: str = "skip", mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None):
     """Fine-tunes a loaded `jaxvlm.Model` on rows {"prompt", "answer", "image"} and returns the tuned Model
     (float32 params; the original is left as it was). Rows longer than the context are skipped or cut as
-    `too_long` says (see `jaxvlm.data`)."""
+    `too_long` says (see `jaxvlm.data`). It trains on the mesh the model was loaded on, or on `mesh`."""
     if not isinstance(tc, TrainConfig):
         raise ValueError(f"tc must be a TrainConfig, got {type(tc).__name__}")
+    if mesh is None and model.shard is not None:
+        mesh, rules = model.shard.mesh, dict(model.shard.rules) if rules is None else rules
     batches = RowBatches(model.config, model.tokenizer, rows, batch_size, seed, too_long=too_long)
-    state = Trainer(model.config, tc, workdir).fit(model.params, batches, progress, on_step)
-    return Model(model.config, state.params, model.tokenizer, jnp.float32)
+    trainer = Trainer(model.config, tc, workdir, mesh, rules)
+    state = trainer.fit(model.params, batches, progress, on_step)
+    return Model(model.config, state.params, model.tokenizer, jnp.float32, trainer.shard)
 
 
 def loss_curve() -> tuple[list[float], Callable[[int, dict[str, float]], None]]:

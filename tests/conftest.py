@@ -107,3 +107,8 @@ def gemma_tokenizer():
 def qwen_tokenizer():
     """(directory) -> transformers' tokenizer, its tokenizer.json written into `directory`."""
     return _qwen_tokenizer
+
+
+# tests/mesh needs 8 simulated devices, which must be asked for before jax starts its backend: it runs in
+# a process of its own, started by tests/test_sharding.py.
+collect_ignore = [] if os.environ.get("JAXVLM_MESH_TESTS") else ["mesh"]

@@ -1,0 +1,129 @@
+"""One model over 8 devices: the same logits and tokens as on one device, on every mesh shape tried.
+
+Each family is converted once and loaded on one device and on each mesh; meshes are made by
+`jax.make_mesh` (Explicit axes, as users get them).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import jaxvlm
+from convert import convert
+from jaxvlm import generate
+from tests import hf_models
+
+MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model")),
+          "8x1": ((8, 1), ("data", "model")), "fsdp": ((2, 2, 2), ("data", "fsdp", "model"))}
+TEXT_FAMILIES = {"gemma2": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
+VLMS = ["paligemma", "llava_phi3"]
+NEW_TOKENS = 10
+
+
+def test_there_are_8_devices():
+    assert jax.device_count() == 8
+
+
+@pytest.fixture(scope="module", params=list(TEXT_FAMILIES) + VLMS)
+def family(request, tmp_path_factory):
+    """(name, converted folder, inputs for logits and generation, one-device logits and tokens)."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    if name in VLMS:
+        hf = hf_models.build_vlm(name, seed=4)
+        rows = hf_models.vlm_prompts(name, 1, [5, 9, 7])
+        inputs = {"pixel_values": hf_models.pixels(0, 3)}
+    else:
+        hf = hf_models.build(name.removesuffix("_mqa"), seed=4, **TEXT_FAMILIES[name])
+        rows = hf_models.prompts(1, [5, 13, 9])
+        inputs = {}
+    folder = convert(hf_models.save(hf, str(root / "hf")), str(root / "jax"), progress=False)
+    ids, mask = hf_models.left_pad(rows)
+    inputs.update(input_ids=ids, attention_mask=mask)
+    one = jaxvlm.load(folder)
+    return name, folder, inputs, one.logits(**inputs), one.generate_ids(**inputs, max_new_tokens=NEW_TOKENS)
+
+
+def mesh(name):
+    shape, axes = MESHES[name]
+    return jax.make_mesh(shape, axes)
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_logits_and_tokens_equal_one_device(family, mesh_name):
+    name, folder, inputs, logits, tokens = family
+    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
+    diff = np.abs(model.logits(**inputs) - logits).max()
+    assert diff <= 1e-4, f"{name} on {mesh_name}: max |logits diff| {diff}"
+    np.testing.assert_array_equal(model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS), tokens)
+
+
+@pytest.mark.parametrize("mesh_name", ["2x4", "1x8"])
+def test_model_axis_splits_most_parameter_bytes(family, mesh_name):
+    name, folder, *_ = family
+    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
+    leaves = jax.tree.leaves(model.params)
+    split = sum(x.nbytes for x in leaves if not x.sharding.is_fully_replicated)
+    total = sum(x.nbytes for x in leaves)
+    assert split > total / 2, f"{name} on {mesh_name}: {split} of {total} bytes split"
+def compiled_decode_step(model, inputs) -> str:
+    """The optimised HLO of the decode `lax.scan` that `generate_ids` runs."""
+    seen = {}
+    real = generate.decode
+
+    def spy(*args, **kwargs):
+        abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        seen["args"] = [jax.tree.map(abstract, a) if i in (5, 6) else a for i, a in enumerate(args)], kwargs
+        return real(*args, **kwargs)
+
+    generate.decode = spy
+    try:
+        model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS)
+    finally:
+        generate.decode = real
+    args, kwargs = seen["args"]
+    return real.lower(*args, **kwargs).compile().as_text()
+
+
+COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                        r"(?:-start)?\(")
+
+
+@pytest.mark.parametrize("mesh_name", ["2x4", "1x8"])
+def test_decode_moves_activations_never_weights(family, mesh_name):
+    """Tensor-parallel decoding all-reduces activations; no weight is ever gathered whole."""
+    name, folder, inputs, *_ = family
+    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
+    weights = {int(np.prod(x.shape)) for x in jax.tree.leaves(model.params) if x.ndim >= 2}
+    collectives = COLLECTIVE.findall(compiled_decode_step(model, inputs))
+    assert collectives, "a sharded model should communicate"
+    size = lambda shape: int(np.prod([int(d) for d in shape.split(",") if d]))
+    # A weight gathered whole is a float array of a weight's size (token ids are gathered as int32).
+    whole = [(dtype, shape) for dtype, shape, op in collectives
+             if op == "all-gather" and dtype.startswith(("f", "bf")) and size(shape) in weights]
+    assert not whole, f"{name} on {mesh_name}: the decode step gathers {whole}"
+
+
+def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
+    """Three rows on 8 data shards: padded with copies of the last row, which are dropped again."""
+    name, folder, inputs, logits, tokens = family
+    model = jaxvlm.load(folder, mesh=mesh("8x1"))
+    one_row = {k: v[1:2] for k, v in inputs.items()}
+    np.testing.assert_array_equal(model.generate_ids(**one_row, max_new_tokens=NEW_TOKENS)[0], tokens[1])
+
+
+def test_rules_split_what_divides_and_use_each_mesh_axis_once():
+    from jaxvlm.sharding import MeshRules
+    from jax.sharding import PartitionSpec as P
+    shard = MeshRules.create(mesh("fsdp"))
+    assert shard.spec(("embed", "kv_heads", "head_dim"), (64, 1, 16)) == P("fsdp", None, None)  # MQA: one kv head
+    assert shard.spec(("embed", "heads", "head_dim"), (64, 4, 16)) == P("fsdp", "model", None)
+    assert shard.spec(("embed", "embed"), (64, 64)) == P("fsdp", None)  # a projector: fsdp used once
+    assert shard.spec(("vocab", "embed"), (255, 64)) == P(None, "fsdp")  # 255 rows do not split in two
+    assert shard.spec(("batch", None), (4, 9)) == P(("data", "fsdp"), None)
+    custom = MeshRules.create(mesh("2x4"), rules={"embed": "model", "mlp": None})
+    assert custom.spec(("embed", "mlp"), (64, 128)) == P("model", None)
