@@ -50,23 +50,24 @@ def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int, pixels: np.n
     from jaxvlm import generate
     from jaxvlm.sampling import Sampler
 
-    c, sampler = model.config, Sampler()
+    c, sampler = model.config.computation, Sampler()
     length = generate.prompt_bucket(prompt.shape[1])
     tokens, valid = map(jnp.asarray, generate.right_align(list(prompt), length, 0))
     prefix = valid if c.prefix_lm else None
     pixels = None if pixels is None else jnp.asarray(pixels)
     steps = new - 1
-    scalars = dict(key=jax.random.key(0), temperature=jnp.float32(1), top_p=jnp.float32(1),
-                   eos_ids=jnp.asarray([1], jnp.int32), pad_id=jnp.int32(0))
+    scalars = dict(seed=np.uint32(0), temperature=np.float32(1), top_p=np.float32(1),
+                   eos_ids=np.asarray([1] + [-1] * (generate.EOS_SLOTS - 1), np.int32), pad_id=np.int32(0))
     size = generate.cache_bucket(length + steps)
 
     def run_prefill():
-        state, token = generate.prefill(c, model.dtype, sampler, size, model.params, tokens, valid, prefix, pixels,
-                                        jnp.zeros(len(prompt), bool), jnp.int32(0), **scalars)
+        state, token = generate.prefill(c, model.dtype, sampler, size, model.shard, model.params, tokens, valid,
+                                        prefix, pixels, jnp.zeros(len(prompt), bool), np.int32(0), **scalars)
         return jax.block_until_ready((state, token))
 
     def run_decode(state):
-        return jax.block_until_ready(generate.decode(c, model.dtype, sampler, steps, model.params, state, **scalars))
+        return jax.block_until_ready(generate.decode(c, model.dtype, sampler, steps, model.shard, model.params, state,
+                                                     **scalars))
 
     start = time.perf_counter()
     state, _ = run_prefill()

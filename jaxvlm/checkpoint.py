@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from typing import Iterable
@@ -12,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxvlm import files
+from jaxvlm import files, layout
 from jaxvlm.config import ModelConfig
 from jaxvlm.files import FileError, error_line
 from jaxvlm.sharding import MeshRules
@@ -21,29 +22,32 @@ from jaxvlm.vlm import VisionLanguageModel
 PARAMS_DIR = "params"
 
 
-def _init_boxed(config: ModelConfig, key: jax.Array, dtype):
+def _init_boxed(config: ModelConfig, key: jax.Array, dtype, scan_layers: bool):
     """Freshly initialised params, each still boxed with the logical names of its axes."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     size = config.vision.image_size if config.vision is not None else 1
     pixels = jnp.zeros((1, size, size, 3), jnp.float32)
-    return VisionLanguageModel(config, dtype).init(key, tokens, pixels, method="initialize")["params"]
+    model = VisionLanguageModel(config, dtype, scan_layers=scan_layers)
+    return model.init(key, tokens, pixels, method="initialize")["params"]
 
 
-def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32):
-    """Randomly initialised params (plain arrays), for training from scratch."""
-    return nn.meta.unbox(_init_boxed(config, key, dtype))
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scan_layers: bool = False):
+    """Randomly initialised params (plain arrays), for training from scratch. With `scan_layers` each
+    stack of layers is one [L, ...] subtree (see `jaxvlm.layout`)."""
+    return nn.meta.unbox(_init_boxed(config, key, dtype, scan_layers))
 
 
-def abstract_params(config: ModelConfig, dtype=jnp.float32):
+def abstract_params(config: ModelConfig, dtype=jnp.float32, scan_layers: bool = False):
     """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated)."""
-    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), dtype))
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), dtype, scan_layers))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(boxed))
 
 
-def param_axes(config: ModelConfig):
+def param_axes(config: ModelConfig, scan_layers: bool = False):
     """The params tree with, at each leaf, the logical names of the param's axes (a PartitionSpec such as
-    P('embed', 'heads', 'head_dim')), as the layers declare them."""
-    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32)))
+    P('embed', 'heads', 'head_dim'); stacked layers add a leading 'layers'), as the layers declare them."""
+    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32,
+                                                                    scan_layers)))
 
 
 def param_name(path) -> str:
@@ -139,17 +143,31 @@ def stored_dtype(directory: str | os.PathLike):
     return jnp.dtype(jnp.bfloat16) if dtypes == {jnp.dtype(jnp.bfloat16)} else jnp.dtype(jnp.float32)
 
 
-def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard: MeshRules | None = None):
+def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard: MeshRules | None = None,
+                scan_layers: bool | None = None):
     """Restores params as `dtype`, checking the tree against what `config` predicts. With `shard`, each
-    param is read straight into its shards on the mesh: no whole copy on one device or on the host."""
+    param is read straight into its shards on the mesh: no whole copy on one device or on the host.
+    `scan_layers` asks for stacked (True) or unrolled (False) layers, re-laid out after reading when the
+    folder holds the other layout (None: as stored)."""
     path = params_path(directory)
-    target = abstract_params(config, dtype)
-    compare_trees(stored_metadata(directory), target, path, os.path.join(directory, "config.json"))
+    stored = stored_metadata(directory)
+    stacked = layout.is_stacked(stored)
+    target = abstract_params(config, dtype, stacked)
+    compare_trees(stored, target, path, os.path.join(directory, "config.json"))
+    want = stacked if scan_layers is None else scan_layers
     if shard is not None:
-        shardings = shard.params(param_axes(config), target)
+        shardings = shard.params(param_axes(config, stacked), target)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path, target)
+            params = ckptr.restore(path, target)
     except Exception as e:
         raise FileError(f"{path}: unreadable params checkpoint ({error_line(e)})") from None
+    if want == stacked:
+        return params
+    # The other layout: one stack at a time is held twice while it is re-laid out.
+    relayout = functools.partial(layout.relayout, stacked=want)
+    if shard is None:
+        return jax.jit(relayout)(params)
+    shardings = shard.params(param_axes(config, want), abstract_params(config, dtype, want))
+    return jax.jit(relayout, out_shardings=shardings)(params)

@@ -1,8 +1,8 @@
 """The decoder: one block and one stack for every text family, driven by `DecoderConfig` flags.
 
-Layers are separate parameter subtrees (`layer_0`, `layer_1`, ...) looped over in Python rather than
-stacked [L, ...] and scanned: on XLA:CPU slicing a stacked weight copies it on every decode step, which
-measured about 2x slower decoding here.
+The stack is unrolled (`layer_0`, `layer_1`, ..., looped over in Python) or, with `scan_layers`, one
+`layers` subtree of [L, ...] params run by `nn.scan` (see `jaxvlm.layout`). Per-layer choices (Gemma 2's
+local and global layers) are data to the scan: each layer picks its mask by a flag.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from flax import struct
 from jaxvlm.attention import Attention
 from jaxvlm.config import DecoderConfig
 from jaxvlm.kv_cache import KVCache, write
+from jaxvlm.layout import layer_stack
 from jaxvlm.layers import Dtype, Einsum, Embedder, GatedMLP, RMSNorm, softcap
 from jaxvlm.masks import decoder_mask
 from jaxvlm.rope import rope_tables
@@ -27,14 +28,20 @@ class DecoderOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm attention and gated MLP, with Gemma 2's extra norms on each branch's output."""
+    """Pre-norm attention and gated MLP, with Gemma 2's extra norms on each branch's output.
+
+    `masks` is (global mask, sliding-window mask or None), each bool[B, T, S]; `local` (a bool, traced
+    when the layers are scanned) says which this layer uses. Returns (x, (k, v)): the scan's carry and
+    this layer's keys and values.
+    """
 
     config: DecoderConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, rope, mask, cache_kv=None, end=0):
+    def __call__(self, x, rope, masks, local, cache_kv=None, end=0):
         c = self.config
+        mask = masks[0] if masks[1] is None else jnp.where(local, masks[1], masks[0])
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name=name)
         h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end)
         if c.use_post_norms:
@@ -50,12 +57,14 @@ class Decoder(nn.Module):
     config: DecoderConfig
     dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
+    scan_layers: bool = False  # stacked [L, ...] params run by a scan, rather than unrolled layers
 
     def setup(self):
         c = self.config
         self.embedder = Embedder(c.vocab_size, c.width, c.embed_scale, dtype=self.dtype)
-        block = nn.remat(Block) if self.remat else Block
-        self.layers = [block(c, dtype=self.dtype, name=f"layer_{i}") for i in range(c.depth)]
+        # Scanned, the arguments after x are: rope, masks (shared), local (per layer), cache_kv (per layer), end.
+        self.layers = layer_stack(Block, c.depth, self.scan_layers, self.remat,
+                                  (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), config=c, dtype=self.dtype)
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), ("embed", "vocab"), dtype=self.dtype,
@@ -87,16 +96,23 @@ class Decoder(nn.Module):
         if prefix is not None:
             kv_prefix = prefix if cache is None else write(jnp.zeros_like(cache.valid), prefix, end)
             prefix = (prefix, kv_prefix)
-        masks = {w: decoder_mask(kv_valid, end, T, w, prefix) for w in {c.window(i) for i in range(c.depth)}}
+        local = [c.window(i) is not None for i in range(c.depth)]
+        windowed = decoder_mask(kv_valid, end, T, c.sliding_window, prefix) if any(local) else None
+        masks = (decoder_mask(kv_valid, end, T, None, prefix) if not all(local) else windowed, windowed)
 
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            with jax.named_scope(f"layer_{i}"):
-                cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-                x, (k, v) = layer(x, rope, masks[c.window(i)], cache_kv, end)
-            new_k.append(k)
-            new_v.append(v)
-        new_cache = None if cache is None else KVCache(k=tuple(new_k), v=tuple(new_v), end=end + T, valid=kv_valid)
+        if self.scan_layers:
+            cache_kv = None if cache is None else (cache.k, cache.v)
+            x, (new_k, new_v) = self.layers(x, rope, masks, jnp.asarray(local), cache_kv, end)
+        else:
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                with jax.named_scope(f"layer_{i}"):
+                    cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+                    x, (k, v) = layer(x, rope, masks, local[i], cache_kv, end)
+                new_k.append(k)
+                new_v.append(v)
+            new_k, new_v = tuple(new_k), tuple(new_v)
+        new_cache = None if cache is None else KVCache(k=new_k, v=new_v, end=end + T, valid=kv_valid)
         return self.final_norm(x), new_cache
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,

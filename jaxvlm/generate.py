@@ -18,6 +18,7 @@ from flax import struct
 
 from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
+from jaxvlm.layout import is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.sampling import Sampler, sample
 from jaxvlm.sharding import MeshRules
@@ -63,8 +64,8 @@ def _place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
     """The cache split on batch and kv heads over the mesh (a no-op on one device)."""
     if shard is None:
         return cache
-    kv = lambda x: shard.constrain(x, ("batch", None, "kv_heads", "head_dim"))
-    return KVCache(k=tuple(map(kv, cache.k)), v=tuple(map(kv, cache.v)), end=cache.end,
+    kv = lambda x: shard.constrain(x, ("layers",) * (x.ndim - 4) + ("batch", None, "kv_heads", "head_dim"))
+    return KVCache(k=jax.tree.map(kv, cache.k), v=jax.tree.map(kv, cache.v), end=cache.end,
                    valid=shard.constrain(cache.valid, ("batch", None)))
 
 
@@ -84,9 +85,10 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
     """
     B, T = tokens.shape
     positions = token_positions(valid) + config.position_offset
-    cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype), shard)
-    out = VisionLanguageModel(config, dtype).apply({"params": params}, tokens, positions, valid, cache, pixels,
-                                                   prefix, last_only=True)
+    stacked = is_stacked(params)
+    cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked), shard)
+    out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply(
+        {"params": params}, tokens, positions, valid, cache, pixels, prefix, last_only=True)
     token = sample(sampler, out.logits[:, -1], jax.random.fold_in(jax.random.key(seed), step), temperature, top_p)
     token, done = _finish(token, done, eos_ids, pad_id)
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=positions[:, -1] + 1, done=done,
@@ -99,7 +101,7 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
 def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: MeshRules | None, params,
            state: DecodeState, seed, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
     """`steps` decode steps in one `lax.scan`; returns the new state and the chosen tokens int32[B, steps]."""
-    model = VisionLanguageModel(config, dtype)
+    model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
     ones = jnp.ones((state.token.shape[0], 1), bool)
     key = jax.random.key(seed)
 

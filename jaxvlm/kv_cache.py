@@ -15,15 +15,19 @@ from jaxvlm.config import DecoderConfig
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
-    v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    # Per layer [B, S, K, H]; for scanned (stacked) layers one [L, B, S, K, H] array each.
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
     end: jax.Array  # int32[]: the next slot to write
     valid: jax.Array  # bool[B, S]: the slot holds a real (non-padding) token
 
     @classmethod
-    def init(cls, config: DecoderConfig, batch: int, size: int, dtype) -> "KVCache":
+    def init(cls, config: DecoderConfig, batch: int, size: int, dtype, stacked: bool = False) -> "KVCache":
         shape = (batch, size, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
+        if stacked:
+            zeros = jnp.zeros((config.depth, *shape), dtype)
+        else:
+            zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
         return cls(k=zeros, v=zeros, end=jnp.zeros((), jnp.int32), valid=jnp.zeros((batch, size), bool))
 
     @property

@@ -15,6 +15,7 @@ from jaxvlm import checkpoint, checks, files, memory
 from jaxvlm.config import ModelConfig
 from jaxvlm.generate import MAX_CHUNK, cache_bucket, generate_tokens, prompt_bucket, right_align
 from jaxvlm.images import preprocess_batch
+from jaxvlm.layout import default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
@@ -35,7 +36,7 @@ def _everywhere(tree, shard: MeshRules | None):
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "shard"))
 def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels):
     positions = token_positions(valid) + config.position_offset
-    model = VisionLanguageModel(config, dtype)
+    model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
     if config.head is not None:
         out = model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
     else:
@@ -53,7 +54,8 @@ _VISION_OUTPUTS = {
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "output", "shard"))
 def _vision(config, dtype, output, shard, params, pixels):
-    out = VisionLanguageModel(config, dtype).apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
+    model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
+    out = model.apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
     return _everywhere(out, shard)
 
 
@@ -338,7 +340,7 @@ BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True,
-         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None) -> Model:
+         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None) -> Model:
     """Loads a converted checkpoint folder; with no path, the built-in shapes model (see `jaxvlm.shapes`).
     `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file is first
     checked against the folder's `checksums.json`, so a missing, truncated or altered file is named.
@@ -347,11 +349,17 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     and the model runs over the whole mesh; `rules` (logical axis name -> mesh axes) change the defaults
     in `jaxvlm.sharding`. In a job of several hosts, every process calls `load` alike, after
     `jax.distributed.initialize`.
+
+    `scan_layers` holds each stack of layers as [L, ...] arrays run by a scan (True) or as separate
+    layers (False), whichever layout the folder stores; None picks the backend's default
+    (`jaxvlm.layout.default_scan_layers`).
     """
     path = BUILTIN_MODEL if path is None else os.fspath(path)
     if dtype is not None and str(dtype) not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     checks.flag("verify", verify)
+    if scan_layers is not None:
+        checks.flag("scan_layers", scan_layers)
     if rules is not None and mesh is None:
         raise ValueError("rules: they place params on a mesh; give mesh= too")
     check_distributed("load")
@@ -363,5 +371,6 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
                     files.CHECKSUMS_FILE)
     config = ModelConfig.load(path)
     jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
-    params = checkpoint.load_params(path, config, jdtype, shard)
+    scan_layers = default_scan_layers() if scan_layers is None else scan_layers
+    params = checkpoint.load_params(path, config, jdtype, shard, scan_layers)
     return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard)

@@ -34,6 +34,7 @@ from jaxvlm import checks, files
 from jaxvlm.checkpoint import all_finite, compare_trees, param_axes
 from jaxvlm.config import ModelConfig
 from jaxvlm.data import Batch, RowBatches
+from jaxvlm.layout import is_stacked
 from jaxvlm.losses import next_token_loss
 from jaxvlm.masks import token_positions
 from jaxvlm.model import Model
@@ -183,6 +184,8 @@ class Trainer:
         return TrainState(step=shard.replicated, params=param_shardings, opt_state=opt_shardings)
 
     def _compile_step(self, state: TrainState):
+        # The layers run as the params hold them: unrolled, or stacked and scanned (see jaxvlm.layout).
+        self.model = self.model.clone(scan_layers=is_stacked(state.params))
         step = functools.partial(_train_step, self.model, self.optimizer, self.tc.schedule())
         if self.shard is None:
             return jax.jit(step, donate_argnums=0)
@@ -247,6 +250,11 @@ class Trainer:
             except Exception as e:
                 log.warning("%s: damaged checkpoint (%s); trying the one before", where, files.error_line(e))
                 continue
+            if is_stacked(saved) != is_stacked(state.params):
+                held = lambda stacked: "stacked (scan_layers=True)" if stacked else "unrolled (scan_layers=False)"
+                raise ValueError(f"scan_layers: {where} holds the layers {held(is_stacked(saved))} but these params "
+                                 f"are {held(is_stacked(state.params))}; load the model with the checkpoint's layout "
+                                 "to resume")
             compare_trees(saved, state.params, where, "this model (it was saved from a model of another shape)")
             try:
                 files.verify_checksums(where)

@@ -12,6 +12,7 @@ import flax.linen as nn
 
 from jaxvlm.attention import Attention
 from jaxvlm.config import VisionConfig
+from jaxvlm.layout import layer_stack
 from jaxvlm.layers import MLP, Dtype, Einsum, named
 
 
@@ -27,15 +28,18 @@ def _attention(c: VisionConfig, dtype: Dtype, name: str) -> Attention:
 
 
 class EncoderBlock(nn.Module):
+    """Returns the new hidden state twice: as a scan's carry and as this layer's output."""
+
     config: VisionConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         c = self.config
         x = x + _attention(c, self.dtype, "attn")(_layer_norm(c, self.dtype, "pre_attn_norm")(x))[0]
         h = _layer_norm(c, self.dtype, "pre_mlp_norm")(x)
-        return x + MLP(c.mlp_dim, c.width, c.activation, dtype=self.dtype, name="mlp")(h)
+        x = x + MLP(c.mlp_dim, c.width, c.activation, dtype=self.dtype, name="mlp")(h)
+        return x, x
 
 
 class AttentionPool(nn.Module):
@@ -60,6 +64,7 @@ class VisionEncoder(nn.Module):
     config: VisionConfig
     dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
+    scan_layers: bool = False  # stacked [L, ...] params run by a scan, rather than unrolled layers
 
     def setup(self):
         c = self.config
@@ -76,8 +81,7 @@ class VisionEncoder(nn.Module):
                                         (c.num_tokens, c.width), self.dtype)
         if c.pre_norm:
             self.pre_norm = _layer_norm(c, self.dtype, "pre_norm")
-        block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
-        self.layers = [block(c, self.dtype, name=f"layer_{i}") for i in range(c.depth)]
+        self.layers = layer_stack(EncoderBlock, c.depth, self.scan_layers, self.remat, (), config=c, dtype=self.dtype)
         self.post_norm = _layer_norm(c, self.dtype, "post_norm")
         if c.attention_pool:
             self.attention_pool = AttentionPool(c, self.dtype)
@@ -100,10 +104,14 @@ class VisionEncoder(nn.Module):
         x = x + self.pos_embedding.astype(self.dtype)
         if c.pre_norm:
             x = self.pre_norm(x)
+        depth = c.depth if depth is None else depth
+        if self.scan_layers:  # the scan runs every layer; the states past `depth` are dropped
+            _, states = self.layers(x)
+            return [x] + [states[i] for i in range(depth)]
         states = [x]
-        for i, layer in enumerate(self.layers[:c.depth if depth is None else depth]):
+        for i, layer in enumerate(self.layers[:depth]):
             with jax.named_scope(f"layer_{i}"):
-                states.append(layer(states[-1]))
+                states.append(layer(states[-1])[0])
         return states
 
     def __call__(self, pixels: jax.Array) -> jax.Array:

@@ -46,13 +46,14 @@ class VisionLanguageModel(nn.Module):
     config: ModelConfig
     dtype: Dtype = jnp.float32  # the compute dtype; params are used in whatever dtype they are given
     remat: bool = False  # per-layer gradient checkpointing, in the decoder and the encoder
+    scan_layers: bool = False  # each stack of layers as [L, ...] params run by a scan (see jaxvlm.layout)
 
     def setup(self):
         c = self.config
         if c.decoder is not None:
-            self.decoder = Decoder(c.decoder, self.dtype, self.remat)
+            self.decoder = Decoder(c.decoder, self.dtype, self.remat, self.scan_layers)
         if c.vision is not None:
-            self.vision = VisionEncoder(c.vision, self.dtype, self.remat)
+            self.vision = VisionEncoder(c.vision, self.dtype, self.remat, self.scan_layers)
         if c.is_vlm:
             self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype)
         if c.head is not None:

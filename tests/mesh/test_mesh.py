@@ -53,25 +53,8 @@ def mesh(name):
     return jax.make_mesh(shape, axes)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_logits_and_tokens_equal_one_device(family, mesh_name):
-    name, folder, inputs, logits, tokens = family
-    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
-    diff = np.abs(model.logits(**inputs) - logits).max()
-    assert diff <= 1e-4, f"{name} on {mesh_name}: max |logits diff| {diff}"
-    np.testing.assert_array_equal(model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS), tokens)
-
-
-@pytest.mark.parametrize("mesh_name", ["2x4", "1x8"])
-def test_model_axis_splits_most_parameter_bytes(family, mesh_name):
-    name, folder, *_ = family
-    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
-    leaves = jax.tree.leaves(model.params)
-    split = sum(x.nbytes for x in leaves if not x.sharding.is_fully_replicated)
-    total = sum(x.nbytes for x in leaves)
-    assert split > total / 2, f"{name} on {mesh_name}: {split} of {total} bytes split"
-def compiled_decode_step(model, inputs) -> str:
-    """The optimised HLO of the decode `lax.scan` that `generate_ids` runs."""
+def compiled_decode(model, inputs) -> tuple[np.ndarray, str]:
+    """generate_ids' tokens, and the optimised HLO of the decode `lax.scan` it ran."""
     seen = {}
     real = generate.decode
 
@@ -82,38 +65,42 @@ def compiled_decode_step(model, inputs) -> str:
 
     generate.decode = spy
     try:
-        model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS)
+        tokens = model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS)
     finally:
         generate.decode = real
     args, kwargs = seen["args"]
-    return real.lower(*args, **kwargs).compile().as_text()
+    return tokens, real.lower(*args, **kwargs).compile().as_text()
 
 
 COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
                         r"(?:-start)?\(")
 
 
-@pytest.mark.parametrize("mesh_name", ["2x4", "1x8"])
-def test_decode_moves_activations_never_weights(family, mesh_name):
-    """Tensor-parallel decoding all-reduces activations; no weight is ever gathered whole."""
-    name, folder, inputs, *_ = family
-    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
-    weights = {int(np.prod(x.shape)) for x in jax.tree.leaves(model.params) if x.ndim >= 2}
-    collectives = COLLECTIVE.findall(compiled_decode_step(model, inputs))
-    assert collectives, "a sharded model should communicate"
-    size = lambda shape: int(np.prod([int(d) for d in shape.split(",") if d]))
-    # A weight gathered whole is a float array of a weight's size (token ids are gathered as int32).
-    whole = [(dtype, shape) for dtype, shape, op in collectives
-             if op == "all-gather" and dtype.startswith(("f", "bf")) and size(shape) in weights]
-    assert not whole, f"{name} on {mesh_name}: the decode step gathers {whole}"
-
-
-def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
-    """Three rows on 8 data shards: padded with copies of the last row, which are dropped again."""
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_a_mesh_gives_the_one_device_logits_and_tokens(family, mesh_name):
+    """Three rows: padded to 4 rows on (2, 4) and to 8 on (8, 1), the copies dropped again. With a `model`
+    axis, most parameter bytes are split; without `fsdp`, decoding moves activations (all-reduces of
+    partial sums, small gathers of per-shard results), never a weight gathered whole."""
     name, folder, inputs, logits, tokens = family
-    model = jaxvlm.load(folder, mesh=mesh("8x1"))
-    one_row = {k: v[1:2] for k, v in inputs.items()}
-    np.testing.assert_array_equal(model.generate_ids(**one_row, max_new_tokens=NEW_TOKENS)[0], tokens[1])
+    model = jaxvlm.load(folder, mesh=mesh(mesh_name))
+    diff = np.abs(model.logits(**inputs) - logits).max()
+    assert diff <= 1e-4, f"{name} on {mesh_name}: max |logits diff| {diff}"
+    got, hlo = compiled_decode(model, inputs)
+    np.testing.assert_array_equal(got, tokens)
+    if model.shard.size.get("model", 1) > 1:
+        leaves = jax.tree.leaves(model.params)
+        split = sum(x.nbytes for x in leaves if not x.sharding.is_fully_replicated)
+        total = sum(x.nbytes for x in leaves)
+        assert split > total / 2, f"{name} on {mesh_name}: {split} of {total} bytes split"
+    if "fsdp" not in model.shard.size:
+        weights = {int(np.prod(x.shape)) for x in jax.tree.leaves(model.params) if x.ndim >= 2}
+        size = lambda shape: int(np.prod([int(d) for d in shape.split(",") if d]))
+        collectives = COLLECTIVE.findall(hlo)
+        assert collectives or model.shard.size["data"] == 8, "a tensor-parallel model should communicate"
+        # A weight gathered whole is a float array of a weight's size (token ids are gathered as int32).
+        whole = [(dtype, shape) for dtype, shape, op in collectives
+                 if op == "all-gather" and dtype.startswith(("f", "bf")) and size(shape) in weights]
+        assert not whole, f"{name} on {mesh_name}: the decode step gathers {whole}"
 
 
 def test_rules_split_what_divides_and_use_each_mesh_axis_once():
@@ -127,3 +114,23 @@ def test_rules_split_what_divides_and_use_each_mesh_axis_once():
     assert shard.spec(("batch", None), (4, 9)) == P(("data", "fsdp"), None)
     custom = MeshRules.create(mesh("2x4"), rules={"embed": "model", "mlp": None})
     assert custom.spec(("embed", "mlp"), (64, 128)) == P("model", None)
+
+
+def test_stacked_layers_on_a_mesh(family):
+    """Stacked [L, ...] params split like the unrolled ones (the layer axis stays whole)."""
+    name, folder, inputs, logits, tokens = family
+    model = jaxvlm.load(folder, mesh=mesh("2x4"), scan_layers=True)
+    kernel = model.params["decoder"]["layers"]["mlp"]["up"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+    assert np.abs(model.logits(**inputs) - logits).max() <= 1e-4
+    np.testing.assert_array_equal(model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS), tokens)
+
+
+def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
+    """One row on 8 data shards: padded with seven copies of it, which are dropped again."""
+    name, folder, inputs, logits, tokens = family
+    model = jaxvlm.load(folder, mesh=mesh("8x1"))
+    one_row = {k: v[1:2] for k, v in inputs.items()}
+    got = model.generate_ids(**one_row, max_new_tokens=NEW_TOKENS)
+    assert got.shape == (1, NEW_TOKENS)
+    np.testing.assert_array_equal(got[0], tokens[1])

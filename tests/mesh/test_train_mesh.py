@@ -43,14 +43,14 @@ def one_device(batches):
     return run(batches)
 
 
-@pytest.mark.parametrize("mesh_name", ["2x4", "fsdp", "8x1"])
+@pytest.mark.parametrize("mesh_name", ["2x4", "fsdp"])
 def test_training_on_a_mesh_equals_one_device(batches, one_device, mesh_name, tmp_path):
     state, losses = run(batches, jax.make_mesh(*MESHES[mesh_name]), tmp_path, checkpoint_every=2)
     want_state, want_losses = one_device
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     close(state, want_state)
     split = [x for x in jax.tree.leaves(state) if not x.sharding.is_fully_replicated]
-    assert split or mesh_name == "8x1", "params and moments should be split over fsdp and model"
+    assert split, "params and moments should be split over fsdp and model"
 
 
 def test_a_run_resumes_from_its_sharded_checkpoint(batches, one_device, tmp_path):

@@ -1,0 +1,101 @@
+"""A model over 8 simulated CPU devices: host memory while loading it sharded, and the collectives of
+the decode step on each mesh.
+
+A Gemma-shaped decoder (width 1024, 16 layers, 8 heads, 1 kv head, head_dim 128, MLP 4096, vocab 32000;
+272M parameters, 1.09 GB in float32) is saved once; each load runs in a fresh process, which reports how
+far its peak resident memory rose while loading (VmHWM after resetting it) against the model's bytes: a
+full copy of the model on one device or on the host before sharding would show as 2x or more.
+
+    python benchmarks/sharding.py [--layers 16]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+MESHES = {"1 device": None, "(1, 8) data, model": ((1, 8), ("data", "model")),
+          "(2, 4) data, model": ((2, 4), ("data", "model")),
+          "(2, 2, 2) data, fsdp, model": ((2, 2, 2), ("data", "fsdp", "model")),
+          "(1, 8, 1) data, fsdp, model": ((1, 8, 1), ("data", "fsdp", "model"))}
+
+
+def peak_kb() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+
+
+def measure(folder: str, mesh_name: str) -> dict:
+    """In a fresh process: peak memory added by loading, and the decode step's collectives."""
+    import jaxvlm
+    from jaxvlm import generate
+    jax.devices()  # the backend's own memory is not the model's
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = peak_kb()
+    spec = MESHES[mesh_name]
+    model = jaxvlm.load(folder, verify=False, mesh=None if spec is None else jax.make_mesh(*spec))
+    jax.block_until_ready(model.params)
+    added = (peak_kb() - before) * 1024
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    collectives = collections.Counter()
+    if spec is not None:
+        seen = {}
+        real = generate.decode
+
+        def spy(*args, **kwargs):
+            abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+            seen["args"] = [jax.tree.map(abstract, a) if i in (5, 6) else a for i, a in enumerate(args)], kwargs
+            return real(*args, **kwargs)
+        generate.decode = spy
+        model.generate_ids(np.arange(3, 19)[None].repeat(2, 0), max_new_tokens=4)
+        args, kwargs = seen["args"]
+        text = real.lower(*args, **kwargs).compile().as_text()
+        for dtype, shape, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all|"
+                                           r"collective-permute)(?:-start)?\(", text):
+            collectives[f"{op} {dtype}[{shape}]"] += 1
+    return {"added": added, "nbytes": nbytes, "collectives": dict(collectives)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "MESH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(*args.measure)))
+        return
+    from jaxvlm import checkpoint
+    from jaxvlm.config import DecoderConfig, ModelConfig, TokensConfig
+    config = ModelConfig(decoder=DecoderConfig(
+        vocab_size=32000, width=1024, depth=args.layers, num_heads=8, num_kv_heads=1, head_dim=128, mlp_dim=4096,
+        mlp_activation="gelu_tanh", norm_scale_offset=1.0, embed_scale=True, tie_embeddings=True),
+        tokens=TokensConfig(eos_ids=(1,), pad_id=0))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = checkpoint.save_model(os.path.join(tmp, "model"), config,
+                                       checkpoint.init_params(config, jax.random.key(0)))
+        print(f"sharded load and decode | jax {jax.__version__}, 8 simulated CPU devices, {args.layers} layers")
+        for name in MESHES:
+            out = subprocess.run([sys.executable, __file__, "--measure", folder, name], capture_output=True, text=True,
+                                 check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{name:30} peak host memory added by load: {r['added'] / 1e9:.2f} GB "
+                  f"= {r['added'] / r['nbytes']:.2f}x the model's {r['nbytes'] / 1e9:.2f} GB")
+            for op, count in sorted(r["collectives"].items()):
+                print(f"{'':32}decode step: {count} x {op}")
+
+
+if __name__ == "__main__":
+    main()
