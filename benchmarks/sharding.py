@@ -3,8 +3,10 @@ the decode step on each mesh.
 
 A Gemma-shaped decoder (width 1024, 16 layers, 8 heads, 1 kv head, head_dim 128, MLP 4096, vocab 32000;
 272M parameters, 1.09 GB in float32) is saved once; each load runs in a fresh process, which reports how
-far its peak resident memory rose while loading (VmHWM after resetting it) against the model's bytes: a
-full copy of the model on one device or on the host before sharding would show as 2x or more.
+far its peak resident memory rose while loading (VmHWM after resetting it). The simulated devices live in
+host memory, so that rise holds the params' shards on every device (more than the model where an axis
+replicates them: `data` always does); what it holds beyond them is transient, and a full copy of the
+model on one device or on the host before sharding would add the model's size.
 
     python benchmarks/sharding.py [--layers 16]
 """
@@ -50,6 +52,7 @@ def measure(folder: str, mesh_name: str) -> dict:
     jax.block_until_ready(model.params)
     added = (peak_kb() - before) * 1024
     nbytes = sum(x.nbytes for x in jax.tree.leaves(model.params))
+    shards = sum(s.data.nbytes for x in jax.tree.leaves(model.params) for s in x.addressable_shards)
     collectives = collections.Counter()
     if spec is not None:
         seen = {}
@@ -66,7 +69,7 @@ def measure(folder: str, mesh_name: str) -> dict:
         for dtype, shape, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all|"
                                            r"collective-permute)(?:-start)?\(", text):
             collectives[f"{op} {dtype}[{shape}]"] += 1
-    return {"added": added, "nbytes": nbytes, "collectives": dict(collectives)}
+    return {"added": added, "nbytes": nbytes, "shards": shards, "collectives": dict(collectives)}
 
 
 def main():
@@ -91,8 +94,9 @@ def main():
             out = subprocess.run([sys.executable, __file__, "--measure", folder, name], capture_output=True, text=True,
                                  check=True)
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{name:30} peak host memory added by load: {r['added'] / 1e9:.2f} GB "
-                  f"= {r['added'] / r['nbytes']:.2f}x the model's {r['nbytes'] / 1e9:.2f} GB")
+            print(f"{name:30} load: peak memory +{r['added'] / 1e9:.2f} GB = shards on all devices "
+                  f"{r['shards'] / 1e9:.2f} GB + transient {(r['added'] - r['shards']) / 1e9:.2f} GB "
+                  f"({(r['added'] - r['shards']) / r['nbytes']:.2f}x the model)")
             for op, count in sorted(r["collectives"].items()):
                 print(f"{'':32}decode step: {count} x {op}")
 
