@@ -42,7 +42,6 @@ def peak_kb() -> int:
 def measure(folder: str, mesh_name: str) -> dict:
     """In a fresh process: peak memory added by loading, and the decode step's collectives."""
     import jaxvlm
-    from jaxvlm import generate
     jax.devices()  # the backend's own memory is not the model's
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -55,17 +54,7 @@ def measure(folder: str, mesh_name: str) -> dict:
     shards = sum(s.data.nbytes for x in jax.tree.leaves(model.params) for s in x.addressable_shards)
     collectives = collections.Counter()
     if spec is not None:
-        seen = {}
-        real = generate.decode
-
-        def spy(*args, **kwargs):
-            abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-            seen["args"] = [jax.tree.map(abstract, a) if i in (5, 6) else a for i, a in enumerate(args)], kwargs
-            return real(*args, **kwargs)
-        generate.decode = spy
-        model.generate_ids(np.arange(3, 19)[None].repeat(2, 0), max_new_tokens=4)
-        args, kwargs = seen["args"]
-        text = real.lower(*args, **kwargs).compile().as_text()
+        text = model.decode_program(np.arange(3, 19)[None].repeat(2, 0))
         for dtype, shape, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-scatter|all-to-all|"
                                            r"collective-permute)(?:-start)?\(", text):
             collectives[f"{op} {dtype}[{shape}]"] += 1

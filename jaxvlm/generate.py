@@ -129,12 +129,14 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32)
 def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
                     sampler: Sampler, temperature: float, top_p: float | None, seed: int,
                     eos_ids: Sequence[int], pad_id: int, pixels: np.ndarray | None = None,
-                    prefixes: Sequence[np.ndarray] | None = None, shard: MeshRules | None = None) -> np.ndarray:
+                    prefixes: Sequence[np.ndarray] | None = None, shard: MeshRules | None = None,
+                    programs: list[str] | None = None) -> np.ndarray:
     """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens].
 
     `pixels` hold one image per row; `prefixes` (bool[T_i] per row) mark each prompt's bidirectional prefix.
     With `shard` (params already on its mesh), the batch is split over the mesh, padded with copies of
-    its last row to a multiple of the devices it is split over.
+    its last row to a multiple of the devices it is split over. Given a list, `programs` receives the
+    optimised program (HLO text) of each decode call, for inspection.
 
     Text-only LongRoPE models switch from short to long factors when the sequence first grows past
     `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
@@ -187,6 +189,9 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
             count += 1
             continue
         steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
+        if programs is not None:
+            programs.append(decode.lower(config, dtype, sampler, steps, shard, params, state, **scalars)
+                            .compile().as_text())
         state, tokens = decode(config, dtype, sampler, steps, shard, params, state, **scalars)
         generated.append(np.asarray(tokens))
         count += steps

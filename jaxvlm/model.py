@@ -255,6 +255,18 @@ class Model:
 
         The images in `pixel_values` are encoded once, at prefill.
         """
+        return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k, top_p,
+                              seed, token_type_ids)
+
+    def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> str:
+        """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
+        where a sharded model's collectives, or a stacked model's copies, show."""
+        programs = []
+        self._generate(input_ids, attention_mask, pixel_values, 2, 0.0, None, None, 0, token_type_ids, programs)
+        return programs[0]
+
+    def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k, top_p, seed,
+                  token_type_ids, programs=None) -> np.ndarray:
         max_new_tokens, seed = _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
         self._require_lm_head()
         sampler = make_sampler(temperature, top_k, top_p)
@@ -273,7 +285,7 @@ class Model:
         return generate_tokens(self.config, self.dtype, self.params, rows, max_new_tokens=max_new_tokens,
                                sampler=sampler, temperature=temperature, top_p=top_p, seed=seed,
                                eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes,
-                               shard=self.shard)
+                               shard=self.shard, programs=programs)
 
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

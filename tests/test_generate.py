@@ -102,6 +102,12 @@ def test_host_only_settings_never_recompile(caplog):
     assert compiled == [], compiled
 
 
+def test_the_decode_program_can_be_read():
+    model = random_model(CONFIGS["qwen3_like"])
+    program = model.decode_program(np.random.default_rng(4).integers(1, 97, size=(2, 5)))
+    assert program.startswith("HloModule") and "while" in program
+
+
 def test_eos_pads_the_rest_of_the_row():
     model = random_model(CONFIGS["phi3_like"])
     prompt = np.random.default_rng(2).integers(1, 97, size=(1, 5))
