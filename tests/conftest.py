@@ -110,5 +110,34 @@ def qwen_tokenizer():
 
 
 # tests/mesh needs 8 simulated devices, which must be asked for before jax starts its backend: it runs in
-# a process of its own, started by tests/test_sharding.py.
+# a process of its own, started as soon as the tests are collected so that it runs beside the others;
+# tests/test_sharding.py::test_on_8_simulated_devices waits for it and reports its outcome.
 collect_ignore = [] if os.environ.get("JAXVLM_MESH_TESTS") else ["mesh"]
+MESH_SUITE = "tests/test_sharding.py::test_on_8_simulated_devices"
+
+
+def start_mesh_suite() -> tuple[subprocess.Popen, str]:
+    """The child pytest over tests/mesh, and the file its output goes to."""
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
+    process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mesh"],
+                               cwd=root, env=dict(os.environ, JAXVLM_MESH_TESTS="1"), stdout=log,
+                               stderr=subprocess.STDOUT)
+    log.close()
+    return process, log.name
+
+
+def pytest_collection_finish(session):
+    if any(item.nodeid == MESH_SUITE for item in session.items):
+        session.config.stash[MESH_SUITE_KEY] = start_mesh_suite()
+
+
+MESH_SUITE_KEY = pytest.StashKey[tuple]()
+
+
+def pytest_sessionfinish(session):
+    """A run stopped early leaves no child suite behind."""
+    started = session.config.stash.get(MESH_SUITE_KEY, None)
+    if started is not None and started[0].poll() is None:
+        started[0].kill()

@@ -17,11 +17,15 @@ from jaxvlm.sharding import MeshRules
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_on_8_simulated_devices():
-    env = dict(os.environ, JAXVLM_MESH_TESTS="1")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mesh"], cwd=ROOT,
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
+def test_on_8_simulated_devices(request):
+    """tests/mesh, in the process conftest.py started when the tests were collected."""
+    from tests.conftest import MESH_SUITE_KEY, start_mesh_suite
+    process, log = request.config.stash.get(MESH_SUITE_KEY, None) or start_mesh_suite()
+    process.wait()
+    with open(log) as f:
+        output = f.read()
+    os.remove(log)
+    assert process.returncode == 0, output[-12000:]
 
 
 @pytest.mark.parametrize("make, message", [
