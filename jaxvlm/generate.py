@@ -21,7 +21,7 @@ from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.sampling import Sampler, sample
-from jaxvlm.sharding import MeshRules
+from jaxvlm.sharding import MeshRules, place
 from jaxvlm.vlm import VisionLanguageModel
 
 MIN_PROMPT_BUCKET = 16
@@ -156,7 +156,7 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
         rows = list(rows) + [rows[-1]] * extra
         prefixes = None if prefixes is None else list(prefixes) + [prefixes[-1]] * extra
         pixels = None if pixels is None else np.concatenate([pixels, np.repeat(pixels[-1:], extra, axis=0)])
-    put = (lambda x, names=(): x) if shard is None else shard.put
+    put = functools.partial(place, shard)
     decode_steps = max_new_tokens - 1
     chunk = min(MAX_CHUNK, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
     longest = max(len(r) for r in rows)
@@ -169,11 +169,10 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
     def start(rows, done, step, steps_after):
         length = prompt_bucket(max(len(r) for r in rows))
         tokens, valid = right_align(rows, length, pad_id)
-        prefix = None if prefixes is None else put(right_align(prefixes, length, False, bool)[0], ("batch",))
+        prefix = None if prefixes is None else put(right_align(prefixes, length, False, bool)[0])
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
-        return prefill(config, dtype, sampler, size, shard, params, put(tokens, ("batch",)), put(valid, ("batch",)),
-                       prefix, None if pixels is None else put(pixels, ("batch",)), put(done, ("batch",)),
-                       np.int32(step), **scalars)
+        return prefill(config, dtype, sampler, size, shard, params, put(tokens), put(valid), prefix, put(pixels),
+                       put(done), np.int32(step), **scalars)
 
     state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]

@@ -19,7 +19,7 @@ from jaxvlm.layout import default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
-from jaxvlm.sharding import MeshRules, Rules, check_distributed
+from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
 from jaxvlm.tokenizer import Tokenizer, check_text
 from jaxvlm.vlm import VisionLanguageModel
 
@@ -65,12 +65,6 @@ class Model:
     def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer | None = None, dtype=jnp.float32,
                  shard: MeshRules | None = None):
         self.config, self.params, self.tokenizer, self.dtype, self.shard = config, params, tokenizer, dtype, shard
-
-    def _put(self, x: np.ndarray | None, names=("batch",)):
-        """A host batch, split over the mesh (or as is, on one device)."""
-        if x is None or self.shard is None:
-            return None if x is None else jnp.asarray(x)
-        return self.shard.put(x, names)
 
     def _pad_batch(self, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
         """Rows repeated at the end up to a multiple of the devices the batch is split over."""
@@ -195,7 +189,7 @@ class Model:
     def _run_vision(self, output: str, pixels: np.ndarray):
         B = len(pixels)
         out = _vision(self.config.computation, self.dtype, output, self.shard, self.params,
-                      self._put(*self._pad_batch(pixels)))
+                      place(self.shard, *self._pad_batch(pixels)))
         if isinstance(out, (list, tuple)):
             return [np.asarray(s, np.float32)[:B] for s in out]
         return np.asarray(out, np.float32)[:B]
@@ -243,8 +237,9 @@ class Model:
         pad = lambda x, value: None if x is None else np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
         ids, valid, prefix, pixels = self._pad_batch(pad(ids, 0).astype(np.int32), pad(valid, False),
                                                      pad(prefix, False), pixels)
-        out = _forward(self.config.computation, self.dtype, self.shard, self.params, self._put(ids), self._put(valid),
-                       self._put(prefix), self._put(pixels))
+        put = functools.partial(place, self.shard)
+        out = _forward(self.config.computation, self.dtype, self.shard, self.params, put(ids), put(valid), put(prefix),
+                       put(pixels))
         out = np.asarray(out, np.float32)[:B]
         return out if out.ndim == 2 else out[:, :T]
 
@@ -372,10 +367,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     checks.flag("verify", verify)
     if scan_layers is not None:
         checks.flag("scan_layers", scan_layers)
-    if rules is not None and mesh is None:
-        raise ValueError("rules: they place params on a mesh; give mesh= too")
     check_distributed("load")
-    shard = None if mesh is None else MeshRules.create(mesh, rules)
+    shard = mesh_rules(mesh, rules)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     if verify and not files.verify_checksums(path):

@@ -129,3 +129,15 @@ def check_distributed(where: str) -> None:
     if os.environ.get("JAX_COORDINATOR_ADDRESS") and not jax.distributed.is_initialized():
         raise RuntimeError(f"{where}: this process is part of a multi-host job (JAX_COORDINATOR_ADDRESS is set) but "
                            "jax.distributed.initialize() has not been called; call it first, in every process")
+
+
+def mesh_rules(mesh, rules: Rules | None) -> MeshRules | None:
+    """The `mesh=` and `rules=` arguments of `load` and `Trainer` as a MeshRules (None without a mesh)."""
+    if rules is not None and mesh is None:
+        raise ValueError("rules: they place params on a mesh; give mesh= too")
+    return None if mesh is None else MeshRules.create(mesh, rules)
+
+
+def place(shard: MeshRules | None, x, names: Sequence[str | None] = ("batch",)):
+    """A host array on the mesh as `names` say (`MeshRules.put`); on one device, as it is."""
+    return x if shard is None or x is None else shard.put(x, names)

@@ -38,7 +38,7 @@ from jaxvlm.layout import is_stacked
 from jaxvlm.losses import next_token_loss
 from jaxvlm.masks import token_positions
 from jaxvlm.model import Model
-from jaxvlm.sharding import MeshRules, Rules
+from jaxvlm.sharding import Rules, mesh_rules, place
 from jaxvlm.vlm import VisionLanguageModel
 
 log = logging.getLogger("jaxvlm.train")
@@ -148,9 +148,7 @@ class Trainer:
             raise ValueError(f"this model has a {config.head.kind} head; the trainer trains language-model heads")
         self.config, self.tc = config, tc
         self.workdir = None if workdir is None else os.path.abspath(os.fspath(workdir))
-        if rules is not None and mesh is None:
-            raise ValueError("rules: they place params on a mesh; give mesh= too")
-        self.shard = None if mesh is None else MeshRules.create(mesh, rules)
+        self.shard = mesh_rules(mesh, rules)
         self.model = VisionLanguageModel(config, COMPUTE_DTYPES[tc.compute_dtype], tc.remat)
         self.optimizer = make_optimizer(tc)
         self._manager = None
@@ -199,7 +197,7 @@ class Trainer:
         if rows % multiple:
             raise ValueError(f"batch_size {rows}: the mesh splits each batch over {multiple} devices (its data and "
                              f"fsdp axes); give a multiple of {multiple}")
-        return {name: self.shard.put(x, ("batch",)) for name, x in batch.items()}
+        return {name: place(self.shard, x) for name, x in batch.items()}
 
     def manager(self) -> ocp.CheckpointManager | None:
         if self.workdir is not None and self._manager is None:
