@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxvlm import files, layout
+from jaxvlm import files, layers, layout
 from jaxvlm.config import ModelConfig
 from jaxvlm.files import FileError, error_line
 from jaxvlm.sharding import MeshRules
@@ -48,6 +48,16 @@ def param_axes(config: ModelConfig, scan_layers: bool = False):
     P('embed', 'heads', 'head_dim'); stacked layers add a leading 'layers'), as the layers declare them."""
     return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32,
                                                                     scan_layers)))
+
+
+def contracted_axes(config: ModelConfig, scan_layers: bool = False) -> dict[str, tuple[int, ...]]:
+    """'decoder/layer_0/attn/q/kernel' -> the axes a product contracts, counted from the end (the
+    weight's inputs), for every weight that a product contracts: each projection's kernel and the
+    embedding. Norm scales, biases, position embeddings and the conv patch embedding are absent."""
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32, scan_layers))
+    flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
+    return {param_name(path): box.contracted for path, box in flat
+            if isinstance(box, layers.Weight) and box.contracted}
 
 
 def param_name(path) -> str:

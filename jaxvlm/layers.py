@@ -9,8 +9,10 @@ Every parameter names what each of its axes is (its logical axes), so that shard
 else depends on a weight's layout, are derived from the names in one place (`jaxvlm.sharding`):
   embed (D, and a vision encoder's width), heads (N), kv_heads (K), head_dim (H), mlp (F), vocab (V),
   labels (a classification head's outputs), image_tokens (the encoder's positions), patch and channels
-  (the patch embedding's kernel). The names ride on the params only at `init` (flax's logical
-  partitioning boxes); `jaxvlm.checkpoint.param_axes` reads them, everything else sees plain arrays.
+  (the patch embedding's kernel). A weight that a product contracts also says which of its axes are the
+  inputs (`Weight.contracted`): int8 scales are taken over them (`jaxvlm.quantize`). The names ride on
+  the params only at `init` (flax's logical partitioning boxes); `jaxvlm.checkpoint.param_axes` and
+  `contracted_axes` read them, everything else sees plain arrays.
 
 Parameters are stored in whatever dtype the checkpoint holds and cast to the module's `dtype` (the
 compute dtype) where they are used; norms, softmax and logits run in float32.
@@ -24,14 +26,30 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
+from flax import struct
 
 Dtype = Any
 Axes = tuple[str, ...]
 
 
-def named(init: Callable, axes: Axes) -> Callable:
-    """An initializer whose parameter carries the logical names of its axes."""
-    return nn.with_logical_partitioning(init, axes)
+class Weight(nn.LogicallyPartitioned):
+    """A param's box at init: the logical names of its axes and, for a weight that a product contracts,
+    which axes are its inputs, counted from the end (so a stack of layers, which adds a leading axis,
+    keeps them)."""
+
+    contracted: tuple[int, ...] = struct.field(pytree_node=False, default=())
+
+
+def named(init: Callable, axes: Axes, contracted: tuple[int, ...] = ()) -> Callable:
+    """An initializer whose parameter carries the logical names of its axes (and its input axes)."""
+    contracted = tuple(i - len(axes) if i >= 0 else i for i in contracted)
+    return lambda *args: Weight(init(*args), axes, contracted=contracted)
+
+
+def contracted_axes(spec: str) -> tuple[int, ...]:
+    """The kernel axes an einsum spec such as 'BTD,DNH->BTNH' sums over: (0,) here."""
+    kernel, out = spec.split(",")[1].split("->")
+    return tuple(i for i, letter in enumerate(kernel) if letter not in out)
 
 
 class Einsum(nn.Module):
@@ -47,7 +65,8 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", named(nn.initializers.lecun_normal(), self.axes), self.shape, self.dtype)
+        kernel = self.param("kernel", named(nn.initializers.lecun_normal(), self.axes, contracted_axes(self.spec)),
+                            self.shape, self.dtype)
         y = jnp.einsum(self.spec, x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
         if self.use_bias:
             kernel_letters, out_letters = self.spec.split(",")[1].split("->")
@@ -133,8 +152,9 @@ class Embedder(nn.Module):
 
     def setup(self):
         # Unit-variance inputs after the sqrt(D) scale, and unit-scale logits from the tied head, at init.
-        self.embedding = self.param("embedding", named(nn.initializers.normal(stddev=self.width ** -0.5),
-                                                       ("vocab", "embed")), (self.vocab_size, self.width), self.dtype)
+        # A lookup takes rows; the tied head contracts D: the inputs are the embed axis either way.
+        init = named(nn.initializers.normal(stddev=self.width ** -0.5), ("vocab", "embed"), contracted=(1,))
+        self.embedding = self.param("embedding", init, (self.vocab_size, self.width), self.dtype)
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: int[B, T] -> float[B, T, D]."""

@@ -37,3 +37,20 @@ def test_every_param_names_each_of_its_axes(name):
     assert len(shapes) == len(axes)
     for shape, names in zip(shapes, axes):
         assert len(names) == len(shape.shape) and set(names) <= AXIS_NAMES, (shape, names)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_every_projection_names_its_input_axes(scan_layers):
+    """int8 scales are taken over a weight's input axes, read from the layers (no per-family table):
+    every kernel and the embedding name them; nothing else does."""
+    from jaxvlm.checkpoint import contracted_axes, param_name
+    from jaxvlm.shapes.train import CONFIG  # a vision-language model: encoder, projector and decoder
+    contracted = contracted_axes(CONFIG, scan_layers)
+    names = [param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_params(CONFIG, scan_layers=scan_layers))[0]]
+    expected = {n for n in names if (n.endswith("/kernel") and "patch_embed" not in n) or n.endswith("/embedding")}
+    assert set(contracted) == expected
+    assert contracted["decoder/embedder/embedding"] == (-1,)  # [V, D]: D
+    layer = "layers" if scan_layers else "layer_0"
+    assert contracted[f"decoder/{layer}/attn/q/kernel"] == (-3,)  # [D, N, H]: D
+    assert contracted[f"decoder/{layer}/attn/o/kernel"] == (-3, -2)  # [N, H, D]: N and H
+    assert contracted[f"decoder/{layer}/mlp/down/kernel"] == (-2,)  # [F, D]: F
