@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -13,6 +14,9 @@ from convert import tables
 from convert.hf_config import model_config
 from convert.readers import FLOAT_DTYPES, CheckpointError, TensorReader
 from jaxvlm import checkpoint
+from jaxvlm.checkpoint import quantize_one
+from jaxvlm.config import QUANTIZE_MODES, QuantizationConfig
+from jaxvlm.quantize import SCALE_SUFFIX
 from jaxvlm import files as checkpoint_files
 from jaxvlm.tokenizer import TOKENIZER_FILES
 
@@ -32,8 +36,13 @@ def _first_of(names: list[str]) -> str:
     return repr(names[0]) + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
-def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool = True) -> str:
+def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool = True, quantize: str | None = None,
+            group_size: int | None = None) -> str:
     """Converts `hf_dir` into `out_dir` and returns `out_dir`.
+
+    `quantize='int8'` stores every projection, the embedding and the output head as int8 with float32
+    scales (per output channel, or per `group_size` inputs; see `jaxvlm.quantize`), each tensor quantized
+    as it is read: the folder loads as int8 without the float weights ever being whole in memory.
 
     Tensors are read, checked against the shape the config predicts and for a float dtype, re-laid out
     and cast one at a time. Everything is written into a temporary folder beside `out_dir` that is renamed
@@ -45,10 +54,22 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         raise CheckpointError(f"{hf_dir}: no such checkpoint folder")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise CheckpointError(f"--quantize must be one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+    if group_size is not None and quantize is None:
+        raise CheckpointError("--group-size is the int8 scales' group: give it with --quantize int8")
     if os.path.lexists(out_dir):
         raise CheckpointError(f"{out_dir}: output folder already exists")
     config, text_family, layout = model_config(hf_dir)
     rules = tables.expand(config, text_family)
+    contracted = {}
+    if quantize is not None:
+        contracted = checkpoint.contracted_axes(config)
+        config = dataclasses.replace(config, quantization=QuantizationConfig(mode=quantize, group_size=group_size))
+        try:  # a group size that does not divide some weight's inputs, before any tensor is read
+            checkpoint.abstract_params(config)
+        except ValueError as e:
+            raise CheckpointError(f"{hf_dir}: {e}") from None
     copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := checkpoint_files.optional_file(hf_dir, n))]
 
     with TensorReader(hf_dir) as reader:
@@ -79,7 +100,12 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
                     if not np.isfinite(value).all():
                         raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN or "
                                               f"infinite values (as {np.dtype(target).name})")
-                    _set(params, path, jax.device_put(value, cpu))
+                    if path in contracted:
+                        q, scale = quantize_one(jax.device_put(value, cpu), contracted[path], group_size, path)
+                        _set(params, path, q)
+                        _set(params, path + SCALE_SUFFIX, scale)
+                    else:
+                        _set(params, path, jax.device_put(value, cpu))
                 del source
             checkpoint.write_model(tmp, config, params, copies)
     return out_dir

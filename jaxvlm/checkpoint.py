@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -13,8 +14,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from jaxvlm import files, layers, layout
-from jaxvlm.config import ModelConfig
+from jaxvlm import files, layers, layout, quantize
+from jaxvlm.config import ModelConfig, QuantizationConfig
 from jaxvlm.files import FileError, error_line
 from jaxvlm.sharding import MeshRules
 from jaxvlm.vlm import VisionLanguageModel
@@ -38,16 +39,26 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, scan_lay
 
 
 def abstract_params(config: ModelConfig, dtype=jnp.float32, scan_layers: bool = False):
-    """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated)."""
+    """The params tree the config predicts, as ShapeDtypeStructs (nothing is allocated): `dtype` floats,
+    and for a quantized config int8 weights with their float32 scales."""
     boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), dtype, scan_layers))
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(boxed))
+    tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(boxed))
+    if config.quantization is None:
+        return tree
+    contracted, group_size = contracted_axes(config, scan_layers), config.quantization.group_size
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:  # a group size that does not divide,
+        if (name := param_name(path)) in contracted:  # named here rather than from inside a trace
+            quantize.scale_shape(leaf.shape, contracted[name], group_size, name)
+    return jax.eval_shape(lambda t: quantize.quantize_params(t, contracted, group_size), tree)
 
 
 def param_axes(config: ModelConfig, scan_layers: bool = False):
     """The params tree with, at each leaf, the logical names of the param's axes (a PartitionSpec such as
-    P('embed', 'heads', 'head_dim'); stacked layers add a leading 'layers'), as the layers declare them."""
-    return nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32,
-                                                                    scan_layers)))
+    P('embed', 'heads', 'head_dim'); stacked layers add a leading 'layers'), as the layers declare them.
+    An int8 weight's scale is named as the weight."""
+    axes = nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32,
+                                                                     scan_layers)))
+    return axes if config.quantization is None else quantize.scale_axes(axes, contracted_axes(config, scan_layers))
 
 
 def contracted_axes(config: ModelConfig, scan_layers: bool = False) -> dict[str, tuple[int, ...]]:
@@ -78,6 +89,41 @@ def check_finite(params, where: str) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if not jnp.isfinite(leaf).all():
             raise ValueError(f"{where}: param {param_name(path)} holds NaN or infinite values; not saved")
+
+
+def check_scales(params, where: str) -> None:
+    """Refuses int8 scales that are not finite and positive (a damaged or hand-edited folder), naming
+    the first such scale."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = param_name(path)
+        if name.endswith(quantize.SCALE_SUFFIX) and not _positive(leaf):
+            raise FileError(f"{where}: int8 scale {name} holds values that are not finite and positive")
+
+
+@jax.jit
+def _positive(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x) & (x > 0))
+
+
+def quantize_params(config: ModelConfig, params, group_size: int | None, shard: MeshRules | None = None):
+    """Float params -> (the quantized config, int8 params with their scales; see `jaxvlm.quantize`),
+    placed by `shard`'s rules on its mesh. Each weight is quantized alone, so the transient memory is
+    that of one weight; the float params stay whole until the end (`jaxvlm convert --quantize int8`
+    writes a folder that loads without them)."""
+    quantized = dataclasses.replace(config, quantization=QuantizationConfig(group_size=group_size))
+    stacked = layout.is_stacked(params)
+    contracted = contracted_axes(config, stacked)
+    abstract = abstract_params(quantized, jnp.float32, stacked)  # checks group_size against every weight
+    params = quantize.quantize_params(params, contracted, group_size, one=quantize_one)
+    if shard is not None:
+        params = jax.device_put(params, shard.params(param_axes(quantized, stacked), abstract))
+    return quantized, params
+
+
+@functools.partial(jax.jit, static_argnames=("contracted", "group_size", "name"))
+def quantize_one(w, contracted, group_size, name):
+    """`jaxvlm.quantize.quantize`, compiled (once per shape)."""
+    return quantize.quantize(w, contracted, group_size, name)
 
 
 def compare_trees(saved, expected, where: str, source: str = "this model") -> None:
@@ -147,9 +193,11 @@ def stored_metadata(directory: str | os.PathLike):
 
 
 def stored_dtype(directory: str | os.PathLike):
-    """The dtype the params were saved in: bfloat16 when every array is, else float32 (which holds the
-    values of every other float dtype exactly)."""
-    dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree.leaves(stored_metadata(directory))}
+    """The dtype the params were saved in: bfloat16 when every float array is (int8 weights' scales
+    aside), else float32 (which holds the values of every other float dtype exactly)."""
+    flat = jax.tree_util.tree_flatten_with_path(stored_metadata(directory))[0]
+    dtypes = {jnp.dtype(leaf.dtype) for path, leaf in flat
+              if jnp.dtype(leaf.dtype) != jnp.int8 and not param_name(path).endswith(quantize.SCALE_SUFFIX)}
     return jnp.dtype(jnp.bfloat16) if dtypes == {jnp.dtype(jnp.bfloat16)} else jnp.dtype(jnp.float32)
 
 
@@ -173,6 +221,8 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard:
             params = ckptr.restore(path, target)
     except Exception as e:
         raise FileError(f"{path}: unreadable params checkpoint ({error_line(e)})") from None
+    if config.quantization is not None:
+        check_scales(params, path)
     if want == stacked:
         return params
     # The other layout: one stack at a time is held twice while it is re-laid out.

@@ -8,7 +8,7 @@ import sys
 
 def _generate(args) -> None:
     import jaxvlm
-    model = jaxvlm.load(args.checkpoint, dtype=args.dtype)
+    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     print(model.generate(args.prompt, image=args.image, max_new_tokens=args.max_new_tokens,
                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
 
@@ -38,6 +38,9 @@ def main(argv=None) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
+    p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("train-shapes", help="train the built-in shapes model from scratch (seeded)")

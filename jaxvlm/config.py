@@ -20,6 +20,7 @@ VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu")
 PROJECTORS = ("linear", "mlp")  # PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear
 PROMPT_FORMATS = ("plain", "paligemma", "llava")
 HEAD_KINDS = ("sequence_classification", "token_classification")
+QUANTIZE_MODES = ("int8",)
 
 
 def _require(ok: bool, cls: str, field: str, message: str) -> None:
@@ -250,6 +251,20 @@ class HeadConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantizationConfig:
+    """How the stored weights are quantized (see `jaxvlm.quantize`)."""
+
+    mode: str = "int8"
+    group_size: int | None = None  # inputs per scale along the last input axis; None: one per output channel
+
+    def __post_init__(self):
+        _require(self.mode in QUANTIZE_MODES, "QuantizationConfig", "mode",
+                 f"must be one of {list(QUANTIZE_MODES)}, got {self.mode!r}")
+        _require(self.group_size is None or (type(self.group_size) is int and self.group_size > 0),
+                 "QuantizationConfig", "group_size", f"must be a positive integer or None, got {self.group_size!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder, optionally fed by an image encoder through a projector (a vision-language model);
     or an image encoder alone."""
@@ -265,6 +280,7 @@ class ModelConfig:
     position_offset: int = 0  # PaliGemma numbers positions from 1
     prompt_format: str = "plain"
     head: HeadConfig | None = None  # a classification head instead of the language-model head
+    quantization: QuantizationConfig | None = None  # None: the weights are floats
 
     def __post_init__(self):
         name = "ModelConfig"

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxvlm import matvec
 from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import is_stacked
@@ -87,8 +88,9 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
     positions = token_positions(valid) + config.position_offset
     stacked = is_stacked(params)
     cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked), shard)
-    out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply(
-        {"params": params}, tokens, positions, valid, cache, pixels, prefix, last_only=True)
+    with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
+        out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply(
+            {"params": params}, tokens, positions, valid, cache, pixels, prefix, last_only=True)
     token = sample(sampler, out.logits[:, -1], jax.random.fold_in(jax.random.key(seed), step), temperature, top_p)
     token, done = _finish(token, done, eos_ids, pad_id)
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=positions[:, -1] + 1, done=done,
@@ -106,7 +108,8 @@ def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: Mesh
     key = jax.random.key(seed)
 
     def step(state: DecodeState, _):
-        out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
+        with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
+            out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
         token = sample(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), temperature, top_p)
         token, done = _finish(token, state.done, eos_ids, pad_id)
         return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,

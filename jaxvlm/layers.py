@@ -15,7 +15,9 @@ else depends on a weight's layout, are derived from the names in one place (`jax
   `contracted_axes` read them, everything else sees plain arrays.
 
 Parameters are stored in whatever dtype the checkpoint holds and cast to the module's `dtype` (the
-compute dtype) where they are used; norms, softmax and logits run in float32.
+compute dtype) where they are used; norms, softmax and logits run in float32. A weight stored as int8
+has its scale beside it (`<name>_scale`, see `jaxvlm.quantize`); `project` dequantizes it, or hands int8
+and bfloat16 weights to the fused CPU kernel (`jaxvlm.matvec`) where that serves.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 from flax import struct
+
+from jaxvlm import matvec
+from jaxvlm.quantize import SCALE_SUFFIX, dequantize
 
 Dtype = Any
 Axes = tuple[str, ...]
@@ -52,6 +57,23 @@ def contracted_axes(spec: str) -> tuple[int, ...]:
     return tuple(i for i, letter in enumerate(kernel) if letter not in out)
 
 
+def project(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array | None, dtype: Dtype,
+            out_dtype: Dtype | None = None) -> jax.Array:
+    """jnp.einsum(spec, x, kernel) in `dtype` (accumulated and returned in `out_dtype` when given), with
+    the kernel in any float dtype or int8 with its `scale`."""
+    fused = matvec.einsum(spec, x, kernel, scale, out_dtype or dtype)
+    if fused is not None:
+        return fused
+    w = kernel.astype(dtype) if scale is None else dequantize(kernel, scale, contracted_axes(spec), dtype)
+    return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+
+def stored_scale(module: nn.Module, name: str) -> jax.Array | None:
+    """The int8 scale stored beside param `name`, or None for a float param."""
+    scale = name + SCALE_SUFFIX
+    return module.get_variable("params", scale) if module.has_variable("params", scale) else None
+
+
 class Einsum(nn.Module):
     """A projection spelled as an einsum, e.g. 'BTD,DNH->BTNH' with kernel `shape` (D, N, H) and `axes`
     ('embed', 'heads', 'head_dim'). A bias covers the kernel's axes that reach the output, (N, H) here."""
@@ -67,7 +89,7 @@ class Einsum(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", named(nn.initializers.lecun_normal(), self.axes, contracted_axes(self.spec)),
                             self.shape, self.dtype)
-        y = jnp.einsum(self.spec, x, kernel.astype(self.dtype), preferred_element_type=self.out_dtype)
+        y = project(self.spec, x, kernel, stored_scale(self, "kernel"), self.dtype, self.out_dtype)
         if self.use_bias:
             kernel_letters, out_letters = self.spec.split(",")[1].split("->")
             kept = [i for i, letter in enumerate(kernel_letters) if letter in out_letters]
@@ -158,7 +180,9 @@ class Embedder(nn.Module):
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: int[B, T] -> float[B, T, D]."""
-        x = jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        x = jnp.take(self.embedding, tokens, axis=0)
+        scale = stored_scale(self, "embedding")
+        x = x.astype(self.dtype) if scale is None else dequantize(x, jnp.take(scale, tokens, axis=0), (-1,), self.dtype)
         if self.scale_by_sqrt_width:
             # The scale is rounded to the activation dtype before multiplying, as Gemma does
             # (sqrt(2048) = 45.25 in bfloat16).
@@ -167,7 +191,7 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """Tied output head. x: float[B, T, D] -> float32[B, T, V]."""
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(self.dtype), preferred_element_type=jnp.float32)
+        return project("BTD,VD->BTV", x, self.embedding, stored_scale(self, "embedding"), self.dtype, jnp.float32)
 
 
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:

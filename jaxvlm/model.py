@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import checkpoint, checks, files, memory
-from jaxvlm.config import ModelConfig
+from jaxvlm import checkpoint, checks, files, matvec, memory
+from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import MAX_CHUNK, cache_bucket, generate_tokens, prompt_bucket, right_align
 from jaxvlm.images import preprocess_batch
 from jaxvlm.layout import default_scan_layers, is_stacked
@@ -37,10 +37,11 @@ def _everywhere(tree, shard: MeshRules | None):
 def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels):
     positions = token_positions(valid) + config.position_offset
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
-    if config.head is not None:
-        out = model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
-    else:
-        out = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
+    with matvec.allowed(shard is None):
+        if config.head is not None:
+            out = model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
+        else:
+            out = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
     return _everywhere(out, shard)
 
 
@@ -55,7 +56,8 @@ _VISION_OUTPUTS = {
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "output", "shard"))
 def _vision(config, dtype, output, shard, params, pixels):
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
-    out = model.apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
+    with matvec.allowed(shard is None):
+        out = model.apply({"params": params}, pixels, method=_VISION_OUTPUTS[output])
     return _everywhere(out, shard)
 
 
@@ -347,7 +349,8 @@ BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True,
-         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None) -> Model:
+         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None,
+         quantize: str | None = None, group_size: int | None = None) -> Model:
     """Loads a converted checkpoint folder; with no path, the built-in shapes model (see `jaxvlm.shapes`).
     `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file is first
     checked against the folder's `checksums.json`, so a missing, truncated or altered file is named.
@@ -360,10 +363,21 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     `scan_layers` holds each stack of layers as [L, ...] arrays run by a scan (True) or as separate
     layers (False), whichever layout the folder stores; None picks the backend's default
     (`jaxvlm.layout.default_scan_layers`).
+
+    `quantize='int8'` holds every projection, the embedding and the output head as int8 with float32
+    scales, one per output channel or, with `group_size`, per that many inputs (see `jaxvlm.quantize`).
+    A folder written by `jaxvlm convert --quantize int8` holds them already and loads as it is (with
+    `quantize` None too); a float folder is quantized after loading.
     """
     path = BUILTIN_MODEL if path is None else os.fspath(path)
     if dtype is not None and str(dtype) not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)} or None, got {quantize!r}")
+    if group_size is not None:
+        if quantize is None:
+            raise ValueError("group_size is the int8 scales' group: give it with quantize='int8'")
+        group_size = checks.integer("group_size", group_size, 1)
     checks.flag("verify", verify)
     if scan_layers is not None:
         checks.flag("scan_layers", scan_layers)
@@ -375,7 +389,15 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
         log.warning("%s has no %s (written by an older jaxvlm): its files cannot be verified", path,
                     files.CHECKSUMS_FILE)
     config = ModelConfig.load(path)
+    stored = config.quantization
+    if quantize is not None and stored is not None and group_size not in (None, stored.group_size):
+        raise ValueError(f"{path} holds int8 weights quantized with group_size={stored.group_size}; "
+                         f"group_size={group_size} would need the float weights")
     jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
     scan_layers = default_scan_layers() if scan_layers is None else scan_layers
     params = checkpoint.load_params(path, config, jdtype, shard, scan_layers)
+    if stored is not None and quantize is None:
+        log.info("%s holds int8 weights (%s); loaded as they are", path, stored)
+    if quantize is not None and stored is None:
+        config, params = checkpoint.quantize_params(config, params, group_size, shard)
     return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard)
