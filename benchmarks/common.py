@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -20,6 +21,19 @@ def convert_for_jaxvlm(hf_model):
         hf_model.save_pretrained(os.path.join(tmp, "hf"))
         convert(os.path.join(tmp, "hf"), os.path.join(tmp, "jax"), progress=False)
         return jaxvlm.load(os.path.join(tmp, "jax"))
+
+
+def reset_peak() -> None:
+    """Resets this process's peak resident memory (VmHWM) to its current one (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_kb() -> int:
+    """This process's peak resident memory since the last `reset_peak`, in KiB (not ru_maxrss, which a
+    child inherits from its parent)."""
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:

@@ -28,23 +28,19 @@ import tempfile  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import peak_kb, reset_peak  # noqa: E402
+
 MESHES = {"1 device": None, "(1, 8) data, model": ((1, 8), ("data", "model")),
           "(2, 4) data, model": ((2, 4), ("data", "model")),
           "(2, 2, 2) data, fsdp, model": ((2, 2, 2), ("data", "fsdp", "model")),
           "(1, 8, 1) data, fsdp, model": ((1, 8, 1), ("data", "fsdp", "model"))}
 
 
-def peak_kb() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
 def measure(folder: str, mesh_name: str) -> dict:
     """In a fresh process: peak memory added by loading, and the decode step's collectives."""
     import jaxvlm
     jax.devices()  # the backend's own memory is not the model's
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    reset_peak()
     before = peak_kb()
     spec = MESHES[mesh_name]
     model = jaxvlm.load(folder, verify=False, mesh=None if spec is None else jax.make_mesh(*spec))

@@ -88,16 +88,11 @@ constexpr int64_t kRows = 4;  // rows of x per pass over the weights (more rows 
 constexpr int64_t kColumnsPerTask = 512;  // [K, N]
 constexpr int64_t kOutputsPerTask = 64;   // [N, K]
 
-// Vectors of output columns per micro-kernel for R rows of x: the accumulators (R * V vectors) stay in
-// registers, and each row of w is read V * 16 columns at a time (long runs: the stride between rows is
-// a whole row, which the hardware prefetcher does not follow).
-template <int R>
-constexpr int kVectors = R == 1 ? 16 : R == 2 ? 8 : 4;
-
-// [K, N], R rows of x and kVectors<R> * 16 columns from n0; the scales apply once per group.
-template <int R, typename W>
+// [K, N], R rows of x and V * 16 columns from n0: the accumulators (R * V vectors) stay in registers
+// while k runs down a group, and the scales apply once per group. Rows of w are read V * 16 columns at a
+// time: long runs, since the hardware prefetcher does not follow the stride of a whole row between them.
+template <int R, int V, typename W>
 void tile_kn(const Problem<W>& p, int64_t m0, int64_t n0) {
-  constexpr int V = kVectors<R>;
   f32x16 total[R][V] = {};
   for (int64_t g0 = 0; g0 < p.K; g0 += p.group) {
     f32x16 acc[R][V] = {};
@@ -137,11 +132,14 @@ void column_kn(const Problem<W>& p, int64_t m, int64_t n) {
   p.y[m * p.N + n] = total;
 }
 
+// Wide tiles while the columns last (as many vectors as R rows leave registers for), then narrower ones,
+// then single columns.
 template <int R, typename W>
 void rows_kn(const Problem<W>& p, int64_t m0, int64_t n0, int64_t n1) {
-  constexpr int64_t width = kVectors<R> * kLanes;
+  constexpr int kWide = R == 1 ? 16 : R == 2 ? 8 : 4;
   int64_t n = n0;
-  for (; n + width <= n1; n += width) tile_kn<R>(p, m0, n);
+  for (; n + kWide * kLanes <= n1; n += kWide * kLanes) tile_kn<R, kWide>(p, m0, n);
+  for (; n + kLanes <= n1; n += kLanes) tile_kn<R, 1>(p, m0, n);
   for (; n < n1; ++n)
     for (int r = 0; r < R; ++r) column_kn(p, m0 + r, n);
 }

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxvlm
+
 from jaxvlm import matvec
 from jaxvlm.layers import contracted_axes, project
 from jaxvlm.quantize import quantize
@@ -105,3 +107,16 @@ def test_a_missing_library_warns_once_and_falls_back(monkeypatch):
             _run(spec, x * 2, q, scale, fused=True)
     finally:
         matvec.available.cache_clear()
+
+
+@pytest.mark.parametrize("flags", [("--dtype", "bfloat16"), ("--quantize", "int8")])
+def test_decoding_holds_no_float32_copy_of_a_weight(flags, hf_checkpoint, convert_command, tmp_path):
+    """bfloat16 and int8 weights stay as they are in the compiled decode step (products through the
+    kernel, the embedding's rows taken as stored): no float32 array of any weight's shape appears."""
+    model = jaxvlm.load(convert_command(hf_checkpoint("gemma"), str(tmp_path / "jax"), *flags))
+    weights = {",".join(map(str, x.shape)) for x in jax.tree.leaves(model.params)
+               if x.ndim >= 2 and x.dtype in (jnp.int8, jnp.bfloat16)}  # not the (float32) scales
+    program = model.decode_program(np.array([[5, 9, 3, 17]]))
+    assert "custom-call" in program
+    copies = [shape for shape in weights if f"f32[{shape}]" in program]
+    assert not copies, f"float32 copies of weights of shapes {copies}"

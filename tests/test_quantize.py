@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
