@@ -1,7 +1,13 @@
-"""Multi-head attention for every model: MHA (K = N), GQA, MQA (K = 1) through one grouped einsum.
+"""Multi-head attention for every model: MHA (K = N), GQA, MQA (K = 1).
 
 The decoders add RoPE, a mask and a KV cache; the vision encoders use it bare (full attention, biases);
 SigLIP's pooling head gives it a separate key/value input (a learned probe attends over the patches).
+
+Attention runs through `jax.nn.dot_product_attention` (`fused_attention`): cuDNN's flash attention on
+GPU where it takes the dtype and shapes, XLA's implementation elsewhere. Masks of every kind (causal,
+sliding window, bidirectional prefix, padding) reach it as one boolean mask, so they stay exact. The
+grouped einsum remains for what the fused function cannot express: Gemma 2's soft-capped logits, and the
+attention weights kept for inspection (applied with mutable=["intermediates"]).
 """
 
 from __future__ import annotations
@@ -62,7 +68,18 @@ class Attention(nn.Module):
         if cache_kv is not None:
             k, v = write(cache_kv[0], k, end), write(cache_kv[1], v, end)
 
-        B, T = q.shape[:2]
+        if self.logit_softcap is None and not self.is_mutable_collection("intermediates"):
+            out = fused_attention(q, k, v, mask, self.query_scale)
+        else:
+            out = self._grouped_einsum(q, k, v, mask)
+        out = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), self.out_bias, dtype=self.dtype,
+                     name="o")(out)
+        return out, (k, v)
+
+    def _grouped_einsum(self, q, k, v, mask):
+        """Attention spelled out, with the soft-cap, and the weights sown for inspection."""
+        B, T, N, H = q.shape
+        K = k.shape[2]
         q = (q * jnp.asarray(self.query_scale, q.dtype)).reshape(B, T, K, N // K, H)
         logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
         logits = softcap(logits, self.logit_softcap)
@@ -71,7 +88,22 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         # float[B, K, G, T, S], kept only when applied with mutable=["intermediates"] (for inspection).
         self.sow("intermediates", "attention", probs)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
-        out = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), self.out_bias, dtype=self.dtype,
-                     name="o")(out)
-        return out, (k, v)
+        return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N, H)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+                    implementation: str | None = None) -> jax.Array:
+    """softmax(scale * q k^T, masked) v through `jax.nn.dot_product_attention`: q [B, T, N, H], k and v
+    [B, S, K, H], mask bool[B, T, S] or None -> [B, T, N, H].
+
+    On GPU in bfloat16 or float16, cuDNN's flash attention where it supports the shapes (head size, cuDNN
+    version; refused while tracing), else XLA's; `implementation` forces one.
+    """
+    mask = None if mask is None else mask[:, None]  # the same for every head
+    q = q.astype(k.dtype)
+    if implementation is None and jax.default_backend() == "gpu" and k.dtype in (jnp.bfloat16, jnp.float16):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):
+            pass  # shapes or a cuDNN this GPU's cuDNN does not take: XLA's implementation
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation or "xla")
