@@ -146,6 +146,9 @@ class Trainer:
             raise ValueError("training needs a decoder; this model is an image encoder alone")
         if config.head is not None:
             raise ValueError(f"this model has a {config.head.kind} head; the trainer trains language-model heads")
+        if config.quantization is not None:
+            raise ValueError("this model's weights are int8 (quantized for inference); train the float checkpoint "
+                             "and quantize the result")
         self.config, self.tc = config, tc
         self.workdir = None if workdir is None else os.path.abspath(os.fspath(workdir))
         self.shard = mesh_rules(mesh, rules)

@@ -137,3 +137,11 @@ def test_a_corrupted_scale_is_named(qwen3_folders, tmp_path):
     with pytest.raises(FileError, match=r"int8 scale decoder/layer_1/mlp/down/kernel_scale holds values that are "
                                         r"not finite and positive$"):
         jaxvlm.load(bad)
+
+
+def test_an_int8_model_is_not_fine_tuned():
+    from jaxvlm.train import TrainConfig, finetune
+    model = jaxvlm.load(quantize="int8")
+    with pytest.raises(ValueError, match=r"^this model's weights are int8 \(quantized for inference\); train the "
+                                         r"float checkpoint and quantize the result$"):
+        finetune(model, scenes.examples(0, 2), TrainConfig(steps=1), progress=False)
