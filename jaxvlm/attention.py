@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from jaxvlm.config import DecoderConfig
-from jaxvlm.kv_cache import write
+from jaxvlm.kv_cache import ring_write, write
 from jaxvlm.layers import Dtype, Einsum, RMSNorm, softcap
 from jaxvlm.rope import apply_rope
 
@@ -46,12 +46,14 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None,
                  cache_kv: tuple[jax.Array, jax.Array] | None = None, end: jax.Array | int = 0,
-                 kv_input: jax.Array | None = None):
+                 kv_input: jax.Array | None = None, ring: bool = False):
         """x: [B, T, D]; rope: (cos, sin), float32[B, T, R]; mask: bool[B, T, S], None for full attention.
 
         Keys and values come from `kv_input` [B, S, D] when given, else from x. With `cache_kv` ([B, S, K, H]
         each) the new keys and values are written at slots end .. end + T - 1 and attention runs over the
-        whole cache. Returns (out [B, T, D], (k, v)).
+        whole cache. A `ring` cache ([B, W, K, H], see `jaxvlm.kv_cache`) takes them at their slots modulo
+        W; one new token attends over the ring after the write, several over the ring before it and
+        themselves (the mask is laid out accordingly). Returns (out [B, T, D], the updated (k, v)).
         """
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         D = x.shape[-1]
@@ -65,8 +67,15 @@ class Attention(nn.Module):
             q, k = qk_norm("q_norm")(q), qk_norm("k_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache_kv is not None:
-            k, v = write(cache_kv[0], k, end), write(cache_kv[1], v, end)
+        new_kv = (k, v)
+        if cache_kv is not None and ring:
+            new_kv = ring_write(cache_kv[0], k, end), ring_write(cache_kv[1], v, end)
+            if k.shape[1] == 1:
+                k, v = new_kv
+            else:
+                k, v = (jnp.concatenate([old, new.astype(old.dtype)], axis=1) for old, new in zip(cache_kv, (k, v)))
+        elif cache_kv is not None:
+            k, v = new_kv = write(cache_kv[0], k, end), write(cache_kv[1], v, end)
 
         if self.logit_softcap is None and not self.is_mutable_collection("intermediates"):
             out = fused_attention(q, k, v, mask, self.query_scale)
@@ -74,7 +83,7 @@ class Attention(nn.Module):
             out = self._grouped_einsum(q, k, v, mask)
         out = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), self.out_bias, dtype=self.dtype,
                      name="o")(out)
-        return out, (k, v)
+        return out, new_kv
 
     def _grouped_einsum(self, q, k, v, mask):
         """Attention spelled out, with the soft-cap, and the weights sown for inspection."""

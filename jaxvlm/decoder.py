@@ -14,7 +14,7 @@ from flax import struct
 
 from jaxvlm.attention import Attention
 from jaxvlm.config import DecoderConfig
-from jaxvlm.kv_cache import KVCache, write
+from jaxvlm.kv_cache import KVCache, ring_slots, write
 from jaxvlm.layout import layer_stack
 from jaxvlm.layers import Dtype, Einsum, Embedder, GatedMLP, RMSNorm, softcap
 from jaxvlm.masks import decoder_mask
@@ -25,6 +25,24 @@ from jaxvlm.rope import rope_tables
 class DecoderOutput:
     logits: jax.Array  # float32[B, T, V] (T = 1 with last_only)
     cache: KVCache | None
+
+
+def _ring_keys(kv_valid, kv_prefix, valid, prefix, end, size: int):
+    """What a ring buffer's keys are, for `decoder_mask`'s (kv_valid, prefix, key_slots) arguments: one new
+    token attends over the ring after it is written; several over the ring before and themselves."""
+    T = valid.shape[1]
+    if T == 1:
+        slots = ring_slots(end + 1, size)
+        new_valid = new_prefix = None
+    else:
+        slots = ring_slots(end, size)
+        new_valid, new_prefix = valid, prefix
+    held = lambda flags: jnp.where(slots >= 0, jnp.take(flags, jnp.maximum(slots, 0), axis=1), False)
+    join = lambda old, new: old if new is None else jnp.concatenate([old, new], axis=1)
+    key_valid = join(held(kv_valid), new_valid)
+    key_prefix = None if prefix is None else (prefix, join(held(kv_prefix), new_prefix))
+    key_slots = slots if T == 1 else jnp.concatenate([slots, end + jnp.arange(T)])
+    return key_valid, key_prefix, key_slots
 
 
 class Block(nn.Module):
@@ -39,11 +57,15 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, rope, masks, local, cache_kv=None, end=0):
+    def __call__(self, x, rope, masks, local, cache_kv=None, end=0, ring=False):
         c = self.config
-        mask = masks[0] if masks[1] is None else jnp.where(local, masks[1], masks[0])
+        if isinstance(local, bool):  # unrolled layers: a ring buffer's mask has its own shape
+            mask = masks[1] if local else masks[0]
+        else:
+            mask = masks[0] if masks[1] is None else jnp.where(local, masks[1], masks[0])
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name=name)
-        h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end)
+        h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end,
+                                                             ring=ring)
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -93,12 +115,21 @@ class Decoder(nn.Module):
             kv_valid, end = valid, jnp.zeros((), jnp.int32)
         else:
             kv_valid, end = write(cache.valid, valid, cache.end), cache.end
+        kv_prefix = None
         if prefix is not None:
             kv_prefix = prefix if cache is None else write(jnp.zeros_like(cache.valid), prefix, end)
-            prefix = (prefix, kv_prefix)
         local = [c.window(i) is not None for i in range(c.depth)]
-        windowed = decoder_mask(kv_valid, end, T, c.sliding_window, prefix) if any(local) else None
-        masks = (decoder_mask(kv_valid, end, T, None, prefix) if not all(local) else windowed, windowed)
+        # Unrolled local layers whose cache is a ring of their window (`jaxvlm.kv_cache`).
+        ring = [cache is not None and not self.scan_layers and cache.k[i].shape[1] < cache.size
+                for i in range(c.depth)]
+        key_prefix = None if prefix is None else (prefix, kv_prefix)
+        if any(ring):
+            size = cache.k[ring.index(True)].shape[1]
+            key_valid, ring_prefix, key_slots = _ring_keys(kv_valid, kv_prefix, valid, prefix, end, size)
+            windowed = decoder_mask(key_valid, end, T, c.sliding_window, ring_prefix, key_slots)
+        else:
+            windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_prefix) if any(local) else None
+        masks = (decoder_mask(kv_valid, end, T, None, key_prefix) if not all(local) else windowed, windowed)
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)
@@ -108,7 +139,7 @@ class Decoder(nn.Module):
             for i, layer in enumerate(self.layers):
                 with jax.named_scope(f"layer_{i}"):
                     cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-                    x, (k, v) = layer(x, rope, masks, local[i], cache_kv, end)
+                    x, (k, v) = layer(x, rope, masks, local[i], cache_kv, end, ring[i])
                 new_k.append(k)
                 new_v.append(v)
             new_k, new_v = tuple(new_k), tuple(new_v)

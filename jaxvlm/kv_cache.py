@@ -2,6 +2,11 @@
 
 Prompts are right-aligned (left-padded), so every row writes its next token at the same slot `end` and
 one `lax.dynamic_update_slice` serves the whole batch; `valid` marks the slots that hold real tokens.
+
+A sliding-window layer (Gemma 2's local layers, Phi-3's) only ever looks `window` slots back, so when the
+cache is longer than that, its keys and values live in a ring buffer of `window` slots: slot s of the
+sequence is kept at s % window, and cache memory for a long generation grows with the window, not the
+sequence. (Layers held stacked for a scan keep one size for all: full-length caches.)
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ class KVCache:
 
     @classmethod
     def init(cls, config: DecoderConfig, batch: int, size: int, dtype, stacked: bool = False) -> "KVCache":
-        shape = (batch, size, config.num_kv_heads, config.head_dim)
+        shape = lambda slots: (batch, slots, config.num_kv_heads, config.head_dim)
         if stacked:
-            zeros = jnp.zeros((config.depth, *shape), dtype)
+            zeros = jnp.zeros((config.depth, *shape(size)), dtype)
         else:
-            zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
+            zeros = tuple(jnp.zeros(shape(layer_slots(config, i, size)), dtype) for i in range(config.depth))
         return cls(k=zeros, v=zeros, end=jnp.zeros((), jnp.int32), valid=jnp.zeros((batch, size), bool))
 
     @property
@@ -35,6 +40,28 @@ class KVCache:
         return self.valid.shape[1]
 
 
+def layer_slots(config: DecoderConfig, layer: int, size: int) -> int:
+    """The slots layer `layer` keeps in a cache of `size`: its window, when that is shorter (a ring)."""
+    window = config.window(layer)
+    return size if window is None else min(size, window)
+
+
 def write(buffer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
     """Writes new[B, T, ...] into buffer[B, S, ...] at slots end .. end + T - 1."""
     return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), end, axis=1)
+
+
+def ring_slots(end: jax.Array, size: int) -> jax.Array:
+    """int32[size]: the sequence slot each entry of a ring of `size` holds after slots 0 .. end - 1 were
+    written (entry j holds the latest slot s < end with s % size == j); negative where none was."""
+    j = jnp.arange(size)
+    return end - 1 - jnp.mod(end - 1 - j, size)
+
+
+def ring_write(ring: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
+    """Writes new[B, T, ...] (sequence slots end .. end + T - 1) into ring[B, W, ...], each at its slot
+    modulo W; of more than W new entries, the last W."""
+    W, T = ring.shape[1], new.shape[1]
+    kept = min(T, W)
+    index = jnp.mod(end + T - kept + jnp.arange(kept), W)
+    return ring.at[:, index].set(new[:, T - kept:].astype(ring.dtype))

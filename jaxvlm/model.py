@@ -15,6 +15,7 @@ from jaxvlm import checkpoint, checks, files, matvec, memory
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import MAX_CHUNK, cache_bucket, generate_tokens, prompt_bucket, right_align
 from jaxvlm.images import preprocess_batch
+from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
@@ -273,9 +274,10 @@ class Model:
         longest = max(len(r) for r in rows)
         self._check_length(longest, "the prompt")
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
-        d = self.config.decoder
         slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
-        cache_bytes = 2 * d.depth * len(rows) * slots * d.num_kv_heads * d.head_dim * jnp.dtype(self.dtype).itemsize
+        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, len(rows), slots, self.dtype,
+                                                    is_stacked(self.params)))
+        cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "
                                        f"{slots} tokens")
         tokens = self.config.tokens
