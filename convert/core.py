@@ -87,27 +87,39 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
         stored = {reader.dtype(names[n]) for n in rules}
         target = DTYPES[dtype or ("bfloat16" if stored == {"bfloat16"} else "float32")]
 
-        with checkpoint_files.writing(out_dir) as tmp:
+        # Params are written a part at a time (a layer, or a module such as the embedding: see
+        # `checkpoint.part_of`), each as soon as its tensors are read, so that memory holds one part.
+        parts: dict[str, dict[str, list]] = {}  # part -> tensor -> its (path, transform) in the part
+        for name, rule in rules.items():
+            for path, transform in rule.targets:
+                parts.setdefault(checkpoint.part_of(path), {}).setdefault(name, []).append((path, transform))
+
+        with checkpoint_files.writing(out_dir) as tmp, \
+                tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress) as bar:
             # Each tensor is copied (so the output owns its memory and the source, often memory-mapped, can
             # go) straight into a host-side jax array, the form orbax writes: saving makes no second copy.
             cpu = jax.devices("cpu")[0]
-            params: dict = {}
-            for name, rule in tqdm(rules.items(), desc="converting", unit="tensor", disable=not progress):
-                source = reader.get(names[name])
-                for path, transform in rule.targets:
-                    value = np.array(transform(source), dtype=target)
-                    # checked after the cast, which also catches float64 values past the target's range
-                    if not np.isfinite(value).all():
-                        raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN or "
-                                              f"infinite values (as {np.dtype(target).name})")
-                    if path in contracted:
-                        q, scale = quantize_one(jax.device_put(value, cpu), contracted[path], group_size, path)
-                        _set(params, path, q)
-                        _set(params, path + SCALE_SUFFIX, scale)
-                    else:
-                        _set(params, path, jax.device_put(value, cpu))
-                del source
-            checkpoint.write_model(tmp, config, params, copies)
+            for part, tensors in parts.items():
+                params: dict = {}
+                for name, targets in tensors.items():
+                    source = reader.get(names[name])
+                    for path, transform in targets:
+                        value = np.array(transform(source), dtype=target)
+                        # checked after the cast, which also catches float64 values past the target's range
+                        if not np.isfinite(value).all():
+                            raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN "
+                                                  f"or infinite values (as {np.dtype(target).name})")
+                        if path in contracted:
+                            q, scale = quantize_one(jax.device_put(value, cpu), contracted[path], group_size, path)
+                            _set(params, path, q)
+                            _set(params, path + SCALE_SUFFIX, scale)
+                        else:
+                            _set(params, path, jax.device_put(value, cpu))
+                    del source, value
+                checkpoint.save_params(tmp, params, part=part)
+                del params
+                bar.update(len(tensors))
+            checkpoint.write_files(tmp, config, copies)
     return out_dir
 
 

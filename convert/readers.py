@@ -91,15 +91,14 @@ class TensorReader:
         from safetensors import SafetensorError, safe_open
         # The "flax" framework reads bfloat16, which the "numpy" one rejects; arrays stay on the host.
         try:
-            f = self._stack.enter_context(safe_open(path, framework="flax", device="cpu"))
+            with safe_open(path, framework="flax", device="cpu") as f:
+                for name in f.keys():
+                    info = f.get_slice(name)
+                    stored = info.get_dtype()
+                    dtype = FLOAT_DTYPES.get(stored) or OTHER_DTYPES.get(stored, stored.lower())
+                    self._register(name, path, info.get_shape(), dtype, _safetensors_loader(name, path))
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-        for name in f.keys():
-            info = f.get_slice(name)
-            stored = info.get_dtype()
-            dtype = FLOAT_DTYPES.get(stored) or OTHER_DTYPES.get(stored, stored.lower())
-            self._register(name, path, info.get_shape(), dtype,
-                           _safetensors_loader(f, name, path))
 
     def _add_torch(self, path: str) -> None:
         try:
@@ -132,10 +131,14 @@ class TensorReader:
             self._register(name, path, tensor.shape, dtype, lambda t=tensor: _torch_to_numpy(t))
 
 
-def _safetensors_loader(f, name: str, path: str):
+def _safetensors_loader(name: str, path: str):
+    """Reads one tensor, opening the file for it: closing it unmaps the pages read, which would otherwise
+    stay in the process's resident memory until the whole checkpoint had been read."""
     def load():
+        from safetensors import safe_open
         try:
-            return np.asarray(f.get_tensor(name))
+            with safe_open(path, framework="flax", device="cpu") as f:
+                return np.asarray(f.get_tensor(name))  # a copy: jax owns it
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
     return load

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import shutil
 from typing import Iterable
 
@@ -140,22 +141,40 @@ def compare_trees(saved, expected, where: str, source: str = "this model") -> No
                              f"{tuple(flat_now[key].shape)} in {source}")
 
 
-def save_params(directory: str | os.PathLike, params) -> None:
-    path = os.path.abspath(os.path.join(directory, PARAMS_DIR))
+def save_params(directory: str | os.PathLike, params, part: str | None = None) -> None:
+    """Writes `params` as the orbax checkpoint `directory/params`, or, given `part` (see `part_of`), as
+    the part `directory/params/<part>` of params written a part at a time (a converter writes each
+    layer as soon as it is read, so the whole tree is never in memory)."""
+    path = os.path.abspath(os.path.join(directory, PARAMS_DIR, *([part] if part else [])))
     with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for orbax's writer threads
         ckptr.save(path, params)
         ckptr.wait_until_finished()
 
 
-def write_model(directory: str, config: ModelConfig, params, copies: Iterable[str] = ()) -> None:
-    """Writes `config.json`, the params, copies of the files `copies` (their contents: a link is never
-    copied as a link) and `checksums.json` into the existing, empty folder `directory`. (The converter
-    checks each tensor as it reads it; `save_model` checks the whole tree.)"""
-    save_params(directory, params)
+_LAYER = re.compile(r"layer_\d+|" + layout.STACKED)
+
+
+def part_of(name: str) -> str:
+    """The part of params written a part at a time that param `name` ('decoder/layer_3/attn/q/kernel')
+    belongs to: its layer ('decoder.layer_3'), or else the module that holds it ('decoder.embedder')."""
+    keys = name.split("/")
+    return ".".join(keys[:2] if len(keys) > 2 and _LAYER.fullmatch(keys[1]) else keys[:max(1, len(keys) - 1)])
+
+
+def write_files(directory: str, config: ModelConfig, copies: Iterable[str] = ()) -> None:
+    """Writes `config.json`, copies of the files `copies` (their contents: a link is never copied as a
+    link) and `checksums.json` into `directory`, whose params are written: the last step of a model folder."""
     config.save(directory)
     for path in copies:
         shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
     files.write_checksums(directory)
+
+
+def write_model(directory: str, config: ModelConfig, params, copies: Iterable[str] = ()) -> None:
+    """Writes the params and then the files of `write_files` into the existing, empty folder `directory`.
+    (The converter checks each tensor as it reads it; `save_model` checks the whole tree.)"""
+    save_params(directory, params)
+    write_files(directory, config, copies)
 
 
 def save_model(directory: str | os.PathLike, config: ModelConfig, params, copies: Iterable[str] = ()) -> str:
@@ -178,17 +197,50 @@ def params_path(directory: str | os.PathLike) -> str:
     return os.path.abspath(files.check_tree_inside(directory, PARAMS_DIR))
 
 
+def _parts(directory: str | os.PathLike) -> list[str]:
+    """The orbax checkpoints the params are stored in: `params` itself, or each part of params written a
+    part at a time (`save_params(..., part=)`)."""
+    path = params_path(directory)
+    if os.path.exists(os.path.join(path, "_METADATA")):
+        return [path]
+    return sorted(os.path.join(path, name) for name in os.listdir(path) if os.path.isdir(os.path.join(path, name)))
+
+
+def _merge(into: dict, tree: dict) -> dict:
+    for key, value in tree.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def _restricted(tree, keep) -> dict:
+    """The nested dict of the leaves of `tree` whose name `keep` accepts."""
+    out: dict = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if keep(name := param_name(path)):
+            node = out
+            *parents, last = name.split("/")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = leaf
+    return out
+
+
 def stored_metadata(directory: str | os.PathLike):
     """The saved params tree's shapes and dtypes, read without the data."""
-    path = params_path(directory)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(path).item_metadata
-    except Exception as e:  # orbax raises IndexError, KeyError, ValueError... for damaged folders
-        raise FileError(f"{path}: not a readable params checkpoint ({error_line(e)})") from None
-    tree = getattr(meta, "tree", meta)  # orbax's TreeMetadata wraps the saved tree
-    if not jax.tree.leaves(tree):  # orbax only warns when it finds no metadata
-        raise FileError(f"{path}: not a readable params checkpoint (its metadata is missing or damaged)")
+    tree: dict = {}
+    for path in _parts(directory):
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                meta = ckptr.metadata(path).item_metadata
+        except Exception as e:  # orbax raises IndexError, KeyError, ValueError... for damaged folders
+            raise FileError(f"{path}: not a readable params checkpoint ({error_line(e)})") from None
+        part = getattr(meta, "tree", meta)  # orbax's TreeMetadata wraps the saved tree
+        if not jax.tree.leaves(part):  # orbax only warns when it finds no metadata
+            raise FileError(f"{path}: not a readable params checkpoint (its metadata is missing or damaged)")
+        _merge(tree, dict(part))
     return tree
 
 
@@ -216,11 +268,14 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard:
     if shard is not None:
         shardings = shard.params(param_axes(config, stacked), target)
         target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(path, target)
-    except Exception as e:
-        raise FileError(f"{path}: unreadable params checkpoint ({error_line(e)})") from None
+    params: dict = {}
+    for part in _parts(directory):
+        wanted = target if part == path else _restricted(target, lambda n: part_of(n) == os.path.basename(part))
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                _merge(params, ckptr.restore(part, wanted))
+        except Exception as e:
+            raise FileError(f"{part}: unreadable params checkpoint ({error_line(e)})") from None
     if config.quantization is not None:
         check_scales(params, path)
     if want == stacked:

@@ -146,7 +146,11 @@ def test_hub_cache_snapshot_links_into_its_blobs_convert(hf_dir, tmp_path):
     assert not any(os.path.islink(os.path.join(tmp_path / "b", n)) for n in os.listdir(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "params/_METADATA"])
+# A converted folder's params are written a layer (or module) at a time: this is one layer's metadata.
+METADATA = "params/decoder.layer_0/_METADATA"
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", METADATA])
 def test_converted_folder_file_linked_outside_is_refused_at_load(converted, tmp_path, name):
     folder = copy(converted, tmp_path)
     path = os.path.join(folder, name)
@@ -337,13 +341,13 @@ def test_non_finite_weights_are_refused(hf_dir, tmp_path):
 def test_converted_folder_carries_checksums_of_every_file(converted):
     listed = json.load(open(os.path.join(converted, files.CHECKSUMS_FILE)))
     on_disk = {os.path.relpath(os.path.join(p, n), converted) for p, _, ns in os.walk(converted) for n in ns}
-    assert set(listed) == on_disk - {files.CHECKSUMS_FILE} and "params/_METADATA" in listed
+    assert set(listed) == on_disk - {files.CHECKSUMS_FILE} and METADATA in listed
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda f: os.remove(f"{f}/params/_METADATA"), r"params/_METADATA: missing \(listed in checksums\.json\)"),
-    (lambda f: open(f"{f}/params/_METADATA", "r+b").truncate(10), r"params/_METADATA: 10 bytes, checksums\.json says"),
-    (lambda f: flip_a_byte(f"{f}/params/_METADATA"), r"params/_METADATA: its SHA-256 differs from checksums\.json"),
+    (lambda f: os.remove(f"{f}/{METADATA}"), r"params/decoder\.layer_0/_METADATA: missing \(listed in checksums\.json\)"),
+    (lambda f: open(f"{f}/{METADATA}", "r+b").truncate(10), r"params/decoder\.layer_0/_METADATA: 10 bytes, checksums\.json says"),
+    (lambda f: flip_a_byte(f"{f}/{METADATA}"), r"params/decoder\.layer_0/_METADATA: its SHA-256 differs from checksums\.json"),
     (lambda f: flip_a_byte(f"{f}/config.json"), r"config\.json: its SHA-256 differs"),
     (lambda f: [os.remove(p) for p in data_files(f)], r"params/.*: missing \(listed in checksums\.json\)"),
     (lambda f: open(f"{f}/checksums.json", "w").write("[]"), r"checksums\.json: expected an object of file checksums"),
@@ -365,12 +369,12 @@ def data_files(folder):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda f: os.remove(f"{f}/params/_METADATA"), r"params: not a readable params checkpoint \(its metadata is "
-                                                   r"missing or damaged\)"),
+    (lambda f: os.remove(f"{f}/{METADATA}"), r"params/decoder\.layer_0: not a readable params checkpoint \(its "
+                                             r"metadata is missing or damaged\)"),
     (lambda f: [os.remove(p) for p in data_files(f)], r"params: the params folder is empty"),
     (lambda f: shutil.rmtree(f"{f}/params"), r"params: no params checkpoint"),
     (lambda f: [open(p, "r+b").truncate(1) for p in data_files(f) if "/d/" in p],
-     r"params: (unreadable|not a readable) params checkpoint \(.+\)"),
+     r"params/decoder\.\w+: (unreadable|not a readable) params checkpoint \(.+\)"),
 ])
 def test_damaged_folder_without_checksums_is_still_named(converted, tmp_path, damage, message):
     """Folders written before checksums existed: the damage is named from what orbax reports."""
@@ -382,11 +386,11 @@ def test_damaged_folder_without_checksums_is_still_named(converted, tmp_path, da
 
 def test_damaged_folder_from_the_command_line_is_one_line(converted, tmp_path):
     folder = copy(converted, tmp_path)
-    os.remove(os.path.join(folder, "params", "_METADATA"))
+    os.remove(os.path.join(folder, METADATA))
     result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", folder, "--prompt", "hi"],
                             capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"error: {folder}/params/_METADATA: missing (listed in "
+    assert result.stderr.strip().splitlines() == [f"error: {folder}/{METADATA}: missing (listed in "
                                                   "checksums.json); the checkpoint folder is incomplete"]
 
 
@@ -663,8 +667,8 @@ SLOW_CONVERT = """
 import sys, time
 from jaxvlm import checkpoint
 save = checkpoint.save_params
-def slow(directory, params):
-    save(directory, params)
+def slow(*args, **kwargs):
+    save(*args, **kwargs)
     open(sys.argv[3], "w").close()  # the params are written, the folder not yet renamed
     time.sleep(120)
 checkpoint.save_params = slow

@@ -133,6 +133,32 @@ def test_tensors_are_streamed_one_at_a_time(hf_dir, tmp_path, monkeypatch):
     assert len(alive) == 2 + 2 * 15  # embedding, final norm, 15 tensors per layer (qwen3 with biases)
 
 
+def test_params_are_written_a_part_at_a_time(hf_dir, tmp_path, monkeypatch):
+    """Each layer (and each other module) is written as soon as its tensors are read, holding nothing of
+    the other parts; the folder loads as the same params as one written whole."""
+    from jaxvlm import checkpoint
+    written: list[tuple[str, set]] = []
+    save = checkpoint.save_params
+
+    def recording(directory, params, part=None):
+        names = {checkpoint.param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+        written.append((part, names))
+        save(directory, params, part)
+
+    monkeypatch.setattr(checkpoint, "save_params", recording)
+    model = jaxvlm.load(convert(hf_dir, str(tmp_path / "parts"), progress=False))
+    assert sorted(part for part, _ in written) == ["decoder.embedder", "decoder.final_norm", "decoder.layer_0",
+                                                    "decoder.layer_1"]
+    assert all(checkpoint.part_of(name) == part for part, names in written for name in names)
+    assert sorted(os.listdir(tmp_path / "parts" / "params")) == sorted(part for part, _ in written)
+    monkeypatch.setattr(checkpoint, "save_params", save)
+    whole = jaxvlm.load(checkpoint.save_model(str(tmp_path / "whole"), model.config, model.params))
+    jax.tree.map(np.testing.assert_array_equal, whole.params, model.params)
+    stacked = jaxvlm.load(str(tmp_path / "parts"), scan_layers=True)
+    np.testing.assert_array_equal(stacked.params["decoder"]["layers"]["mlp"]["up"]["kernel"][1],
+                                  model.params["decoder"]["layer_1"]["mlp"]["up"]["kernel"])
+
+
 @pytest.mark.parametrize("flag, value, message", [
     ("--top-p", "2", "top_p must be in (0, 1], got 2.0"),
     ("--top-k", "0", "top_k must be an int >= 1, got 0"),
