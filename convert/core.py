@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import jax
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
@@ -96,25 +95,24 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
 
         with checkpoint_files.writing(out_dir) as tmp, \
                 tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress) as bar:
-            # Each tensor is copied (so the output owns its memory and the source, often memory-mapped, can
-            # go) straight into a host-side jax array, the form orbax writes: saving makes no second copy.
-            cpu = jax.devices("cpu")[0]
+            # Tensors are handed to orbax as the numpy arrays read (converted in place where the dtype
+            # allows): a part in memory is one copy of its tensors, and orbax's writing one more.
             for part, tensors in parts.items():
                 params: dict = {}
                 for name, targets in tensors.items():
                     source = reader.get(names[name])
                     for path, transform in targets:
-                        value = np.array(transform(source), dtype=target)
+                        value = np.asarray(transform(source), dtype=target)
                         # checked after the cast, which also catches float64 values past the target's range
                         if not np.isfinite(value).all():
                             raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN "
                                                   f"or infinite values (as {np.dtype(target).name})")
                         if path in contracted:
-                            q, scale = quantize_one(jax.device_put(value, cpu), contracted[path], group_size, path)
+                            q, scale = quantize_one(value, contracted[path], group_size, path)
                             _set(params, path, q)
                             _set(params, path + SCALE_SUFFIX, scale)
                         else:
-                            _set(params, path, jax.device_put(value, cpu))
+                            _set(params, path, value)
                     del source, value
                 checkpoint.save_params(tmp, params, part=part)
                 del params

@@ -89,9 +89,8 @@ class TensorReader:
 
     def _add_safetensors(self, path: str) -> None:
         from safetensors import SafetensorError, safe_open
-        # The "flax" framework reads bfloat16, which the "numpy" one rejects; arrays stay on the host.
         try:
-            with safe_open(path, framework="flax", device="cpu") as f:
+            with safe_open(path, framework="numpy") as f:
                 for name in f.keys():
                     info = f.get_slice(name)
                     stored = info.get_dtype()
@@ -137,8 +136,8 @@ def _safetensors_loader(name: str, path: str):
     def load():
         from safetensors import safe_open
         try:
-            with safe_open(path, framework="flax", device="cpu") as f:
-                return np.asarray(f.get_tensor(name))  # a copy: jax owns it
+            with safe_open(path, framework="numpy") as f:  # bfloat16 as ml_dtypes' type
+                return f.get_tensor(name)  # a copy, which outlives the file's mapping
         except Exception as e:
             raise CheckpointError(f"{path}: cannot read tensor {name!r} ({e})") from None
     return load

@@ -13,7 +13,9 @@ from typing import Iterable
 import jax
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
 
 from jaxvlm import files, layers, layout, quantize
 from jaxvlm.config import ModelConfig, QuantizationConfig
@@ -146,9 +148,15 @@ def save_params(directory: str | os.PathLike, params, part: str | None = None) -
     the part `directory/params/<part>` of params written a part at a time (a converter writes each
     layer as soon as it is read, so the whole tree is never in memory)."""
     path = os.path.abspath(os.path.join(directory, PARAMS_DIR, *([part] if part else [])))
-    with ocp.StandardCheckpointer() as ckptr:  # leaving the block waits for orbax's writer threads
-        ckptr.save(path, params)
-        ckptr.wait_until_finished()
+    # A synchronous save of arrays nobody changes meanwhile: host (numpy) arrays need no defensive copy,
+    # which would double the memory a part takes.
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_SAVE_HANDLERS)
+    with ocp.Checkpointer(handler) as ckptr:  # leaving the block waits for orbax's writer threads
+        ckptr.save(path, ocp.args.PyTreeSave(params))
+
+
+_SAVE_HANDLERS = type_handlers.create_type_handler_registry(
+    (jax.Array, type_handlers.ArrayHandler()), (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
 
 
 _LAYER = re.compile(r"layer_\d+|" + layout.STACKED)
@@ -267,7 +275,9 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard:
     want = stacked if scan_layers is None else scan_layers
     if shard is not None:
         shardings = shard.params(param_axes(config, stacked), target)
-        target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
+    else:  # a sharding asks orbax for device arrays, whatever the saved leaves were (numpy or jax)
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), target, shardings)
     params: dict = {}
     for part in _parts(directory):
         wanted = target if part == path else _restricted(target, lambda n: part_of(n) == os.path.basename(part))

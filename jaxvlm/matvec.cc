@@ -79,6 +79,10 @@ struct Problem {
   const float* scale;  // [K / group, N] or [N, K / group]; null for bfloat16 weights
   float* y;            // [M, N]
   int64_t M, K, N, group;
+  // [K, N]: where column n of row k of w is: w[k * w_stride + n - w_column0] (a packed chunk of columns
+  // has its own stride and first column).
+  int64_t w_stride, w_column0;
+  const W* w_at(int64_t k, int64_t n) const { return w + k * w_stride + (n - w_column0); }
   float scale_at(int64_t j, int64_t n, bool leading) const {
     return scale == nullptr ? 1.0f : leading ? scale[j * N + n] : scale[n * (K / group) + j];
   }
@@ -93,11 +97,10 @@ constexpr int64_t kOutputsPerTask = 64;   // [N, K]
 // time: long runs, since the hardware prefetcher does not follow the stride of a whole row between them.
 template <int R, int V, typename W>
 void tile_kn(const Problem<W>& p, int64_t m0, int64_t n0) {
-  f32x16 total[R][V] = {};
   for (int64_t g0 = 0; g0 < p.K; g0 += p.group) {
     f32x16 acc[R][V] = {};
     for (int64_t k = g0; k < g0 + p.group; ++k) {
-      const W* wk = p.w + k * p.N + n0;
+      const W* wk = p.w_at(k, n0);
       f32x16 w[V];
       for (int i = 0; i < V; ++i) w[i] = load16(wk + i * kLanes);
       for (int r = 0; r < R; ++r) {
@@ -105,19 +108,15 @@ void tile_kn(const Problem<W>& p, int64_t m0, int64_t n0) {
         for (int i = 0; i < V; ++i) acc[r][i] += xv * w[i];
       }
     }
-    if (p.scale) {
-      const float* s = p.scale + (g0 / p.group) * p.N + n0;
-      for (int i = 0; i < V; ++i) {
-        const f32x16 sv = load16(s + i * kLanes);
-        for (int r = 0; r < R; ++r) total[r][i] += acc[r][i] * sv;
+    // Each group's sum, scaled, goes to the output (in cache): no registers are held across groups.
+    for (int i = 0; i < V; ++i) {
+      const f32x16 sv = p.scale ? load16(p.scale + (g0 / p.group) * p.N + n0 + i * kLanes) : f32x16{} + 1.0f;
+      for (int r = 0; r < R; ++r) {
+        float* out = p.y + (m0 + r) * p.N + n0 + i * kLanes;
+        store16(out, g0 == 0 ? acc[r][i] * sv : load16(out) + acc[r][i] * sv);
       }
-    } else {
-      for (int r = 0; r < R; ++r)
-        for (int i = 0; i < V; ++i) total[r][i] += acc[r][i];
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < V; ++i) store16(p.y + (m0 + r) * p.N + n0 + i * kLanes, total[r][i]);
 }
 
 // The columns past the last whole tile, one at a time.
@@ -126,7 +125,7 @@ void column_kn(const Problem<W>& p, int64_t m, int64_t n) {
   float total = 0.0f;
   for (int64_t g0 = 0; g0 < p.K; g0 += p.group) {
     float acc = 0.0f;
-    for (int64_t k = g0; k < g0 + p.group; ++k) acc += p.x[m * p.K + k] * to_float(p.w[k * p.N + n]);
+    for (int64_t k = g0; k < g0 + p.group; ++k) acc += p.x[m * p.K + k] * to_float(*p.w_at(k, n));
     total += acc * p.scale_at(g0 / p.group, n, true);
   }
   p.y[m * p.N + n] = total;
@@ -144,12 +143,29 @@ void rows_kn(const Problem<W>& p, int64_t m0, int64_t n0, int64_t n1) {
     for (int r = 0; r < R; ++r) column_kn(p, m0 + r, n);
 }
 
+// Columns in chunks of kChunk, and within a chunk every block of rows of x. With more than one block, the
+// chunk is first packed (its rows made contiguous): the blocks then read it from the cache, where rows a
+// whole row of w apart would each touch another page.
+constexpr int64_t kChunk = 256;
+
 template <typename W>
 void task_kn(const Problem<W>& p, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + kRows <= p.M; m += kRows) rows_kn<kRows>(p, m, n0, n1);
-  if (p.M - m >= 2) rows_kn<2>(p, m, n0, n1), m += 2;
-  if (p.M - m == 1) rows_kn<1>(p, m, n0, n1);
+  std::unique_ptr<W[]> packed;
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = std::min(c0 + kChunk, n1), width = c1 - c0;
+    Problem<W> q = p;
+    if (p.M > kRows) {
+      if (!packed) packed.reset(new W[p.K * kChunk]);
+      for (int64_t k = 0; k < p.K; ++k) std::memcpy(&packed[k * width], p.w_at(k, c0), width * sizeof(W));
+      q.w = packed.get();
+      q.w_stride = width;
+      q.w_column0 = c0;
+    }
+    int64_t m = 0;
+    for (; m + kRows <= p.M; m += kRows) rows_kn<kRows>(q, m, c0, c1);
+    if (p.M - m >= 2) rows_kn<2>(q, m, c0, c1), m += 2;
+    if (p.M - m == 1) rows_kn<1>(q, m, c0, c1);
+  }
 }
 
 // [N, K]: output n is a dot product along row n of w, taken 16 lanes at a time when a group allows.
@@ -207,7 +223,7 @@ template <typename W>
 ffi::Error matmul(ffi::ThreadPool pool, const float* x, const W* w, const float* scale, int64_t groups,
                   int64_t M, int64_t K, int64_t N, bool leading, float* y) {
   if (groups <= 0 || K % groups) return ffi::Error::InvalidArgument("the scales' groups do not divide K");
-  const Problem<W> p{x, w, scale, y, M, K, N, K / groups};
+  const Problem<W> p{x, w, scale, y, M, K, N, K / groups, N, 0};
   const int64_t per_task = leading ? kColumnsPerTask : kOutputsPerTask;
   parallel(pool, (N + per_task - 1) / per_task, [p, per_task, leading](int64_t t) {
     const int64_t n0 = t * per_task, n1 = std::min(n0 + per_task, p.N);

@@ -23,7 +23,7 @@ SPECS = [
     ("BTD,DF->BTF", (5, 1, 48), (48, 333)),  # columns past the last whole tile of 256
     ("BTD,VD->BTV", (3, 1, 64), (77, 64)),
     ("BTD,VD->BTV", (1, 1, 24), (50, 24)),  # inputs past the last whole vector of 16
-    ("BTD,DF->BTF", (1, 6, 32), (32, 1024)),  # a short prefill: six rows of one prompt
+    ("BTD,DF->BTF", (1, 6, 32), (32, 1024)),  # a short prefill: six rows of one prompt (packed columns)
 ]
 
 
@@ -81,14 +81,18 @@ def test_the_kernel_is_what_the_program_runs():
     assert "jaxvlm_int8_matmul" not in program(False) and "s8[48,333]" in program(False)
 
 
-def test_too_many_rows_take_xla_path():
-    x, w = _inputs((1, matvec.MAX_ROWS + 1, 16), (16, 32))
-    q, scale = quantize(w, (0,), None)
+def test_a_long_prefill_takes_the_kernel_too():
+    """Many rows (a prompt's tokens) go through the kernel as well: no float32 copy of a weight, whatever
+    the prompt's length; its packed path (more rows than one pass takes) matches XLA's."""
+    x, w = _inputs((2, 150, 40), (40, 300))
+    q, scale = quantize(w, (0,), 8)
 
     def f(x, q, scale):
         with matvec.allowed(True):
             return project("BTD,DF->BTF", x, q, scale, jnp.float32)
-    assert "jaxvlm_int8_matmul" not in jax.jit(f).lower(x, q, scale).compile().as_text()
+    assert "jaxvlm_int8_matmul" in jax.jit(f).lower(x, q, scale).compile().as_text()
+    want = _run("BTD,DF->BTF", x, q, scale, fused=False)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x, q, scale)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_a_missing_library_warns_once_and_falls_back(monkeypatch):
