@@ -13,7 +13,7 @@ from convert import tables
 from convert.hf_config import model_config
 from convert.readers import FLOAT_DTYPES, CheckpointError, TensorReader
 from jaxvlm import checkpoint
-from jaxvlm.checkpoint import quantize_one
+from jaxvlm.checkpoint import quantize_host
 from jaxvlm.config import QUANTIZE_MODES, QuantizationConfig
 from jaxvlm.quantize import SCALE_SUFFIX
 from jaxvlm import files as checkpoint_files
@@ -108,7 +108,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
                             raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN "
                                                   f"or infinite values (as {np.dtype(target).name})")
                         if path in contracted:
-                            q, scale = quantize_one(value, contracted[path], group_size, path)
+                            q, scale = quantize_host(value, contracted[path], group_size, path)
                             _set(params, path, q)
                             _set(params, path + SCALE_SUFFIX, scale)
                         else:

@@ -129,6 +129,22 @@ def quantize_one(w, contracted, group_size, name):
     return quantize.quantize(w, contracted, group_size, name)
 
 
+def quantize_host(w: np.ndarray, contracted: tuple[int, ...], group_size: int | None, name: str,
+                  chunk_bytes: int = 2 ** 28) -> tuple[np.ndarray, np.ndarray]:
+    """`quantize_one` on a host array, a slice of its outputs at a time (along its longest output axis),
+    so that the float32 temporaries stay within `chunk_bytes` however large the weight (a 257k-token
+    embedding is 2.1 GB in float32)."""
+    inputs = {i % w.ndim for i in contracted}
+    axis = max((i for i in range(w.ndim) if i not in inputs), key=lambda i: w.shape[i])
+    step = max(1, chunk_bytes // (4 * (w.size // w.shape[axis])))
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty(quantize.scale_shape(w.shape, contracted, group_size, name), np.float32)
+    for start in range(0, w.shape[axis], step):
+        part = (slice(None),) * axis + (slice(start, start + step),)
+        q[part], scale[part] = map(np.asarray, quantize_one(w[part], contracted, group_size, name))
+    return q, scale
+
+
 def compare_trees(saved, expected, where: str, source: str = "this model") -> None:
     """A named error for the first param missing from either tree or of another shape."""
     flat_saved = {param_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}

@@ -33,6 +33,17 @@ def test_quantize_round_trip(contracted, group_size, scale_shape):
     assert np.abs(np.asarray(q)).max() == 127  # each scale is its group's largest |w| / 127
 
 
+@pytest.mark.parametrize("contracted,group_size", [((-2,), None), ((-2,), 4), ((-1,), 8), ((-3, -2), 8)])
+def test_quantizing_a_slice_of_outputs_at_a_time_is_the_same(contracted, group_size):
+    """The converter quantizes large weights a slice of outputs at a time (bounded float32 temporaries)."""
+    shape = (12, 64, 5) if len(contracted) == 2 else (64, 40)
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    whole = checkpoint.quantize_one(w, contracted, group_size, "w")
+    sliced = checkpoint.quantize_host(w, contracted, group_size, "w", chunk_bytes=1000)
+    for a, b in zip(whole, sliced):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
 def test_a_zero_weight_gets_a_unit_scale():
     q, scale = quantize(jnp.zeros((8, 4)), (0,), None)
     assert (np.asarray(scale) == 1).all() and (np.asarray(q) == 0).all()
