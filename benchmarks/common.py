@@ -50,11 +50,12 @@ def bench_transformers(model, inputs: dict, new: int, repeats: int) -> dict:
     """Prefill (one forward over the prompt, images included) and greedy generation of `new` tokens."""
     import torch
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None  # GPU calls return early
     with torch.inference_mode():
         model(**inputs)  # warm-up
-        prefill, _ = timed(lambda: model(**inputs, use_cache=True), repeats)
+        prefill, _ = timed(lambda: (model(**inputs, use_cache=True), sync()), repeats)
         model.generate(**inputs, **kwargs)
-        total, out = timed(lambda: model.generate(**inputs, **kwargs), repeats)
+        total, out = timed(lambda: model.generate(**inputs, **kwargs).cpu(), repeats)
     return dict(prefill_ms=prefill * 1e3, decode_tps=(new - 1) / (total - prefill), total_s=total, compile_s=0.0,
                 tokens=out[:, inputs["input_ids"].shape[1]:].numpy())
 
