@@ -47,7 +47,7 @@ def test_prefill_in_chunks_through_a_ring(family, convert_and_load):
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 250, size=(2, 24)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
     valid = jnp.ones((2, 24), bool)
-    apply = lambda *args: net.apply({"params": model.params}, *args)
+    apply = jax.jit(lambda *args: net.apply({"params": model.params}, *args))
     want = apply(tokens, positions, valid).logits
     cache = KVCache.init(model.config.decoder, 2, 64, jnp.float32)
     assert min(k.shape[1] for k in cache.k) == window < 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -51,7 +52,16 @@ def test_a_zero_weight_gets_a_unit_scale():
 
 @pytest.fixture(scope="module")
 def held_out():
-    return scenes.examples(7, 24)
+    return scenes.examples(7, 12)
+
+
+@functools.cache
+def builtin_float():
+    return jaxvlm.load()
+
+
+def float_answers(rows):
+    return _answers(builtin_float(), rows)
 
 
 def _answers(model, rows):
@@ -64,7 +74,7 @@ def test_the_builtin_model_in_int8(held_out, group_size):
     """int8 weights in at most 0.30 of the float32 bytes (per channel; a float32 scale per group of 32
     adds an eighth of the int8 bytes) answer the held-out scenes as the float32 model does, through the
     fused kernel and through XLA's path alike."""
-    full = jaxvlm.load()
+    full = builtin_float()
     model = jaxvlm.load(quantize="int8", group_size=group_size)
     assert model.config.quantization.group_size == group_size
     assert nbytes(model.params) <= (0.30 if group_size is None else 0.25 + 4 / group_size) * nbytes(full.params)
@@ -72,7 +82,7 @@ def test_the_builtin_model_in_int8(held_out, group_size):
     assert kernel.dtype == jnp.int8
     answers = _answers(model, held_out)
     assert np.mean([a == r["answer"] for a, r in zip(answers, held_out)]) >= 0.95
-    assert answers == _answers(full, held_out)
+    assert answers == float_answers(held_out)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(matvec, "MAX_ROWS", 0)  # every product through XLA's dequantize-then-einsum
         assert _answers(model, held_out) == answers

@@ -115,14 +115,14 @@ def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
     np.testing.assert_array_equal(got[0], tokens[1])
 
 
-@pytest.mark.parametrize("mesh_name,scan_layers", [("2x4", False), ("fsdp", True)])
-def test_int8_weights_on_a_mesh(family, mesh_name, scan_layers):
-    """int8 weights and their scales split by the same rules (a scale is named as its weight): the logits
-    and tokens of the int8 model on one device (which runs the fused CPU kernel; the mesh runs XLA's)."""
+def test_int8_weights_on_a_mesh(family):
+    """int8 weights and their scales split by the same rules (a scale is named as its weight), stacked
+    over data, fsdp and model: the logits and tokens of the int8 model on one device (which runs the
+    fused CPU kernel; the mesh runs XLA's)."""
     name, folder, inputs, _, _ = family
     one = jaxvlm.load(folder, quantize="int8")
-    model = jaxvlm.load(folder, mesh=mesh(mesh_name), scan_layers=scan_layers, quantize="int8")
-    up = model.params["decoder"]["layers" if scan_layers else "layer_0"]["mlp"]["up"]
+    model = jaxvlm.load(folder, mesh=mesh("fsdp"), scan_layers=True, quantize="int8")
+    up = model.params["decoder"]["layers"]["mlp"]["up"]
     assert up["kernel"].dtype == np.int8
     scale, kernel = up["kernel_scale"], up["kernel"]
     expected = [None if n == 1 else axis for n, axis in zip(scale.shape, kernel.sharding.spec)]  # 1: whole
