@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 
 def available_bytes(device: jax.Device | None = None) -> int | None:
@@ -32,6 +33,11 @@ def available_bytes(device: jax.Device | None = None) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def tree_bytes(tree) -> int:
+    """The bytes of every array (or ShapeDtypeStruct) of `tree`."""
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
 def gib(nbytes: float) -> str:

@@ -277,7 +277,7 @@ class Model:
         slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
         cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, len(rows), slots, self.dtype,
                                                     is_stacked(self.params)))
-        cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+        cache_bytes = memory.tree_bytes(cache)
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "
                                        f"{slots} tokens")
         tokens = self.config.tokens

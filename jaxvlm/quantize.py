@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 SCALE_SUFFIX = "_scale"
 _QMAX = 127
@@ -97,11 +96,3 @@ def scale_axes(axes: Mapping[str, Any], contracted: Mapping[str, tuple[int, ...]
         if path in contracted:
             out[key + SCALE_SUFFIX] = value
     return out
-
-
-def is_quantized(params) -> bool:
-    return any(jnp.dtype(x.dtype) == jnp.int8 for x in jax.tree.leaves(params))
-
-
-def nbytes(params) -> int:
-    return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))

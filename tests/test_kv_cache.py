@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxvlm
 from jaxvlm import presets
+from jaxvlm.memory import tree_bytes as nbytes
 from jaxvlm.kv_cache import KVCache, ring_slots, ring_write
 from jaxvlm.vlm import VisionLanguageModel
 
@@ -27,7 +27,6 @@ def test_sliding_window_layers_keep_a_window_of_cache():
     """Gemma 2 2B's cache for 8192 tokens, computed without allocating: its 13 local layers keep 4096
     slots each, its 13 global layers 8192 (stacked layers keep one size for all)."""
     config = presets.get("gemma-2-2b")
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     ring = jax.eval_shape(lambda: KVCache.init(config, 1, 8192, jnp.bfloat16))
     full = jax.eval_shape(lambda: KVCache.init(config, 1, 8192, jnp.bfloat16, stacked=True))
     assert [k.shape[1] for k in ring.k] == [4096, 8192] * 13

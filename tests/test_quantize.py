@@ -14,7 +14,8 @@ import jaxvlm
 from convert import convert
 from jaxvlm import checkpoint, matvec
 from jaxvlm.files import FileError
-from jaxvlm.quantize import dequantize, nbytes, quantize
+from jaxvlm.memory import tree_bytes as nbytes
+from jaxvlm.quantize import dequantize, quantize
 from jaxvlm.shapes import scenes
 
 
