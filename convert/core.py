@@ -17,11 +17,10 @@ from jaxvlm.checkpoint import quantize_host
 from jaxvlm.config import QUANTIZE_MODES, QuantizationConfig
 from jaxvlm.quantize import SCALE_SUFFIX
 from jaxvlm import files as checkpoint_files
+from jaxvlm.images import PROCESSOR_FILES
 from jaxvlm.tokenizer import TOKENIZER_FILES
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-# Carried along for reference: their content is already in the jaxvlm config.
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 def _set(tree: dict, path: str, value) -> None:

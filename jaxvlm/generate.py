@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,25 @@ def prompt_bucket(length: int) -> int:
 
 def cache_bucket(length: int) -> int:
     return -(-length // CACHE_ALIGN) * CACHE_ALIGN
+
+
+def batch_bucket(size: int, multiple: int = 1) -> int:
+    """Batch sizes round up to a power of two up to 8, then to a multiple of 8 (so a new batch size rarely
+    compiles again, and padding stays under half), then to a multiple of `multiple` (the devices a mesh
+    splits the batch over)."""
+    size = max(1, 1 << math.ceil(math.log2(size))) if size <= 8 else -(-size // 8) * 8
+    return -(-size // multiple) * multiple
+
+
+def pad_rows(items, size: int):
+    """`items` (a list or an array, batch first) with its last row repeated up to `size` rows; a padded
+    row's results are dropped again."""
+    if items is None or len(items) == size:
+        return items
+    extra = size - len(items)
+    if isinstance(items, np.ndarray):
+        return np.concatenate([items, np.repeat(items[-1:], extra, axis=0)])
+    return list(items) + [items[-1]] * extra
 
 
 def _finish(token, done, eos_ids, pad_id):
@@ -130,16 +149,27 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32)
 
 
 def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
-                    sampler: Sampler, temperature: float, top_p: float | None, seed: int,
-                    eos_ids: Sequence[int], pad_id: int, pixels: np.ndarray | None = None,
-                    prefixes: Sequence[np.ndarray] | None = None, shard: MeshRules | None = None,
-                    programs: list[str] | None = None) -> np.ndarray:
-    """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens].
+                    pad_id: int, **kwargs) -> np.ndarray:
+    """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens], the pad id
+    after a row's end (see `stream_tokens` for the arguments)."""
+    out = np.concatenate(list(stream_tokens(config, dtype, params, rows, max_new_tokens=max_new_tokens,
+                                            pad_id=pad_id, **kwargs)), axis=1)
+    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)
+
+
+def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
+                  sampler: Sampler, temperature: float, top_p: float | None, seed: int,
+                  eos_ids: Sequence[int], pad_id: int, pixels: np.ndarray | None = None,
+                  prefixes: Sequence[np.ndarray] | None = None, shard: MeshRules | None = None,
+                  programs: list[str] | None = None, chunk_size: int = MAX_CHUNK) -> Iterator[np.ndarray]:
+    """Generates for prompts `rows` (each int[T_i], no padding), yielding the new tokens int32[B, n] as
+    they are chosen: the first after prefill, then `chunk_size` per decode call (fewer at the end), until
+    every row has ended or `max_new_tokens` are out.
 
     `pixels` hold one image per row; `prefixes` (bool[T_i] per row) mark each prompt's bidirectional prefix.
-    With `shard` (params already on its mesh), the batch is split over the mesh, padded with copies of
-    its last row to a multiple of the devices it is split over. Given a list, `programs` receives the
-    optimised program (HLO text) of each decode call, for inspection.
+    The batch is padded with copies of its last row to its bucket (`batch_bucket`), with `shard` (params
+    already on its mesh) a multiple of the devices it is split over. Given a list, `programs` receives
+    the optimised program (HLO text) of each decode call, for inspection.
 
     Text-only LongRoPE models switch from short to long factors when the sequence first grows past
     `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
@@ -154,14 +184,11 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
                    eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
     config = config.computation  # the jit key: host-only settings never recompile
     batch = len(rows)
-    if shard is not None and batch % shard.batch_multiple:
-        extra = shard.batch_multiple - batch % shard.batch_multiple
-        rows = list(rows) + [rows[-1]] * extra
-        prefixes = None if prefixes is None else list(prefixes) + [prefixes[-1]] * extra
-        pixels = None if pixels is None else np.concatenate([pixels, np.repeat(pixels[-1:], extra, axis=0)])
+    size = batch_bucket(batch, 1 if shard is None else shard.batch_multiple)
+    rows, prefixes, pixels = pad_rows(rows, size), pad_rows(prefixes, size), pad_rows(pixels, size)
     put = functools.partial(place, shard)
     decode_steps = max_new_tokens - 1
-    chunk = min(MAX_CHUNK, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
+    chunk = min(chunk_size, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
     longest = max(len(r) for r in rows)
     rebuild_at = None  # tokens generated when the sequence crosses LongRoPE's original length
     rope = config.decoder.rope
@@ -179,6 +206,7 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
 
     state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
+    yield generated[-1][:batch]
     # Which rows have finished, read from the chosen tokens (on every host) rather than the device state.
     finished = lambda: np.isin(np.concatenate(generated, axis=1), eos_ids).any(axis=1)
     count = 1
@@ -189,6 +217,7 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
             state, token = start(rows, finished(), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
             count += 1
+            yield generated[-1][:batch]
             continue
         steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
         if programs is not None:
@@ -196,6 +225,5 @@ def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarra
                             .compile().as_text())
         state, tokens = decode(config, dtype, sampler, steps, shard, params, state, **scalars)
         generated.append(np.asarray(tokens))
+        yield generated[-1][:batch, :max_new_tokens - count]
         count += steps
-    out = np.concatenate(generated, axis=1)[:batch, :max_new_tokens]
-    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)

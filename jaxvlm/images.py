@@ -17,6 +17,11 @@ import PIL.Image
 from jaxvlm.config import ImageProcessing
 
 
+# A checkpoint's image processing configs, copied into converted and saved folders (their content is in
+# the jaxvlm config already, `ImageProcessing`).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
 class ImageError(ValueError):
     pass
 

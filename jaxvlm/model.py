@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,15 +13,16 @@ import numpy as np
 
 from jaxvlm import checkpoint, checks, files, matvec, memory
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
-from jaxvlm.generate import MAX_CHUNK, cache_bucket, generate_tokens, prompt_bucket, right_align
-from jaxvlm.images import preprocess_batch
+from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tokens, pad_rows, prompt_bucket,
+                             right_align, stream_tokens)
+from jaxvlm.images import PROCESSOR_FILES, preprocess_batch
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
-from jaxvlm.tokenizer import Tokenizer, check_text
+from jaxvlm.tokenizer import TOKENIZER_FILES, Tokenizer, check_text
 from jaxvlm.vlm import VisionLanguageModel
 
 log = logging.getLogger("jaxvlm")
@@ -70,12 +71,11 @@ class Model:
         self.config, self.params, self.tokenizer, self.dtype, self.shard = config, params, tokenizer, dtype, shard
 
     def _pad_batch(self, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
-        """Rows repeated at the end up to a multiple of the devices the batch is split over."""
-        if self.shard is None:
-            return arrays
+        """Rows repeated at the end up to the batch's bucket (`generate.batch_bucket`): a multiple of the
+        devices the batch is split over, and few sizes, so that a new batch size rarely compiles."""
         B = len(next(a for a in arrays if a is not None))
-        extra = -B % self.shard.batch_multiple
-        return tuple(None if a is None else np.concatenate([a, np.repeat(a[-1:], extra, axis=0)]) for a in arrays)
+        size = batch_bucket(B, 1 if self.shard is None else self.shard.batch_multiple)
+        return tuple(pad_rows(a, size) for a in arrays)
 
     def __repr__(self):
         parts = []
@@ -253,18 +253,21 @@ class Model:
 
         The images in `pixel_values` are encoded once, at prefill.
         """
-        return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k, top_p,
-                              seed, token_type_ids)
+        generation = self._generation(input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k,
+                                      top_p, seed, token_type_ids)
+        return generate_tokens(self.config, self.dtype, self.params, **generation)
 
     def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> str:
         """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
         where a sharded model's collectives, or a stacked model's copies, show."""
         programs = []
-        self._generate(input_ids, attention_mask, pixel_values, 2, 0.0, None, None, 0, token_type_ids, programs)
+        generation = self._generation(input_ids, attention_mask, pixel_values, 2, 0.0, None, None, 0, token_type_ids)
+        generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs)
         return programs[0]
 
-    def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k, top_p, seed,
-                  token_type_ids, programs=None) -> np.ndarray:
+    def _generation(self, input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k, top_p, seed,
+                    token_type_ids) -> dict[str, Any]:
+        """The checked arguments of `generate.stream_tokens` for these inputs."""
         max_new_tokens, seed = _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
         self._require_lm_head()
         sampler = make_sampler(temperature, top_k, top_p)
@@ -275,28 +278,26 @@ class Model:
         self._check_length(longest, "the prompt")
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
         slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
-        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, len(rows), slots, self.dtype,
+        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch_bucket(len(rows)), slots, self.dtype,
                                                     is_stacked(self.params)))
         cache_bytes = memory.tree_bytes(cache)
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "
                                        f"{slots} tokens")
         tokens = self.config.tokens
-        return generate_tokens(self.config, self.dtype, self.params, rows, max_new_tokens=max_new_tokens,
-                               sampler=sampler, temperature=temperature, top_p=top_p, seed=seed,
-                               eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes,
-                               shard=self.shard, programs=programs)
+        return dict(rows=rows, max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature, top_p=top_p,
+                    seed=seed, eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes,
+                    shard=self.shard)
 
-    def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0) -> str | list[str]:
-        """Text in, text out; a list of prompts is generated as one batch.
+    # --- text in, text out --------------------------------------------------------------------------------
+    def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Inputs:
+        """The model's inputs for plain-text prompts (and an image per prompt), laid out as generation
+        lays them out: `Inputs(input_ids int32[B, T], attention_mask bool[B, T], pixel_values float32[B, H,
+        W, 3] or None)`, rows right-aligned. They go to `logits`, `generate_ids` and `classify` as they are:
+        `model.logits(*model.encode("caption en", image="cat.jpg"))`."""
+        return self._encode(prompt_or_prompts, image)
 
-        `image` (a path, PIL image or uint8 array; a list with one per prompt) is what vision-language
-        models answer about; the prompt is plain text, built into the model's format as its Hugging Face
-        processor would.
-        """
-        _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
-        self._require_lm_head()
+    def _encode(self, prompt_or_prompts, image, add_bos: bool | None = None) -> Inputs:
+        self._require_decoder()
         single = isinstance(prompt_or_prompts, str)
         if not single and not isinstance(prompt_or_prompts, (list, tuple)):
             raise ValueError(f"prompt_or_prompts must be a string or a list of strings, got "
@@ -319,18 +320,116 @@ class Model:
             pixels = self.preprocess(images)
         elif self.config.is_vlm:
             raise ValueError("image: this vision-language model needs an image per prompt")
-        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None) for p in prompts]
+        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None, add_bos) for p in prompts]
         for i, r in enumerate(rows):
             if not len(r):
                 raise ValueError(f"prompt {i} is empty after tokenization")
         ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
-        out = self.generate_ids(ids, mask, pixels, max_new_tokens=max_new_tokens, temperature=temperature,
-                                top_k=top_k, top_p=top_p, seed=seed)
+        return Inputs(ids, mask, pixels)
+
+    def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0) -> str | list[str]:
+        """Text in, text out; a list of prompts is generated as one batch.
+
+        `image` (a path, PIL image or uint8 array; a list with one per prompt) is what vision-language
+        models answer about; the prompt is plain text, built into the model's format as its Hugging Face
+        processor would.
+        """
+        return self._generate_text(prompt_or_prompts, image, None, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+
+    def _generate_text(self, prompt_or_prompts, image, add_bos, **generate_kwargs) -> str | list[str]:
+        _check_generation_args(**generate_kwargs)
+        self._require_lm_head()
+        inputs = self._encode(prompt_or_prompts, image, add_bos)
+        out = self.generate_ids(*inputs, **generate_kwargs)
         texts = [self.tokenizer.decode(row) for row in out]
-        return texts[0] if single else texts
+        return texts[0] if isinstance(prompt_or_prompts, str) else texts
+
+    def stream(self, prompt: str, image=None, max_new_tokens: int = 32, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[str]:
+        """`generate` for one prompt, as an iterator of text pieces given as the tokens are chosen (a piece
+        per `STREAM_CHUNK` decode steps); their join is `generate`'s text. A character whose bytes span
+        tokens is given whole, once all of them are out. The arguments are checked before this returns."""
+        return self._stream(prompt, image, None, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed)
+
+    def _stream(self, prompt, image, add_bos, **generate_kwargs) -> Iterator[str]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: stream takes one prompt (a string), got {type(prompt).__name__}; "
+                             "use generate for a batch")
+        _check_generation_args(**generate_kwargs)
+        self._require_lm_head()
+        generation = self._generation(*self._encode(prompt, image, add_bos), token_type_ids=None, **generate_kwargs)
+        chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK)
+        return _text_pieces(self.tokenizer, (chunk[0] for chunk in chunks))
+
+    # --- chat ---------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """The prompt text for a conversation, rendered with the checkpoint's chat template exactly as
+        transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` renders
+        it. `messages` are {"role": "system" | "user" | "assistant" | ..., "content": str} dicts;
+        `variables` reach the template (e.g. Qwen3's `enable_thinking=False`)."""
+        self._require_decoder()
+        template = None if self.tokenizer is None else self.tokenizer.chat_template
+        if template is None:
+            where = "this model" if self.tokenizer is None else self.tokenizer.directory
+            raise ValueError(f"{where} has no chat template (chat_template.jinja, or 'chat_template' in "
+                             "tokenizer_config.json); build the prompt yourself and call generate")
+        return template.render(messages, add_generation_prompt, **variables)
+
+    def chat(self, messages: Sequence[dict[str, str]], image=None, stream: bool = False,
+             **generate_kwargs) -> str | Iterator[str]:
+        """The assistant's reply to `messages` (see `apply_chat_template`): the rendered conversation is
+        tokenized as it stands (its template writes BOS itself) and generated from with `generate_kwargs`
+        (`max_new_tokens`, `temperature`, ...); with `stream=True`, as `stream`'s pieces."""
+        prompt = self.apply_chat_template(messages)
+        if stream:
+            return self._stream(prompt, image, False, **generate_kwargs)
+        return self._generate_text(prompt, image, False, **generate_kwargs)
+
+    # --- saving -------------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> str:
+        """Writes a folder `jaxvlm.load` reads: config, params (as held: float or int8, unrolled or stacked)
+        and the tokenizer and processor files the model was loaded with. All or nothing, like `convert`;
+        an existing `directory` is refused. Returns its absolute path."""
+        directory = os.path.abspath(os.fspath(directory))
+        if os.path.lexists(directory):
+            raise ValueError(f"{directory}: already exists; save into a new folder")
+        copies = [] if self.tokenizer is None else [
+            p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := files.optional_file(self.tokenizer.directory, n))]
+        return checkpoint.save_model(directory, self.config, self.params, copies)
 
 
-def _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed) -> tuple[int, int]:
+STREAM_CHUNK = 8  # decode steps per piece that `Model.stream` gives
+
+
+def _text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray]) -> Iterator[str]:
+    """The text of growing token sequences as the pieces it adds: each new piece once the text no longer
+    ends in the middle of a character (U+FFFD, bytes still missing); the rest at the end."""
+    ids: list[int] = []
+    shown = ""
+    for chunk in chunks:
+        ids.extend(int(i) for i in chunk)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
+            yield text[len(shown):]
+            shown = text
+    text = tokenizer.decode(ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+class Inputs(NamedTuple):
+    """A batch of the model's inputs, as `Model.encode` lays them out."""
+    input_ids: np.ndarray  # int32[B, T], right-aligned (padding first)
+    attention_mask: np.ndarray  # bool[B, T]
+    pixel_values: np.ndarray | None  # float32[B, H, W, 3], one image per row; None for text
+
+
+def _check_generation_args(max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0) -> tuple[int, int]:
     check_sampling_args(temperature, top_k, top_p)
     return checks.integer("max_new_tokens", max_new_tokens, 1), checks.seed(seed)
 

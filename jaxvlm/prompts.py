@@ -18,10 +18,12 @@ from jaxvlm.tokenizer import Tokenizer
 IMAGE = "<image>"
 
 
-def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_image: bool) -> np.ndarray:
-    """int32[T] ids for one prompt; `with_image` places the image's P placeholder tokens."""
+def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_image: bool,
+                 add_bos: bool | None = None) -> np.ndarray:
+    """int32[T] ids for one prompt; `with_image` places the image's P placeholder tokens. `add_bos=False`
+    leaves out the BOS the tokenizer would put first (a chat template writes its own)."""
     if not with_image:
-        return np.asarray(tokenizer.encode(prompt), np.int32)
+        return np.asarray(tokenizer.encode(prompt, add_bos), np.int32)
     images = prompt.count(IMAGE)
     if images > 1:
         raise ValueError(f"prompt {prompt[:40]!r} has {images} {IMAGE} placeholders; one image per prompt is supported")
@@ -35,7 +37,7 @@ def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_im
             after = "\n" + after
         image_text = tokenizer.single_token_text(config.image_token_id)
         if image_text is not None:
-            ids = tokenizer.encode(before + image_text * len(placeholders) + after)
+            ids = tokenizer.encode(before + image_text * len(placeholders) + after, add_bos)
         else:
-            ids = tokenizer.encode(before) + placeholders + tokenizer.encode(after, add_bos=False)
+            ids = tokenizer.encode(before, add_bos) + placeholders + tokenizer.encode(after, add_bos=False)
     return np.asarray(ids, np.int32)

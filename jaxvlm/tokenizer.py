@@ -8,17 +8,27 @@ tokens are never inserted by the tokenizer itself: BOS is prepended here when th
 from __future__ import annotations
 
 import os
+import re
 
+from jaxvlm import chat
 from jaxvlm.config import TokensConfig
 from jaxvlm.files import FileError, error_line, optional_file
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   chat.TEMPLATE_FILE, chat.PROCESSOR_TEMPLATE_FILE)
 
 
 class Tokenizer:
+    """`source` is the tokenizer file read; `chat_template` the folder's chat template (or None)."""
+
     def __init__(self, encode_fn, decode_fn, tokens: TokensConfig, source: str, piece_fn=lambda i: None):
         self._encode, self._decode, self.tokens, self.source = encode_fn, decode_fn, tokens, source
         self._piece = piece_fn
+        self.chat_template: chat.ChatTemplate | None = None
+
+    @property
+    def directory(self) -> str:
+        return os.path.dirname(self.source)
 
     def single_token_text(self, token_id: int) -> str | None:
         """The text that encodes to exactly `token_id`, if the tokenizer has one (special pieces such as
@@ -30,6 +40,13 @@ class Tokenizer:
     def from_dir(cls, directory: str | os.PathLike, tokens: TokensConfig) -> "Tokenizer | None":
         """The tokenizer found in `directory`, or None if it holds no tokenizer file. A file that cannot be
         read, or that resolves outside `directory`, is a FileError naming it."""
+        tokenizer = cls._read(directory, tokens)
+        if tokenizer is not None:
+            tokenizer.chat_template = chat.load(directory, tokenizer._special_tokens(directory))
+        return tokenizer
+
+    @classmethod
+    def _read(cls, directory, tokens: TokensConfig) -> "Tokenizer | None":
         json_path = optional_file(directory, "tokenizer.json")
         spm_path = optional_file(directory, "tokenizer.model")
         if json_path is not None:
@@ -49,9 +66,31 @@ class Tokenizer:
             size, unk = sp.get_piece_size(), sp.unk_id()
             # Model vocabularies are often padded past the tokenizer's (Gemma, Phi-3): ids without a piece
             # decode to nothing, as they do with `tokenizers`; <unk> is dropped like the other specials.
-            return cls(sp.encode, lambda ids: sp.decode([i for i in ids if i < size and i != unk]), tokens,
+            # SentencePiece never reads its control pieces (<bos>, <eos>, ...) from text, but chat templates
+            # write them as text; like `tokenizers`' special tokens, they are matched first.
+            controls = {sp.id_to_piece(i): i for i in range(size) if sp.is_control(i) and sp.id_to_piece(i)}
+            pattern = re.compile("(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")")
+
+            def encode(text: str) -> list[int]:
+                if not controls:
+                    return sp.encode(text)
+                parts = pattern.split(text)  # text, control, text, control, ..., text
+                return [i for n, part in enumerate(parts) if part
+                        for i in ([controls[part]] if n % 2 else sp.encode(part))]
+            return cls(encode, lambda ids: sp.decode([i for i in ids if i < size and i != unk]), tokens,
                        spm_path, lambda i: sp.id_to_piece(i) if 0 <= i < size else None)
         return None
+
+    def _special_tokens(self, directory) -> dict[str, str]:
+        """The special tokens' strings a chat template sees: as the tokenizer config names them, else the
+        pieces of the config's BOS, EOS and pad ids."""
+        named = chat.special_tokens(directory)
+        ids = {"bos_token": self.tokens.bos_id, "eos_token": (self.tokens.eos_ids or (None,))[0],
+               "pad_token": self.tokens.pad_id}
+        for name, token_id in ids.items():
+            if name not in named and token_id is not None and (piece := self._piece(token_id)) is not None:
+                named[name] = piece
+        return named
 
     def encode(self, text: str, add_bos: bool | None = None, what: str = "text") -> list[int]:
         """Token ids of `text`, after BOS when the model expects one (or when `add_bos` says so); `what`

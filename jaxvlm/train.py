@@ -4,7 +4,7 @@ checkpoints that a run resumes from.
 
     trainer = Trainer(config, TrainConfig(steps=1000), workdir="runs/shapes")
     state = trainer.fit(params, batches)          # batches(step) -> data.Batch; resumes from workdir
-    save_model("my-model", config, state.params, tokenizer_dir="original-model")
+    jaxvlm.Model(config, state.params, tokenizer).save("my-model")   # or: finetune(model, rows, tc).save(...)
 
 A resumed run continues the same loss curve: the state (step, params, optimizer moments) is restored
 exactly, and batches are a function of the step. A step whose loss or gradient is not finite is skipped
