@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from convert import tables
 from convert.hf_config import model_config
-from convert.readers import FLOAT_DTYPES, CheckpointError, TensorReader
+from convert.readers import FLOAT_DTYPES, WEIGHT_FILES, CheckpointError, TensorReader
 from jaxvlm import checkpoint
 from jaxvlm.checkpoint import quantize_host
 from jaxvlm.config import QUANTIZE_MODES, QuantizationConfig
@@ -43,81 +44,133 @@ def convert(hf_dir: str, out_dir: str, dtype: str | None = None, progress: bool 
     as it is read: the folder loads as int8 without the float weights ever being whole in memory.
 
     Tensors are read, checked against the shape the config predicts and for a float dtype, re-laid out
-    and cast one at a time. Everything is written into a temporary folder beside `out_dir` that is renamed
-    at the end, so a failed or interrupted conversion leaves nothing behind; that folder is made before
-    any tensor is read, so an unwritable destination is reported first.
+    and cast one at a time (see `HFCheckpoint`). Everything is written into a temporary folder beside
+    `out_dir` that is renamed at the end, so a failed or interrupted conversion leaves nothing behind; that
+    folder is made before any tensor is read, so an unwritable destination is reported first.
     """
-    hf_dir, out_dir = os.fspath(hf_dir), os.path.abspath(os.fspath(out_dir))
-    if not os.path.isdir(hf_dir):
-        raise CheckpointError(f"{hf_dir}: no such checkpoint folder")
-    if dtype is not None and dtype not in DTYPES:
-        raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if quantize is not None and quantize not in QUANTIZE_MODES:
-        raise CheckpointError(f"--quantize must be one of {list(QUANTIZE_MODES)}, got {quantize!r}")
-    if group_size is not None and quantize is None:
-        raise CheckpointError("--group-size is the int8 scales' group: give it with --quantize int8")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    with HFCheckpoint(hf_dir, dtype, quantize, group_size, before_reading=lambda: _check_new(out_dir)) as source, \
+            checkpoint_files.writing(out_dir) as tmp, \
+            tqdm(total=source.tensor_count, desc="converting", unit="tensor", disable=not progress) as bar:
+        # Params are written a part at a time (a layer, or a module such as the embedding: see
+        # `checkpoint.part_of`), each as soon as its tensors are read, so that memory holds one part.
+        for part, params, tensors in source.parts():
+            checkpoint.save_params(tmp, params, part=part)
+            del params
+            bar.update(tensors)
+        checkpoint.write_files(tmp, source.config, source.copies)
+    return out_dir
+
+
+def _check_new(out_dir: str) -> None:
     if os.path.lexists(out_dir):
         raise CheckpointError(f"{out_dir}: output folder already exists")
-    config, text_family, layout = model_config(hf_dir)
-    rules = tables.expand(config, text_family)
-    contracted = {}
-    if quantize is not None:
-        contracted = checkpoint.contracted_axes(config)
-        config = dataclasses.replace(config, quantization=QuantizationConfig(mode=quantize, group_size=group_size))
-        try:  # a group size that does not divide some weight's inputs, before any tensor is read
-            checkpoint.abstract_params(config)
-        except ValueError as e:
-            raise CheckpointError(f"{hf_dir}: {e}") from None
-    copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := checkpoint_files.optional_file(hf_dir, n))]
 
-    with TensorReader(hf_dir) as reader:
-        names = _match_names(hf_dir, reader, rules, config, text_family, layout)
-        for name, rule in rules.items():
-            file_name, stored = names[name], reader.dtype(names[name])
-            if reader.shape(file_name) != rule.shape:
-                raise CheckpointError(f"{hf_dir}: tensor {file_name!r} has shape {list(reader.shape(file_name))}, "
-                                      f"config.json predicts {list(rule.shape)}")
-            if stored not in FLOAT_DTYPES.values():
-                raise CheckpointError(f"{reader.file(file_name)}: tensor {file_name!r} is stored as {stored}; "
-                                      f"weights must be floats ({', '.join(FLOAT_DTYPES.values())})")
+
+def is_hf_folder(path: str) -> bool:
+    """Whether `path` is an unconverted Hugging Face checkpoint folder (a config.json and weight files that
+    transformers writes, no jaxvlm `params` folder) rather than a jaxvlm one."""
+    return (os.path.lexists(os.path.join(path, "config.json"))
+            and not os.path.lexists(os.path.join(path, checkpoint.PARAMS_DIR))
+            and any(os.path.lexists(os.path.join(path, name)) for name in WEIGHT_FILES))
+
+
+class HFCheckpoint:
+    """A Hugging Face checkpoint folder read as jaxvlm params, a part at a time:
+
+        with HFCheckpoint(hf_dir) as source:       # config read, every tensor's name, shape and dtype checked
+            for part, params, tensors in source.parts():   # params: a nested dict of numpy arrays
+                ...
+
+    `source.config` is the jaxvlm config and `source.copies` the tokenizer and processor files to carry
+    along. `dtype` (float32, bfloat16; default: bfloat16 for a bfloat16 checkpoint, else float32),
+    `quantize` and `group_size` are as for `convert`. `before_reading` runs once everything but the
+    tensors' values has been checked.
+    """
+
+    def __init__(self, hf_dir: str, dtype: str | None = None, quantize: str | None = None,
+                 group_size: int | None = None, before_reading=lambda: None):
+        hf_dir = os.fspath(hf_dir)
+        if not os.path.isdir(hf_dir):
+            raise CheckpointError(f"{hf_dir}: no such checkpoint folder")
+        if dtype is not None and dtype not in DTYPES:
+            raise CheckpointError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise CheckpointError(f"--quantize must be one of {list(QUANTIZE_MODES)}, got {quantize!r}")
+        if group_size is not None and quantize is None:
+            raise CheckpointError("--group-size is the int8 scales' group: give it with --quantize int8")
+        before_reading()
+        self.hf_dir, self.dtype, self.group_size = hf_dir, dtype, group_size
+        config, self.text_family, self.layout = model_config(hf_dir)
+        self.rules = tables.expand(config, self.text_family)
+        self.contracted = {}
+        if quantize is not None:
+            self.contracted = checkpoint.contracted_axes(config)
+            config = dataclasses.replace(config, quantization=QuantizationConfig(mode=quantize, group_size=group_size))
+            try:  # a group size that does not divide some weight's inputs, before any tensor is read
+                checkpoint.abstract_params(config)
+            except ValueError as e:
+                raise CheckpointError(f"{hf_dir}: {e}") from None
+        self.config = config
+        self.copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES
+                       if (p := checkpoint_files.optional_file(hf_dir, n))]
+        self.tensor_count = len(self.rules)
+        self._reader = None
+
+    def __enter__(self) -> "HFCheckpoint":
+        hf_dir, rules = self.hf_dir, self.rules
+        self._reader = reader = TensorReader(hf_dir).__enter__()
+        try:
+            self._names = names = _match_names(hf_dir, reader, rules, self.config, self.text_family, self.layout)
+            for name, rule in rules.items():
+                file_name, stored = names[name], reader.dtype(names[name])
+                if reader.shape(file_name) != rule.shape:
+                    raise CheckpointError(f"{hf_dir}: tensor {file_name!r} has shape {list(reader.shape(file_name))}, "
+                                          f"config.json predicts {list(rule.shape)}")
+                if stored not in FLOAT_DTYPES.values():
+                    raise CheckpointError(f"{reader.file(file_name)}: tensor {file_name!r} is stored as {stored}; "
+                                          f"weights must be floats ({', '.join(FLOAT_DTYPES.values())})")
+        except BaseException:
+            reader.__exit__(None, None, None)
+            raise
         # bfloat16 checkpoints stay bfloat16; any other mix becomes float32, which holds float16, bfloat16
         # and float32 values exactly (float64 ones are rounded).
         stored = {reader.dtype(names[n]) for n in rules}
-        target = DTYPES[dtype or ("bfloat16" if stored == {"bfloat16"} else "float32")]
+        self.target = DTYPES[self.dtype or ("bfloat16" if stored == {"bfloat16"} else "float32")]
+        return self
 
-        # Params are written a part at a time (a layer, or a module such as the embedding: see
-        # `checkpoint.part_of`), each as soon as its tensors are read, so that memory holds one part.
+    def __exit__(self, *exc) -> None:
+        self._reader.__exit__(*exc)
+
+    def parts(self) -> Iterator[tuple[str, dict, int]]:
+        """(part name, its params as a nested dict of numpy arrays, the tensors read for it), a part at a
+        time; each tensor is checked to be finite after its cast."""
+        reader, names, target = self._reader, self._names, self.target
         parts: dict[str, dict[str, list]] = {}  # part -> tensor -> its (path, transform) in the part
-        for name, rule in rules.items():
+        for name, rule in self.rules.items():
             for path, transform in rule.targets:
                 parts.setdefault(checkpoint.part_of(path), {}).setdefault(name, []).append((path, transform))
-
-        with checkpoint_files.writing(out_dir) as tmp, \
-                tqdm(total=len(rules), desc="converting", unit="tensor", disable=not progress) as bar:
-            # Tensors are handed to orbax as the numpy arrays read (converted in place where the dtype
-            # allows): a part in memory is one copy of its tensors, and orbax's writing one more.
-            for part, tensors in parts.items():
-                params: dict = {}
-                for name, targets in tensors.items():
-                    source = reader.get(names[name])
-                    for path, transform in targets:
-                        value = np.asarray(transform(source), dtype=target)
-                        # checked after the cast, which also catches float64 values past the target's range
-                        if not np.isfinite(value).all():
-                            raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN "
-                                                  f"or infinite values (as {np.dtype(target).name})")
-                        if path in contracted:
-                            q, scale = quantize_host(value, contracted[path], group_size, path)
-                            _set(params, path, q)
-                            _set(params, path + SCALE_SUFFIX, scale)
-                        else:
-                            _set(params, path, value)
-                    del source, value
-                checkpoint.save_params(tmp, params, part=part)
-                del params
-                bar.update(len(tensors))
-            checkpoint.write_files(tmp, config, copies)
-    return out_dir
+        # Tensors are handed on as the numpy arrays read (converted in place where the dtype allows): a
+        # part in memory is one copy of its tensors.
+        for part, tensors in parts.items():
+            params: dict = {}
+            for name, targets in tensors.items():
+                source = reader.get(names[name])
+                for path, transform in targets:
+                    value = np.asarray(transform(source), dtype=target)
+                    # checked after the cast, which also catches float64 values past the target's range
+                    if not np.isfinite(value).all():
+                        raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN "
+                                              f"or infinite values (as {np.dtype(target).name})")
+                    if path in self.contracted:
+                        q, scale = quantize_host(value, self.contracted[path], self.group_size, path)
+                        _set(params, path, q)
+                        _set(params, path + SCALE_SUFFIX, scale)
+                    else:
+                        _set(params, path, value)
+                del source, value
+            yield part, params, len(tensors)
+            del params
 
 
 def _match_names(hf_dir, reader, rules, config, text_family, layout) -> dict[str, str]:

@@ -166,10 +166,15 @@ def _read_index(hf_dir: str, name: str) -> tuple[dict[str, str], str]:
     return weight_map, path
 
 
+# (one file, an index of shards) as transformers names them, the first found is read
+WEIGHT_FILE_PAIRS = (("model.safetensors", "model.safetensors.index.json"),
+                     ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+WEIGHT_FILES = tuple(name for pair in WEIGHT_FILE_PAIRS for name in pair)
+
+
 def _weight_files(hf_dir: str) -> tuple[list[str], dict[str, str] | None, str | None]:
     """(the weight files, the index's weight_map or None, the index's path or None)."""
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for single, index in WEIGHT_FILE_PAIRS:
         if os.path.lexists(os.path.join(hf_dir, index)):
             weight_map, index_path = _read_index(hf_dir, index)
             shards = [os.path.join(hf_dir, name) for name in dict.fromkeys(weight_map.values())]

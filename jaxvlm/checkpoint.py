@@ -304,6 +304,11 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard:
             raise FileError(f"{part}: unreadable params checkpoint ({error_line(e)})") from None
     if config.quantization is not None:
         check_scales(params, path)
+    return _relayout(params, config, dtype, shard, stacked, want)
+
+
+def _relayout(params, config: ModelConfig, dtype, shard: MeshRules | None, stacked: bool, want: bool):
+    """`params` (stacked or not, as `stacked` says) in the layout `want` asks for."""
     if want == stacked:
         return params
     # The other layout: one stack at a time is held twice while it is re-laid out.
@@ -312,3 +317,23 @@ def load_params(directory: str | os.PathLike, config: ModelConfig, dtype, shard:
         return jax.jit(relayout)(params)
     shardings = shard.params(param_axes(config, want), abstract_params(config, dtype, want))
     return jax.jit(relayout, out_shardings=shardings)(params)
+
+
+def place_params(parts: Iterable[dict], config: ModelConfig, dtype, shard: MeshRules | None = None,
+                 scan_layers: bool = False):
+    """Params read a part at a time as host arrays (unrolled layers, e.g. by the converter's reader), put
+    on the device, or each into its shards on the mesh, as each part arrives, so the host holds one part
+    at a time; then laid out as `scan_layers` asks."""
+    target = abstract_params(config, dtype, False)
+    if shard is not None:
+        shardings = shard.params(param_axes(config, False), target)
+    else:
+        shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), target)
+    shardings = {param_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    params: dict = {}
+    for part in parts:
+        placed = jax.tree_util.tree_map_with_path(
+            lambda k, x: jax.make_array_from_callback(x.shape, shardings[param_name(k)], lambda i, x=x: x[i]), part)
+        _merge(params, placed)
+    compare_trees(params, target, "the converted params", "the config")
+    return _relayout(params, config, dtype, shard, False, scan_layers)

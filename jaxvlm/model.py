@@ -265,8 +265,8 @@ class Model:
         generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs)
         return programs[0]
 
-    def _generation(self, input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k, top_p, seed,
-                    token_type_ids) -> dict[str, Any]:
+    def _generation(self, input_ids, attention_mask, pixel_values, max_new_tokens=32, temperature=0.0, top_k=None,
+                    top_p=None, seed=0, token_type_ids=None) -> dict[str, Any]:
         """The checked arguments of `generate.stream_tokens` for these inputs."""
         max_new_tokens, seed = _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
         self._require_lm_head()
@@ -361,7 +361,7 @@ class Model:
                              "use generate for a batch")
         _check_generation_args(**generate_kwargs)
         self._require_lm_head()
-        generation = self._generation(*self._encode(prompt, image, add_bos), token_type_ids=None, **generate_kwargs)
+        generation = self._generation(*self._encode(prompt, image, add_bos), **generate_kwargs)
         chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK)
         return _text_pieces(self.tokenizer, (chunk[0] for chunk in chunks))
 
@@ -452,9 +452,11 @@ BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True,
          mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None,
          quantize: str | None = None, group_size: int | None = None) -> Model:
-    """Loads a converted checkpoint folder; with no path, the built-in shapes model (see `jaxvlm.shapes`).
-    `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file is first
-    checked against the folder's `checksums.json`, so a missing, truncated or altered file is named.
+    """Loads a checkpoint folder: a converted jaxvlm one, or a Hugging Face one (config.json and its weights),
+    converted in memory with the same checks as `jaxvlm convert` (which saves the converted folder once,
+    for faster loads). With no path, the built-in shapes model (see `jaxvlm.shapes`).
+    `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file of a converted
+    folder is first checked against its `checksums.json`, so a missing, truncated or altered file is named.
 
     With `mesh` (axes named from `data`, `fsdp`, `model`), each param is read straight into its shards
     and the model runs over the whole mesh; `rules` (logical axis name -> mesh axes) change the defaults
@@ -486,6 +488,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     shard = mesh_rules(mesh, rules)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
+    scan_layers = default_scan_layers() if scan_layers is None else scan_layers
+    from convert.core import is_hf_folder
+    if is_hf_folder(path):
+        return _load_hf(path, dtype, quantize, group_size, shard, scan_layers)
     if verify and not files.verify_checksums(path):
         log.warning("%s has no %s (written by an older jaxvlm): its files cannot be verified", path,
                     files.CHECKSUMS_FILE)
@@ -495,10 +501,21 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
         raise ValueError(f"{path} holds int8 weights quantized with group_size={stored.group_size}; "
                          f"group_size={group_size} would need the float weights")
     jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
-    scan_layers = default_scan_layers() if scan_layers is None else scan_layers
     params = checkpoint.load_params(path, config, jdtype, shard, scan_layers)
     if stored is not None and quantize is None:
         log.info("%s holds int8 weights (%s); loaded as they are", path, stored)
     if quantize is not None and stored is None:
         config, params = checkpoint.quantize_params(config, params, group_size, shard)
     return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard)
+
+
+def _load_hf(path: str, dtype: str | None, quantize: str | None, group_size: int | None, shard: MeshRules | None,
+             scan_layers: bool) -> Model:
+    """An unconverted Hugging Face folder, converted in memory with `jaxvlm convert`'s reader and checks: each
+    part of the params goes to the device (or its shards) as it is read."""
+    from convert.core import HFCheckpoint
+    with HFCheckpoint(path, None if dtype is None else str(dtype), quantize, group_size) as source:
+        jdtype = jnp.dtype(source.target)
+        params = checkpoint.place_params((part for _, part, _ in source.parts()), source.config, jdtype, shard,
+                                         scan_layers)
+    return Model(source.config, params, Tokenizer.from_dir(path, source.config.tokens), jdtype, shard)

@@ -59,11 +59,15 @@ def edit_json(folder, name, edit) -> None:
 
 
 def fails(src, tmp_path, match) -> None:
-    """Converting `src` fails with one line matching `match` and writes nothing."""
+    """Converting `src` fails with one line matching `match` and writes nothing; loading the Hugging Face
+    folder directly (converted in memory) fails with the same line."""
     with pytest.raises(ValueError, match=match) as err:
         convert(src, str(tmp_path / "out"), progress=False)
     assert "\n" not in str(err.value)
     assert not [p for p in os.listdir(tmp_path) if p == "out" or p.startswith(".out.")], "something was written"
+    with pytest.raises(ValueError) as loading:
+        jaxvlm.load(src)
+    assert str(loading.value) == str(err.value)
 
 
 def fails_to_load(folder, match, **kwargs) -> None:

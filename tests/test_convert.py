@@ -253,3 +253,27 @@ def test_vlm_missing_vision_tensor_is_named(tmp_path):
     save_file(tensors, os.path.join(src, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="missing tensor 'vision_tower.vision_model.encoder.layers.1.mlp.fc2.bias'"):
         convert(src, str(tmp_path / "out"), progress=False)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "paligemma", "llava_phi3"])
+def test_a_hugging_face_folder_loads_directly(tmp_path, name, hf_checkpoint):
+    """`jaxvlm.load(hf_dir)` converts in memory: the same params as `convert` then `load`, in each layout
+    and as int8; `jaxvlm generate --checkpoint hf_dir` answers as the converted folder does."""
+    hf_dir = hf_checkpoint(name, seed=2, vision_language=name != "qwen3")
+    converted = convert(hf_dir, str(tmp_path / "jax"), progress=False)
+    for kwargs in ({}, {"scan_layers": True}, {"quantize": "int8", "group_size": 8}, {"dtype": "bfloat16"}):
+        direct, reference = jaxvlm.load(hf_dir, **kwargs), jaxvlm.load(converted, **kwargs)
+        assert direct.config == reference.config and direct.dtype == reference.dtype
+        assert jax.tree.structure(direct.params) == jax.tree.structure(reference.params), kwargs
+        assert jax.tree.all(jax.tree.map(np.array_equal, direct.params, reference.params)), kwargs
+    if name == "qwen3":  # the tiny VLM checkpoints carry no tokenizer; the text one gets one here
+        import shutil
+        from tests.conftest import _qwen_tokenizer
+        hf_dir = shutil.copytree(hf_dir, str(tmp_path / "with-tokenizer"))
+        _qwen_tokenizer(hf_dir)
+        run = lambda folder: subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", folder,
+                                             "--prompt", "hello jax", "--max-new-tokens", "6"],
+                                            capture_output=True, text=True)
+        direct = run(hf_dir)
+        assert direct.returncode == 0, direct.stderr
+        assert direct.stdout == jaxvlm.load(hf_dir).generate("hello jax", max_new_tokens=6) + "\n"

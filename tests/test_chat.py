@@ -1,0 +1,141 @@
+"""Chat templates: rendered as transformers' apply_chat_template renders them, tokenized and answered as
+transformers would; and what a bad conversation or a checkpoint without a template gets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import jaxvlm
+from tests import hf_models
+
+# Written after the published templates of each family (shortened): roles, special tokens as text,
+# raise_exception, loop variables, namespace and a template variable (Qwen3's enable_thinking).
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+QWEN3 = """{%- set ns = namespace(last_user=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}{%- set ns.last_user = loop.index0 %}{%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == "system" and loop.first %}
+        {{- '<|im_start|>system\\n' + message.content + '<|im_end|>\\n' }}
+    {%- elif message.role == "user" %}
+        {{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>assistant\\n' }}
+        {%- if loop.index0 > ns.last_user %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+        {{- message.content | trim + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}
+{%- endif %}"""
+
+STYLES = {  # family -> (template, its control tokens, whether it takes a system message)
+    "gemma": (GEMMA, ["<start_of_turn>", "<end_of_turn>"], False),
+    "phi3": (PHI3, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], True),
+    "qwen3": (QWEN3, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], True),
+}
+CONVERSATION = [{"role": "user", "content": "the quick brown fox"},
+                {"role": "assistant", "content": "jumps over the lazy dog "},
+                {"role": "user", "content": "hello jax, é ü"}]
+
+
+@pytest.fixture(scope="module")
+def chat_models(tmp_path_factory, gemma_tokenizer, qwen_tokenizer, convert_command):
+    """family -> (transformers model, its tokenizer with the chat template, the converted jaxvlm Model)."""
+    out = {}
+    for family, (template, controls, _) in STYLES.items():
+        root = tmp_path_factory.mktemp(f"chat-{family}")
+        hf_dir = str(root / "hf")
+        # the byte-level tokenizer has 256 pieces and more; the control tokens come after them
+        model = hf_models.build(family, seed=3, eos_token_id=1, bos_token_id=None if family == "qwen3" else 2,
+                                vocab_size=320)
+        hf_models.save(model, hf_dir)
+        tok = qwen_tokenizer(hf_dir) if family == "qwen3" else gemma_tokenizer(hf_dir)
+        tok.add_special_tokens({"additional_special_tokens": controls})
+        tok.chat_template = template
+        tok.save_pretrained(hf_dir)
+        out[family] = (model, tok, jaxvlm.load(convert_command(hf_dir, str(root / "jax"))))
+    return out
+
+
+@pytest.mark.parametrize("family", list(STYLES))
+def test_chat_template_renders_tokenizes_and_answers_as_transformers(chat_models, family):
+    model, tok, jx = chat_models[family]
+    messages = ([{"role": "system", "content": "answer briefly"}] if STYLES[family][2] else []) + CONVERSATION
+    want = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert jx.apply_chat_template(messages) == want
+    assert jx.apply_chat_template(messages, add_generation_prompt=False) == \
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+    ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
+    assert list(jx._encode(want, None, False).input_ids[0]) == ids
+    hf_ids = hf_models.hf_generate(model, [np.asarray(ids)], 10, do_sample=False, eos_token_id=1)[0]
+    assert jx.chat(messages, max_new_tokens=10) == tok.decode(hf_ids[hf_ids != 0], skip_special_tokens=True)
+    assert "".join(jx.chat(messages, max_new_tokens=10, stream=True)) == jx.chat(messages, max_new_tokens=10)
+
+
+def test_template_variables_reach_the_template(chat_models):
+    _, tok, jx = chat_models["qwen3"]
+    assert jx.apply_chat_template(CONVERSATION, enable_thinking=False) == tok.apply_chat_template(
+        CONVERSATION, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert jx.apply_chat_template(CONVERSATION, enable_thinking=False).endswith("<think>\n\n</think>\n\n")
+
+
+def test_template_from_tokenizer_config(chat_models, tmp_path):
+    """Older checkpoints keep the template in tokenizer_config.json (a string, or named templates)."""
+    _, tok, jx = chat_models["phi3"]
+    folder = tmp_path / "m"
+    jx.save(folder)
+    os.remove(folder / "chat_template.jinja")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "default", "template": PHI3}, {"name": "tool_use", "template": "x"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = jaxvlm.load(folder, verify=False)
+    assert loaded.apply_chat_template(CONVERSATION) == tok.apply_chat_template(CONVERSATION, tokenize=False,
+                                                                               add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "narrator", "content": "hi"}], "message 0 has unknown role 'narrator'"),
+    ([{"role": "user", "content": ["hi"]}], r"message 0 \(user\): content must be a string, got list"),
+    ([{"role": "user", "content": None}], r"message 0 \(user\): content must be a string, got NoneType"),
+    ([{"role": "user"}], "message 0 must be a dict with 'role' and 'content'"),
+    ([], "messages is empty"),
+    ("hello", "messages must be a list"),
+])
+def test_bad_messages_are_named(chat_models, messages, message):
+    jx = chat_models["phi3"][2]
+    with pytest.raises(ValueError, match=message):
+        jx.apply_chat_template(messages)
+    with pytest.raises(ValueError, match=message):
+        jx.chat(messages)
+
+
+def test_the_template_refusing_a_conversation_is_one_line(chat_models):
+    jx = chat_models["gemma"][2]
+    with pytest.raises(ValueError, match="chat_template.jinja: the chat template refused the messages "
+                                         r"\(TemplateError: System role not supported\)"):
+        jx.apply_chat_template([{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+
+
+def test_a_checkpoint_without_a_chat_template():
+    with pytest.raises(ValueError, match="has no chat template"):
+        jaxvlm.load().chat([{"role": "user", "content": "count shapes"}])
