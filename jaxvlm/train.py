@@ -288,6 +288,7 @@ class Trainer:
         `batches(step)` gives batch `step` (0-based). `on_step(step, metrics)` sees each step's metrics
         (step counted from 1), e.g. to record the loss curve.
         """
+        bar = None
         try:
             state = self.restore(params)
             train_step = self._compile_step(state)
@@ -325,6 +326,8 @@ class Trainer:
             self.save(state)
             return state
         finally:
+            if bar is not None:  # before any error is reported below it
+                bar.close()
             self.close()
 
     def _latest(self) -> str:
