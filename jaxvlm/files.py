@@ -273,6 +273,15 @@ def _digests(folder: str, names: list[str]) -> list[str]:
         return list(pool.map(lambda n: _sha256(os.path.join(folder, n)), names))
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Writes `text` into `path` through a temporary file renamed over it: a reader sees the old file or
+    the new one, never half of one."""
+    tmp = f"{path}{PARTIAL}{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_checksums(folder: str) -> None:
     """Writes `checksums.json`: {relative path: {"size", "sha256"}} for every file under `folder`."""
     names = _files(folder)

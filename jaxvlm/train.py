@@ -18,8 +18,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import os
+import sys
 from typing import Any, Callable
 
 import jax
@@ -45,6 +48,11 @@ log = logging.getLogger("jaxvlm.train")
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHECKPOINTS_DIR = "checkpoints"
+RUN_FILE = "run.json"  # what a workdir's run trains: settings, model and data, checked when it resumes
+HISTORY_FILE = "history.jsonl"  # each step's metrics, up to the latest checkpoint
+# Settings that change how a run is kept, not what it computes: a resumed run may change them (and `steps`,
+# to extend a run).
+BOOKKEEPING = ("steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "remat")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,7 +67,8 @@ class TrainConfig:
     grad_clip_norm: float | None = 1.0  # clip the global gradient norm to this
     compute_dtype: str = "bfloat16"  # activations and matmuls; params and optimizer state stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass (less memory, ~1/3 more compute)
-    checkpoint_every: int | None = None  # steps between checkpoints (with a workdir); the last step is always saved
+    checkpoint_every: int | None = None  # steps between checkpoints (with a workdir); None: ten over the run.
+    # The last step is always saved.
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # non-finite losses in a row before the run stops
 
@@ -78,6 +87,10 @@ class TrainConfig:
                              f"got {self.compute_dtype!r}")
         checks.flag(name("remat"), self.remat)
         checks.optional_integer(name("checkpoint_every"), self.checkpoint_every, 1)
+
+    @property
+    def save_every(self) -> int:
+        return self.checkpoint_every or max(1, self.steps // 10)
 
     def schedule(self) -> optax.Schedule:
         return optax.warmup_cosine_decay_schedule(0.0, self.learning_rate, self.warmup_steps,
@@ -156,6 +169,8 @@ class Trainer:
         self.optimizer = make_optimizer(tc)
         self._manager = None
         self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
+        self._resumed_from: tuple[str, int] | None = None  # (checkpoint, step) that `restore` took
+        self._history: list[dict[str, float]] = []  # {"step", "loss", ...} of every step so far
 
     # --- state and checkpoints -----------------------------------------------------------------------------
     def init_state(self, params) -> TrainState:
@@ -220,6 +235,9 @@ class Trainer:
             self._seal()
             manager.save(step, args=ocp.args.StandardSave(state))
             self._unsealed.append(step)
+            if jax.process_index() == 0:
+                files.write_atomically(os.path.join(self.workdir, HISTORY_FILE), "".join(
+                    json.dumps(m) + "\n" for m in self._history if m["step"] <= step))
 
     def _seal(self) -> None:
         """Writes `checksums.json` into each finished checkpoint that has none yet, so flipped bytes are
@@ -266,12 +284,52 @@ class Trainer:
             if not all_finite(restored.params):
                 log.warning("%s: the saved weights are not finite; trying the one before", where)
                 continue
-            log.info("resumed from %s (step %d)", where, step)
+            self._resumed_from = (where, step)
             return restored
         if steps:
             raise ValueError(f"{manager.directory}: no checkpoint there can be restored (steps "
                              f"{', '.join(map(str, steps))}; see the warnings); move the folder away to start afresh")
         return state
+
+    def _check_run(self, batches: Callable[[int], Batch]) -> None:
+        """Records what this workdir's run trains (settings, model, first batch) when it starts, and refuses
+        to resume a run of other ones: their checkpoints would be returned as if trained on these."""
+        if self.workdir is None:
+            return
+        settings = {k: v for k, v in dataclasses.asdict(self.tc).items() if k not in BOOKKEEPING}
+        record = {"settings": settings, "model": _digest(self.config.to_json().encode()),
+                  "data": _digest(*(np.asarray(a).tobytes() for a in dataclasses.astuple(batches(0)) if a is not None))}
+        path = os.path.join(self.workdir, RUN_FILE)
+        if os.path.exists(path):
+            saved = files.read_json(path)
+            changed = [f"{k}={v!r} (was {saved.get('settings', {}).get(k)!r})" for k, v in settings.items()
+                       if saved.get("settings", {}).get(k) != v]
+            changed += [f"the {what}" for what in ("model", "data") if saved.get(what) != record[what]]
+            if changed:
+                raise ValueError(f"{self.workdir}: holds a run of other settings ({', '.join(changed)}); resume it "
+                                 "with the same ones, or give another workdir")
+        elif jax.process_index() == 0:
+            os.makedirs(self.workdir, exist_ok=True)
+            files.write_atomically(path, json.dumps(record, indent=1) + "\n")
+
+    def _read_history(self, step: int) -> list[dict[str, float]]:
+        """The recorded metrics of steps 1..`step` (a history that ran past the checkpoint is cut there)."""
+        path = None if self.workdir is None else os.path.join(self.workdir, HISTORY_FILE)
+        if step == 0 or path is None or not os.path.exists(path):
+            return []
+        history = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    history.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+        return [m for m in history if isinstance(m, dict) and isinstance(m.get("step"), int) and m["step"] <= step]
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """Each step's metrics ({"step", "loss", "learning_rate", ...}), resumed runs' earlier steps included."""
+        return list(self._history)
 
     def close(self) -> None:
         if self._manager is not None:
@@ -290,9 +348,24 @@ class Trainer:
         """
         bar = None
         try:
-            state = self.restore(params)
+            state = self.restore(params)  # first: a checkpoint of another shape is named to the param
+            self._check_run(batches)
             train_step = self._compile_step(state)
             start = int(state.step)
+            if start > self.tc.steps:
+                raise ValueError(f"{self.workdir}: holds a run at step {start}, past steps={self.tc.steps}; give "
+                                 "another workdir")
+            self._history = self._read_history(start)
+            if self._resumed_from is not None:
+                where, step = self._resumed_from
+                done = "the run is complete" if step == self.tc.steps else "resuming"
+                message = f"{done}: step {step} of {self.tc.steps}, from {where}"
+                log.info(message)
+                if progress:
+                    print(message, file=sys.stderr, flush=True)
+            if on_step is not None:  # the steps before the resumed one, as they were recorded
+                for metrics in self._history:
+                    on_step(metrics["step"], metrics)
             bar = tqdm(total=self.tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
             bad_in_a_row = 0
             # The next batch is made on a thread while the device runs the current step.
@@ -315,12 +388,12 @@ class Trainer:
                             raise FloatingPointError(
                                 f"steps {step + 2 - bad_in_a_row}-{step + 1}: the loss was not finite "
                                 f"{bad_in_a_row} times in a row; stopping (last checkpoint: {self._latest()})")
+                    self._history.append({"step": step + 1, **metrics})
                     if on_step is not None:
                         on_step(step + 1, metrics)
                     bar.update(1)
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-                    every = self.tc.checkpoint_every
-                    if every is not None and (step + 1) % every == 0:
+                    if (step + 1) % self.tc.save_every == 0:
                         self.save(state)
             bar.close()
             self.save(state)
@@ -349,6 +422,13 @@ def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, w
     trainer = Trainer(model.config, tc, workdir, mesh, rules)
     state = trainer.fit(model.params, batches, progress, on_step)
     return Model(model.config, state.params, model.tokenizer, jnp.float32, trainer.shard)
+
+
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def loss_curve() -> tuple[list[float], Callable[[int, dict[str, float]], None]]:

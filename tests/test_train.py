@@ -85,7 +85,8 @@ def test_resumed_run_continues_the_same_loss_curve(tok, straight, tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
     state, losses = run(tok, 8, workdir=tmp_path, checkpoint_every=4)
     assert int(state.step) == 8
-    np.testing.assert_allclose(losses, want[4:], rtol=1e-6)
+    # steps 1-4 as recorded before the stop, then the new ones: the whole curve
+    np.testing.assert_allclose(losses, want, rtol=1e-6)
 
 
 def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tok, straight, tmp_path):
@@ -114,9 +115,9 @@ def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(tok, stra
     resumed_at = complete[-1]
     state, losses = run(tok, resumed_at + 3, workdir=tmp_path, checkpoint_every=1)
     assert not [n for n in os.listdir(checkpoints) if "tmp" in n], "leftovers of the killed save remain"
-    assert int(state.step) == resumed_at + 3 and len(losses) == 3
+    assert int(state.step) == resumed_at + 3 and len(losses) == resumed_at + 3  # the recorded steps, and 3 new
     if resumed_at + 3 <= len(want):
-        np.testing.assert_allclose(losses, want[resumed_at:resumed_at + 3], rtol=1e-6)
+        np.testing.assert_allclose(losses[resumed_at:], want[resumed_at:resumed_at + 3], rtol=1e-6)
 
 
 def test_resume_from_another_model_shape_names_the_param(tok, straight, tmp_path):
@@ -170,3 +171,56 @@ def test_finetune_a_text_model_leaves_the_original_untouched(tok):
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(model.params)):
         np.testing.assert_array_equal(a, b)
     assert isinstance(tuned.generate("count shapes 4", max_new_tokens=2), str)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(stop_step):
+    def on_step(step, metrics):
+        if step == stop_step:
+            raise Stop
+    return on_step
+
+
+def test_a_workdir_run_saves_along_the_way_and_says_where_it_resumes(tok, tmp_path, capsys):
+    """Without checkpoint_every, ten checkpoints over the run; a resumed run names its step and checkpoint."""
+    with pytest.raises(Stop):
+        Trainer(tiny.TINY, tiny.train_config(20), tmp_path).fit(
+            tiny.init_params(), tiny.batches(tiny.tokenizer(tok)), progress=False, on_step=stop_at(7))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]  # every 2 steps, the last two kept
+    capsys.readouterr()
+    trainer = Trainer(tiny.TINY, tiny.train_config(20), tmp_path)
+    state = trainer.fit(tiny.init_params(), tiny.batches(tiny.tokenizer(tok)), progress=True)
+    assert f"resuming: step 6 of 20, from {tmp_path / 'checkpoints' / '6'}" in capsys.readouterr().err
+    assert int(state.step) == 20 and [m["step"] for m in trainer.history] == list(range(1, 21))
+    Trainer(tiny.TINY, tiny.train_config(20), tmp_path).fit(tiny.init_params(), tiny.batches(tiny.tokenizer(tok)))
+    assert "the run is complete: step 20 of 20" in capsys.readouterr().err
+
+
+def test_a_workdir_of_another_run_is_refused(tok, tmp_path):
+    """A finished workdir re-run with other rows or settings is an error, never its old weights."""
+    run(tok, 3, workdir=tmp_path)
+    other_rows = tiny.RowBatches(tiny.TINY, tiny.tokenizer(tok), tiny.rows(seed=8), 4, seed=0)
+    with pytest.raises(ValueError, match=r"holds a run of other settings \(the data\); resume it with the same"):
+        run(tok, 3, workdir=tmp_path, batches=other_rows)
+    with pytest.raises(ValueError, match=r"other settings \(learning_rate=0\.01 \(was 0\.003\)\)"):
+        run(tok, 3, workdir=tmp_path, learning_rate=0.01)
+    with pytest.raises(ValueError, match="holds a run at step 3, past steps=2; give another workdir"):
+        run(tok, 2, workdir=tmp_path)
+    state, losses = run(tok, 4, workdir=tmp_path)  # more steps: the run goes on
+    assert int(state.step) == 4 and len(losses) == 4
+
+
+def test_a_finetuned_model_saves_and_reloads(tok, tmp_path):
+    import jaxvlm
+    model = Model(tiny.TINY, tiny.init_params(), tiny.tokenizer(tok))
+    tuned = finetune(model, tiny.rows(), tiny.train_config(2), batch_size=4, progress=False)
+    folder = tuned.save(tmp_path / "tuned")
+    assert sorted(os.listdir(folder)) == ["checksums.json", "config.json", "params", "tokenizer.model"]
+    reloaded = jaxvlm.load(folder)
+    ids = reloaded.encode("count shapes", image=tiny.rows()[0]["image"])
+    np.testing.assert_array_equal(reloaded.logits(*ids), tuned.logits(*ids))
+    with pytest.raises(ValueError, match="tuned: already exists; save into a new folder"):
+        tuned.save(folder)

@@ -69,11 +69,7 @@ def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     kinds = rng.choice(SHAPES, size=count, replace=False)
     cells = rng.choice(9, size=count, replace=False)
     # Backgrounds are light or dark tints; a shape's colour must differ clearly from it.
-    if rng.random() < 0.7:
-        background = tuple(int(v) for v in rng.integers(175, 256, size=3))
-    else:
-        background = tuple(int(v) for v in rng.integers(0, 90, size=3))
-    names = [c for c in COLORS if _distance(COLORS[c], background) > 120]
+    background, names = _background(rng)
     shapes = []
     for kind, cell in zip(kinds, cells):
         row, column = divmod(int(cell), 3)
@@ -89,14 +85,49 @@ def _distance(a, b) -> float:
     return float(np.linalg.norm(np.subtract(a, b)))
 
 
+def free_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
+    """One to `max_shapes` distinct shapes anywhere in the picture, not only inside their grid cell: sides
+    of 12% to 48% of the picture, none overlapping, each centre in a cell of its own (the cell that
+    "where" and "what is in" name). Backgrounds and colours as in `random_scene`."""
+    if not 1 <= max_shapes <= len(SHAPES):
+        raise ValueError(f"max_shapes={max_shapes}: a scene holds one to {len(SHAPES)} distinct shapes")
+    count = int(rng.integers(1, max_shapes + 1))
+    kinds = rng.choice(SHAPES, size=count, replace=False)
+    background, names = _background(rng)
+    while True:  # rejection sampling: a few tries at most for three shapes
+        shapes = []
+        for kind in kinds:
+            size = float(rng.uniform(0.12, 0.48) * SIZE)
+            center = tuple(float(v) for v in rng.uniform(size / 2, SIZE - size / 2, size=2))
+            row, column = (min(int(v // _CELL), 2) for v in (center[1], center[0]))
+            shapes.append(Shape(str(kind), str(rng.choice(names)), row, column, size, center))
+        cells = {(s.row, s.column) for s in shapes}
+        apart = all(max(abs(a.center[0] - b.center[0]), abs(a.center[1] - b.center[1])) > (a.size + b.size) / 2 + 2
+                    for i, a in enumerate(shapes) for b in shapes[i + 1:])
+        if len(cells) == len(shapes) and apart:
+            shapes.sort(key=lambda s: (s.row, s.column))
+            return Scene(tuple(shapes), background)
+
+
+def _background(rng: np.random.Generator) -> tuple[tuple[int, int, int], list[str]]:
+    """A light or dark tint, and the colour names that differ clearly from it."""
+    if rng.random() < 0.7:
+        background = tuple(int(v) for v in rng.integers(175, 256, size=3))
+    else:
+        background = tuple(int(v) for v in rng.integers(0, 90, size=3))
+    return background, [c for c in COLORS if _distance(COLORS[c], background) > 120]
+
+
 def draw(scene: Scene, size: int = SIZE) -> Image.Image:
-    """The scene as an RGB image of `size` x `size` pixels."""
-    big = SIZE * _SUPERSAMPLE
+    """The scene as an RGB image of `size` x `size` pixels (drawn at twice that and downsampled, for smooth
+    edges, up to 256 pixels; larger ones are drawn at their size)."""
+    big = size * _SUPERSAMPLE if size <= 256 else size
+    scale = big / SIZE
     image = Image.new("RGB", (big, big), scene.background)
     pen = ImageDraw.Draw(image)
     for s in scene.shapes:
-        x, y = (v * _SUPERSAMPLE for v in s.center)
-        r = s.size * _SUPERSAMPLE / 2
+        x, y = (v * scale for v in s.center)
+        r = s.size * scale / 2
         fill = COLORS[s.color]
         if s.kind == "circle":
             pen.ellipse((x - r, y - r, x + r, y + r), fill=fill)
@@ -104,7 +135,7 @@ def draw(scene: Scene, size: int = SIZE) -> Image.Image:
             pen.rectangle((x - r, y - r, x + r, y + r), fill=fill)
         else:  # an upright equilateral-looking triangle inside the same box
             pen.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
-    return image.resize((size, size), Image.Resampling.LANCZOS)
+    return image if big == size else image.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def place(row: int, column: int) -> str:

@@ -39,6 +39,14 @@ KIND_WEIGHTS = {"caption": 0.3, "count": 0.1, "color": 0.2, "where": 0.2, "what"
 TRAIN = TrainConfig(steps=20000, learning_rate=1e-3, warmup_steps=250, final_learning_rate=1e-5, weight_decay=0.01,
                     b2=0.99, grad_clip_norm=1.0, compute_dtype="bfloat16", checkpoint_every=500)
 BATCH_SIZE = 32
+# The third stage starts from the second's weights and widens the pictures: shapes anywhere (not only
+# inside their grid cell), 12% to 48% of the picture, drawn at 64 to 512 pixels and resized to the
+# encoder's 96, as any photo would be. A quarter of its scenes stay grid scenes, which the model keeps.
+WIDER = TrainConfig(steps=8000, learning_rate=5e-4, warmup_steps=200, final_learning_rate=1e-5, weight_decay=0.01,
+                    b2=0.99, grad_clip_norm=1.0, compute_dtype="bfloat16", checkpoint_every=500)
+WIDER_KIND_WEIGHTS = {"caption": 0.35, "count": 0.1, "color": 0.15, "where": 0.2, "what": 0.2}
+GRID_FRACTION = 0.25
+DRAWN_SIZES = (64, 512)
 
 
 def train_tokenizer(directory: str) -> Tokenizer:
@@ -77,19 +85,26 @@ CONFIG = ModelConfig(
 )
 
 
-def batches(tokenizer: Tokenizer, batch_size: int = BATCH_SIZE, seed: int = SEED):
-    """batch(step): fresh scenes drawn from a generator seeded with (seed, step)."""
-    kinds, weights = list(KIND_WEIGHTS), np.array(list(KIND_WEIGHTS.values()))
+def batches(tokenizer: Tokenizer, batch_size: int = BATCH_SIZE, seed: int = SEED, wider: bool = False):
+    """batch(step): fresh scenes drawn from a generator seeded with (seed, step), or with (seed, 3, step)
+    for the third stage (`wider`)."""
+    weights = WIDER_KIND_WEIGHTS if wider else KIND_WEIGHTS
+    kinds, p = list(weights), np.array(list(weights.values()))
 
     def batch(step: int):
-        rng = np.random.default_rng([seed, step])
-        first_stage = step < SINGLE_SHAPE_STEPS
+        rng = np.random.default_rng([seed, 3, step] if wider else [seed, step])
+        first_stage = not wider and step < SINGLE_SHAPE_STEPS
         examples = []
         for i in range(batch_size):
-            scene = scenes.random_scene(rng, max_shapes=1 if first_stage else 3)
-            kind = "caption" if first_stage else kinds[rng.choice(len(kinds), p=weights)]
+            if wider and rng.random() >= GRID_FRACTION:
+                scene = scenes.free_scene(rng)
+                image = scenes.draw(scene, int(rng.integers(DRAWN_SIZES[0], DRAWN_SIZES[1] + 1)))
+            else:
+                scene = scenes.random_scene(rng, max_shapes=1 if first_stage else 3)
+                image = scenes.draw(scene)
+            kind = "caption" if first_stage else kinds[rng.choice(len(kinds), p=p)]
             prompt = scenes.ask(scene, kind, rng)
-            row = {"image": scenes.draw(scene), "prompt": prompt, "answer": scenes.answer(scene, prompt)}
+            row = {"image": image, "prompt": prompt, "answer": scenes.answer(scene, prompt)}
             examples.append(encode_row(CONFIG, tokenizer, row, f"step {step} row {i}"))
         return collate(examples, CONFIG.tokens.pad_id, SEQUENCE_LENGTH)
 
@@ -105,6 +120,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=MODEL_DIR, help="where to write the trained model (must not exist)")
     parser.add_argument("--workdir", default=os.path.join("runs", "shapes"),
                         help="checkpoints, resumed from when the run is started again")
+    parser.add_argument("--wider-from", default=None,
+                        help="run the third stage alone, from this model folder's weights (the first two "
+                             "stages' result, e.g. an earlier built-in model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if os.path.exists(args.out):
@@ -114,11 +132,16 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tok_dir:
         tokenizer = train_tokenizer(tok_dir)
         started = time.time()
-        state = Trainer(CONFIG, TRAIN, args.workdir).fit(init_params(), batches(tokenizer))
+        if args.wider_from is None:  # stages one and two: grid scenes
+            params = Trainer(CONFIG, TRAIN, os.path.join(args.workdir, "grid")).fit(init_params(),
+                                                                                   batches(tokenizer)).params
+        else:
+            params = checkpoint.load_params(args.wider_from, CONFIG, np.float32, scan_layers=False)
+        state = Trainer(CONFIG, WIDER, os.path.join(args.workdir, "wider")).fit(params, batches(tokenizer, wider=True))
         minutes = (time.time() - started) / 60
         params = jax.tree.map(lambda p: np.asarray(p, np.float32), state.params)
         save_model(args.out, CONFIG, params, [os.path.join(tok_dir, "tokenizer.model")])
-    print(f"trained {TRAIN.steps} steps in {minutes:.1f} min; model written to {args.out}")
+    print(f"trained in {minutes:.1f} min; model written to {args.out}")
 
 
 if __name__ == "__main__":
