@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import type_handlers
 
-from jaxvlm import files, layers, layout, quantize
+from jaxvlm import files, layers, layout, lora, quantize
 from jaxvlm.config import ModelConfig, QuantizationConfig
 from jaxvlm.files import FileError, error_line
 from jaxvlm.sharding import MeshRules
@@ -46,6 +46,9 @@ def abstract_params(config: ModelConfig, dtype=jnp.float32, scan_layers: bool = 
     and for a quantized config int8 weights with their float32 scales."""
     boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), dtype, scan_layers))
     tree = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), nn.meta.unbox(boxed))
+    if config.lora is not None:
+        tree = lora.attach(tree, _adapters(config, tree, scan_layers,
+                                           lambda shape, name, role: jax.ShapeDtypeStruct(shape, dtype)))
     if config.quantization is None:
         return tree
     contracted, group_size = contracted_axes(config, scan_layers), config.quantization.group_size
@@ -59,9 +62,28 @@ def param_axes(config: ModelConfig, scan_layers: bool = False):
     """The params tree with, at each leaf, the logical names of the param's axes (a PartitionSpec such as
     P('embed', 'heads', 'head_dim'); stacked layers add a leading 'layers'), as the layers declare them.
     An int8 weight's scale is named as the weight."""
-    axes = nn.get_partition_spec(jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32,
-                                                                     scan_layers)))
+    boxed = jax.eval_shape(lambda: _init_boxed(config, jax.random.key(0), jnp.float32, scan_layers))
+    axes = nn.get_partition_spec(boxed)
+    if config.lora is not None:  # an adapter's axes are its kernel's inputs or outputs, and the rank
+        named = {param_name(p): spec for p, spec in jax.tree_util.tree_flatten_with_path(
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]}
+        contracted = contracted_axes(config, scan_layers)
+
+        def adapter(shape, name, role):
+            inputs = {i % len(named[name]) for i in contracted[name]}
+            kept = [a for i, a in enumerate(named[name]) if (i in inputs) == (role == "in")]
+            return jax.sharding.PartitionSpec(*kept, None) if role == "in" else jax.sharding.PartitionSpec(None, *kept)
+        axes = lora.attach(axes, _adapters(config, nn.meta.unbox(boxed), scan_layers, adapter))
     return axes if config.quantization is None else quantize.scale_axes(axes, contracted_axes(config, scan_layers))
+
+
+def _adapters(config: ModelConfig, tree, scan_layers: bool, make) -> dict:
+    """The LoRA adapters' tree that `config.lora` adds to the params `tree` (see `jaxvlm.lora.abstract`)."""
+    if scan_layers:
+        raise ValueError("LoRA adapters kept beside their kernels need unrolled layers (scan_layers=False); "
+                         "merge them into the kernels (Model.merge_lora) to stack the layers")
+    kernels = {param_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return lora.abstract(config.lora, contracted_axes(config, scan_layers), kernels, make)
 
 
 def contracted_axes(config: ModelConfig, scan_layers: bool = False) -> dict[str, tuple[int, ...]]:

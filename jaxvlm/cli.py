@@ -29,6 +29,38 @@ def _generate(args) -> None:
     print()
 
 
+def _train(args) -> None:
+    import os
+    import jaxvlm
+    from jaxvlm.config import LoraConfig
+    from jaxvlm.dataset import read_jsonl
+    from jaxvlm.train import TrainConfig, finetune
+    out = os.path.abspath(args.out)
+    if os.path.lexists(out):
+        raise ValueError(f"--out {out}: already exists; give a new folder")
+    lora = None
+    if args.lora_rank is not None:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        lora = LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=targets)
+    elif args.lora_alpha is not None or args.lora_targets != DEFAULT_LORA_TARGETS:
+        raise ValueError("--lora-alpha and --lora-targets shape the adapters: give them with --lora-rank")
+    rows = [{"prompt": r["prompt"], "answer": r["answer"], **({"image": r["path"]} if "image" in r else {})}
+            for r in read_jsonl(args.data, {"image": None, "prompt": None, "answer": None}, optional=("image",))]
+    model = jaxvlm.load(args.checkpoint, scan_layers=False if lora is not None else None)
+    learning_rate = args.learning_rate if args.learning_rate is not None else (1e-2 if lora else 1e-3)
+    tc = TrainConfig(steps=args.steps, learning_rate=learning_rate, warmup_steps=min(args.warmup_steps, args.steps),
+                     final_learning_rate=learning_rate / 100, weight_decay=0.01, checkpoint_every=args.checkpoint_every)
+    workdir = args.workdir or os.path.join("runs", os.path.basename(out))
+    tuned = finetune(model, rows, tc, batch_size=args.batch_size, seed=args.seed, workdir=workdir, lora=lora)
+    if lora is not None and not args.keep_adapters:
+        tuned = tuned.merge_lora()
+    tuned.save(out)
+    print(f"wrote {out}")
+
+
+DEFAULT_LORA_TARGETS = "attn/q,attn/v"
+
+
 def _train_shapes(args) -> None:
     from jaxvlm.shapes.train import main
     main(["--out", args.out, "--workdir", args.workdir])
@@ -78,6 +110,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
     p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("train", help="fine-tune a model on a JSONL file of {\"image\", \"prompt\", \"answer\"} rows, "
+                                     "every param or LoRA adapters")
+    p.add_argument("--checkpoint", default=None, help="the model to start from: a jaxvlm or Hugging Face folder "
+                                                      "(default: the built-in shapes model)")
+    p.add_argument("--data", required=True, help="a JSONL file, a row a line: {\"image\": path relative to the "
+                                                 "file (for vision-language models), \"prompt\", \"answer\"}")
+    p.add_argument("--out", required=True, help="the folder the fine-tuned model is written to (must not exist)")
+    p.add_argument("--workdir", default=None, help="checkpoints, resumed from when run again (default: "
+                                                   "runs/<name of --out>)")
+    p.add_argument("--steps", type=int, default=100, help="training steps (batches)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="the peak learning rate (default: 1e-2 with LoRA, 1e-3 without)")
+    p.add_argument("--warmup-steps", type=int, default=10, help="steps of linear warm-up before cosine decay")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (default: ten over the run)")
+    p.add_argument("--seed", type=int, default=0, help="the order of the rows and the adapters' initial values")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train low-rank adapters of this rank instead of every param")
+    p.add_argument("--lora-alpha", type=float, default=None,
+                   help="the adapters' product is scaled by alpha / rank (default: alpha = rank)")
+    p.add_argument("--lora-targets", default=DEFAULT_LORA_TARGETS,
+                   help="comma-separated projections to adapt, module paths or regular expressions "
+                        "(e.g. attn/q,attn/v or decoder/.*/mlp/(gate|up|down))")
+    p.add_argument("--keep-adapters", action="store_true",
+                   help="save the adapters beside their kernels instead of merged into them")
+    p.set_defaults(run=_train)
 
     p = sub.add_parser("train-shapes", help="train the built-in shapes model from scratch (seeded)")
     p.add_argument("--out", required=True, help="where to write the trained model (must not exist)")

@@ -265,6 +265,30 @@ class QuantizationConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters beside chosen projections (see `jaxvlm.lora`): W x + (alpha / rank) B A x."""
+
+    rank: int = 8
+    alpha: float | None = None  # None: alpha = rank, so the adapters' product is added unscaled
+    # Each a module path, or a regular expression over module paths, that a projection's path ends with:
+    # "attn/q" is every attention's query projection, "decoder/.*/mlp/(gate|up)" the decoder's gated MLP.
+    targets: tuple[str, ...] = ("attn/q", "attn/v")
+
+    def __post_init__(self):
+        _require(type(self.rank) is int and self.rank >= 1, "LoraConfig", "rank",
+                 f"must be an integer >= 1, got {self.rank!r}")
+        _require(self.alpha is None or (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha)
+                                        and self.alpha > 0), "LoraConfig", "alpha",
+                 f"must be a positive number or None, got {self.alpha!r}")
+        _require(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "LoraConfig",
+                 "targets", f"must name at least one projection, got {self.targets!r}")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder, optionally fed by an image encoder through a projector (a vision-language model);
     or an image encoder alone."""
@@ -281,6 +305,7 @@ class ModelConfig:
     prompt_format: str = "plain"
     head: HeadConfig | None = None  # a classification head instead of the language-model head
     quantization: QuantizationConfig | None = None  # None: the weights are floats
+    lora: LoraConfig | None = None  # adapters held beside their projections (not merged into them)
 
     def __post_init__(self):
         name = "ModelConfig"

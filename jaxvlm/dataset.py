@@ -44,29 +44,45 @@ def read_items(source: str | os.PathLike, prompt: str | None) -> list[dict[str, 
         return [{"image": os.path.join(source, n), "prompt": prompt} for n in names]
     if not os.path.isfile(source):
         raise ValueError(f"{source}: no such folder or JSONL file")
-    items, root = [], os.path.dirname(os.path.abspath(source))
-    with open(source, encoding="utf-8") as f:
+    return read_jsonl(source, {"image": None, "prompt": prompt})
+
+
+def read_jsonl(path: str | os.PathLike, fields: dict[str, str | None],
+               optional: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """The rows of a JSONL file, one JSON object a line (blank lines skipped), each with the string `fields`
+    (a field's default stands in when a row lacks it; None: required unless `optional` names it). An
+    "image" path is taken relative to the file's folder, as "path" beside it. A ValueError names the file
+    and line of a line that is not a JSON object, lacks a field or gives a non-string."""
+    path = os.fspath(path)
+    rows, root = [], os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{source}, line {number}"
+            where = f"{path}, line {number}"
             try:
-                row = json.loads(line)
+                data = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if not isinstance(row.get("image"), str):
-                raise ValueError(f"{where}: lacks its field 'image' (a path)" if "image" not in row
-                                 else f"{where}: field 'image' must be a path, got {row['image']!r:.40}")
-            text = row.get("prompt", prompt)
-            if not isinstance(text, str):
-                raise ValueError(f"{where}: lacks its field 'prompt' (and no prompt was given for every row)"
-                                 if text is None else f"{where}: field 'prompt' must be a string")
-            items.append({"image": row["image"], "path": os.path.join(root, row["image"]), "prompt": text})
-    if not items:
-        raise ValueError(f"{source}: no rows in this JSONL file")
-    return items
+            if not isinstance(data, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+            row = {}
+            for field, default in fields.items():
+                value = data.get(field, default)
+                if value is None and field in optional:
+                    continue
+                if value is None:
+                    given = " (and no prompt was given for every row)" if field == "prompt" else ""
+                    raise ValueError(f"{where}: lacks its field {field!r}{given}")
+                if not isinstance(value, str):
+                    raise ValueError(f"{where}: field {field!r} must be a string, got {value!r:.40}")
+                row[field] = value
+            if "image" in row:
+                row["path"] = os.path.join(root, row["image"])
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no rows in this JSONL file")
+    return rows
 
 
 def _done(out: str) -> set[tuple[str, str]]:

@@ -30,7 +30,7 @@ import flax.linen as nn
 import numpy as np
 from flax import struct
 
-from jaxvlm import matvec
+from jaxvlm import lora, matvec
 from jaxvlm.quantize import SCALE_SUFFIX, dequantize
 
 Dtype = Any
@@ -90,6 +90,9 @@ class Einsum(nn.Module):
         kernel = self.param("kernel", named(nn.initializers.lecun_normal(), self.axes, contracted_axes(self.spec)),
                             self.shape, self.dtype)
         y = project(self.spec, x, kernel, stored_scale(self, "kernel"), self.dtype, self.out_dtype)
+        if self.has_variable("params", lora.A):  # low-rank adapters beside the kernel (see jaxvlm.lora)
+            a, b = self.get_variable("params", lora.A), self.get_variable("params", lora.B)
+            y = y + lora.apply(self.spec, x, a, b, self.dtype).astype(y.dtype)
         if self.use_bias:
             kernel_letters, out_letters = self.spec.split(",")[1].split("->")
             kept = [i for i, letter in enumerate(kernel_letters) if letter in out_letters]

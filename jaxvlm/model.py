@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import checkpoint, checks, files, matvec, memory
+from jaxvlm import checkpoint, checks, files, lora, matvec, memory
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tokens, pad_rows, prompt_bucket,
                              right_align, stream_tokens)
@@ -389,6 +390,16 @@ class Model:
         if stream:
             return self._stream(prompt, image, False, **generate_kwargs)
         return self._generate_text(prompt, image, False, **generate_kwargs)
+
+    # --- adapters -----------------------------------------------------------------------------------------
+    def merge_lora(self) -> "Model":
+        """This model with its LoRA adapters folded into their kernels (kernel + lora_a lora_b): a plain
+        model of the same config less `lora`, computing what this one computes."""
+        if self.config.lora is None:
+            raise ValueError("this model holds no LoRA adapters")
+        config = dataclasses.replace(self.config, lora=None)
+        params = lora.merge(self.params, checkpoint.contracted_axes(config))
+        return Model(config, params, self.tokenizer, self.dtype, self.shard)
 
     # --- saving -------------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> str:

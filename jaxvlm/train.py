@@ -34,8 +34,9 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from jaxvlm import checks, files
-from jaxvlm.checkpoint import all_finite, compare_trees, param_axes
-from jaxvlm.config import ModelConfig
+from jaxvlm import lora as lora_lib
+from jaxvlm.checkpoint import all_finite, compare_trees, contracted_axes, param_axes
+from jaxvlm.config import LoraConfig, ModelConfig
 from jaxvlm.data import Batch, RowBatches
 from jaxvlm.layout import is_stacked
 from jaxvlm.losses import next_token_loss
@@ -130,8 +131,13 @@ def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> 
     return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
-def _train_step(model, optimizer, schedule, state: TrainState, batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    (loss, tokens), grads = jax.value_and_grad(functools.partial(loss_fn, model), has_aux=True)(state.params, batch)
+def _train_step(model, optimizer, schedule, lora_scale, state: TrainState, batch,
+                frozen) -> tuple[TrainState, dict[str, jax.Array]]:
+    def loss(trained):
+        # With LoRA the trained params are the adapters, attached to the frozen base params for the forward.
+        params = trained if frozen is None else lora_lib.attach(frozen, lora_lib.scaled(trained, lora_scale))
+        return loss_fn(model, params, batch)
+    (loss, tokens), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -152,9 +158,17 @@ class Trainer:
     """Trains a model's params on batches; checkpoints to and resumes from `workdir` when one is given."""
 
     def __init__(self, config: ModelConfig, tc: TrainConfig, workdir: str | os.PathLike | None = None,
-                 mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None):
+                 mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, frozen=None):
         """With `mesh`, params and optimizer state are split over it as `jaxvlm.sharding`'s rules say
-        (FSDP over `fsdp`, tensor parallel over `model`) and each batch over `data` and `fsdp`."""
+        (FSDP over `fsdp`, tensor parallel over `model`) and each batch over `data` and `fsdp`.
+
+        A config with `lora` trains LoRA adapters alone (see `jaxvlm.lora`): `fit` takes the adapters, and
+        `frozen` holds the base params they are attached to, which stay as they are (no gradient, no
+        optimizer state, not checkpointed)."""
+        if (config.lora is None) != (frozen is None):
+            raise ValueError("a config with lora trains adapters over frozen base params: give both, or neither")
+        if frozen is not None and mesh is not None:
+            raise ValueError("LoRA training runs on one device for now; load the model without mesh=")
         if config.decoder is None:
             raise ValueError("training needs a decoder; this model is an image encoder alone")
         if config.head is not None:
@@ -167,6 +181,7 @@ class Trainer:
         self.shard = mesh_rules(mesh, rules)
         self.model = VisionLanguageModel(config, COMPUTE_DTYPES[tc.compute_dtype], tc.remat)
         self.optimizer = make_optimizer(tc)
+        self.frozen = frozen
         self._manager = None
         self._unsealed: list[int] = []  # saved steps whose checksums are not written yet
         self._resumed_from: tuple[str, int] | None = None  # (checkpoint, step) that `restore` took
@@ -202,7 +217,8 @@ class Trainer:
     def _compile_step(self, state: TrainState):
         # The layers run as the params hold them: unrolled, or stacked and scanned (see jaxvlm.layout).
         self.model = self.model.clone(scan_layers=is_stacked(state.params))
-        step = functools.partial(_train_step, self.model, self.optimizer, self.tc.schedule())
+        scale = None if self.config.lora is None else self.config.lora.scale
+        step = functools.partial(_train_step, self.model, self.optimizer, self.tc.schedule(), scale)
         if self.shard is None:
             return jax.jit(step, donate_argnums=0)
         shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -375,7 +391,7 @@ class Trainer:
                     batch = self._place_batch(_batch_arrays(upcoming.result(), self.config))
                     if step + 1 < self.tc.steps:
                         upcoming = pool.submit(batches, step + 1)
-                    state, metrics = train_step(state, batch)
+                    state, metrics = train_step(state, batch, self.frozen)
                     metrics = {k: float(v) for k, v in metrics.items()}
                     if metrics["finite"]:
                         bad_in_a_row = 0
@@ -410,18 +426,36 @@ class Trainer:
 
 
 def finetune(model, rows, tc: TrainConfig, batch_size: int = 8, seed: int = 0, workdir=None, progress: bool = True,
-             on_step=None, too_long: str = "skip", mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None):
+             on_step=None, too_long: str = "skip", mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None,
+             lora: LoraConfig | None = None):
     """Fine-tunes a loaded `jaxvlm.Model` on rows {"prompt", "answer", "image"} and returns the tuned Model
-    (float32 params; the original is left as it was). Rows longer than the context are skipped or cut as
-    `too_long` says (see `jaxvlm.data`). It trains on the mesh the model was loaded on, or on `mesh`."""
+    (the original is left as it was). Rows longer than the context are skipped or cut as `too_long` says
+    (see `jaxvlm.data`). It trains on the mesh the model was loaded on, or on `mesh`.
+
+    Every param is trained (float32 master weights), or with `lora` (a `LoraConfig`) only low-rank
+    adapters beside the projections it names: the returned model holds them beside their kernels
+    (`Model.merge_lora` folds them in; `Model.save` keeps them apart, `Model.export_hf` merges them)."""
     if not isinstance(tc, TrainConfig):
         raise ValueError(f"tc must be a TrainConfig, got {type(tc).__name__}")
-    if mesh is None and model.shard is not None:
+    if lora is not None and not isinstance(lora, LoraConfig):
+        raise ValueError(f"lora must be a LoraConfig, got {type(lora).__name__}")
+    if mesh is None and model.shard is not None and lora is None:
         mesh, rules = model.shard.mesh, dict(model.shard.rules) if rules is None else rules
     batches = RowBatches(model.config, model.tokenizer, rows, batch_size, seed, too_long=too_long)
-    trainer = Trainer(model.config, tc, workdir, mesh, rules)
-    state = trainer.fit(model.params, batches, progress, on_step)
-    return Model(model.config, state.params, model.tokenizer, jnp.float32, trainer.shard)
+    if lora is None:
+        trainer = Trainer(model.config, tc, workdir, mesh, rules)
+        state = trainer.fit(model.params, batches, progress, on_step)
+        return Model(model.config, state.params, model.tokenizer, jnp.float32, trainer.shard)
+    if model.config.lora is not None:
+        raise ValueError("this model holds LoRA adapters already; merge them first (model.merge_lora())")
+    if is_stacked(model.params):
+        raise ValueError("LoRA adapters need unrolled layers: load the model with scan_layers=False")
+    adapters = lora_lib.init(model.params, lora, contracted_axes(model.config), jax.random.key(seed))
+    config = dataclasses.replace(model.config, lora=lora)
+    trainer = Trainer(config, tc, workdir, mesh, rules, frozen=model.params)
+    state = trainer.fit(adapters, batches, progress, on_step)
+    return Model(config, lora_lib.attach(model.params, lora_lib.scaled(state.params, lora.scale)), model.tokenizer,
+                 model.dtype, None)
 
 
 def _digest(*chunks: bytes) -> str:

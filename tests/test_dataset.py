@@ -79,7 +79,7 @@ def test_a_jsonl_file_gives_each_row_its_image_and_prompt(model, tmp_path):
     ('{"image": "a.png", "prompt": "p"}\nnot json\n', r"rows.jsonl, line 2: not JSON \(Expecting value\)"),
     ('["a.png"]\n', "rows.jsonl, line 1: expected a JSON object, got list"),
     ('{"prompt": "count shapes"}\n', "rows.jsonl, line 1: lacks its field 'image'"),
-    ('{"image": 3}\n', "rows.jsonl, line 1: field 'image' must be a path, got 3"),
+    ('{"image": 3}\n', "rows.jsonl, line 1: field 'image' must be a string, got 3"),
     ('{"image": "a.png"}\n', r"rows.jsonl, line 1: lacks its field 'prompt' \(and no prompt was given"),
     ("\n", "rows.jsonl: no rows in this JSONL file"),
 ])

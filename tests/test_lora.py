@@ -1,0 +1,144 @@
+"""LoRA: adapters shaped by the kernels' named axes, their product equal to a merged kernel, only they are
+trained (and held by the optimizer), kept beside their kernels or merged; and on the built-in model they
+learn a new prompt kind as a full fine-tune does, with under 5% of the parameters trained."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxvlm
+from jaxvlm import checkpoint, lora, shapes
+from jaxvlm.config import LoraConfig
+from jaxvlm.layers import project
+from jaxvlm.model import Model
+from jaxvlm.train import TrainConfig, Trainer, finetune
+from tests import tiny_training as tiny
+
+TARGETS = ("attn/q", "attn/v", "decoder/.*/mlp/(gate|up|down)")
+
+
+@pytest.mark.parametrize("spec, shape, contracted, a_shape, b_shape", [
+    ("BTD,DNH->BTNH", (12, 3, 4), (-3,), (12, 2), (2, 3, 4)),  # a query projection: input D
+    ("BTNH,NHD->BTD", (3, 4, 12), (-3, -2), (3, 4, 2), (2, 12)),  # an attention output: inputs N, H
+    ("BTD,DF->BTF", (12, 20), (-2,), (12, 2), (2, 20)),
+])
+def test_adapters_follow_the_named_axes_and_add_their_product(spec, shape, contracted, a_shape, b_shape):
+    assert lora.adapter_shapes(shape, contracted, 2, "k") == (a_shape, b_shape)
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (2, 5) + tuple(shape[i] for i in sorted(c % len(shape) for c in contracted)))
+    kernel = jax.random.normal(keys[1], shape)
+    a, b = jax.random.normal(keys[2], a_shape), jax.random.normal(keys[3], b_shape)
+    merged = kernel + lora.delta(a, b, contracted)
+    np.testing.assert_allclose(project(spec, x, kernel, None, jnp.float32) + lora.apply(spec, x, a, b, jnp.float32),
+                               project(spec, x, merged, None, jnp.float32), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_lora_settings_are_named():
+    params, contracted = tiny.init_params(), checkpoint.contracted_axes(tiny.TINY)
+    with pytest.raises(ValueError, match="LoraConfig.rank: must be an integer >= 1, got 0"):
+        LoraConfig(rank=0)
+    with pytest.raises(ValueError, match=r"LoRA rank 40 is larger than decoder/layer_0/attn/q/kernel allows "
+                                         r"\(inputs \[32\], outputs \[2, 16\]: at most 32\)"):
+        lora.init(params, LoraConfig(rank=40), contracted, jax.random.key(0))
+    with pytest.raises(ValueError, match="LoRA target 'attn/qq' names no projection of this model"):
+        lora.init(params, LoraConfig(targets=("attn/qq",)), contracted, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def task():
+    """The new prompt of notebooks/04_finetune: 'is there a <shape>?', half yes, half no; with old prompts."""
+    def rows(seed, count):
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in range(count):
+            scene = shapes.random_scene(rng)
+            present = {s.kind for s in scene.shapes}
+            pool = sorted(set(shapes.SHAPES) - present) if i % 2 == 0 and len(present) < 3 else sorted(present)
+            kind = pool[rng.integers(len(pool))]
+            out.append({"image": shapes.draw(scene), "prompt": f"is there a {kind}?",
+                        "answer": "yes" if kind in present else "no"})
+        return out
+    return rows(1, 384) + shapes.examples(2, 384), rows(3, 48)
+
+
+def accuracy(model, rows):
+    answers = model.generate([r["prompt"] for r in rows], image=[r["image"] for r in rows], max_new_tokens=8)
+    return np.mean([a == r["answer"] for a, r in zip(answers, rows)])
+
+
+def test_lora_learns_a_new_prompt_as_the_full_fine_tune_does(task, tmp_path):
+    train_rows, held_out = task
+    model = jaxvlm.load()
+    assert accuracy(model, held_out) == 0
+    full = finetune(model, train_rows, TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10,
+                                                   final_learning_rate=1e-5, weight_decay=0.01),
+                    batch_size=16, progress=False)
+    config = LoraConfig(rank=8, alpha=16, targets=TARGETS)
+    trainers = []
+    original = Trainer.__init__
+
+    def keep(self, *args, **kwargs):  # the trainer, to read its optimizer state
+        original(self, *args, **kwargs)
+        trainers.append(self)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "__init__", keep)
+        tuned = finetune(model, train_rows, TrainConfig(steps=150, learning_rate=1e-2, warmup_steps=10,
+                                                        final_learning_rate=1e-5, weight_decay=0.01),
+                         batch_size=16, progress=False, lora=config)
+    base, adapters = lora.split(tuned.params)
+    trained = lora.count(adapters) / lora.count(model.params)
+    assert trained <= 0.05, trained
+    # the base model is untouched, and the optimizer holds moments of the adapters alone
+    assert jax.tree.all(jax.tree.map(np.array_equal, base, model.params))
+    moments = trainers[0].optimizer.init(adapters)
+    assert lora.count(moments) <= 2 * lora.count(adapters) + 8
+    full_accuracy, lora_accuracy = accuracy(full, held_out), accuracy(tuned, held_out)
+    assert full_accuracy >= 0.9 and lora_accuracy >= 0.9 and lora_accuracy >= full_accuracy - 0.05, \
+        (full_accuracy, lora_accuracy)
+
+    # kept beside their kernels through a save and load, or merged: the same model
+    ids = tuned.encode(["is there a circle?", "count shapes"], image=[r["image"] for r in held_out[:2]])
+    folder = tuned.save(tmp_path / "adapters")
+    assert json.load(open(os.path.join(folder, "config.json")))["lora"]["rank"] == 8
+    np.testing.assert_array_equal(jaxvlm.load(folder).logits(*ids), tuned.logits(*ids))
+    merged = tuned.merge_lora()
+    assert merged.config.lora is None and not lora.split(merged.params)[1]
+    np.testing.assert_allclose(merged.logits(*ids), tuned.logits(*ids), atol=1e-4)
+    assert accuracy(merged, held_out) == lora_accuracy
+
+
+def test_the_train_command_fine_tunes_with_lora_and_resumes(tmp_path):
+    rng = np.random.default_rng(1)
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(16):
+            scene = shapes.random_scene(rng)
+            shapes.draw(scene).save(tmp_path / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "prompt": "count shapes",
+                                "answer": str(len(scene.shapes))}) + "\n")
+    command = [sys.executable, "-m", "jaxvlm.cli", "train", "--data", str(tmp_path / "train.jsonl"), "--lora-rank",
+               "4", "--steps", "4", "--batch-size", "4", "--workdir", str(tmp_path / "work")]
+    result = subprocess.run(command + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    tuned = jaxvlm.load(tmp_path / "out")
+    assert tuned.config.lora is None  # merged by default
+    assert sorted(os.listdir(tmp_path / "work" / "checkpoints")) == ["3", "4"]
+    again = subprocess.run(command + ["--out", str(tmp_path / "out2"), "--keep-adapters"], capture_output=True,
+                           text=True)
+    assert again.returncode == 0, again.stderr
+    assert "the run is complete: step 4 of 4" in again.stderr
+    assert jaxvlm.load(tmp_path / "out2").config.lora.rank == 4
+    for flags, message in [(["--lora-rank", "0"], "error: LoraConfig.rank: must be an integer >= 1, got 0"),
+                           (["--lora-rank", "999"], "error: LoRA rank 999 is larger than"),
+                           (["--out", str(tmp_path / "out")], "already exists")]:
+        bad = subprocess.run(command[:-8] + ["--steps", "1", "--out", str(tmp_path / "x")] + flags,
+                             capture_output=True, text=True)
+        assert bad.returncode == 1 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert not (tmp_path / "x").exists()
