@@ -1,4 +1,5 @@
-"""The `jaxvlm` command: convert, generate (one prompt, streamed, or a dataset of images), train-shapes."""
+"""The `jaxvlm` command: convert, export-hf, generate (one prompt, streamed, or a dataset of images), train,
+train-shapes."""
 
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def _train(args) -> None:
 DEFAULT_LORA_TARGETS = "attn/q,attn/v"
 
 
+def _export_hf(args) -> None:
+    import jaxvlm
+    out = jaxvlm.load(args.checkpoint).export_hf(args.out_dir)
+    print(f"wrote {out}")
+
+
 def _train_shapes(args) -> None:
     from jaxvlm.shapes.train import main
     main(["--out", args.out, "--workdir", args.workdir])
@@ -84,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder")
     convert_cli.add_arguments(p)
     p.set_defaults(run=convert_cli.run)
+
+    p = sub.add_parser("export-hf", help="write a model as a Hugging Face checkpoint folder (transformers loads it)")
+    p.add_argument("checkpoint", help="a jaxvlm checkpoint folder (LoRA adapters are merged)")
+    p.add_argument("out_dir", help="the Hugging Face folder to create")
+    p.set_defaults(run=_export_hf)
 
     p = sub.add_parser("generate", help="generate text from a prompt (and an image), or for a dataset of images")
     p.add_argument("--checkpoint", default=None,

@@ -402,6 +402,14 @@ class Model:
         return Model(config, params, self.tokenizer, self.dtype, self.shard)
 
     # --- saving -------------------------------------------------------------------------------------------
+    def export_hf(self, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
+        """Writes a Hugging Face checkpoint folder that transformers' `from_pretrained` loads, computing what
+        this model computes: config.json, safetensors (sharded past `max_shard_bytes`, default 5 GiB, with
+        their index), the tokenizer and processor files. LoRA adapters are merged into their kernels. All
+        or nothing, like `convert`; an existing `directory` is refused. Returns its absolute path."""
+        from convert.export import MAX_SHARD_BYTES, export
+        return export(self, directory, MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes)
+
     def save(self, directory: str | os.PathLike) -> str:
         """Writes a folder `jaxvlm.load` reads: config, params (as held: float or int8, unrolled or stacked)
         and the tokenizer and processor files the model was loaded with. All or nothing, like `convert`;
