@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any, Iterator, Sequence
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxvlm import checks
 from jaxvlm.images import ImageError, load_image

@@ -491,7 +491,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     A folder written by `jaxvlm convert --quantize int8` holds them already and loads as it is (with
     `quantize` None too); a float folder is quantized after loading.
     """
-    path = BUILTIN_MODEL if path is None else os.fspath(path)
+    path = BUILTIN_MODEL if path is None else os.path.expanduser(os.fspath(path))
     if dtype is not None and str(dtype) not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZE_MODES:

@@ -31,7 +31,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import struct
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from jaxvlm import checks, files
 from jaxvlm import lora as lora_lib
