@@ -6,6 +6,10 @@ query kernel [D, N, H] of 'BTD,DNH->BTNH' (input D), `lora_a` is [D, r] and `lor
 attention output [N, H, D] (inputs N, H), [N, H, r] and [r, D]. A module holding them adds their product
 (`layers.Einsum`); `merge` folds it into the kernel, after which the model is plain again.
 
+Built here rather than on qwix: qwix 0.1.8's LoRA intercepts linen einsums by setting an attribute on the
+calling module, which flax 0.12.8 refuses for compact modules (SetAttributeFrozenModuleError on
+`Einsum`), and it knows nothing of the axes' names that sharding, int8 scales and the converter share.
+
 `lora_a` starts random and `lora_b` at zero, so training starts from the base model exactly. The
 trainer holds the raw pair; the model is given `lora_a` times `alpha / rank` (`scaled`), which is also what
 a saved model stores, so that a loaded model needs no scale.

@@ -279,7 +279,8 @@ class Model:
         self._check_length(longest, "the prompt")
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
         slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
-        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch_bucket(len(rows)), slots, self.dtype,
+        batch = batch_bucket(len(rows), 1 if self.shard is None else self.shard.batch_multiple)
+        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch, slots, self.dtype,
                                                     is_stacked(self.params)))
         cache_bytes = memory.tree_bytes(cache)
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "

@@ -11,13 +11,18 @@ from jaxvlm.shapes import scenes
 EVAL_SEED = 1234  # never used in training (which draws from seed 0)
 
 
-def questions(seed: int = EVAL_SEED, count: int = 200) -> list[dict]:
-    """`count` fresh scenes, each asked one prompt of every kind (colour and place of a random shape in it)."""
+def questions(seed: int = EVAL_SEED, count: int = 200, wider: bool = False) -> list[dict]:
+    """`count` fresh scenes, each asked one prompt of every kind (colour and place of a random shape in it):
+    grid scenes at 128 pixels, or with `wider` free scenes (`scenes.free_scene`) drawn at 64 to 512 pixels."""
     rng = np.random.default_rng(seed)
     rows = []
     for _ in range(count):
-        scene = scenes.random_scene(rng)
-        image = scenes.draw(scene)
+        if wider:
+            scene = scenes.free_scene(rng)
+            image = scenes.draw(scene, int(rng.integers(64, 513)))
+        else:
+            scene = scenes.random_scene(rng)
+            image = scenes.draw(scene)
         for kind in scenes.PROMPT_KINDS:
             prompt = scenes.ask(scene, kind, rng)
             rows.append({"image": image, "prompt": prompt, "answer": scenes.answer(scene, prompt), "kind": kind})
@@ -44,8 +49,11 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
     args = parser.parse_args(argv)
     model = jaxvlm.load(args.checkpoint)
-    for kind, accuracy in exact_match(model, questions(args.seed, args.scenes)).items():
-        print(f"{kind:8s} {accuracy:.1%}")
+    grid = exact_match(model, questions(args.seed, args.scenes))
+    wider = exact_match(model, questions(args.seed, args.scenes, wider=True))
+    print(f"{'prompt':8s} {'grid scenes':>12s} {'wider scenes':>13s}")
+    for kind in grid:
+        print(f"{kind:8s} {grid[kind]:12.1%} {wider[kind]:13.1%}")
 
 
 if __name__ == "__main__":
