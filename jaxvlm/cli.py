@@ -4,6 +4,8 @@ train-shapes."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 
@@ -31,7 +33,6 @@ def _generate(args) -> None:
 
 
 def _train(args) -> None:
-    import os
     import jaxvlm
     from jaxvlm.config import LoraConfig
     from jaxvlm.dataset import read_jsonl
@@ -158,7 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_interrupt(signum, frame) -> None:
+    """Ctrl-C ends the command at once with one line. (Python's own KeyboardInterrupt can land inside a
+    garbage-collection callback of jax, where it is printed with a traceback and then lost.) A write in
+    progress installs its own handler first, which cleans up before it reports (`jaxvlm.files.writing`);
+    an unfinished training checkpoint is passed over at resume."""
+    sys.stdout.flush()
+    os.write(2, b"error: interrupted\n")
+    os._exit(130)
+
+
 def main(argv=None) -> None:
+    signal.signal(signal.SIGINT, _exit_on_interrupt)
     args = build_parser().parse_args(argv)
     run(args.run, args)
 

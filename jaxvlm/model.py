@@ -72,11 +72,13 @@ class Model:
         self.config, self.params, self.tokenizer, self.dtype, self.shard = config, params, tokenizer, dtype, shard
 
     def _pad_batch(self, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
-        """Rows repeated at the end up to the batch's bucket (`generate.batch_bucket`): a multiple of the
-        devices the batch is split over, and few sizes, so that a new batch size rarely compiles."""
+        """Rows repeated at the end up to a multiple of the devices the batch is split over. (Generation
+        pads to the batch's bucket, `generate.batch_bucket`; a forward keeps its rows, so that a row's
+        logits are computed as in a batch of the same size.)"""
+        if self.shard is None:
+            return arrays
         B = len(next(a for a in arrays if a is not None))
-        size = batch_bucket(B, 1 if self.shard is None else self.shard.batch_multiple)
-        return tuple(pad_rows(a, size) for a in arrays)
+        return tuple(pad_rows(a, -(-B // self.shard.batch_multiple) * self.shard.batch_multiple) for a in arrays)
 
     def __repr__(self):
         parts = []

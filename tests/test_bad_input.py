@@ -460,7 +460,7 @@ def test_stray_entries_in_a_workdir_are_passed_over(tok, tmp_path, caplog):
 
 
 def test_workdir_with_no_usable_checkpoint_is_named(tok, tmp_path):
-    train(tok, 2, tmp_path)
+    train(tok, 2, tmp_path, checkpoint_every=2)  # step 2 is the only checkpoint
     os.remove(tmp_path / "checkpoints" / "2" / "_CHECKPOINT_METADATA")
     shutil.rmtree(tmp_path / "checkpoints" / "2" / "default")
     with pytest.raises(ValueError, match=r"checkpoints: no checkpoint there can be restored \(steps 2; see the "

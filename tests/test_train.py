@@ -187,15 +187,16 @@ def stop_at(stop_step):
 def test_a_workdir_run_saves_along_the_way_and_says_where_it_resumes(tok, tmp_path, capsys):
     """Without checkpoint_every, ten checkpoints over the run; a resumed run names its step and checkpoint."""
     with pytest.raises(Stop):
-        Trainer(tiny.TINY, tiny.train_config(20), tmp_path).fit(
+        Trainer(tiny.TINY, tiny.train_config(20, checkpoint_every=None), tmp_path).fit(
             tiny.init_params(), tiny.batches(tiny.tokenizer(tok)), progress=False, on_step=stop_at(7))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]  # every 2 steps, the last two kept
     capsys.readouterr()
-    trainer = Trainer(tiny.TINY, tiny.train_config(20), tmp_path)
+    trainer = Trainer(tiny.TINY, tiny.train_config(20, checkpoint_every=None), tmp_path)
     state = trainer.fit(tiny.init_params(), tiny.batches(tiny.tokenizer(tok)), progress=True)
     assert f"resuming: step 6 of 20, from {tmp_path / 'checkpoints' / '6'}" in capsys.readouterr().err
     assert int(state.step) == 20 and [m["step"] for m in trainer.history] == list(range(1, 21))
-    Trainer(tiny.TINY, tiny.train_config(20), tmp_path).fit(tiny.init_params(), tiny.batches(tiny.tokenizer(tok)))
+    Trainer(tiny.TINY, tiny.train_config(20, checkpoint_every=None), tmp_path).fit(tiny.init_params(),
+                                                                               tiny.batches(tiny.tokenizer(tok)))
     assert "the run is complete: step 20 of 20" in capsys.readouterr().err
 
 

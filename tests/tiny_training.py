@@ -45,8 +45,10 @@ def batches(tok: Tokenizer, batch_size: int = 4, config=TINY):
 
 
 def train_config(steps: int, **kwargs) -> TrainConfig:
-    return TrainConfig(**dict(dict(steps=steps, learning_rate=3e-3, warmup_steps=2, compute_dtype="float32"),
-                              **kwargs))
+    """Saved at the last step only (with a workdir) unless `checkpoint_every` says otherwise: the tests of
+    periodic saves ask for them."""
+    return TrainConfig(**dict(dict(steps=steps, learning_rate=3e-3, warmup_steps=2, compute_dtype="float32",
+                                   checkpoint_every=steps), **kwargs))
 
 
 if __name__ == "__main__":
