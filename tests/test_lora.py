@@ -18,7 +18,6 @@ import jaxvlm
 from jaxvlm import checkpoint, lora, shapes
 from jaxvlm.config import LoraConfig
 from jaxvlm.layers import project
-from jaxvlm.model import Model
 from jaxvlm.train import TrainConfig, Trainer, finetune
 from tests import tiny_training as tiny
 

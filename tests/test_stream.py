@@ -7,8 +7,7 @@ import pytest
 
 import jaxvlm
 from jaxvlm import generate as gen
-from jaxvlm.model import STREAM_CHUNK, _text_pieces
-from jaxvlm.sampling import make_sampler
+from jaxvlm.model import _text_pieces
 
 IMAGE = "examples/shapes.png"
 
