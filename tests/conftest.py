@@ -4,10 +4,22 @@ tokenizer builders. Session-scoped where building is slow and the result is only
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+# One XLA compilation cache for the whole run: this process, the mesh suite, notebooks and every command a
+# test starts read it from the environment. Tests build the same tiny models again and again, and each new
+# jit of the same program compiles it anew (a tiny training step: 4 s each time); with the cache a program
+# is compiled once a run. Fresh each run: nothing carries over from one run to the next.
+OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if OWN_COMPILATION_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xla-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the default keeps only programs over 1 s
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jaxvlm
 from tests import hf_models
@@ -118,7 +130,6 @@ MESH_SUITE = "tests/test_sharding.py::test_on_8_simulated_devices"
 
 def start_mesh_suite() -> tuple[subprocess.Popen, str]:
     """The child pytest over tests/mesh, and the file its output goes to."""
-    import tempfile
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
     process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mesh"],
@@ -137,7 +148,9 @@ MESH_SUITE_KEY = pytest.StashKey[tuple]()
 
 
 def pytest_sessionfinish(session):
-    """A run stopped early leaves no child suite behind."""
+    """A run stopped early leaves no child suite behind; the run's compilation cache goes."""
     started = session.config.stash.get(MESH_SUITE_KEY, None)
     if started is not None and started[0].poll() is None:
         started[0].kill()
+    if OWN_COMPILATION_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
