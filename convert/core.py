@@ -102,7 +102,7 @@ class HFCheckpoint:
         before_reading()
         self.hf_dir, self.dtype, self.group_size = hf_dir, dtype, group_size
         config, self.text_family, self.layout = model_config(hf_dir)
-        self.rules = tables.expand(config, self.text_family)
+        self.rules = tables.expand(config, self.text_family.table if self.text_family else None)
         self.contracted = {}
         if quantize is not None:
             self.contracted = checkpoint.contracted_axes(config)
@@ -189,7 +189,7 @@ def _match_names(hf_dir, reader, rules, config, text_family, layout) -> dict[str
         raise CheckpointError(f"{hf_dir}: missing tensor {_first_of(missing)}")
     unexpected = [file_name for n, file_name in names.items() if n not in rules]
     if unexpected:
-        model_type = text_family if layout == "text" else layout
+        model_type = text_family.model_type if layout == "text" else layout
         raise CheckpointError(f"{hf_dir}: unexpected tensor {_first_of(unexpected)} for this {model_type!r} "
                               "config.json")
     return names

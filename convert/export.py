@@ -6,9 +6,10 @@ The tensors come from the converter's own tables run backwards. Every table tran
 several params (Phi-3's fused qkv) is the sum of its pieces' transposes, each zero outside its rows. So no
 inverse is written by hand, and a table that converts is a table that exports.
 
-The Hugging Face family is read off the config's behaviours (`text_family`): Gemma's (1 + w) norms and
-embedding scale, Gemma 2's post-norms, Qwen3's q/k norms, otherwise Phi-3's; a vision-language model's
-prompt format names PaliGemma or LLaVA. A behaviour a family cannot express is refused, naming it.
+The Hugging Face family is the record (`convert.families`) whose fixed behaviours the config has: the
+decoder's norms, embedding scale, post-norms and q/k norms name its text family; a vision-language
+model's wiring (projector, prefix attention, positions, prompt format) names PaliGemma or LLaVA. A
+behaviour the family cannot express is refused, naming it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import jax
 import numpy as np
 
 from convert import tables
+from convert.families import (ConfigError, TextFamily, text_family_of, vision_family_of,
+                              vision_language_family_of)
 from jaxvlm import checkpoint, files, layout
 from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, VisionConfig
 from jaxvlm.images import PROCESSOR_FILES
 from jaxvlm.tokenizer import TOKENIZER_FILES
 
 MAX_SHARD_BYTES = 5 * 2 ** 30  # past this, the weights are split into shards with an index
-ARCHITECTURES = {"gemma": "Gemma", "gemma2": "Gemma2", "phi3": "Phi3", "qwen3": "Qwen3"}
 HEAD_SUFFIXES = {"sequence_classification": "ForSequenceClassification",
                  "token_classification": "ForTokenClassification"}
 ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "gelu": "gelu", "quick_gelu": "quick_gelu"}
@@ -38,20 +40,6 @@ FILE_NAMES = {"vlm": (("model.", "language_model.model."), ("lm_head.", "languag
 
 class ExportError(ValueError):
     pass
-
-
-def text_family(d: DecoderConfig) -> str:
-    """The Hugging Face text family whose behaviours this decoder has."""
-    if d.use_post_norms:
-        return "gemma2"
-    if d.use_qk_norm:
-        return "qwen3"
-    if d.norm_scale_offset == 1.0 and d.embed_scale:
-        return "gemma"
-    if d.norm_scale_offset == 0.0 and not d.embed_scale:
-        return "phi3"
-    raise ExportError("no Hugging Face family has this decoder's norms and embedding scale "
-                      f"(norm_scale_offset={d.norm_scale_offset}, embed_scale={d.embed_scale})")
 
 
 def _refuse(ok: bool, family: str, what: str) -> None:
@@ -72,99 +60,90 @@ def _rope(d: DecoderConfig) -> dict:
     return params
 
 
-def decoder_config(config: ModelConfig, family: str) -> dict:
-    d, tokens = config.decoder, config.tokens
+# DecoderConfig fields only some families' config.json can set
+OPTIONAL_NUMBERS = {"query_pre_attn_scalar": "a query_pre_attn_scalar", "attn_logit_softcap": "soft-capped logits",
+                    "final_logit_softcap": "soft-capped logits"}
+
+
+def decoder_config(config: ModelConfig, family: TextFamily) -> dict:
+    d, tokens, name = config.decoder, config.tokens, family.model_type
     eos = list(tokens.eos_ids)
-    out = dict(model_type=family, vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim,
+    out = dict(model_type=name, vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim,
                num_hidden_layers=d.depth, num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads,
                head_dim=d.head_dim, rms_norm_eps=d.norm_eps, max_position_embeddings=d.max_position_embeddings,
                tie_word_embeddings=d.tie_embeddings, rope_parameters=_rope(d), bos_token_id=tokens.bos_id,
                eos_token_id=eos[0] if len(eos) == 1 else (eos or None), pad_token_id=tokens.pad_id)
-    out["hidden_activation" if family.startswith("gemma") else "hidden_act"] = ACTIVATIONS[d.mlp_activation]
-    _refuse(d.qkv_bias == d.out_bias, family, "biases on q, k, v but not on the output, or the reverse")
-    _refuse(family == "gemma2" or (d.attn_logit_softcap is None and d.final_logit_softcap is None), family,
-            "soft-capped logits")
-    _refuse(family == "gemma2" or d.query_pre_attn_scalar is None, family, "a query_pre_attn_scalar")
-    local = [t == "local" for t in (d.layer_types or ("global",) * d.depth)] if d.sliding_window else [False] * d.depth
-    layer_types = ["sliding_attention" if x else "full_attention" for x in local]
-    if family == "gemma":
-        _refuse(d.sliding_window is None, family, "sliding-window attention")
+    out[family.activation_field] = ACTIVATIONS[d.mlp_activation]
+    _refuse(d.qkv_bias == d.out_bias, name, "biases on q, k, v but not on the output, or the reverse")
+    _refuse(family.attention_bias or not d.qkv_bias, name, "attention biases")
+    if family.attention_bias:
         out["attention_bias"] = d.qkv_bias
-    elif family == "gemma2":
-        scalar = d.query_pre_attn_scalar or d.head_dim
-        out.update(attention_bias=d.qkv_bias, query_pre_attn_scalar=int(scalar) if scalar == int(scalar) else scalar,
-                   attn_logit_softcapping=d.attn_logit_softcap, final_logit_softcapping=d.final_logit_softcap,
-                   sliding_window=d.sliding_window or d.max_position_embeddings, layer_types=layer_types)
-    elif family == "phi3":
-        _refuse(not d.qkv_bias, family, "attention biases")
-        _refuse(all(local) or not any(local), family, "sliding windows on some layers only")
-        out["sliding_window"] = d.sliding_window if any(local) else None
-        if d.rope.is_longrope:
-            out["original_max_position_embeddings"] = d.rope.original_max_position
-    else:  # qwen3: the window applies from max_window_layers on
-        first = local.index(True) if any(local) else d.depth
-        _refuse(all(local[first:]), family, "sliding windows on layers that are not the last ones")
-        out.update(attention_bias=d.qkv_bias, use_sliding_window=any(local), sliding_window=d.sliding_window,
-                   max_window_layers=first, layer_types=layer_types)
+    for field, what in OPTIONAL_NUMBERS.items():
+        _refuse(getattr(d, field) is None or field in family.numbers.values(), name, what)
+    for hf_name, field in family.numbers.items():
+        value = getattr(d, field)
+        if field == "query_pre_attn_scalar":  # an integer in transformers' configs; None means the head dim
+            value = value or d.head_dim
+            value = int(value) if value == int(value) else value
+        out[hf_name] = value
+    local = [d.window(i) is not None for i in range(d.depth)]
+    try:
+        out.update(family.window_fields(d, local))
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+    if d.rope.is_longrope:  # Phi-3 reads the pre-training length from the top level first
+        out["original_max_position_embeddings"] = d.rope.original_max_position
     return out
 
 
 def vision_config(v: VisionConfig) -> dict:
-    clip = v.class_token
-    out = dict(model_type="clip_vision_model" if clip else "siglip_vision_model", hidden_size=v.width,
-               intermediate_size=v.mlp_dim, num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
-               image_size=v.image_size, patch_size=v.patch_size, hidden_act=ACTIVATIONS[v.activation],
-               layer_norm_eps=v.norm_eps, num_channels=3)
-    if clip:
-        _refuse(v.pre_norm and v.post_norm_class_only and not v.patch_bias, "CLIP", "this encoder's norms and biases")
-        if v.projection_dim is not None:
-            out["projection_dim"] = v.projection_dim
-    else:
-        _refuse(not v.pre_norm and not v.post_norm_class_only and v.patch_bias, "SigLIP",
-                "this encoder's norms and biases")
+    family = _family(vision_family_of, v)
+    out = dict(model_type=family.model_type, hidden_size=v.width, intermediate_size=v.mlp_dim,
+               num_hidden_layers=v.depth, num_attention_heads=v.num_heads, image_size=v.image_size,
+               patch_size=v.patch_size, hidden_act=ACTIVATIONS[v.activation], layer_norm_eps=v.norm_eps, num_channels=3)
+    if v.projection_dim is not None:
+        out["projection_dim"] = v.projection_dim
+    if family.processor == "siglip":
         out["vision_use_head"] = v.attention_pool
     return out
 
 
-def hf_config(config: ModelConfig) -> tuple[dict, str | None, str]:
+def _family(find, config):
+    """The family record `find` gives for `config`, its refusal an ExportError."""
+    try:
+        return find(config)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+
+
+def hf_config(config: ModelConfig) -> tuple[dict, TextFamily | None, str]:
     """(config.json's content, the decoder's family, the tensor-name layout) for a jaxvlm config."""
     if config.decoder is None:  # an image encoder alone
         data = vision_config(config.vision)
-        name = ("CLIPVisionModelWithProjection" if config.vision.projection_dim is not None else "CLIPVisionModel") \
-            if config.vision.class_token else "SiglipVisionModel"
-        return {"architectures": [name], **data}, None, "vision"
-    family = text_family(config.decoder)
+        return {"architectures": [vision_family_of(config.vision).architecture(config.vision)], **data}, None, "vision"
+    family = _family(text_family_of, config.decoder)
     text = decoder_config(config, family)
     if not config.is_vlm:
         suffix = "ForCausalLM" if config.head is None else HEAD_SUFFIXES[config.head.kind]
-        data = {"architectures": [ARCHITECTURES[family] + suffix], **text}
+        data = {"architectures": [family.architecture + suffix], **text}
         if config.head is not None:
             labels = config.head.labels
             data.update(id2label={str(i): label for i, label in enumerate(labels)},
                         label2id={label: i for i, label in enumerate(labels)})
         return data, family, "text"
-    shared = dict(image_token_index=config.image_token_id, text_config=text, vision_config=vision_config(config.vision),
-                  tie_word_embeddings=config.decoder.tie_embeddings, vocab_size=config.decoder.vocab_size,
-                  bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"],
-                  pad_token_id=text["pad_token_id"])
-    if config.prompt_format == "paligemma":
-        _refuse(config.prefix_lm and config.position_offset == 1 and config.projector == "linear"
-                and family in ("gemma", "gemma2"), "PaliGemma", "this composition of encoder, projector and decoder")
-        return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
-                "hidden_size": config.decoder.width, "projection_dim": config.decoder.width, **shared}, family, "vlm"
-    _refuse(config.prompt_format == "llava" and config.projector == "mlp" and not config.prefix_lm
-            and config.position_offset == 0, "LLaVA", "this composition of encoder, projector and decoder")
-    v = config.vision
-    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-            "vision_feature_layer": v.feature_layer if v.feature_layer is not None else -1,
-            "vision_feature_select_strategy": "full" if v.keep_class_token else "default",
-            "projector_hidden_act": "gelu", "multimodal_projector_bias": config.projector_bias,
-            "image_seq_length": v.num_features, **shared}, family, "vlm"
+    vlm = _family(vision_language_family_of, config)
+    _refuse(vlm.text_types is None or family.model_type in vlm.text_types, vlm.model_type,
+            f"a {family.model_type} decoder")
+    return {"architectures": [vlm.architecture], "model_type": vlm.model_type,
+            "image_token_index": config.image_token_id, "text_config": text,
+            "vision_config": vision_config(config.vision), "tie_word_embeddings": config.decoder.tie_embeddings,
+            "vocab_size": config.decoder.vocab_size, "bos_token_id": text["bos_token_id"],
+            "eos_token_id": text["eos_token_id"], "pad_token_id": text["pad_token_id"], **vlm.write(config)}, family, "vlm"
 
 
-def preprocessor_config(p: ImageProcessing, clip_style: bool) -> dict:
-    """`preprocessor_config.json` for the image processing the config records."""
-    return {"image_processor_type": "CLIPImageProcessor" if clip_style else "SiglipImageProcessor",
+def preprocessor_config(p: ImageProcessing, processor: str) -> dict:
+    """`preprocessor_config.json` for the image processing the config records (a "clip" or "siglip" processor)."""
+    return {"image_processor_type": "CLIPImageProcessor" if processor == "clip" else "SiglipImageProcessor",
             "do_resize": p.size is not None or p.shortest_edge is not None,
             "size": {"shortest_edge": p.shortest_edge} if p.shortest_edge is not None
             else {"height": p.size[0], "width": p.size[1]} if p.size is not None else None,
@@ -182,10 +161,10 @@ def _file_name(canonical: str, layout_kind: str) -> str:
     return canonical
 
 
-def hf_tensors(config: ModelConfig, params, family: str | None, layout_kind: str):
+def hf_tensors(config: ModelConfig, params, family: TextFamily | None, layout_kind: str):
     """(file name, numpy tensor) for every tensor of the Hugging Face checkpoint, in the tables' order."""
     flat = {checkpoint.param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for name, rule in tables.expand(config, family).items():
+    for name, rule in tables.expand(config, family.table if family else None).items():
         pieces = [(path, transform) for path, transform in rule.targets]
         dtype = flat[pieces[0][0]].dtype
         source = jax.ShapeDtypeStruct(rule.shape, dtype)
@@ -223,7 +202,8 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         if config.image_processing is not None and not any(os.path.basename(p) in PROCESSOR_FILES for p in copies):
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-                json.dump(preprocessor_config(config.image_processing, config.vision.class_token), f, indent=2)
+                json.dump(preprocessor_config(config.image_processing, vision_family_of(config.vision).processor), f,
+                          indent=2)
     return out_dir
 
 

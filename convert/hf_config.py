@@ -1,6 +1,7 @@
 """Hugging Face `config.json` (and tokenizer / generation configs) -> jaxvlm `ModelConfig`.
 
-This is the only place Hugging Face names meet jaxvlm's: each family is a set of behavioural flags.
+Hugging Face names meet jaxvlm's here, through each family's record (`convert.families`): its defaults,
+the behaviours it fixes, the fields it reads; what is read the same way for every family is read here.
 Both the transformers 5 layout (`rope_parameters`) and the older one (`rope_theta`, `rope_scaling`) are read.
 Every field is read with its type checked (`convert.fields`), and every file from inside the folder.
 """
@@ -9,36 +10,17 @@ from __future__ import annotations
 
 import os
 
+from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, VISION_LANGUAGE_FAMILIES, TextFamily,
+                              VisionFamily)
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
 from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig,
                            longrope_attention_factor)
 
-TEXT_FAMILIES = ("gemma", "gemma2", "phi3", "qwen3")
-VLM_FAMILIES = ("paligemma", "llava")
-VISION_FAMILIES = ("siglip_vision_model", "clip_vision_model")
-SUPPORTED = TEXT_FAMILIES + VLM_FAMILIES + VISION_FAMILIES
+SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_tanh": "gelu_tanh",
                 "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "gelu": "gelu", "quick_gelu": "quick_gelu"}
-
-# transformers' class defaults, for the fields configs may leave out (the text and vision parts of real
-# PaliGemma configs list only what differs from them).
-FAMILY_DEFAULTS = {
-    "gemma": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10_000.0),
-    "gemma2": dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10_000.0,
-                   query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-                   sliding_window=4096),
-    "phi3": dict(hidden_act="silu", rms_norm_eps=1e-5),
-    "qwen3": dict(hidden_act="silu", rms_norm_eps=1e-6),
-    "siglip_vision_model": dict(image_size=224, patch_size=16, hidden_size=768, intermediate_size=3072,
-                                num_hidden_layers=12, num_attention_heads=12, hidden_act="gelu_pytorch_tanh",
-                                layer_norm_eps=1e-6),
-    "clip_vision_model": dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
-                              num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5),
-}
-
 
 
 def read_json(hf_dir: str, name: str) -> Fields | None:
@@ -80,11 +62,8 @@ def _rope(cfg: Fields) -> RopeConfig:
                       attention_factor=float(attention_factor))
 
 
-LAYER_TYPE_NAMES = {"sliding_attention": "local", "full_attention": "global"}
-
-
-def _layer_types(cfg: Fields, depth: int, sliding: int | None) -> tuple[str, ...]:
-    """Per-layer "local" (sliding window) or "global", with each family's default when the file has none."""
+def _layer_types(cfg: Fields, family: TextFamily, depth: int, sliding: int | None) -> tuple[str, ...]:
+    """Per-layer "local" (sliding window) or "global": config.json's `layer_types`, else the family's pattern."""
     if sliding is None:
         return ()
     if cfg.has("layer_types"):
@@ -93,35 +72,24 @@ def _layer_types(cfg: Fields, depth: int, sliding: int | None) -> tuple[str, ...
         if unknown:
             cfg.fail("layer_types", f"a list of {' or '.join(LAYER_TYPE_NAMES)}", unknown[0])
         return tuple(LAYER_TYPE_NAMES[t] for t in names)
-    t = cfg.raw("model_type")
-    if t == "gemma2":  # alternating, the first layer local
-        return tuple("local" if i % 2 == 0 else "global" for i in range(depth))
-    if t == "qwen3":  # the window applies from max_window_layers on
-        start = cfg.integer("max_window_layers", 28)
-        return tuple("local" if i >= start else "global" for i in range(depth))
-    return ("local",) * depth  # Phi-3: every layer
+    return family.pattern(cfg, depth)
 
 
 def decoder_config(cfg: Fields | dict) -> DecoderConfig:
     cfg = _fields(cfg)
-    t = cfg.raw("model_type")
-    cfg = cfg.with_defaults(FAMILY_DEFAULTS.get(t, {}))
+    family = TEXT_FAMILIES[cfg.raw("model_type")]
+    cfg = cfg.with_defaults(family.defaults)
     width, heads = cfg.integer("hidden_size"), cfg.integer("num_attention_heads")
     if heads <= 0:
         cfg.fail("num_attention_heads", "a positive integer", heads)
     head_dim = cfg.integer("head_dim", None) or width // heads
     depth = cfg.integer("num_hidden_layers")
     act = cfg.text("hidden_activation", None) or cfg.text("hidden_act", "silu")
-    if t == "gemma" and act == "gelu":  # Gemma's legacy "gelu" means the tanh approximation (as transformers)
-        act = "gelu_pytorch_tanh"
+    act = family.legacy_activations.get(act, act)
     if act not in _ACTIVATIONS:
         raise ConfigError(f"{cfg.path}: unsupported activation {act!r}")
-    gemma = t in ("gemma", "gemma2")
-    sliding = cfg.integer("sliding_window", None) if t != "gemma" else None
-    if t == "qwen3" and not cfg.flag("use_sliding_window", False):
-        sliding = None
+    sliding = family.window(cfg)
     bias = cfg.flag("attention_bias", False)
-    gemma2 = t == "gemma2"
     return DecoderConfig(
         vocab_size=cfg.integer("vocab_size"),
         width=width,
@@ -132,20 +100,15 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
         mlp_dim=cfg.integer("intermediate_size"),
         mlp_activation=_ACTIVATIONS[act],
         norm_eps=cfg.number("rms_norm_eps", 1e-6),
-        norm_scale_offset=1.0 if gemma else 0.0,
-        embed_scale=gemma,
         qkv_bias=bias,
         out_bias=bias,
-        use_qk_norm=t == "qwen3",
-        use_post_norms=gemma2,
-        query_pre_attn_scalar=cfg.number("query_pre_attn_scalar", None) if gemma2 else None,
-        attn_logit_softcap=cfg.number("attn_logit_softcapping", None) if gemma2 else None,
-        final_logit_softcap=cfg.number("final_logit_softcapping", None) if gemma2 else None,
         sliding_window=sliding,
-        layer_types=_layer_types(cfg, depth, sliding),
+        layer_types=_layer_types(cfg, family, depth, sliding),
         rope=_rope(cfg),
         max_position_embeddings=cfg.integer("max_position_embeddings", 8192),
-        tie_embeddings=cfg.flag("tie_word_embeddings", gemma),
+        tie_embeddings=cfg.flag("tie_word_embeddings", False),
+        **family.behaviours,
+        **{field: cfg.number(name, None) for name, field in family.numbers.items()},
     )
 
 
@@ -158,8 +121,7 @@ def tokens_config(hf_dir: str, cfg: Fields | dict) -> TokensConfig:
     pad = gen.token_id("pad_token_id", cfg.token_id("pad_token_id"))
     if pad is None:
         pad = eos[0] if eos else 0
-    # Gemma and Llama-style tokenizers (Phi-3) start prompts with BOS; Qwen's do not.
-    add_bos = tok.flag("add_bos_token", cfg.raw("model_type") in ("gemma", "gemma2", "phi3")) and bos is not None
+    add_bos = tok.flag("add_bos_token", TEXT_FAMILIES[cfg.raw("model_type")].add_bos) and bos is not None
     return TokensConfig(bos_id=bos, eos_ids=eos, pad_id=pad, add_bos=add_bos)
 
 
@@ -169,19 +131,19 @@ def vision_config(cfg: Fields | dict, **composition) -> VisionConfig:
     t = cfg.text("model_type", "siglip_vision_model")
     if t not in VISION_FAMILIES:
         raise ConfigError(f"{cfg.path}: unsupported vision model_type {t!r} (supported: {', '.join(VISION_FAMILIES)})")
-    cfg = cfg.with_defaults(FAMILY_DEFAULTS[t])
+    family = VISION_FAMILIES[t]
+    cfg = cfg.with_defaults(family.defaults)
     act = cfg.text("hidden_act")
     if act not in _ACTIVATIONS:
         raise ConfigError(f"{cfg.path}: unsupported vision activation {act!r}")
-    clip = t == "clip_vision_model"
     return VisionConfig(
         image_size=cfg.integer("image_size"), patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
         depth=cfg.integer("num_hidden_layers"), num_heads=cfg.integer("num_attention_heads"),
         mlp_dim=cfg.integer("intermediate_size"), activation=_ACTIVATIONS[act], norm_eps=cfg.number("layer_norm_eps"),
-        patch_bias=not clip, class_token=clip, pre_norm=clip, post_norm_class_only=clip, **composition)
+        **family.behaviours, **composition)
 
 
-def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> ImageProcessing:
+def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily) -> ImageProcessing:
     """From `preprocessor_config.json` (or the `image_processor` entry of `processor_config.json`, where
     transformers 5 writes it), else the processor's defaults at the encoder's image size."""
     p = read_json(hf_dir, "preprocessor_config.json")
@@ -189,7 +151,7 @@ def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> Ima
         processor = read_json(hf_dir, "processor_config.json")
         p = processor.sub("image_processor") if processor is not None else Fields({}, "preprocessor_config.json")
     size = vision.image_size
-    if clip_style:  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
+    if family.processor == "clip":  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
         defaults = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
                         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
     else:  # SiglipImageProcessor: a square, no crop, mean = std = 0.5
@@ -215,7 +177,7 @@ def image_processing(hf_dir: str, vision: VisionConfig, clip_style: bool) -> Ima
     resize = p.flag("do_resize", True)
     size_field = p.raw("size")
     shortest = p.sub("size").integer("shortest_edge", None) if isinstance(size_field, dict) else None
-    if isinstance(size_field, int) and clip_style:  # older CLIP configs: an int is the shortest edge
+    if isinstance(size_field, int) and family.processor == "clip":  # older CLIP configs: an int is the shortest edge
         shortest = p.integer("size")
     normalize = p.flag("do_normalize", True)
     return ImageProcessing(
@@ -242,40 +204,20 @@ def _text_part(cfg: Fields, default_type: str) -> Fields:
     return text
 
 
-def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, str]:
-    t = cfg.raw("model_type")
-    if t == "paligemma":
-        text = _text_part(cfg, "gemma")
-        vision = vision_config(cfg.sub("vision_config"))
-        image_token = cfg.token_id("image_token_index", cfg.token_id("image_token_id", 256000))
-        extra = dict(projector="linear", prefix_lm=True, position_offset=1, prompt_format="paligemma",
-                     image_token_id=image_token)
-    else:  # llava
-        text = _text_part(cfg, "llama")
-        strategy = cfg.text("vision_feature_select_strategy", "default")
-        layer = cfg.raw("vision_feature_layer", -2)
-        if isinstance(layer, list):
-            raise ConfigError(f"{cfg.path}: vision_feature_layer {layer!r}: only a single layer is supported")
-        layer = cfg.integer("vision_feature_layer", -2)
-        if strategy not in ("default", "full"):
-            raise ConfigError(f"{cfg.path}: unsupported vision_feature_select_strategy {strategy!r}")
-        act = cfg.text("projector_hidden_act", "gelu")
-        if act != "gelu":
-            raise ConfigError(f"{cfg.path}: unsupported projector_hidden_act {act!r} (supported: gelu)")
-        vision_fields = cfg.sub("vision_config") if cfg.has("vision_config") else \
-            Fields({"model_type": "clip_vision_model"}, cfg.path, "vision_config.")
-        vision = vision_config(vision_fields, feature_layer=layer, keep_class_token=strategy == "full")
-        seq = cfg.integer("image_seq_length", None)
-        if seq is not None and seq != vision.num_features:
-            raise ConfigError(f"{cfg.path}: image_seq_length {seq} but the vision tower gives "
-                              f"{vision.num_features} features per image")
-        extra = dict(projector="mlp", projector_bias=cfg.flag("multimodal_projector_bias", True),
-                     prompt_format="llava", image_token_id=cfg.token_id("image_token_index", 32000))
-    decoder = decoder_config(text)
-    processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
-    config = ModelConfig(decoder=decoder, tokens=tokens_config(hf_dir, text), vision=vision,
-                         image_processing=processing, **extra)
-    return config, text.raw("model_type")
+def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, TextFamily]:
+    family = VISION_LANGUAGE_FAMILIES[cfg.raw("model_type")]
+    text = _text_part(cfg, family.default_text_type)
+    vision_fields = cfg.sub("vision_config", {"model_type": family.default_vision_type})
+    vision, extra = family.read(cfg, lambda **composition: vision_config(vision_fields, **composition))
+    processing = image_processing(hf_dir, vision, VISION_FAMILIES[vision_fields.raw("model_type")])
+    config = ModelConfig(decoder=decoder_config(text), tokens=tokens_config(hf_dir, text), vision=vision,
+                         image_processing=processing, image_token_id=_image_token(cfg, family.default_image_token),
+                         **family.wiring, **extra)
+    return config, TEXT_FAMILIES[text.raw("model_type")]
+
+
+def _image_token(cfg: Fields, default: int) -> int:
+    return cfg.token_id("image_token_index", cfg.token_id("image_token_id", default))
 
 
 HEAD_ARCHITECTURES = {"ForSequenceClassification": "sequence_classification",
@@ -296,22 +238,21 @@ def head_config(cfg: Fields) -> HeadConfig | None:
     return HeadConfig(kind=kinds[0], labels=labels, bias=bias)
 
 
-def model_config(hf_dir: str) -> tuple[ModelConfig, str | None, str]:
+def model_config(hf_dir: str) -> tuple[ModelConfig, TextFamily | None, str]:
     """(jaxvlm config, the decoder's family, the tensor-name layout) for the checkpoint folder `hf_dir`."""
     cfg = load_hf_config(hf_dir)
     t = cfg.raw("model_type")
     try:
         if t in TEXT_FAMILIES:
             return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg),
-                               head=head_config(cfg)), t, "text"
-        if t in VLM_FAMILIES:
+                               head=head_config(cfg)), TEXT_FAMILIES[t], "text"
+        if t in VISION_LANGUAGE_FAMILIES:
             return (*_vlm_config(hf_dir, cfg), "vlm")
+        family = VISION_FAMILIES[t]
         projection = cfg.integer("projection_dim", None) \
             if "CLIPVisionModelWithProjection" in cfg.texts("architectures") else None
-        vision = vision_config(cfg, attention_pool=t == "siglip_vision_model" and cfg.flag("vision_use_head", True),
-                               projection_dim=projection)
-        processing = image_processing(hf_dir, vision, clip_style=vision.class_token)
-        return ModelConfig(vision=vision, image_processing=processing), None, "vision"
+        vision = vision_config(cfg, attention_pool=family.attention_pool(cfg), projection_dim=projection)
+        return ModelConfig(vision=vision, image_processing=image_processing(hf_dir, vision, family)), None, "vision"
     except (ConfigError, files.FileError):  # already name their file and field
         raise
     except ValueError as e:  # a value the jaxvlm config refuses (e.g. heads that do not divide)

@@ -5,7 +5,8 @@ for it (torch layout), and where its pieces go in the jaxvlm tree with a pure re
 reshape, split): no arithmetic is folded into weights, so stored values stay bit-identical.
 
 A table covers one part of a model and reads one part of the config: the decoder tables take a
-`DecoderConfig`, the vision table a `VisionConfig`, the projector tables the whole `ModelConfig`.
+`DecoderConfig` (each family's record in `convert.families` lists its pieces), the vision table a
+`VisionConfig`, the projector tables the whole `ModelConfig`.
 Names are canonical: `canonical_name` first maps each layout found in the wild onto them.
 """
 
@@ -154,13 +155,6 @@ SANDWICH_NORMS = [
     norm(LAYER + "post_feedforward_layernorm.weight", OUT + "post_mlp_norm"),
 ]
 
-TABLES: dict[str, list[Rule]] = {
-    "gemma": EMBEDDING + SEPARATE_QKV + ATTN_OUT + SEPARATE_MLP + MLP_DOWN + PRE_NORMS,
-    "gemma2": EMBEDDING + SEPARATE_QKV + ATTN_OUT + SEPARATE_MLP + MLP_DOWN + SANDWICH_NORMS,
-    "phi3": EMBEDDING + FUSED_QKV + ATTN_OUT + FUSED_MLP + MLP_DOWN + PRE_NORMS,
-    "qwen3": EMBEDDING + SEPARATE_QKV + ATTN_OUT + QK_NORM + SEPARATE_MLP + MLP_DOWN + PRE_NORMS,
-}
-
 # --- the ViT (SigLIP, CLIP): rules over a VisionConfig -------------------------------------------------
 VIT = "vision_tower."
 VLAYER = VIT + "encoder.layers.{i}."
@@ -298,12 +292,12 @@ def _bind(rules: list[Rule], config: Config) -> dict[str, BoundRule]:
     return bound
 
 
-def expand(config: ModelConfig, text_family: str | None) -> dict[str, BoundRule]:
-    """Every source tensor (canonical name) a model predicts: its decoder (`text_family`'s table), its
-    image encoder and its projector."""
+def expand(config: ModelConfig, decoder_table: tuple[Rule, ...] | None) -> dict[str, BoundRule]:
+    """Every source tensor (canonical name) a model predicts: its decoder (`decoder_table`, its family's),
+    its image encoder and its projector."""
     rules = {}
     if config.decoder is not None:
-        rules |= _bind(TABLES[text_family], config.decoder)
+        rules |= _bind(list(decoder_table), config.decoder)
     if config.vision is not None:
         rules |= _bind(VISION + (ATTENTION_POOL if config.vision.attention_pool else []), config.vision)
     if config.is_vlm:

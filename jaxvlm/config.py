@@ -18,7 +18,10 @@ LAYER_TYPES = ("global", "local")  # local = sliding-window attention
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu")
 PROJECTORS = ("linear", "mlp")  # PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear
-PROMPT_FORMATS = ("plain", "paligemma", "llava")
+# How a prompt places its image's tokens (jaxvlm.prompts): none; before BOS and the text (PaliGemma's);
+# where the text's image marker stands (LLaVA's)
+PROMPT_FORMATS = ("plain", "images_first", "image_marker")
+RENAMED_PROMPT_FORMATS = {"paligemma": "images_first", "llava": "image_marker"}  # as folders written before say
 HEAD_KINDS = ("sequence_classification", "token_classification")
 QUANTIZE_MODES = ("int8",)
 
@@ -86,7 +89,7 @@ class DecoderConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     sliding_window: int | None = None  # W: a query sees the W most recent keys, itself included
-    layer_types: tuple[str, ...] = ()  # per layer, "global" or "local"; empty means all global
+    layer_types: tuple[str, ...] = ()  # per layer, "global" or "local"; empty: all local when sliding_window is set
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
     max_position_embeddings: int = 8192
     tie_embeddings: bool = False
@@ -338,6 +341,8 @@ class ModelConfig:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError(f"expected a JSON object at the top level, got {type(data).__name__}")
+        if data.get("prompt_format") in RENAMED_PROMPT_FORMATS:
+            data["prompt_format"] = RENAMED_PROMPT_FORMATS[data["prompt_format"]]
         return _from_dict(cls, data, "")
 
     def save(self, directory: str | os.PathLike) -> None:

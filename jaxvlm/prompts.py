@@ -1,7 +1,7 @@
 """Plain-text prompts to token ids with image placeholders, as the Hugging Face processors build them.
 
-- paligemma: P image tokens, BOS, the prompt, a newline (`PaliGemmaProcessor`); the whole is the prefix.
-- llava: the prompt with its `<image>` expanded to P image tokens, after BOS (`LlavaProcessor`); a prompt
+- images_first: P image tokens, BOS, the prompt, a newline (`PaliGemmaProcessor`); the whole is the prefix.
+- image_marker: the prompt with its `<image>` expanded to P image tokens, after BOS (`LlavaProcessor`); a prompt
   without `<image>` gets one at its start, on a line of its own. As the processor does, the expanded
   text is tokenized as a whole when the tokenizer knows the image token's text, so tokenizers that mark
   word starts (Llama's, Phi-3's) see the text after the image as the processor's tokenizer does.
@@ -29,7 +29,7 @@ def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_im
         raise ValueError(f"prompt {prompt[:40]!r} has {images} {IMAGE} placeholders; one image per prompt is supported")
     before, _, after = prompt.rpartition(IMAGE) if images else ("", "", prompt)
     placeholders = [config.image_token_id] * config.vision.num_features
-    if config.prompt_format == "paligemma":
+    if config.prompt_format == "images_first":
         ids = tokenizer.encode(before, add_bos=False) + placeholders + [config.tokens.bos_id] \
             + tokenizer.encode(after + "\n", add_bos=False)
     else:

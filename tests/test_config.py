@@ -47,10 +47,13 @@ def test_vision_language_config_round_trip():
                             pre_norm=True, post_norm_class_only=True, feature_layer=-2),
         image_processing=ImageProcessing(shortest_edge=40, crop_size=(32, 32), mean=(0.1, 0.2, 0.3),
                                          std=(0.4, 0.5, 0.6)),
-        projector="mlp", image_token_id=9, prompt_format="llava")
+        projector="mlp", image_token_id=9, prompt_format="image_marker")
     again = ModelConfig.from_json(config.to_json())
     assert again == config and hash(again) == hash(config)
     assert config.vision.num_tokens == 17 and config.vision.num_features == 16
+    # folders written when prompt formats were named after families still load
+    old = ModelConfig.from_json(config.to_json().replace('"image_marker"', '"llava"'))
+    assert old == config
 
 
 @pytest.mark.parametrize("change, message", [

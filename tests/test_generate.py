@@ -91,7 +91,7 @@ def test_host_only_settings_never_recompile(caplog):
     model.generate_ids(prompt, max_new_tokens=4)
     model.logits(prompt)
     variants = [dict(tokens=TokensConfig(bos_id=2, eos_ids=(5, 6, 7), pad_id=1, add_bos=True)),
-                dict(prompt_format="paligemma"), dict(image_processing=ImageProcessing(size=(32, 32)))]
+                dict(prompt_format="images_first"), dict(image_processing=ImageProcessing(size=(32, 32)))]
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         caplog.clear()
         for change in variants:

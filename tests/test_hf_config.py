@@ -78,7 +78,7 @@ def test_published_paligemma_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(PALIGEMMA_3B))
     config, family, layout = model_config(str(tmp_path))
     d, v = config.decoder, config.vision
-    assert (family, layout) == ("gemma", "vlm")
+    assert (family.model_type, layout) == ("gemma", "vlm")
     assert (d.width, d.depth, d.num_heads, d.num_kv_heads, d.head_dim, d.mlp_dim, d.vocab_size) == \
         (2048, 18, 8, 1, 256, 16384, 257216)
     assert d.mlp_activation == "gelu_tanh" and d.tie_embeddings and d.embed_scale and d.norm_scale_offset == 1
@@ -93,6 +93,20 @@ def test_published_paligemma_config(tmp_path):
     with torch.device("meta"):  # shapes only, nothing allocated
         hf = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(**PALIGEMMA_3B))
     want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
-    got = {n: r.shape for n, r in tables.expand(config, family).items()}
+    got = {n: r.shape for n, r in tables.expand(config, family.table).items()}
     assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
     assert sum(math.prod(s) for s in got.values()) == 2_923_466_480
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "phi3", "qwen3"])
+def test_a_family_is_found_again_by_its_behaviours(name, tmp_path):
+    """Reading picks a family's record by model_type; writing finds the same record by the behaviours read."""
+    from convert.families import TEXT_FAMILIES, text_family_of
+    from convert.hf_config import model_config
+    from tests import hf_models
+    config_class, kwargs = hf_models.CONFIGS[name]
+    getattr(transformers, config_class)(**kwargs, vocab_size=64).to_json_file(tmp_path / "config.json")
+    config, family, layout = model_config(str(tmp_path))
+    assert family is TEXT_FAMILIES[name] and layout == "text"
+    assert text_family_of(config.decoder) is family
+

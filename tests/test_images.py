@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from convert.families import VISION_FAMILIES
 from convert.hf_config import image_processing
 from jaxvlm.config import VisionConfig
 from jaxvlm.images import ImageError, preprocess, preprocess_batch
@@ -46,7 +47,7 @@ def processors(tmp_path):
                                                            mlp_dim=8, class_token=True))]:
         folder = tmp_path / name
         proc.save_pretrained(folder)
-        out[name] = (proc, image_processing(str(folder), vision, clip_style=name == "clip"))
+        out[name] = (proc, image_processing(str(folder), vision, VISION_FAMILIES[f"{name}_vision_model"]))
     return out
 
 

@@ -278,7 +278,7 @@ def test_llava_prompt_equals_llava_processor(tmp_path, gemma_tokenizer):
         vision=VisionConfig(image_size=32, patch_size=8, width=8, depth=2, num_heads=1, mlp_dim=8, class_token=True,
                             feature_layer=-2),
         tokens=TokensConfig(bos_id=2, eos_ids=(1,), add_bos=True), image_token_id=image_id, projector="mlp",
-        prompt_format="llava")
+        prompt_format="image_marker")
     jx_tokenizer = Tokenizer.from_dir(str(tmp_path), config.tokens)
     assert jx_tokenizer.single_token_text(image_id) == "<image>"  # so the text is tokenized as a whole
     image = PIL.Image.new("RGB", (40, 32))

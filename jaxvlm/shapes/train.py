@@ -81,7 +81,7 @@ CONFIG = ModelConfig(
     # them for thousands of steps.
     vision=VisionConfig(image_size=96, patch_size=16, width=128, depth=4, num_heads=4, mlp_dim=512),
     image_processing=ImageProcessing(size=(96, 96)),
-    projector="linear", image_token_id=4, prefix_lm=True, position_offset=1, prompt_format="paligemma",
+    projector="linear", image_token_id=4, prefix_lm=True, position_offset=1, prompt_format="images_first",
 )
 
 

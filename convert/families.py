@@ -1,0 +1,236 @@
+"""Each Hugging Face family as one record: what its config.json may leave to transformers' class defaults,
+how its fields map onto jaxvlm's behaviours, its tensor table, its tokenizer's BOS default and, for a
+vision-language model, how encoder, projector and decoder are wired.
+
+Reading (`convert.hf_config`) and writing (`convert.export`) both go through these records; model code
+sees only the behaviours. A family is found by its `model_type` when reading, and by the behaviours a
+config has when writing (`text_family_of`, `vision_family_of`, `vision_language_family_of`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+from convert import tables
+from convert.fields import ConfigError, Fields
+from jaxvlm.config import DecoderConfig, ModelConfig, VisionConfig
+
+Window = Callable[[Fields], "int | None"]  # the sliding window config.json asks for, if any
+Pattern = Callable[[Fields, int], "tuple[str, ...]"]  # per-layer "local"/"global" when config.json has no layer_types
+WindowFields = Callable[[DecoderConfig, "list[bool]"], dict]  # the inverse: config.json's window fields
+
+LAYER_TYPE_NAMES = {"sliding_attention": "local", "full_attention": "global"}
+
+
+def _refuse(ok: bool, family: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"a {family} checkpoint cannot hold {what}")
+
+
+def _layer_type_names(local: list[bool]) -> list[str]:
+    return ["sliding_attention" if x else "full_attention" for x in local]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFamily:
+    """A decoder family (`model_type` of a causal LM's config.json, or of a VLM's text_config)."""
+
+    model_type: str
+    architecture: str  # transformers' class-name stem: `Gemma2` for Gemma2ForCausalLM
+    table: tuple[tables.Rule, ...]  # its tensors (convert.tables)
+    behaviours: Mapping[str, Any]  # DecoderConfig fields the family fixes; export finds the family by them
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # transformers' class defaults
+    numbers: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config.json number -> DecoderConfig field
+    window: Window = lambda cfg: cfg.integer("sliding_window", None)
+    pattern: Pattern = lambda cfg, depth: ("local",) * depth
+    window_fields: WindowFields = lambda d, local: {}
+    activation_field: str = "hidden_act"
+    attention_bias: bool = True  # whether its config.json can ask for q, k, v and output biases
+    legacy_activations: Mapping[str, str] = dataclasses.field(default_factory=dict)  # as transformers reads them
+    add_bos: bool = True  # whether its tokenizer starts prompts with BOS unless tokenizer_config.json says
+
+
+def _no_window(family: str) -> WindowFields:
+    def fields(d: DecoderConfig, local: list[bool]) -> dict:
+        _refuse(not any(local), family, "sliding-window attention")
+        return {}
+    return fields
+
+
+def _gemma2_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
+    return dict(sliding_window=d.sliding_window or d.max_position_embeddings, layer_types=_layer_type_names(local))
+
+
+def _phi3_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
+    _refuse(all(local) or not any(local), "phi3", "sliding windows on some layers only")
+    return dict(sliding_window=d.sliding_window if any(local) else None)
+
+
+def _qwen3_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
+    """Qwen3's window applies from `max_window_layers` on."""
+    first = local.index(True) if any(local) else d.depth
+    _refuse(all(local[first:]), "qwen3", "sliding windows on layers that are not the last ones")
+    return dict(use_sliding_window=any(local), sliding_window=d.sliding_window, max_window_layers=first,
+                layer_types=_layer_type_names(local))
+
+
+_GEMMA_DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10_000.0,
+                       tie_word_embeddings=True)
+_NORMS = ("norm_scale_offset", "embed_scale", "use_post_norms", "use_qk_norm")
+_GEMMA = dict(zip(_NORMS, (1.0, True, False, False)))  # (1 + w) norms and a sqrt(width) embedding scale
+_LLAMA = dict(zip(_NORMS, (0.0, False, False, False)))
+_t = tables
+_DECODER = _t.EMBEDDING + _t.ATTN_OUT + _t.MLP_DOWN
+
+TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
+    TextFamily("gemma", "Gemma", tuple(_DECODER + _t.SEPARATE_QKV + _t.SEPARATE_MLP + _t.PRE_NORMS),
+               behaviours=_GEMMA, defaults=_GEMMA_DEFAULTS, window=lambda cfg: None, window_fields=_no_window("gemma"),
+               activation_field="hidden_activation",
+               # Gemma's legacy "gelu" means the tanh approximation (as transformers reads it)
+               legacy_activations={"gelu": "gelu_pytorch_tanh"}),
+    TextFamily("gemma2", "Gemma2", tuple(_DECODER + _t.SEPARATE_QKV + _t.SEPARATE_MLP + _t.SANDWICH_NORMS),
+               behaviours=dict(_GEMMA, use_post_norms=True),
+               defaults=dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                             final_logit_softcapping=30.0, sliding_window=4096),
+               numbers=dict(query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcap",
+                            final_logit_softcapping="final_logit_softcap"),
+               pattern=lambda cfg, depth: tuple("local" if i % 2 == 0 else "global" for i in range(depth)),
+               window_fields=_gemma2_window_fields, activation_field="hidden_activation"),
+    TextFamily("phi3", "Phi3", tuple(_DECODER + _t.FUSED_QKV + _t.FUSED_MLP + _t.PRE_NORMS),
+               behaviours=_LLAMA, defaults=dict(hidden_act="silu", rms_norm_eps=1e-5),
+               window_fields=_phi3_window_fields, attention_bias=False),
+    TextFamily("qwen3", "Qwen3", tuple(_DECODER + _t.SEPARATE_QKV + _t.QK_NORM + _t.SEPARATE_MLP + _t.PRE_NORMS),
+               behaviours=dict(_LLAMA, use_qk_norm=True), defaults=dict(hidden_act="silu", rms_norm_eps=1e-6),
+               window=lambda cfg: cfg.integer("sliding_window", None) if cfg.flag("use_sliding_window", False)
+               else None,
+               pattern=lambda cfg, depth: tuple("local" if i >= cfg.integer("max_window_layers", 28) else "global"
+                                                for i in range(depth)),
+               window_fields=_qwen3_window_fields, add_bos=False),
+]}
+
+
+def text_family_of(d: DecoderConfig) -> TextFamily:
+    """The family whose fixed behaviours this decoder has."""
+    for family in TEXT_FAMILIES.values():
+        if all(getattr(d, k) == v for k, v in family.behaviours.items()):
+            return family
+    raise ConfigError("no Hugging Face family has this decoder's norms and embedding scale "
+                      f"({', '.join(f'{k}={getattr(d, k)}' for k in _NORMS)})")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionFamily:
+    """An image encoder family (`model_type` of a standalone encoder's config.json, or of a VLM's vision_config)."""
+
+    model_type: str
+    name: str  # as errors name it
+    behaviours: Mapping[str, Any]  # VisionConfig fields the family fixes
+    defaults: Mapping[str, Any]
+    processor: str  # the image processor it comes with: "siglip" (a square) or "clip" (shortest edge, crop)
+    attention_pool: Callable[[Fields], bool]  # whether a standalone encoder has a pooling head
+    architecture: Callable[[VisionConfig], str]  # a standalone encoder's transformers class
+
+
+_VIT_DEFAULTS = dict(image_size=224, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12)
+VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
+    VisionFamily("siglip_vision_model", "SigLIP",
+                 behaviours=dict(patch_bias=True, class_token=False, pre_norm=False, post_norm_class_only=False),
+                 defaults=dict(_VIT_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+                 processor="siglip", attention_pool=lambda cfg: cfg.flag("vision_use_head", True),
+                 architecture=lambda v: "SiglipVisionModel"),
+    VisionFamily("clip_vision_model", "CLIP",
+                 behaviours=dict(patch_bias=False, class_token=True, pre_norm=True, post_norm_class_only=True),
+                 defaults=dict(_VIT_DEFAULTS, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+                 processor="clip", attention_pool=lambda cfg: False,
+                 architecture=lambda v: "CLIPVisionModelWithProjection" if v.projection_dim is not None
+                 else "CLIPVisionModel"),
+]}
+
+
+def vision_family_of(v: VisionConfig) -> VisionFamily:
+    """The family this encoder's class token says it is; its other fixed behaviours must agree."""
+    family = VISION_FAMILIES["clip_vision_model" if v.class_token else "siglip_vision_model"]
+    _refuse(all(getattr(v, k) == x for k, x in family.behaviours.items()), family.name, "this encoder's norms and biases")
+    return family
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionLanguageFamily:
+    """How a vision-language config.json wires an encoder, a projector and a decoder."""
+
+    model_type: str
+    architecture: str
+    wiring: Mapping[str, Any]  # ModelConfig fields the family fixes; export finds the family by them
+    default_text_type: str  # text_config's model_type when it has none
+    default_vision_type: str  # vision_config's model_type when it has none
+    default_image_token: int
+    # (config.json, vision(**composition) -> the VisionConfig) -> (the VisionConfig, ModelConfig fields it reads)
+    read: Callable[[Fields, Callable[..., VisionConfig]], tuple[VisionConfig, dict]]
+    write: Callable[[ModelConfig], dict]  # its own config.json fields
+    text_types: tuple[str, ...] | None = None  # the decoders it can hold (None: any)
+
+
+def _image_token(cfg: Fields, default: int) -> int:
+    return cfg.token_id("image_token_index", cfg.token_id("image_token_id", default))
+
+
+def _paligemma_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
+    return vision(), {}
+
+
+def _paligemma_write(config: ModelConfig) -> dict:
+    return dict(hidden_size=config.decoder.width, projection_dim=config.decoder.width)
+
+
+def _llava_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
+    strategy = cfg.text("vision_feature_select_strategy", "default")
+    layer = cfg.raw("vision_feature_layer", -2)
+    if isinstance(layer, list):
+        raise ConfigError(f"{cfg.path}: vision_feature_layer {layer!r}: only a single layer is supported")
+    layer = cfg.integer("vision_feature_layer", -2)
+    if strategy not in ("default", "full"):
+        raise ConfigError(f"{cfg.path}: unsupported vision_feature_select_strategy {strategy!r}")
+    act = cfg.text("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"{cfg.path}: unsupported projector_hidden_act {act!r} (supported: gelu)")
+    v = vision(feature_layer=layer, keep_class_token=strategy == "full")
+    seq = cfg.integer("image_seq_length", None)
+    if seq is not None and seq != v.num_features:
+        raise ConfigError(f"{cfg.path}: image_seq_length {seq} but the vision tower gives "
+                          f"{v.num_features} features per image")
+    return v, dict(projector_bias=cfg.flag("multimodal_projector_bias", True))
+
+
+def _llava_write(config: ModelConfig) -> dict:
+    v = config.vision
+    return {"vision_feature_layer": v.feature_layer if v.feature_layer is not None else -1,
+            "vision_feature_select_strategy": "full" if v.keep_class_token else "default",
+            "projector_hidden_act": "gelu", "multimodal_projector_bias": config.projector_bias,
+            "image_seq_length": v.num_features}
+
+
+VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for f in [
+    # PaliGemma: the image tokens and the prompt are one prefix with full attention; positions from 1
+    VisionLanguageFamily("paligemma", "PaliGemmaForConditionalGeneration",
+                         wiring=dict(projector="linear", prefix_lm=True, position_offset=1,
+                                     prompt_format="images_first"),
+                         default_text_type="gemma", default_vision_type="siglip_vision_model",
+                         default_image_token=256000, read=_paligemma_read, write=_paligemma_write,
+                         text_types=("gemma", "gemma2")),
+    VisionLanguageFamily("llava", "LlavaForConditionalGeneration",
+                         wiring=dict(projector="mlp", prefix_lm=False, position_offset=0,
+                                     prompt_format="image_marker"),
+                         default_text_type="llama", default_vision_type="clip_vision_model",
+                         default_image_token=32000, read=_llava_read, write=_llava_write),
+]}
+
+
+def vision_language_family_of(config: ModelConfig) -> VisionLanguageFamily:
+    """The family whose wiring this vision-language config has."""
+    for family in VISION_LANGUAGE_FAMILIES.values():
+        if all(getattr(config, k) == v for k, v in family.wiring.items()):
+            return family
+    raise ConfigError("no Hugging Face vision-language family wires its encoder, projector and decoder as this "
+                      f"model does ({', '.join(f'{k}={getattr(config, k)!r}' for k in VISION_LANGUAGE_FAMILIES['llava'].wiring)})")
