@@ -25,7 +25,7 @@ from convert import tables
 from convert.families import (ConfigError, TextFamily, text_family_of, vision_family_of,
                               vision_language_family_of)
 from jaxvlm import checkpoint, files, layout
-from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, VisionConfig
+from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, RopeConfig, VisionConfig
 from jaxvlm.images import PROCESSOR_FILES
 from jaxvlm.tokenizer import TOKENIZER_FILES
 
@@ -47,11 +47,12 @@ def _refuse(ok: bool, family: str, what: str) -> None:
         raise ExportError(f"a {family} checkpoint cannot hold {what}")
 
 
-def _rope(d: DecoderConfig) -> dict:
-    rope = d.rope
+def _rope(d: DecoderConfig, rope: RopeConfig) -> dict:
     params = {"rope_type": "default", "rope_theta": rope.theta}
     if rope.rotary_fraction != 1.0:
         params["partial_rotary_factor"] = rope.rotary_fraction
+    if rope.linear_factor != 1.0:
+        params.update(rope_type="linear", factor=rope.linear_factor)
     if rope.is_longrope:
         params.update(rope_type="longrope", short_factor=list(rope.short_factor), long_factor=list(rope.long_factor),
                       original_max_position_embeddings=rope.original_max_position,
@@ -71,7 +72,7 @@ def decoder_config(config: ModelConfig, family: TextFamily) -> dict:
     out = dict(model_type=name, vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim,
                num_hidden_layers=d.depth, num_attention_heads=d.num_heads, num_key_value_heads=d.num_kv_heads,
                head_dim=d.head_dim, rms_norm_eps=d.norm_eps, max_position_embeddings=d.max_position_embeddings,
-               tie_word_embeddings=d.tie_embeddings, rope_parameters=_rope(d), bos_token_id=tokens.bos_id,
+               tie_word_embeddings=d.tie_embeddings, rope_parameters=_rope(d, d.rope), bos_token_id=tokens.bos_id,
                eos_token_id=eos[0] if len(eos) == 1 else (eos or None), pad_token_id=tokens.pad_id)
     out[family.activation_field] = ACTIVATIONS[d.mlp_activation]
     _refuse(d.qkv_bias == d.out_bias, name, "biases on q, k, v but not on the output, or the reverse")
@@ -91,6 +92,9 @@ def decoder_config(config: ModelConfig, family: TextFamily) -> dict:
         out.update(family.window_fields(d, local))
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    if d.local_rope is not None:  # one entry per layer type, as transformers 5 writes them
+        _refuse(family.local_rope, name, "a rotary embedding of the local layers' own")
+        out["rope_parameters"] = {"full_attention": _rope(d, d.rope), "sliding_attention": _rope(d, d.local_rope)}
     if d.rope.is_longrope:  # Phi-3 reads the pre-training length from the top level first
         out["original_max_position_embeddings"] = d.rope.original_max_position
     return out

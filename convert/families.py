@@ -49,6 +49,8 @@ class TextFamily:
     attention_bias: bool = True  # whether its config.json can ask for q, k, v and output biases
     legacy_activations: Mapping[str, str] = dataclasses.field(default_factory=dict)  # as transformers reads them
     add_bos: bool = True  # whether its tokenizer starts prompts with BOS unless tokenizer_config.json says
+    local_rope: bool = False  # whether its config.json can give local layers a rotary embedding of their own
+    requires: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.json values read as given
 
 
 def _no_window(family: str) -> WindowFields:
@@ -97,6 +99,20 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                             final_logit_softcapping="final_logit_softcap"),
                pattern=lambda cfg, depth: tuple("local" if i % 2 == 0 else "global" for i in range(depth)),
                window_fields=_gemma2_window_fields, activation_field="hidden_activation"),
+    # Gemma 3: Gemma 2's layer with q/k norms, five local layers to a global one, each kind with its own
+    # rotary embedding (the global one linearly scaled in the larger models), no soft-capping
+    TextFamily("gemma3_text", "Gemma3", tuple(_DECODER + _t.SEPARATE_QKV + _t.QK_NORM + _t.SEPARATE_MLP
+                                              + _t.SANDWICH_NORMS),
+               behaviours=dict(_GEMMA, use_post_norms=True, use_qk_norm=True),
+               defaults=dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0,
+                             rope_local_base_freq=10_000.0),
+               numbers=dict(query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcap",
+                            final_logit_softcapping="final_logit_softcap"),
+               pattern=lambda cfg, depth: tuple("global" if (i + 1) % cfg.integer("sliding_window_pattern", 6) == 0
+                                                else "local" for i in range(depth)),
+               window_fields=_gemma2_window_fields, activation_field="hidden_activation", local_rope=True,
+               # EmbeddingGemma's encoder attends both ways, with another window
+               requires=dict(use_bidirectional_attention=False)),
     TextFamily("phi3", "Phi3", tuple(_DECODER + _t.FUSED_QKV + _t.FUSED_MLP + _t.PRE_NORMS),
                behaviours=_LLAMA, defaults=dict(hidden_act="silu", rms_norm_eps=1e-5),
                window_fields=_phi3_window_fields, attention_bias=False),

@@ -43,15 +43,18 @@ def _fields(cfg: Fields | dict) -> Fields:
     return cfg if isinstance(cfg, Fields) else Fields(cfg, "config.json")
 
 
-def _rope(cfg: Fields) -> RopeConfig:
-    params = cfg.sub("rope_parameters") if cfg.has("rope_parameters") else cfg.sub("rope_scaling")
+def _rope(params: Fields, cfg: Fields, theta: float) -> RopeConfig:
+    """One rotary embedding from its parameters (`params`: rope_parameters, rope_scaling or one layer
+    type's entry), `theta` when they name none."""
     kind = params.text("rope_type", params.text("type", "default"))
-    theta = params.number("rope_theta", cfg.number("rope_theta", 10_000.0))
+    theta = params.number("rope_theta", theta)
     fraction = params.number("partial_rotary_factor", cfg.number("partial_rotary_factor", 1.0))
     if kind == "default":
         return RopeConfig(theta=theta, rotary_fraction=fraction)
+    if kind == "linear":
+        return RopeConfig(theta=theta, rotary_fraction=fraction, linear_factor=params.number("factor"))
     if kind not in ("longrope", "su"):  # "su" is LongRoPE's old name
-        raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} (supported: default, longrope)")
+        raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} (supported: default, linear, longrope)")
     # Phi-3 keeps the pre-training length outside the rope dict, and it takes precedence there.
     original = cfg.integer("original_max_position_embeddings", None) \
         or params.integer("original_max_position_embeddings", None) or cfg.integer("max_position_embeddings")
@@ -60,6 +63,19 @@ def _rope(cfg: Fields) -> RopeConfig:
     return RopeConfig(theta=theta, rotary_fraction=fraction, short_factor=params.numbers("short_factor"),
                       long_factor=params.numbers("long_factor"), original_max_position=original,
                       attention_factor=float(attention_factor))
+
+
+def _ropes(cfg: Fields) -> tuple[RopeConfig, RopeConfig | None]:
+    """(the rotary embedding, the sliding-window layers' own or None). transformers 5 writes one entry per
+    layer type in `rope_parameters` where they differ (Gemma 3); older files give the local layers' base
+    as `rope_local_base_freq`, and `rope_scaling` then applies to the global layers alone."""
+    params = cfg.sub("rope_parameters") if cfg.has("rope_parameters") else cfg.sub("rope_scaling")
+    theta = cfg.number("rope_theta", 10_000.0)
+    if params.has("full_attention") or params.has("sliding_attention"):
+        return (_rope(params.sub("full_attention"), cfg, theta),
+                _rope(params.sub("sliding_attention"), cfg, cfg.number("rope_local_base_freq", theta)))
+    local = cfg.number("rope_local_base_freq", None)
+    return _rope(params, cfg, theta), (None if local is None else _rope(Fields({}, cfg.path), cfg, local))
 
 
 def _layer_types(cfg: Fields, family: TextFamily, depth: int, sliding: int | None) -> tuple[str, ...]:
@@ -88,8 +104,12 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
     act = family.legacy_activations.get(act, act)
     if act not in _ACTIVATIONS:
         raise ConfigError(f"{cfg.path}: unsupported activation {act!r}")
+    for key, want in family.requires.items():
+        if cfg.raw(key, want) != want:
+            cfg.fail(key, f"{want!r} (jaxvlm reads {family.model_type} models with it so)", cfg.raw(key))
     sliding = family.window(cfg)
     bias = cfg.flag("attention_bias", False)
+    rope, local_rope = _ropes(cfg)
     return DecoderConfig(
         vocab_size=cfg.integer("vocab_size"),
         width=width,
@@ -104,7 +124,8 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
         out_bias=bias,
         sliding_window=sliding,
         layer_types=_layer_types(cfg, family, depth, sliding),
-        rope=_rope(cfg),
+        rope=rope,
+        local_rope=local_rope,
         max_position_embeddings=cfg.integer("max_position_embeddings", 8192),
         tie_embeddings=cfg.flag("tie_word_embeddings", False),
         **family.behaviours,

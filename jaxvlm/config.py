@@ -37,11 +37,13 @@ class RopeConfig:
 
     LongRoPE divides each frequency by a per-frequency factor, `short_factor` while the longest position
     of a forward pass is within `original_max_position`, `long_factor` beyond it, and multiplies cos and
-    sin by `attention_factor`.
+    sin by `attention_factor`. `linear_factor` divides every frequency by one factor (positions
+    interpolated, as transformers' "linear" rope type; Gemma 3's global layers).
     """
 
     theta: float = 10_000.0
     rotary_fraction: float = 1.0  # partial rotary: only the first fraction of head_dim is rotated
+    linear_factor: float = 1.0
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
     original_max_position: int | None = None
@@ -51,6 +53,7 @@ class RopeConfig:
         _require(self.theta > 0, "RopeConfig", "theta", f"must be > 0, got {self.theta}")
         _require(0 < self.rotary_fraction <= 1, "RopeConfig", "rotary_fraction",
                  f"must be in (0, 1], got {self.rotary_fraction}")
+        _require(self.linear_factor > 0, "RopeConfig", "linear_factor", f"must be > 0, got {self.linear_factor}")
         longrope = (self.short_factor, self.long_factor, self.original_max_position)
         _require(all(x is None for x in longrope) or all(x is not None for x in longrope), "RopeConfig",
                  "long_factor", "LongRoPE needs short_factor, long_factor and original_max_position together")
@@ -91,6 +94,7 @@ class DecoderConfig:
     sliding_window: int | None = None  # W: a query sees the W most recent keys, itself included
     layer_types: tuple[str, ...] = ()  # per layer, "global" or "local"; empty: all local when sliding_window is set
     rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+    local_rope: RopeConfig | None = None  # the sliding-window layers' own rotary embedding (Gemma 3); None: `rope`
     max_position_embeddings: int = 8192
     tie_embeddings: bool = False
 
@@ -112,12 +116,16 @@ class DecoderConfig:
                  "local layers need a sliding_window")
         _require(self.sliding_window is None or self.sliding_window > 0, name, "sliding_window",
                  f"must be > 0, got {self.sliding_window}")
-        _require(self.rope.rotary_dim(self.head_dim) % 2 == 0, name, "rope",
-                 f"rotary dim {self.rope.rotary_dim(self.head_dim)} must be even")
-        if self.rope.is_longrope:
-            _require(len(self.rope.short_factor) == self.rope.rotary_dim(self.head_dim) // 2, name, "rope",
-                     f"LongRoPE factors need rotary_dim/2 = {self.rope.rotary_dim(self.head_dim) // 2} entries, "
-                     f"got {len(self.rope.short_factor)}")
+        for field in ("rope", "local_rope"):
+            rope = getattr(self, field)
+            if rope is None:
+                continue
+            _require(rope.rotary_dim(self.head_dim) % 2 == 0, name, field,
+                     f"rotary dim {rope.rotary_dim(self.head_dim)} must be even")
+            if rope.is_longrope:
+                _require(len(rope.short_factor) == rope.rotary_dim(self.head_dim) // 2, name, field,
+                         f"LongRoPE factors need rotary_dim/2 = {rope.rotary_dim(self.head_dim) // 2} entries, "
+                         f"got {len(rope.short_factor)}")
 
     @property
     def group_size(self) -> int:  # G

@@ -48,21 +48,23 @@ def _ring_keys(kv_valid, kv_prefix, valid, prefix, end, size: int):
 class Block(nn.Module):
     """Pre-norm attention and gated MLP, with Gemma 2's extra norms on each branch's output.
 
-    `masks` is (global mask, sliding-window mask or None), each bool[B, T, S]; `local` (a bool, traced
-    when the layers are scanned) says which this layer uses. Returns (x, (k, v)): the scan's carry and
-    this layer's keys and values.
+    `masks` is (global mask, sliding-window mask or None), each bool[B, T, S], and `ropes` (global
+    (cos, sin), the local layers' own or None); `local` (a bool, traced when the layers are scanned) says
+    which this layer uses. Returns (x, (k, v)): the scan's carry and this layer's keys and values.
     """
 
     config: DecoderConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, rope, masks, local, cache_kv=None, end=0, ring=False):
+    def __call__(self, x, ropes, masks, local, cache_kv=None, end=0, ring=False):
         c = self.config
         if isinstance(local, bool):  # unrolled layers: a ring buffer's mask has its own shape
             mask = masks[1] if local else masks[0]
+            rope = ropes[1] if local and ropes[1] is not None else ropes[0]
         else:
             mask = masks[0] if masks[1] is None else jnp.where(local, masks[1], masks[0])
+            rope = ropes[0] if ropes[1] is None else jax.tree.map(lambda l, g: jnp.where(local, l, g), *ropes[::-1])
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name=name)
         h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end,
                                                              ring=ring)
@@ -84,7 +86,7 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.config
         self.embedder = Embedder(c.vocab_size, c.width, c.embed_scale, dtype=self.dtype)
-        # Scanned, the arguments after x are: rope, masks (shared), local (per layer), cache_kv (per layer), end.
+        # Scanned, the arguments after x are: ropes, masks (shared), local (per layer), cache_kv (per layer), end.
         self.layers = layer_stack(Block, c.depth, self.scan_layers, self.remat,
                                   (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), config=c, dtype=self.dtype)
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
@@ -110,7 +112,9 @@ class Decoder(nn.Module):
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
         T = x.shape[1]
         # Padding slots get position 0 so they never decide LongRoPE's short/long switch.
-        rope = rope_tables(jnp.where(valid, positions, 0), c.rope, c.head_dim)
+        positions = jnp.where(valid, positions, 0)
+        ropes = (rope_tables(positions, c.rope, c.head_dim),
+                 None if c.local_rope is None else rope_tables(positions, c.local_rope, c.head_dim))
         if cache is None:
             kv_valid, end = valid, jnp.zeros((), jnp.int32)
         else:
@@ -133,13 +137,13 @@ class Decoder(nn.Module):
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)
-            x, (new_k, new_v) = self.layers(x, rope, masks, jnp.asarray(local), cache_kv, end)
+            x, (new_k, new_v) = self.layers(x, ropes, masks, jnp.asarray(local), cache_kv, end)
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 with jax.named_scope(f"layer_{i}"):
                     cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-                    x, (k, v) = layer(x, rope, masks, local[i], cache_kv, end, ring[i])
+                    x, (k, v) = layer(x, ropes, masks, local[i], cache_kv, end, ring[i])
                 new_k.append(k)
                 new_v.append(v)
             new_k, new_v = tuple(new_k), tuple(new_v)

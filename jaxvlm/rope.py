@@ -1,4 +1,5 @@
-"""Rotary position embeddings: the default tables, LongRoPE, and their application (rotate-half layout)."""
+"""Rotary position embeddings: the default tables, linear scaling, LongRoPE, and their application
+(rotate-half layout)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[
         powers = powers * jnp.where(use_long, jnp.asarray(rope.long_factor, jnp.float32),
                                     jnp.asarray(rope.short_factor, jnp.float32))
     inv_freq = 1.0 / powers
+    if rope.linear_factor != 1.0:
+        inv_freq = inv_freq / rope.linear_factor
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor

@@ -21,6 +21,13 @@ CONFIGS = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
         final_logit_softcapping=3.0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(  # q/k norms, two local layers to a global one, a window shorter than
+        # the prompts, the local layers' own RoPE base, the global layers' linear scaling
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     "phi3": ("Phi3Config", dict(  # MHA, fused qkv / gate_up, partial rotary, sliding window on every layer
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
         partial_rotary_factor=0.5, sliding_window=7, tie_word_embeddings=False)),
@@ -34,8 +41,8 @@ CONFIGS = {
         head_dim=32, attention_bias=True, tie_word_embeddings=True)),
 }
 
-CAUSAL_LM = {"GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM", "Phi3Config": "Phi3ForCausalLM",
-             "Qwen3Config": "Qwen3ForCausalLM"}
+CAUSAL_LM = {"GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
+             "Gemma3TextConfig": "Gemma3ForCausalLM", "Phi3Config": "Phi3ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}
 
 
 def build(name: str, seed: int = 0, eos_token_id=None, architecture: str | None = None, **overrides):

@@ -98,7 +98,7 @@ def test_published_paligemma_config(tmp_path):
     assert sum(math.prod(s) for s in got.values()) == 2_923_466_480
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "phi3", "qwen3"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3"])
 def test_a_family_is_found_again_by_its_behaviours(name, tmp_path):
     """Reading picks a family's record by model_type; writing finds the same record by the behaviours read."""
     from convert.families import TEXT_FAMILIES, text_family_of
@@ -110,3 +110,23 @@ def test_a_family_is_found_again_by_its_behaviours(name, tmp_path):
     assert family is TEXT_FAMILIES[name] and layout == "text"
     assert text_family_of(config.decoder) is family
 
+
+def test_gemma3_rope_per_layer_type_in_either_layout():
+    """transformers 5 writes a rope entry per layer type; older Gemma 3 files give rope_theta (global,
+    scaled by rope_scaling), rope_local_base_freq and a sliding_window_pattern."""
+    from jaxvlm.config import RopeConfig
+    new = transformers.Gemma3TextConfig(num_hidden_layers=7, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}).to_dict()
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
+    old.update(rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, sliding_window_pattern=6,
+               rope_scaling={"rope_type": "linear", "factor": 8.0})
+    for d in (new, old):
+        ours = decoder_config(d)
+        assert ours.rope == RopeConfig(theta=1_000_000.0, linear_factor=8.0)
+        assert ours.local_rope == RopeConfig(theta=10_000.0)
+        assert ours.layer_types == ("local",) * 5 + ("global", "local")
+        assert ours.use_qk_norm and ours.use_post_norms and ours.embed_scale and ours.tie_embeddings
+        assert ours.attn_logit_softcap is None and ours.final_logit_softcap is None
+    with pytest.raises(Exception, match="use_bidirectional_attention"):
+        decoder_config(dict(new, use_bidirectional_attention=True))

@@ -13,7 +13,7 @@ from jaxvlm.train import Trainer, loss_curve
 from tests import hf_models
 from tests import tiny_training as tiny
 
-FAMILIES = ["gemma2", "phi3", "qwen3", "paligemma", "llava_phi3"]
+FAMILIES = ["gemma2", "gemma3_text", "phi3", "qwen3", "paligemma", "llava_phi3"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -9,8 +9,8 @@ from jaxvlm.checkpoint import abstract_params
 from jaxvlm.config import ModelConfig
 
 # Parameter counts transformers reports (`num_parameters()`) for the released checkpoints.
-RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "phi-3-mini-4k": 3_821_079_552,
-            "qwen3-0.6b": 596_049_920}
+RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952,
+            "phi-3-mini-4k": 3_821_079_552, "qwen3-0.6b": 596_049_920}
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))

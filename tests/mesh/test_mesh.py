@@ -19,7 +19,7 @@ from tests import hf_models
 
 MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model")),
           "8x1": ((8, 1), ("data", "model")), "fsdp": ((2, 2, 2), ("data", "fsdp", "model"))}
-TEXT_FAMILIES = {"gemma2": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
+TEXT_FAMILIES = {"gemma2": {}, "gemma3_text": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
 VLMS = ["paligemma", "llava_phi3"]
 NEW_TOKENS = 10
 
