@@ -1,6 +1,7 @@
 """LoRA: adapters shaped by the kernels' named axes, their product equal to a merged kernel, only they are
-trained (and held by the optimizer), kept beside their kernels or merged; and on the built-in model they
-learn a new prompt kind as a full fine-tune does, with under 5% of the parameters trained."""
+trained (and held by the optimizer), kept beside their kernels or merged. That they learn a new prompt
+kind on the built-in model as a full fine-tune does, with at most 5% of the parameters trained, is
+asserted by notebooks/04_finetune.ipynb, which runs both (the test suite executes it)."""
 
 from __future__ import annotations
 
@@ -51,35 +52,12 @@ def test_bad_lora_settings_are_named():
         lora.init(params, LoraConfig(targets=("attn/qq",)), contracted, jax.random.key(0))
 
 
-@pytest.fixture(scope="module")
-def task():
-    """The new prompt of notebooks/04_finetune: 'is there a <shape>?', half yes, half no; with old prompts."""
-    def rows(seed, count):
-        rng = np.random.default_rng(seed)
-        out = []
-        for i in range(count):
-            scene = shapes.random_scene(rng)
-            present = {s.kind for s in scene.shapes}
-            pool = sorted(set(shapes.SHAPES) - present) if i % 2 == 0 and len(present) < 3 else sorted(present)
-            kind = pool[rng.integers(len(pool))]
-            out.append({"image": shapes.draw(scene), "prompt": f"is there a {kind}?",
-                        "answer": "yes" if kind in present else "no"})
-        return out
-    return rows(1, 384) + shapes.examples(2, 384), rows(3, 48)
-
-
-def accuracy(model, rows):
-    answers = model.generate([r["prompt"] for r in rows], image=[r["image"] for r in rows], max_new_tokens=8)
-    return np.mean([a == r["answer"] for a, r in zip(answers, rows)])
-
-
-def test_lora_learns_a_new_prompt_as_the_full_fine_tune_does(task, tmp_path):
-    train_rows, held_out = task
+def test_only_the_adapters_train_and_they_save_apart_or_merge(tmp_path):
+    """On the built-in model: under 5% of the parameters trained, the base bit-identical, the optimizer's
+    state the adapters' alone; kept apart through save and load, or merged, the same model. (That LoRA
+    learns a new prompt kind as the full fine-tune does is checked where both run: notebooks/04_finetune.)"""
     model = jaxvlm.load()
-    assert accuracy(model, held_out) == 0
-    full = finetune(model, train_rows, TrainConfig(steps=100, learning_rate=1e-3, warmup_steps=10,
-                                                   final_learning_rate=1e-5, weight_decay=0.01),
-                    batch_size=16, progress=False)
+    rows = shapes.examples(5, 16)
     config = LoraConfig(rank=8, alpha=16, targets=TARGETS)
     trainers = []
     original = Trainer.__init__
@@ -89,29 +67,22 @@ def test_lora_learns_a_new_prompt_as_the_full_fine_tune_does(task, tmp_path):
         trainers.append(self)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "__init__", keep)
-        tuned = finetune(model, train_rows, TrainConfig(steps=150, learning_rate=1e-2, warmup_steps=10,
-                                                        final_learning_rate=1e-5, weight_decay=0.01),
-                         batch_size=16, progress=False, lora=config)
+        tuned = finetune(model, rows, TrainConfig(steps=4, learning_rate=1e-2, warmup_steps=1), batch_size=4,
+                         progress=False, lora=config)
     base, adapters = lora.split(tuned.params)
-    trained = lora.count(adapters) / lora.count(model.params)
-    assert trained <= 0.05, trained
-    # the base model is untouched, and the optimizer holds moments of the adapters alone
+    assert lora.count(adapters) / lora.count(model.params) <= 0.05
     assert jax.tree.all(jax.tree.map(np.array_equal, base, model.params))
     moments = trainers[0].optimizer.init(adapters)
     assert lora.count(moments) <= 2 * lora.count(adapters) + 8
-    full_accuracy, lora_accuracy = accuracy(full, held_out), accuracy(tuned, held_out)
-    assert full_accuracy >= 0.9 and lora_accuracy >= 0.9 and lora_accuracy >= full_accuracy - 0.05, \
-        (full_accuracy, lora_accuracy)
 
-    # kept beside their kernels through a save and load, or merged: the same model
-    ids = tuned.encode(["is there a circle?", "count shapes"], image=[r["image"] for r in held_out[:2]])
+    ids = tuned.encode(["count shapes", "what colour is the circle?"], image=[r["image"] for r in rows[:2]])
+    assert np.abs(tuned.logits(*ids) - model.logits(*ids)).max() > 1e-3  # the adapters did move
     folder = tuned.save(tmp_path / "adapters")
     assert json.load(open(os.path.join(folder, "config.json")))["lora"]["rank"] == 8
     np.testing.assert_array_equal(jaxvlm.load(folder).logits(*ids), tuned.logits(*ids))
     merged = tuned.merge_lora()
     assert merged.config.lora is None and not lora.split(merged.params)[1]
     np.testing.assert_allclose(merged.logits(*ids), tuned.logits(*ids), atol=1e-4)
-    assert accuracy(merged, held_out) == lora_accuracy
 
 
 def test_the_train_command_fine_tunes_with_lora_and_resumes(tmp_path):
