@@ -149,11 +149,13 @@ class HFCheckpoint:
         parts: dict[str, dict[str, list]] = {}  # part -> tensor -> its (path, transform) in the part
         for name, rule in self.rules.items():
             for path, transform in rule.targets:
-                parts.setdefault(checkpoint.part_of(path), {}).setdefault(name, []).append((path, transform))
+                part = checkpoint.part_of(tables.stacked_slice(path)[0])
+                parts.setdefault(part, {}).setdefault(name, []).append((path, transform))
         # Tensors are handed on as the numpy arrays read (converted in place where the dtype allows): a
         # part in memory is one copy of its tensors.
         for part, tensors in parts.items():
-            params: dict = {}
+            values: dict[str, np.ndarray] = {}
+            slices: dict[str, dict[int, np.ndarray]] = {}  # a stacked param's slices, one tensor each
             for name, targets in tensors.items():
                 source = reader.get(names[name])
                 for path, transform in targets:
@@ -162,13 +164,24 @@ class HFCheckpoint:
                     if not np.isfinite(value).all():
                         raise CheckpointError(f"{reader.file(names[name])}: tensor {names[name]!r} holds NaN "
                                               f"or infinite values (as {np.dtype(target).name})")
-                    if path in self.contracted:
-                        q, scale = quantize_host(value, self.contracted[path], self.group_size, path)
-                        _set(params, path, q)
-                        _set(params, path + SCALE_SUFFIX, scale)
+                    base, index = tables.stacked_slice(path)
+                    if index is None:
+                        values[path] = value
                     else:
-                        _set(params, path, value)
+                        slices.setdefault(base, {})[index] = value
                 del source, value
+            for base, pieces in slices.items():
+                values[base] = np.stack([pieces[i] for i in range(len(pieces))])
+            del slices
+            params: dict = {}
+            for path, value in values.items():
+                if path in self.contracted:
+                    q, scale = quantize_host(value, self.contracted[path], self.group_size, path)
+                    _set(params, path, q)
+                    _set(params, path + SCALE_SUFFIX, scale)
+                else:
+                    _set(params, path, value)
+            del values
             yield part, params, len(tensors)
             del params
 

@@ -92,6 +92,9 @@ def decoder_config(config: ModelConfig, family: TextFamily) -> dict:
         out.update(family.window_fields(d, local))
     except ConfigError as e:
         raise ExportError(str(e)) from None
+    _refuse(d.moe is None or family.moe_fields is not None, name, "a mixture of experts")
+    if d.moe is not None:
+        out.update(family.moe_fields(d.moe, d.depth))
     if d.local_rope is not None:  # one entry per layer type, as transformers 5 writes them
         _refuse(family.local_rope, name, "a rotary embedding of the local layers' own")
         out["rope_parameters"] = {"full_attention": _rope(d, d.rope), "sliding_attention": _rope(d, d.local_rope)}
@@ -169,12 +172,13 @@ def hf_tensors(config: ModelConfig, params, family: TextFamily | None, layout_ki
     """(file name, numpy tensor) for every tensor of the Hugging Face checkpoint, in the tables' order."""
     flat = {checkpoint.param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
     for name, rule in tables.expand(config, family.table if family else None).items():
-        pieces = [(path, transform) for path, transform in rule.targets]
+        pieces = [(*tables.stacked_slice(path), transform) for path, transform in rule.targets]
         dtype = flat[pieces[0][0]].dtype
         source = jax.ShapeDtypeStruct(rule.shape, dtype)
         total = None
-        for path, transform in pieces:
-            (part,) = jax.linear_transpose(lambda w, t=transform: t(w), source)(np.asarray(flat[path]))
+        for path, index, transform in pieces:
+            value = np.asarray(flat[path]) if index is None else np.asarray(flat[path][index])
+            (part,) = jax.linear_transpose(lambda w, t=transform: t(w), source)(value)
             total = part if total is None else total + part
         yield _file_name(name, layout_kind), np.asarray(total)
 

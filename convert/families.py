@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 from convert import tables
 from convert.fields import ConfigError, Fields
-from jaxvlm.config import DecoderConfig, ModelConfig, VisionConfig
+from jaxvlm.config import DecoderConfig, ModelConfig, MoeConfig, VisionConfig
 
 Window = Callable[[Fields], "int | None"]  # the sliding window config.json asks for, if any
 Pattern = Callable[[Fields, int], "tuple[str, ...]"]  # per-layer "local"/"global" when config.json has no layer_types
@@ -50,6 +50,9 @@ class TextFamily:
     legacy_activations: Mapping[str, str] = dataclasses.field(default_factory=dict)  # as transformers reads them
     add_bos: bool = True  # whether its tokenizer starts prompts with BOS unless tokenizer_config.json says
     local_rope: bool = False  # whether its config.json can give local layers a rotary embedding of their own
+    # a mixture of experts: how config.json describes it (depth given), and the inverse
+    moe: Callable[[Fields, int], MoeConfig] | None = None
+    moe_fields: Callable[[MoeConfig, int], dict] | None = None
     requires: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.json values read as given
 
 
@@ -75,6 +78,31 @@ def _qwen3_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
     _refuse(all(local[first:]), "qwen3", "sliding windows on layers that are not the last ones")
     return dict(use_sliding_window=any(local), sliding_window=d.sliding_window, max_window_layers=first,
                 layer_types=_layer_type_names(local))
+
+
+def _qwen3_window(cfg: Fields) -> int | None:
+    return cfg.integer("sliding_window", None) if cfg.flag("use_sliding_window", False) else None
+
+
+def _qwen3_pattern(cfg: Fields, depth: int) -> tuple[str, ...]:
+    return tuple("local" if i >= cfg.integer("max_window_layers", 28) else "global" for i in range(depth))
+
+
+def _qwen3_moe(cfg: Fields, depth: int) -> MoeConfig:
+    """Experts in every `decoder_sparse_step`-th layer but those `mlp_only_layers` lists."""
+    experts = cfg.integer("num_local_experts", None) or cfg.integer("num_experts")
+    dense, step = set(cfg.integers("mlp_only_layers")), cfg.integer("decoder_sparse_step")
+    layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(depth))
+    return MoeConfig(num_experts=experts, top_k=cfg.integer("num_experts_per_tok"),
+                     mlp_dim=cfg.integer("moe_intermediate_size"), normalize_weights=cfg.flag("norm_topk_prob"),
+                     layers=() if all(layers) else layers)
+
+
+def _qwen3_moe_fields(m: MoeConfig, depth: int) -> dict:
+    layers = m.layers or (True,) * depth
+    return dict(num_experts=m.num_experts, num_experts_per_tok=m.top_k, moe_intermediate_size=m.mlp_dim,
+                norm_topk_prob=m.normalize_weights, decoder_sparse_step=1,
+                mlp_only_layers=[i for i, moe in enumerate(layers) if not moe])
 
 
 _GEMMA_DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10_000.0,
@@ -116,20 +144,23 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
     TextFamily("phi3", "Phi3", tuple(_DECODER + _t.FUSED_QKV + _t.FUSED_MLP + _t.PRE_NORMS),
                behaviours=_LLAMA, defaults=dict(hidden_act="silu", rms_norm_eps=1e-5),
                window_fields=_phi3_window_fields, attention_bias=False),
+    TextFamily("qwen3_moe", "Qwen3Moe", tuple(_t.EMBEDDING + _t.ATTN_OUT + _t.SEPARATE_QKV + _t.QK_NORM + _t.MOE_MLP
+                                              + _t.PRE_NORMS),
+               behaviours=dict(_LLAMA, use_qk_norm=True),
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, num_experts=128, num_experts_per_tok=8,
+                             moe_intermediate_size=768, norm_topk_prob=False, decoder_sparse_step=1),
+               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen3_window_fields, add_bos=False,
+               moe=_qwen3_moe, moe_fields=_qwen3_moe_fields),
     TextFamily("qwen3", "Qwen3", tuple(_DECODER + _t.SEPARATE_QKV + _t.QK_NORM + _t.SEPARATE_MLP + _t.PRE_NORMS),
                behaviours=dict(_LLAMA, use_qk_norm=True), defaults=dict(hidden_act="silu", rms_norm_eps=1e-6),
-               window=lambda cfg: cfg.integer("sliding_window", None) if cfg.flag("use_sliding_window", False)
-               else None,
-               pattern=lambda cfg, depth: tuple("local" if i >= cfg.integer("max_window_layers", 28) else "global"
-                                                for i in range(depth)),
-               window_fields=_qwen3_window_fields, add_bos=False),
+               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen3_window_fields, add_bos=False),
 ]}
 
 
 def text_family_of(d: DecoderConfig) -> TextFamily:
-    """The family whose fixed behaviours this decoder has."""
+    """The family whose fixed behaviours this decoder has (with experts or without)."""
     for family in TEXT_FAMILIES.values():
-        if all(getattr(d, k) == v for k, v in family.behaviours.items()):
+        if all(getattr(d, k) == v for k, v in family.behaviours.items()) and (family.moe is None) == (d.moe is None):
             return family
     raise ConfigError("no Hugging Face family has this decoder's norms and embedding scale "
                       f"({', '.join(f'{k}={getattr(d, k)}' for k in _NORMS)})")

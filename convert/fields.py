@@ -67,6 +67,10 @@ class Fields:
                            "a list of numbers")
         return tuple(map(float, value)) if value is not None else None
 
+    def integers(self, key: str) -> tuple[int, ...]:
+        value = self._take(key, [], lambda v: isinstance(v, list) and all(map(_is_int, v)), "a list of integers")
+        return tuple(value)
+
     def texts(self, key: str) -> tuple[str, ...]:
         value = self._take(key, [], lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
                            "a list of strings")

@@ -128,6 +128,7 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
         local_rope=local_rope,
         max_position_embeddings=cfg.integer("max_position_embeddings", 8192),
         tie_embeddings=cfg.flag("tie_word_embeddings", False),
+        moe=None if family.moe is None else family.moe(cfg, depth),
         **family.behaviours,
         **{field: cfg.number(name, None) for name, field in family.numbers.items()},
     )

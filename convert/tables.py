@@ -1,8 +1,10 @@
 """Declarative maps from Hugging Face tensor names to jaxvlm param paths.
 
-Each `Rule` names a source tensor (`{i}` stands for the layer index), the shape the config predicts
-for it (torch layout), and where its pieces go in the jaxvlm tree with a pure re-layout (transpose,
-reshape, split): no arithmetic is folded into weights, so stored values stay bit-identical.
+Each `Rule` names a source tensor (`{i}` stands for the layer index, `{e}` for an expert's), the shape
+the config predicts for it (torch layout), and where its pieces go in the jaxvlm tree with a pure
+re-layout (transpose, reshape, split): no arithmetic is folded into weights, so stored values stay
+bit-identical. A target path ending in `[{e}]` is one slice of a stacked [E, ...] param (an expert's
+weights, stored one tensor per expert in Hugging Face files).
 
 A table covers one part of a model and reads one part of the config: the decoder tables take a
 `DecoderConfig` (each family's record in `convert.families` lists its pieces), the vision table a
@@ -30,6 +32,7 @@ class Rule:
     shape: Shape  # the torch shape the config predicts
     targets: tuple[tuple[str, Transform], ...]  # (jaxvlm path, re-layout)
     when: Callable[[Config], bool] = lambda c: True
+    layers: Callable[[Config, int], bool] = lambda c, i: True  # the layers that have it (for `{i}` rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,23 @@ FUSED_MLP = [
 MLP_DOWN = [
     Rule(LAYER + "mlp.down_proj.weight", lambda c: (c.width, c.mlp_dim), ((OUT + "mlp/down/kernel", transpose),)),
 ]
+
+# Qwen3-MoE: in the layers `config.moe` names, a router and one gated MLP per expert (stacked [E, ...]
+# in jaxvlm); the other layers keep the dense MLP.
+EXPERT = LAYER + "mlp.experts.{e}."
+MOE_LAYER = lambda c, i: c.is_moe(i)
+DENSE_LAYER = lambda c, i: not c.is_moe(i)
+E_ = lambda c: c.moe.num_experts
+FE = lambda c: c.moe.mlp_dim
+MOE_MLP = [
+    Rule(LAYER + "mlp.gate.weight", lambda c: (E_(c), c.width), ((OUT + "mlp/router/kernel", transpose),),
+         layers=MOE_LAYER),
+    Rule(EXPERT + "gate_proj.weight", lambda c: (FE(c), c.width), ((OUT + "mlp/gate[{e}]", transpose),),
+         layers=MOE_LAYER),
+    Rule(EXPERT + "up_proj.weight", lambda c: (FE(c), c.width), ((OUT + "mlp/up[{e}]", transpose),), layers=MOE_LAYER),
+    Rule(EXPERT + "down_proj.weight", lambda c: (c.width, FE(c)), ((OUT + "mlp/down[{e}]", transpose),),
+         layers=MOE_LAYER),
+] + [dataclasses.replace(rule, layers=DENSE_LAYER) for rule in SEPARATE_MLP + MLP_DOWN]
 
 # Llama-style naming: `post_attention_layernorm` is the norm before the MLP.
 PRE_NORMS = [
@@ -279,16 +299,27 @@ def file_name(canonical: str, renames: set[tuple[str, str]]) -> str:
     return canonical
 
 
+def stacked_slice(path: str) -> tuple[str, int | None]:
+    """('decoder/layer_0/mlp/gate', 3) for 'decoder/layer_0/mlp/gate[3]'; (path, None) for a whole param."""
+    if not path.endswith("]"):
+        return path, None
+    base, _, index = path[:-1].rpartition("[")
+    return base, int(index)
+
+
 def _bind(rules: list[Rule], config: Config) -> dict[str, BoundRule]:
-    """Every source tensor `rules` predict for `config`, by name, layer indices filled in."""
+    """Every source tensor `rules` predict for `config`, by name, layer and expert indices filled in."""
     bound = {}
     for rule in rules:
         if not rule.when(config):
             continue
-        for i in range(config.depth) if "{i}" in rule.source else [None]:
-            fill = (lambda s: s.format(i=i)) if i is not None else (lambda s: s)
-            targets = tuple((fill(path), lambda w, t=t: t(w, config)) for path, t in rule.targets)
-            bound[fill(rule.source)] = BoundRule(fill(rule.source), tuple(rule.shape(config)), targets)
+        layers = [i for i in range(config.depth) if rule.layers(config, i)] if "{i}" in rule.source else [None]
+        experts = range(config.moe.num_experts) if "{e}" in rule.source else [None]
+        for i in layers:
+            for e in experts:
+                fill = lambda s: s.format(i=i, e=e)
+                targets = tuple((fill(path), lambda w, t=t: t(w, config)) for path, t in rule.targets)
+                bound[fill(rule.source)] = BoundRule(fill(rule.source), tuple(rule.shape(config)), targets)
     return bound
 
 

@@ -70,6 +70,27 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MoeConfig:
+    """A mixture-of-experts MLP: a router sends each token to `top_k` of `num_experts` gated MLPs of width
+    `mlp_dim` and sums their outputs weighted by its softmax (renormalised over the chosen experts when
+    `normalize_weights`). `layers` says, per layer, whether its MLP is the mixture (empty: every layer);
+    the other layers keep the decoder's dense MLP."""
+
+    num_experts: int  # E
+    top_k: int
+    mlp_dim: int
+    normalize_weights: bool = True
+    layers: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        for field in ("num_experts", "top_k", "mlp_dim"):
+            value = getattr(self, field)
+            _require(isinstance(value, int) and value > 0, "MoeConfig", field, f"must be a positive int, got {value!r}")
+        _require(self.top_k <= self.num_experts, "MoeConfig", "top_k",
+                 f"{self.top_k} is more than num_experts={self.num_experts}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DecoderConfig:
     """A decoder-only transformer. Every family (Gemma, Gemma 2, Phi-3, Qwen3, ...) is a set of these flags."""
 
@@ -97,6 +118,7 @@ class DecoderConfig:
     local_rope: RopeConfig | None = None  # the sliding-window layers' own rotary embedding (Gemma 3); None: `rope`
     max_position_embeddings: int = 8192
     tie_embeddings: bool = False
+    moe: MoeConfig | None = None  # mixture-of-experts MLPs (Qwen3-MoE)
 
     def __post_init__(self):
         name = "DecoderConfig"
@@ -116,6 +138,8 @@ class DecoderConfig:
                  "local layers need a sliding_window")
         _require(self.sliding_window is None or self.sliding_window > 0, name, "sliding_window",
                  f"must be > 0, got {self.sliding_window}")
+        _require(self.moe is None or not self.moe.layers or len(self.moe.layers) == self.depth, name, "moe",
+                 f"layers has {len(self.moe.layers) if self.moe else 0} entries for depth={self.depth}")
         for field in ("rope", "local_rope"):
             rope = getattr(self, field)
             if rope is None:
@@ -134,6 +158,10 @@ class DecoderConfig:
     @property
     def query_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether `layer`'s MLP is the mixture of experts."""
+        return self.moe is not None and (not self.moe.layers or self.moe.layers[layer])
 
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None for global attention."""

@@ -18,6 +18,7 @@ from jaxvlm.kv_cache import KVCache, ring_slots, write
 from jaxvlm.layout import layer_stack
 from jaxvlm.layers import Dtype, Einsum, Embedder, GatedMLP, RMSNorm, softcap
 from jaxvlm.masks import decoder_mask
+from jaxvlm.moe import MoeMLP
 from jaxvlm.rope import rope_tables
 
 
@@ -55,6 +56,7 @@ class Block(nn.Module):
 
     config: DecoderConfig
     dtype: Dtype = jnp.float32
+    mixture: bool = False  # the MLP is the mixture of experts (`config.moe`)
 
     @nn.compact
     def __call__(self, x, ropes, masks, local, cache_kv=None, end=0, ring=False):
@@ -71,7 +73,9 @@ class Block(nn.Module):
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
-        h = GatedMLP(c.width, c.mlp_dim, c.mlp_activation, dtype=self.dtype, name="mlp")(norm("pre_mlp_norm")(x))
+        mlp = MoeMLP(c.moe, c.mlp_activation, self.dtype, name="mlp") if self.mixture else \
+            GatedMLP(c.width, c.mlp_dim, c.mlp_activation, dtype=self.dtype, name="mlp")
+        h = mlp(norm("pre_mlp_norm")(x))
         if c.use_post_norms:
             h = norm("post_mlp_norm")(h)
         return x + h, kv
@@ -88,7 +92,8 @@ class Decoder(nn.Module):
         self.embedder = Embedder(c.vocab_size, c.width, c.embed_scale, dtype=self.dtype)
         # Scanned, the arguments after x are: ropes, masks (shared), local (per layer), cache_kv (per layer), end.
         self.layers = layer_stack(Block, c.depth, self.scan_layers, self.remat,
-                                  (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast), config=c, dtype=self.dtype)
+                                  (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                                  per_layer=lambda i: dict(mixture=c.is_moe(i)), config=c, dtype=self.dtype)
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), ("embed", "vocab"), dtype=self.dtype,

@@ -61,18 +61,29 @@ def relayout(params: Any, stacked: bool) -> Any:
     return stack(params) if stacked else unstack(params)
 
 
-def layer_stack(block: type[nn.Module], depth: int, scan: bool, remat: bool, in_axes: tuple, **kwargs):
+def layer_stack(block: type[nn.Module], depth: int, scan: bool, remat: bool, in_axes: tuple,
+                per_layer=lambda i: {}, **kwargs):
     """`depth` blocks: a list of unrolled layers, or one module scanning a stacked block (params [L, ...],
-    named `layers`; the remaining call arguments split along L where `in_axes` says 0)."""
+    named `layers`; the remaining call arguments split along L where `in_axes` says 0). `per_layer(i)`
+    gives layer i's own attributes, which a stack needs to be the same for every layer."""
     block = nn.remat(block) if remat else block
     if not scan:
-        return [block(**kwargs, name=f"layer_{i}") for i in range(depth)]
+        return [block(**kwargs, **per_layer(i), name=f"layer_{i}") for i in range(depth)]
+    own = [per_layer(i) for i in range(depth)]
+    if any(o != own[0] for o in own):
+        differ = next(k for o in own for k in o if o[k] != own[0][k])
+        raise ValueError(f"layers differ in {differ!r} (their params have other shapes), so they cannot be "
+                         "stacked: use unrolled layers (scan_layers=False)")
+    kwargs.update(own[0])
     scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                       in_axes=in_axes, length=depth, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(**kwargs, name=STACKED)
 
 
-def default_scan_layers() -> bool:
+def default_scan_layers(config=None) -> bool:
     """The layout `jaxvlm.load` picks when not asked: unrolled on CPU, where it decodes faster (the
-    figures are in the README, from `benchmarks/layers.py`); stacked on TPU, where it is the norm."""
-    return jax.default_backend() == "tpu"
+    figures are in the README, from `benchmarks/layers.py`); stacked on TPU, where it is the norm, unless
+    the `ModelConfig`'s layers differ in their params (dense and mixture-of-experts MLPs)."""
+    d = None if config is None else config.decoder
+    alike = d is None or len({d.is_moe(i) for i in range(d.depth)}) == 1
+    return jax.default_backend() == "tpu" and alike

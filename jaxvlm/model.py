@@ -510,7 +510,6 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     shard = mesh_rules(mesh, rules)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
-    scan_layers = default_scan_layers() if scan_layers is None else scan_layers
     from convert.core import is_hf_folder
     if is_hf_folder(path):
         return _load_hf(path, dtype, quantize, group_size, shard, scan_layers)
@@ -523,6 +522,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
         raise ValueError(f"{path} holds int8 weights quantized with group_size={stored.group_size}; "
                          f"group_size={group_size} would need the float weights")
     jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
+    scan_layers = default_scan_layers(config) if scan_layers is None else scan_layers
     params = checkpoint.load_params(path, config, jdtype, shard, scan_layers)
     if stored is not None and quantize is None:
         log.info("%s holds int8 weights (%s); loaded as they are", path, stored)
@@ -532,12 +532,13 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
 
 
 def _load_hf(path: str, dtype: str | None, quantize: str | None, group_size: int | None, shard: MeshRules | None,
-             scan_layers: bool) -> Model:
+             scan_layers: bool | None) -> Model:
     """An unconverted Hugging Face folder, converted in memory with `jaxvlm convert`'s reader and checks: each
     part of the params goes to the device (or its shards) as it is read."""
     from convert.core import HFCheckpoint
     with HFCheckpoint(path, None if dtype is None else str(dtype), quantize, group_size) as source:
         jdtype = jnp.dtype(source.target)
+        scan_layers = default_scan_layers(source.config) if scan_layers is None else scan_layers
         params = checkpoint.place_params((part for _, part, _ in source.parts()), source.config, jdtype, shard,
                                          scan_layers)
     return Model(source.config, params, Tokenizer.from_dir(path, source.config.tokens), jdtype, shard)

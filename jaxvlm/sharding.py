@@ -5,7 +5,8 @@ rules map each name to mesh axes, and `MeshRules.spec` turns a param's names and
 PartitionSpec. That is the whole of it: no per-family or per-module table.
 
 Mesh axes are `data` (splits the batch), `fsdp` (splits each weight's other axis, and the batch: a
-training layout) and `model` (tensor parallel: query and kv heads, the MLP's hidden axis, the vocabulary).
+training layout), `model` (tensor parallel: query and kv heads, the MLP's hidden axis, the vocabulary)
+and `expert` (a mixture's experts, each device holding E / n of them).
 A dimension that a mesh axis does not divide stays whole on that axis (MQA's one kv head on four devices
 is replicated), and a mesh axis splits at most one dimension of an array.
 
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "model")
+MESH_AXES = ("data", "fsdp", "model", "expert")
 
 Rules = Mapping[str, "str | Sequence[str] | None"]
 
@@ -34,6 +35,7 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("model",),
     "vocab": ("model",),
     "embed": ("fsdp",),
+    "experts": ("expert",),
 }
 
 

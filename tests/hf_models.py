@@ -41,8 +41,14 @@ CONFIGS = {
         head_dim=32, attention_bias=True, tie_word_embeddings=True)),
 }
 
+CONFIGS["qwen3_moe"] = ("Qwen3MoeConfig", dict(  # 8 experts, top 2 renormalised, a dense layer between
+    hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+    mlp_only_layers=[1], tie_word_embeddings=False))
+
 CAUSAL_LM = {"GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
-             "Gemma3TextConfig": "Gemma3ForCausalLM", "Phi3Config": "Phi3ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}
+             "Gemma3TextConfig": "Gemma3ForCausalLM", "Phi3Config": "Phi3ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
+             "Qwen3MoeConfig": "Qwen3MoeForCausalLM"}
 
 
 def build(name: str, seed: int = 0, eos_token_id=None, architecture: str | None = None, **overrides):

@@ -98,7 +98,7 @@ def test_published_paligemma_config(tmp_path):
     assert sum(math.prod(s) for s in got.values()) == 2_923_466_480
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3", "qwen3_moe"])
 def test_a_family_is_found_again_by_its_behaviours(name, tmp_path):
     """Reading picks a family's record by model_type; writing finds the same record by the behaviours read."""
     from convert.families import TEXT_FAMILIES, text_family_of

@@ -30,7 +30,7 @@ def test_on_8_simulated_devices(request):
 
 @pytest.mark.parametrize("make, message", [
     (lambda: jax.make_mesh((1,), ("tensor",)), "mesh: unknown axis name 'tensor'; jaxvlm's mesh axes are data, fsdp, "
-                                               "model"),
+                                               "model, expert"),
     (lambda: "data", "mesh must be a jax.sharding.Mesh"),
 ])
 def test_bad_mesh_is_named(make, message):

@@ -135,3 +135,21 @@ def test_int8_weights_on_a_mesh(family):
     assert np.abs(model.logits(**inputs) - one.logits(**inputs)).max() <= 1e-4
     np.testing.assert_array_equal(model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS),
                                   one.generate_ids(**inputs, max_new_tokens=NEW_TOKENS))
+
+
+@pytest.mark.parametrize("shape, axes", [((2, 4), ("data", "expert")), ((2, 2, 2), ("data", "expert", "model"))])
+def test_experts_split_over_the_expert_axis(shape, axes, tmp_path):
+    """Qwen3-MoE (8 experts, a dense layer between two mixtures): each expert-axis device holds its share
+    of every expert stack, and the mesh gives the one-device logits and tokens."""
+    hf = hf_models.build("qwen3_moe", seed=4)
+    folder = convert(hf_models.save(hf, str(tmp_path / "hf")), str(tmp_path / "jax"), progress=False)
+    ids, mask = hf_models.left_pad(hf_models.prompts(1, [5, 13, 9]))
+    one = jaxvlm.load(folder)
+    model = jaxvlm.load(folder, mesh=jax.make_mesh(shape, axes))
+    experts = model.params["decoder"]["layer_0"]["mlp"]
+    for name in ("gate", "up", "down"):
+        assert experts[name].sharding.spec[0] == "expert", (name, experts[name].sharding.spec)
+    diff = np.abs(model.logits(ids, mask) - one.logits(ids, mask)).max()
+    assert diff <= 1e-4, f"max |logits diff| {diff}"
+    np.testing.assert_array_equal(model.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS),
+                                  one.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS))
