@@ -4,10 +4,13 @@ tokenizer builders. Session-scoped where building is slow and the result is only
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -122,35 +125,68 @@ def qwen_tokenizer():
 
 
 # tests/mesh needs 8 simulated devices, which must be asked for before jax starts its backend: it runs in
-# a process of its own, started as soon as the tests are collected so that it runs beside the others;
-# tests/test_sharding.py::test_on_8_simulated_devices waits for it and reports its outcome.
+# a process of its own, started as soon as the tests are collected so that it runs beside the others (by
+# the first worker when pytest-xdist runs several); tests/test_sharding.py::test_on_8_simulated_devices,
+# in whichever process runs it, waits for its exit status file and reports its outcome.
 collect_ignore = [] if os.environ.get("JAXVLM_MESH_TESTS") else ["mesh"]
 MESH_SUITE = "tests/test_sharding.py::test_on_8_simulated_devices"
+MESH_SUITE_KEY = pytest.StashKey[subprocess.Popen]()
 
 
-def start_mesh_suite() -> tuple[subprocess.Popen, str]:
-    """The child pytest over tests/mesh, and the file its output goes to."""
+OWN_MESH_SUITE_DIR = "PYTEST_XDIST_WORKER" not in os.environ and "JAXVLM_MESH_SUITE_DIR" not in os.environ
+
+
+def pytest_configure(config):
+    """The folder where the child suite writes its output and exit status, shared with any workers."""
+    if OWN_MESH_SUITE_DIR:
+        os.environ["JAXVLM_MESH_SUITE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-mesh-suite-")
+
+
+def start_mesh_suite() -> subprocess.Popen:
+    """The child pytest over tests/mesh: its output goes to `log`, then its exit status to `status`, in
+    $JAXVLM_MESH_SUITE_DIR."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    log = tempfile.NamedTemporaryFile("w", suffix=".log", delete=False)
-    process = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mesh"],
-                               cwd=root, env=dict(os.environ, JAXVLM_MESH_TESTS="1"), stdout=log,
-                               stderr=subprocess.STDOUT)
-    log.close()
-    return process, log.name
+    folder = os.environ["JAXVLM_MESH_SUITE_DIR"]
+    suite = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/mesh"]
+    command = (f"{shlex.join(suite)} > {shlex.quote(os.path.join(folder, 'log'))} 2>&1; "
+               f"echo $? > {shlex.quote(os.path.join(folder, 'status.tmp'))}; "
+               f"mv {shlex.quote(os.path.join(folder, 'status.tmp'))} {shlex.quote(os.path.join(folder, 'status'))}")
+    return subprocess.Popen(["bash", "-c", command], cwd=root, env=dict(os.environ, JAXVLM_MESH_TESTS="1"),
+                            start_new_session=True)
+
+
+def mesh_suite_outcome(config) -> tuple[int, str]:
+    """(exit status, output) of the child suite, started now if no process started it."""
+    folder = os.environ["JAXVLM_MESH_SUITE_DIR"]
+    status = os.path.join(folder, "status")
+    if MESH_SUITE_KEY not in config.stash and not _mesh_suite_starter():
+        config.stash[MESH_SUITE_KEY] = start_mesh_suite()
+    deadline = time.time() + 3600
+    while not os.path.exists(status):
+        if time.time() > deadline:
+            return -1, "the 8-device suite wrote no exit status within an hour"
+        time.sleep(1)
+    with open(status) as f, open(os.path.join(folder, "log")) as log:
+        return int(f.read()), log.read()
+
+
+def _mesh_suite_starter() -> bool:
+    """Whether another process (the first xdist worker) starts the child suite."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0"
 
 
 def pytest_collection_finish(session):
-    if any(item.nodeid == MESH_SUITE for item in session.items):
+    if any(item.nodeid == MESH_SUITE for item in session.items) and not _mesh_suite_starter():
         session.config.stash[MESH_SUITE_KEY] = start_mesh_suite()
 
 
-MESH_SUITE_KEY = pytest.StashKey[tuple]()
-
-
 def pytest_sessionfinish(session):
-    """A run stopped early leaves no child suite behind; the run's compilation cache goes."""
+    """A run stopped early leaves no child suite behind; the run's compilation cache and the child suite's
+    folder go."""
     started = session.config.stash.get(MESH_SUITE_KEY, None)
-    if started is not None and started[0].poll() is None:
-        started[0].kill()
+    if started is not None and started.poll() is None:
+        os.killpg(started.pid, signal.SIGKILL)
     if OWN_COMPILATION_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if OWN_MESH_SUITE_DIR:
+        shutil.rmtree(os.environ["JAXVLM_MESH_SUITE_DIR"], ignore_errors=True)

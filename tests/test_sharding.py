@@ -19,13 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_on_8_simulated_devices(request):
     """tests/mesh, in the process conftest.py started when the tests were collected."""
-    from tests.conftest import MESH_SUITE_KEY, start_mesh_suite
-    process, log = request.config.stash.get(MESH_SUITE_KEY, None) or start_mesh_suite()
-    process.wait()
-    with open(log) as f:
-        output = f.read()
-    os.remove(log)
-    assert process.returncode == 0, output[-12000:]
+    from tests.conftest import mesh_suite_outcome
+    status, output = mesh_suite_outcome(request.config)
+    assert status == 0, output[-12000:]
 
 
 @pytest.mark.parametrize("make, message", [
