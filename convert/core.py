@@ -170,20 +170,26 @@ class HFCheckpoint:
                     else:
                         slices.setdefault(base, {})[index] = value
                 del source, value
-            for base, pieces in slices.items():
-                values[base] = np.stack([pieces[i] for i in range(len(pieces))])
-            del slices
-            params: dict = {}
-            for path, value in values.items():
-                if path in self.contracted:
-                    q, scale = quantize_host(value, self.contracted[path], self.group_size, path)
-                    _set(params, path, q)
-                    _set(params, path + SCALE_SUFFIX, scale)
-                else:
-                    _set(params, path, value)
-            del values
+            params = self._tree(values, slices)
+            del values, slices
             yield part, params, len(tensors)
             del params
+
+    def _tree(self, values: dict[str, np.ndarray], slices: dict[str, dict[int, np.ndarray]]) -> dict:
+        """A part's params as a nested dict: stacked params from their slices, int8 with their scales where
+        quantized. (A function of its own, so that no local name keeps a tensor alive once the part is
+        written.)"""
+        for base, pieces in slices.items():
+            values[base] = np.stack([pieces[i] for i in range(len(pieces))])
+        params: dict = {}
+        for path, value in values.items():
+            if path in self.contracted:
+                q, scale = quantize_host(value, self.contracted[path], self.group_size, path)
+                _set(params, path, q)
+                _set(params, path + SCALE_SUFFIX, scale)
+            else:
+                _set(params, path, value)
+        return params
 
 
 def _match_names(hf_dir, reader, rules, config, text_family, layout) -> dict[str, str]:

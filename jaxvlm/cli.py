@@ -165,7 +165,9 @@ def _exit_on_interrupt(signum, frame) -> None:
     progress installs its own handler first, which cleans up before it reports (`jaxvlm.files.writing`);
     an unfinished training checkpoint is passed over at resume."""
     sys.stdout.flush()
-    os.write(2, b"error: interrupted\n")
+    tqdm = sys.modules.get("tqdm")
+    bar_open = tqdm is not None and len(getattr(tqdm.tqdm, "_instances", ())) > 0  # its line is left unended
+    os.write(2, b"\nerror: interrupted\n" if bar_open else b"error: interrupted\n")
     os._exit(130)
 
 

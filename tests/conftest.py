@@ -147,7 +147,7 @@ def start_mesh_suite() -> subprocess.Popen:
     $JAXVLM_MESH_SUITE_DIR."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     folder = os.environ["JAXVLM_MESH_SUITE_DIR"]
-    suite = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "tests/mesh"]
+    suite = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", "tests/mesh"]
     command = (f"{shlex.join(suite)} > {shlex.quote(os.path.join(folder, 'log'))} 2>&1; "
                f"echo $? > {shlex.quote(os.path.join(folder, 'status.tmp'))}; "
                f"mv {shlex.quote(os.path.join(folder, 'status.tmp'))} {shlex.quote(os.path.join(folder, 'status'))}")
