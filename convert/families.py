@@ -110,6 +110,9 @@ _GEMMA_DEFAULTS = dict(head_dim=256, hidden_activation="gelu_pytorch_tanh", rms_
 _NORMS = ("norm_scale_offset", "embed_scale", "use_post_norms", "use_qk_norm")
 _GEMMA = dict(zip(_NORMS, (1.0, True, False, False)))  # (1 + w) norms and a sqrt(width) embedding scale
 _LLAMA = dict(zip(_NORMS, (0.0, False, False, False)))
+# the query scale and soft-caps Gemma 2's and Gemma 3's config.json set (Gemma 3's caps default to none)
+_GEMMA2_NUMBERS = dict(query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcap",
+                       final_logit_softcapping="final_logit_softcap")
 _t = tables
 _DECODER = _t.EMBEDDING + _t.ATTN_OUT + _t.MLP_DOWN
 
@@ -123,8 +126,7 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                behaviours=dict(_GEMMA, use_post_norms=True),
                defaults=dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
                              final_logit_softcapping=30.0, sliding_window=4096),
-               numbers=dict(query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcap",
-                            final_logit_softcapping="final_logit_softcap"),
+               numbers=_GEMMA2_NUMBERS,
                pattern=lambda cfg, depth: tuple("local" if i % 2 == 0 else "global" for i in range(depth)),
                window_fields=_gemma2_window_fields, activation_field="hidden_activation"),
     # Gemma 3: Gemma 2's layer with q/k norms, five local layers to a global one, each kind with its own
@@ -134,8 +136,7 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                behaviours=dict(_GEMMA, use_post_norms=True, use_qk_norm=True),
                defaults=dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0,
                              rope_local_base_freq=10_000.0),
-               numbers=dict(query_pre_attn_scalar="query_pre_attn_scalar", attn_logit_softcapping="attn_logit_softcap",
-                            final_logit_softcapping="final_logit_softcap"),
+               numbers=_GEMMA2_NUMBERS,
                pattern=lambda cfg, depth: tuple("global" if (i + 1) % cfg.integer("sliding_window_pattern", 6) == 0
                                                 else "local" for i in range(depth)),
                window_fields=_gemma2_window_fields, activation_field="hidden_activation", local_rope=True,
