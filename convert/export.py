@@ -148,9 +148,16 @@ def hf_config(config: ModelConfig) -> tuple[dict, TextFamily | None, str]:
             "eos_token_id": text["eos_token_id"], "pad_token_id": text["pad_token_id"], **vlm.write(config)}, family, "vlm"
 
 
-def preprocessor_config(p: ImageProcessing, processor: str) -> dict:
-    """`preprocessor_config.json` for the image processing the config records (a "clip" or "siglip" processor)."""
-    return {"image_processor_type": "CLIPImageProcessor" if processor == "clip" else "SiglipImageProcessor",
+def preprocessor_config(p: ImageProcessing, processor: str, processor_type: str | None = None) -> dict:
+    """`preprocessor_config.json` for the image processing the config records (a "clip" or "siglip" processor,
+    or the vision-language family's own `processor_type`)."""
+    pan_and_scan = {} if p.pan_and_scan is None else {
+        "do_pan_and_scan": True, "pan_and_scan_min_crop_size": p.pan_and_scan.min_crop_size,
+        "pan_and_scan_max_num_crops": p.pan_and_scan.max_crops,
+        "pan_and_scan_min_ratio_to_activate": p.pan_and_scan.min_ratio}
+    if processor_type is None:
+        processor_type = "CLIPImageProcessor" if processor == "clip" else "SiglipImageProcessor"
+    return {"image_processor_type": processor_type, **pan_and_scan,
             "do_resize": p.size is not None or p.shortest_edge is not None,
             "size": {"shortest_edge": p.shortest_edge} if p.shortest_edge is not None
             else {"height": p.size[0], "width": p.size[1]} if p.size is not None else None,
@@ -209,9 +216,10 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
         for path in copies:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         if config.image_processing is not None and not any(os.path.basename(p) in PROCESSOR_FILES for p in copies):
+            processor_type = vision_language_family_of(config).image_processor_type if config.is_vlm else None
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-                json.dump(preprocessor_config(config.image_processing, vision_family_of(config.vision).processor), f,
-                          indent=2)
+                json.dump(preprocessor_config(config.image_processing, vision_family_of(config.vision).processor,
+                                              processor_type), f, indent=2)
     return out_dir
 
 

@@ -218,10 +218,10 @@ class VisionLanguageFamily:
     read: Callable[[Fields, Callable[..., VisionConfig]], tuple[VisionConfig, dict]]
     write: Callable[[ModelConfig], dict]  # its own config.json fields
     text_types: tuple[str, ...] | None = None  # the decoders it can hold (None: any)
-
-
-def _image_token(cfg: Fields, default: int) -> int:
-    return cfg.token_id("image_token_index", cfg.token_id("image_token_id", default))
+    # its image processor: preprocessor_config.json defaults where they differ from the encoder's processor's,
+    # and the class named when export writes that file (None: the encoder's processor)
+    image_processor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    image_processor_type: str | None = None
 
 
 def _paligemma_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
@@ -259,6 +259,23 @@ def _llava_write(config: ModelConfig) -> dict:
             "image_seq_length": v.num_features}
 
 
+# Images a Gemma 3 prompt may hold, pan-and-scan crops included (transformers sets no limit; each image is a
+# [896, 896] encoder pass and `mm_tokens_per_image` tokens of context). Change `ModelConfig.max_images` to
+# take more.
+GEMMA3_MAX_IMAGES = 8
+
+
+def _gemma3_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
+    frame = (cfg.token_id("boi_token_index", 255_999), cfg.token_id("eoi_token_index", 256_000))
+    return vision(), dict(image_tokens=cfg.integer("mm_tokens_per_image", 256), image_frame=frame,
+                          max_images=GEMMA3_MAX_IMAGES)
+
+
+def _gemma3_write(config: ModelConfig) -> dict:
+    return dict(mm_tokens_per_image=config.image_tokens, boi_token_index=config.image_frame[0],
+                eoi_token_index=config.image_frame[1])
+
+
 VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for f in [
     # PaliGemma: the image tokens and the prompt are one prefix with full attention; positions from 1
     VisionLanguageFamily("paligemma", "PaliGemmaForConditionalGeneration",
@@ -272,6 +289,15 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                                      prompt_format="image_marker"),
                          default_text_type="llama", default_vision_type="clip_vision_model",
                          default_image_token=32000, read=_llava_read, write=_llava_write),
+    # Gemma 3: SigLIP's patch grid pooled to a few tokens per image, several images a prompt, each framed by
+    # begin/end-of-image tokens and attending to itself in both directions; bilinear resizing, pan and scan
+    VisionLanguageFamily("gemma3", "Gemma3ForConditionalGeneration",
+                         wiring=dict(projector="pooled", prefix_lm=False, position_offset=0,
+                                     prompt_format="framed_images", image_blocks=True),
+                         default_text_type="gemma3_text", default_vision_type="siglip_vision_model",
+                         default_image_token=262_144, read=_gemma3_read, write=_gemma3_write,
+                         text_types=("gemma3_text",), image_processor=dict(resample=2),
+                         image_processor_type="Gemma3ImageProcessor"),
 ]}
 
 

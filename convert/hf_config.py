@@ -14,8 +14,8 @@ from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, 
                               VisionFamily)
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
-from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig,
-                           longrope_attention_factor)
+from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, PanAndScan, RopeConfig, TokensConfig,
+                           VisionConfig, longrope_attention_factor)
 
 SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
 
@@ -165,9 +165,11 @@ def vision_config(cfg: Fields | dict, **composition) -> VisionConfig:
         **family.behaviours, **composition)
 
 
-def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily) -> ImageProcessing:
+def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
+                     overrides: dict | None = None) -> ImageProcessing:
     """From `preprocessor_config.json` (or the `image_processor` entry of `processor_config.json`, where
-    transformers 5 writes it), else the processor's defaults at the encoder's image size."""
+    transformers 5 writes it), else the processor's defaults at the encoder's image size (`overrides`: a
+    vision-language model's own processor's defaults)."""
     p = read_json(hf_dir, "preprocessor_config.json")
     if p is None:
         processor = read_json(hf_dir, "processor_config.json")
@@ -179,7 +181,7 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily) ->
     else:  # SiglipImageProcessor: a square, no crop, mean = std = 0.5
         defaults = dict(size={"height": size, "width": size}, do_center_crop=False, image_mean=[0.5] * 3,
                         image_std=[0.5] * 3)
-    p = p.with_defaults(defaults)
+    p = p.with_defaults(dict(defaults, **(overrides or {})))
 
     def hw(key: str) -> tuple[int, int]:
         value = p.raw(key)
@@ -210,7 +212,16 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily) ->
         rescale_factor=p.number("rescale_factor", 1 / 255) if p.flag("do_rescale", True) else None,
         mean=channels("image_mean") if normalize else None,
         std=channels("image_std") if normalize else None,
+        pan_and_scan=_pan_and_scan(p) if p.flag("do_pan_and_scan", False) else None,
     )
+
+
+def _pan_and_scan(p: Fields) -> PanAndScan:
+    """Gemma3ImageProcessor's crop settings (null fields take the processor's defaults)."""
+    default = PanAndScan()
+    return PanAndScan(min_crop_size=p.integer("pan_and_scan_min_crop_size", default.min_crop_size),
+                      max_crops=p.integer("pan_and_scan_max_num_crops", default.max_crops),
+                      min_ratio=p.number("pan_and_scan_min_ratio_to_activate", default.min_ratio))
 
 
 def _text_part(cfg: Fields, default_type: str) -> Fields:
@@ -231,7 +242,8 @@ def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, TextFamily]:
     text = _text_part(cfg, family.default_text_type)
     vision_fields = cfg.sub("vision_config", {"model_type": family.default_vision_type})
     vision, extra = family.read(cfg, lambda **composition: vision_config(vision_fields, **composition))
-    processing = image_processing(hf_dir, vision, VISION_FAMILIES[vision_fields.raw("model_type")])
+    processing = image_processing(hf_dir, vision, VISION_FAMILIES[vision_fields.raw("model_type")],
+                                  family.image_processor)
     config = ModelConfig(decoder=decoder_config(text), tokens=tokens_config(hf_dir, text), vision=vision,
                          image_processing=processing, image_token_id=_image_token(cfg, family.default_image_token),
                          **family.wiring, **extra)

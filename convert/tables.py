@@ -255,6 +255,13 @@ PROJECTORS = {
                              m.projector_bias)
                       + linear("multi_modal_projector.linear_2", "projector/mlp/fc2", TEXT_WIDTH, TEXT_WIDTH,
                                m.projector_bias)),
+    # Gemma 3 keeps its projection as a bare [in, out] parameter, beside the pooled tokens' norm
+    "pooled": lambda m: [
+        Rule("multi_modal_projector.mm_soft_emb_norm.weight", lambda m: (VISION_WIDTH(m),),
+             (("projector/norm/scale", keep),)),
+        Rule("multi_modal_projector.mm_input_projection_weight", lambda m: (VISION_WIDTH(m), TEXT_WIDTH(m)),
+             (("projector/linear/kernel", keep),)),
+    ],
 }
 
 # A classification head (`...ForSequenceClassification`, `...ForTokenClassification`) replaces lm_head.

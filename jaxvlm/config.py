@@ -17,10 +17,13 @@ from typing import Any
 LAYER_TYPES = ("global", "local")  # local = sliding-window attention
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu")
-PROJECTORS = ("linear", "mlp")  # PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear
-# How a prompt places its image's tokens (jaxvlm.prompts): none; before BOS and the text (PaliGemma's);
-# where the text's image marker stands (LLaVA's)
-PROMPT_FORMATS = ("plain", "images_first", "image_marker")
+# PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear; Gemma 3: the patch grid average-pooled, an
+# RMSNorm, one Linear without bias
+PROJECTORS = ("linear", "mlp", "pooled")
+# How a prompt places its images' tokens (jaxvlm.prompts): none; before BOS and the text (PaliGemma's);
+# where the text's image marker stands (LLaVA's); at each image marker, framed by begin- and end-of-image
+# tokens and blank lines (Gemma 3's)
+PROMPT_FORMATS = ("plain", "images_first", "image_marker", "framed_images")
 RENAMED_PROMPT_FORMATS = {"paligemma": "images_first", "llava": "image_marker"}  # as folders written before say
 HEAD_KINDS = ("sequence_classification", "token_classification")
 QUANTIZE_MODES = ("int8",)
@@ -250,6 +253,24 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PanAndScan:
+    """Gemma 3's pan and scan: an image whose long side is at least `min_ratio` times its short side is
+    also cut, along the long side, into 2 .. `max_crops` crops of at least `min_crop_size` pixels, each
+    processed as an image of its own after the whole one."""
+
+    min_crop_size: int = 256
+    max_crops: int = 4
+    min_ratio: float = 1.2
+
+    def __post_init__(self):
+        _require(type(self.min_crop_size) is int and self.min_crop_size > 0, "PanAndScan", "min_crop_size",
+                 f"must be a positive int, got {self.min_crop_size!r}")
+        _require(type(self.max_crops) is int and self.max_crops >= 2, "PanAndScan", "max_crops",
+                 f"must be an int >= 2, got {self.max_crops!r}")
+        _require(self.min_ratio >= 1, "PanAndScan", "min_ratio", f"must be >= 1, got {self.min_ratio}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageProcessing:
     """How an image becomes pixel values, as the checkpoint's `preprocessor_config.json` says.
 
@@ -264,6 +285,7 @@ class ImageProcessing:
     rescale_factor: float | None = 1 / 255
     mean: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
+    pan_and_scan: PanAndScan | None = None  # None: images are taken whole
 
     def __post_init__(self):
         _require(self.size is None or self.shortest_edge is None, "ImageProcessing", "size",
@@ -338,8 +360,14 @@ class ModelConfig:
     image_processing: ImageProcessing | None = None
     projector: str = "linear"
     projector_bias: bool = True
+    image_tokens: int | None = None  # tokens per image after the "pooled" projector; None: the encoder's features
     image_token_id: int | None = None  # the placeholder token the image features replace
+    # (begin, end) tokens framing each image's placeholders in a "framed_images" prompt (Gemma 3's)
+    image_frame: tuple[int, int] | None = None
+    max_images: int = 1  # images one prompt may hold
     prefix_lm: bool = False  # full attention over the image + prompt prefix, causal after it (PaliGemma)
+    # each image's tokens attend to each other in both directions, within the sliding window (Gemma 3)
+    image_blocks: bool = False
     position_offset: int = 0  # PaliGemma numbers positions from 1
     prompt_format: str = "plain"
     head: HeadConfig | None = None  # a classification head instead of the language-model head
@@ -353,8 +381,22 @@ class ModelConfig:
         _require(self.projector in PROJECTORS, name, "projector", f"must be one of {PROJECTORS}, got {self.projector!r}")
         _require(self.prompt_format in PROMPT_FORMATS, name, "prompt_format",
                  f"must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+        _require(type(self.max_images) is int and self.max_images >= 1, name, "max_images",
+                 f"must be a positive int, got {self.max_images!r}")
         if self.is_vlm:
             _require(self.image_token_id is not None, name, "image_token_id", "a vision-language model needs one")
+            _require(self.prompt_format != "framed_images" or self.image_frame is not None, name, "image_frame",
+                     "a framed_images prompt needs the begin- and end-of-image tokens")
+        if self.projector == "pooled" and self.vision is not None:
+            side = self.vision.image_size // self.vision.patch_size
+            per_side = math.isqrt(self.image_tokens or 0)
+            _require(per_side > 0 and per_side ** 2 == self.image_tokens and side % per_side == 0, name,
+                     "image_tokens", f"must be a square whose side divides the {side}x{side} patch grid, "
+                                     f"got {self.image_tokens!r}")
+
+    @property
+    def tokens_per_image(self) -> int:  # P: the placeholder tokens one image takes in a prompt
+        return self.image_tokens if self.projector == "pooled" else self.vision.num_features
 
     @property
     def is_vlm(self) -> bool:
@@ -367,7 +409,7 @@ class ModelConfig:
         causes a compilation. (Token ids the computation needs, such as EOS, are passed as arrays.)"""
         head = None if self.head is None else dataclasses.replace(self.head, labels=("",) * self.head.num_labels)
         return dataclasses.replace(self, tokens=TokensConfig(), image_processing=None, prompt_format="plain",
-                                   head=head)
+                                   image_frame=None, max_images=1, head=head)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -28,22 +28,22 @@ class DecoderOutput:
     cache: KVCache | None
 
 
-def _ring_keys(kv_valid, kv_prefix, valid, prefix, end, size: int):
-    """What a ring buffer's keys are, for `decoder_mask`'s (kv_valid, prefix, key_slots) arguments: one new
+def _ring_keys(kv_valid, kv_blocks, valid, blocks, end, size: int):
+    """What a ring buffer's keys are, for `decoder_mask`'s (kv_valid, blocks, key_slots) arguments: one new
     token attends over the ring after it is written; several over the ring before and themselves."""
     T = valid.shape[1]
     if T == 1:
         slots = ring_slots(end + 1, size)
-        new_valid = new_prefix = None
+        new_valid = new_blocks = None
     else:
         slots = ring_slots(end, size)
-        new_valid, new_prefix = valid, prefix
-    held = lambda flags: jnp.where(slots >= 0, jnp.take(flags, jnp.maximum(slots, 0), axis=1), False)
+        new_valid, new_blocks = valid, blocks
+    held = lambda x, none: jnp.where(slots >= 0, jnp.take(x, jnp.maximum(slots, 0), axis=1), none)
     join = lambda old, new: old if new is None else jnp.concatenate([old, new], axis=1)
-    key_valid = join(held(kv_valid), new_valid)
-    key_prefix = None if prefix is None else (prefix, join(held(kv_prefix), new_prefix))
+    key_valid = join(held(kv_valid, False), new_valid)
+    key_blocks = None if blocks is None else (blocks, join(held(kv_blocks, -1), new_blocks))
     key_slots = slots if T == 1 else jnp.concatenate([slots, end + jnp.arange(T)])
-    return key_valid, key_prefix, key_slots
+    return key_valid, key_blocks, key_slots
 
 
 class Block(nn.Module):
@@ -86,6 +86,7 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
     scan_layers: bool = False  # stacked [L, ...] params run by a scan, rather than unrolled layers
+    window_bounds_blocks: bool = False  # the sliding window bounds bidirectional blocks too (see decoder_mask)
 
     def setup(self):
         c = self.config
@@ -105,12 +106,12 @@ class Decoder(nn.Module):
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
                       embeddings: jax.Array | None = None,
-                      prefix: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                      blocks: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final hidden states [B, T, D] (after the final norm) of T new tokens, and the updated cache.
 
         tokens, positions: int[B, T]; valid: bool[B, T] (False at padding); embeddings: optional [B, T, D]
-        used instead of embedding `tokens`; prefix: optional bool[B, T], tokens that attend to each other
-        in both directions (a prefix-LM's prefix). With a cache the tokens go to slots
+        used instead of embedding `tokens`; blocks: optional int32[B, T], tokens of the same block (>= 0)
+        attend to each other in both directions (`masks.decoder_mask`). With a cache the tokens go to slots
         cache.end .. cache.end + T - 1 and the updated cache is returned.
         """
         c = self.config
@@ -124,21 +125,23 @@ class Decoder(nn.Module):
             kv_valid, end = valid, jnp.zeros((), jnp.int32)
         else:
             kv_valid, end = write(cache.valid, valid, cache.end), cache.end
-        kv_prefix = None
-        if prefix is not None:
-            kv_prefix = prefix if cache is None else write(jnp.zeros_like(cache.valid), prefix, end)
+        kv_blocks = None
+        if blocks is not None:
+            kv_blocks = blocks if cache is None else write(jnp.full(cache.valid.shape, -1, jnp.int32), blocks, end)
         local = [c.window(i) is not None for i in range(c.depth)]
         # Unrolled local layers whose cache is a ring of their window (`jaxvlm.kv_cache`).
         ring = [cache is not None and not self.scan_layers and cache.k[i].shape[1] < cache.size
                 for i in range(c.depth)]
-        key_prefix = None if prefix is None else (prefix, kv_prefix)
+        key_blocks = None if blocks is None else (blocks, kv_blocks)
+        bounded = self.window_bounds_blocks
         if any(ring):
             size = cache.k[ring.index(True)].shape[1]
-            key_valid, ring_prefix, key_slots = _ring_keys(kv_valid, kv_prefix, valid, prefix, end, size)
-            windowed = decoder_mask(key_valid, end, T, c.sliding_window, ring_prefix, key_slots)
+            key_valid, ring_blocks, key_slots = _ring_keys(kv_valid, kv_blocks, valid, blocks, end, size)
+            windowed = decoder_mask(key_valid, end, T, c.sliding_window, ring_blocks, key_slots, bounded)
         else:
-            windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_prefix) if any(local) else None
-        masks = (decoder_mask(kv_valid, end, T, None, key_prefix) if not all(local) else windowed, windowed)
+            windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_blocks, window_bounds_blocks=bounded) \
+                if any(local) else None
+        masks = (decoder_mask(kv_valid, end, T, None, key_blocks) if not all(local) else windowed, windowed)
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)
@@ -156,12 +159,12 @@ class Decoder(nn.Module):
         return self.final_norm(x), new_cache
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
-                 embeddings: jax.Array | None = None, prefix: jax.Array | None = None,
+                 embeddings: jax.Array | None = None, blocks: jax.Array | None = None,
                  last_only: bool = False) -> DecoderOutput:
         """Next-token logits of T new tokens (see `hidden_states` for the arguments). `last_only` computes
         logits for the last slot only (prefill)."""
         c = self.config
-        x, cache = self.hidden_states(tokens, positions, valid, cache, embeddings, prefix)
+        x, cache = self.hidden_states(tokens, positions, valid, cache, embeddings, blocks)
         if last_only:
             x = x[:, -1:]
         logits = self.embedder.decode(x) if c.tie_embeddings else self.lm_head(x)

@@ -2,11 +2,12 @@
 
 Any PIL mode becomes RGB (transparency composited onto white); then resize (to a fixed size, or so the
 shortest edge has a given length), centre-crop, rescale and normalise, each as the checkpoint's
-`preprocessor_config.json` asks. The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
+`preprocessor_config.json` asks; Gemma 3's pan and scan adds crops of a long image, each processed alike. The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import PIL.Image
 
-from jaxvlm.config import ImageProcessing
+from jaxvlm.config import ImageProcessing, PanAndScan
 
 
 # A checkpoint's image processing configs, copied into converted and saved folders (their content is in
@@ -109,10 +110,24 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return pixels[top:top + height, left:left + width]
 
 
-def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarray:
-    """One image -> float32[H, W, 3]."""
-    target = p.size or ((p.shortest_edge,) * 2 if p.shortest_edge is not None else None)
-    pixels = to_rgb(load_image(image, what, resize_to=target))
+def pan_and_scan(pixels: np.ndarray, p: PanAndScan) -> list[np.ndarray]:
+    """The crops of uint8[H, W, 3] that Gemma 3's pan and scan takes (none for an image close to square):
+    as many as the aspect ratio rounds to, within 2 .. max_crops, along the long side, row by row."""
+    h, w = pixels.shape[:2]
+    long, short, min_ratio = max(h, w), min(h, w), p.min_ratio
+    if long / short < min_ratio:
+        return []
+    along = min(int(math.floor(long / short + 0.5)), int(math.floor(long / p.min_crop_size)))
+    along = min(p.max_crops, max(2, along))
+    rows, cols = (1, along) if w >= h else (along, 1)
+    crop_h, crop_w = math.ceil(h / rows), math.ceil(w / cols)
+    if min(crop_h, crop_w) < p.min_crop_size:
+        return []
+    return [pixels[y * crop_h:(y + 1) * crop_h, x * crop_w:(x + 1) * crop_w] for y in range(rows) for x in range(cols)]
+
+
+def _pixel_values(pixels: np.ndarray, p: ImageProcessing) -> np.ndarray:
+    """uint8[h, w, 3] -> float32[H, W, 3]: resize, crop, rescale, normalise."""
     if p.size is not None or p.shortest_edge is not None:
         height, width = resized_shape(*pixels.shape[:2], p)
         pixels = np.asarray(PIL.Image.fromarray(pixels).resize((width, height), resample=p.resample))
@@ -126,11 +141,31 @@ def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarra
     return pixels
 
 
-def preprocess_batch(images: Sequence[Any], p: ImageProcessing) -> np.ndarray:
-    """Images -> float32[B, H, W, 3]; errors name the image by its index."""
-    out = [preprocess(image, p, what=f"image {i}") for i, image in enumerate(images)]
-    shapes = {x.shape for x in out}
+def preprocess_with_crops(image: Any, p: ImageProcessing, what: str = "image") -> list[np.ndarray]:
+    """One image -> [float32[H, W, 3]]: the whole image, then its pan-and-scan crops if `p` asks for them."""
+    target = p.size or ((p.shortest_edge,) * 2 if p.shortest_edge is not None else None)
+    pixels = to_rgb(load_image(image, what, resize_to=None if p.pan_and_scan else target))
+    crops = pan_and_scan(pixels, p.pan_and_scan) if p.pan_and_scan is not None else []
+    return [_pixel_values(x, p) for x in [pixels] + crops]
+
+
+def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarray:
+    """One image -> float32[H, W, 3] (the whole image: no pan-and-scan crops)."""
+    return preprocess_with_crops(image, dataclasses.replace(p, pan_and_scan=None), what)[0]
+
+
+def preprocess_images(images: Sequence[Any], p: ImageProcessing) -> tuple[np.ndarray, list[int]]:
+    """Images -> (float32[N, H, W, 3]: each image followed by its pan-and-scan crops, the number of crops
+    of each image); errors name the image by its index."""
+    out = [preprocess_with_crops(image, p, what=f"image {i}") for i, image in enumerate(images)]
+    shapes = {x.shape for pieces in out for x in pieces}
     if len(shapes) > 1:
         raise ImageError(f"images came out in different shapes {sorted(shapes)}; the processing config has no "
                          "fixed size or crop")
-    return np.stack(out)
+    return np.stack([x for pieces in out for x in pieces]), [len(pieces) - 1 for pieces in out]
+
+
+def preprocess_batch(images: Sequence[Any], p: ImageProcessing) -> np.ndarray:
+    """Images -> float32[B, H, W, 3], the whole images (no pan-and-scan crops); errors name the image by its
+    index."""
+    return preprocess_images(images, dataclasses.replace(p, pan_and_scan=None))[0]

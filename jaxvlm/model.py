@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -16,7 +17,7 @@ from jaxvlm import checkpoint, checks, files, lora, matvec, memory
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tokens, pad_rows, prompt_bucket,
                              right_align, stream_tokens)
-from jaxvlm.images import PROCESSOR_FILES, preprocess_batch
+from jaxvlm.images import PROCESSOR_FILES, preprocess_images
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
@@ -121,7 +122,9 @@ class Model:
             raise ValueError(f"attention_mask must hold booleans or 0/1 integers, got {mask.dtype}")
         mask = mask.astype(bool)
         vocab, image_id = self.config.decoder.vocab_size, self.config.image_token_id
-        pixels = None if pixel_values is None else self._pixels(pixel_values, batch=len(ids))
+        several = self.config.max_images > 1
+        pixels = None if pixel_values is None else self._pixels(pixel_values, batch=None if several else len(ids))
+        counts = []  # images per row
         for i, (row, keep) in enumerate(zip(ids, mask)):
             if not keep.any():
                 raise ValueError(f"input_ids row {i} has no tokens under attention_mask")
@@ -132,9 +135,10 @@ class Model:
                 raise ValueError(f"input_ids row {i} holds token ids outside [0, {vocab})")
             if pixels is None and images:
                 raise ValueError(f"input_ids row {i} holds {images} image tokens but no pixel_values were given")
-            if pixels is not None and images != self.config.vision.num_features:
-                raise ValueError(f"input_ids row {i} holds {images} image tokens; its image needs exactly "
-                                 f"{self.config.vision.num_features}")
+            if pixels is not None:
+                counts.append(self._images_in_row(i, images))
+        if pixels is not None and several:
+            pixels = self._images_by_row(pixels, counts)
         prefix = None
         if self.config.prefix_lm:
             prefix = mask.copy()
@@ -144,9 +148,43 @@ class Model:
                 if types.shape != ids.shape:
                     raise ValueError(f"token_type_ids has shape {types.shape}, input_ids {ids.shape}")
                 prefix &= types == 0
+        elif token_type_ids is not None and self.config.image_blocks:
+            types = _array("token_type_ids", token_type_ids)
+            types = types[None] if types.ndim == 1 else types
+            if types.shape != ids.shape or ((types == 1) != (ids == image_id))[mask].any():
+                raise ValueError("token_type_ids must be 1 exactly at the image tokens (the processor's); "
+                                 f"got shape {list(types.shape)} not marking them so")
         elif token_type_ids is not None:
             raise ValueError("token_type_ids mark a prefix-LM's prefix; this model has none")
         return ids, mask, prefix, pixels
+
+    def _images_in_row(self, row: int, image_tokens: int) -> int:
+        """The images whose tokens input_ids row `row` holds: one, or up to `max_images`, of P tokens each."""
+        P, most = self.config.tokens_per_image, self.config.max_images
+        if most == 1:
+            if image_tokens != P:
+                raise ValueError(f"input_ids row {row} holds {image_tokens} image tokens; its image needs exactly {P}")
+            return 1
+        if image_tokens % P:
+            raise ValueError(f"input_ids row {row} holds {image_tokens} image tokens, not a whole number of "
+                             f"images of {P}")
+        if image_tokens // P > most:
+            raise ValueError(f"input_ids row {row} holds {image_tokens // P} images; this model takes at most "
+                             f"{most} per prompt (max_images)")
+        return image_tokens // P
+
+    @staticmethod
+    def _images_by_row(pixels: np.ndarray, counts: list[int]) -> np.ndarray:
+        """The images of all rows, in order ([N, H, W, 3], as transformers takes them) -> [B, M, H, W, 3], each
+        row's first, then blank images up to M (a power of two, so few image counts compile)."""
+        if len(pixels) != sum(counts):
+            raise ValueError(f"pixel_values hold {len(pixels)} images; the rows' image tokens ask for {sum(counts)}")
+        M = 1 << math.ceil(math.log2(max(1, *counts)))
+        out = np.zeros((len(counts), M, *pixels.shape[1:]), pixels.dtype)
+        starts = np.cumsum([0] + counts)
+        for i, n in enumerate(counts):
+            out[i, :n] = pixels[starts[i]:starts[i] + n]
+        return out
 
     def _pixels(self, pixel_values, batch: int | None = None) -> np.ndarray:
         self._require_vision("pixel_values")
@@ -172,19 +210,25 @@ class Model:
 
     # --- images -------------------------------------------------------------------------------------------
     def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
-        """Images (paths, PIL images or uint8 arrays; one or a list) -> pixel_values float32[B, H, W, 3]."""
+        """Images (paths, PIL images or uint8 arrays; one or a list) -> pixel_values float32[N, H, W, 3]: one
+        per image or, where the processor config asks for pan and scan (Gemma 3), each image followed by
+        its crops."""
+        return self._preprocess(images)[0]
+
+    def _preprocess(self, images: Any | Sequence[Any]) -> tuple[np.ndarray, list[int]]:
+        """(pixel_values, the pan-and-scan crops of each image)."""
         self._require_vision("image")
         if self.config.image_processing is None:
             raise ValueError("this checkpoint has no image processing config (preprocessor_config.json)")
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given")
-        pixels = preprocess_batch(images, self.config.image_processing)
+        pixels, crops = preprocess_images(images, self.config.image_processing)
         size = self.config.vision.image_size
         if pixels.shape[1:3] != (size, size):
             raise ValueError(f"the image processing config makes {pixels.shape[1]}x{pixels.shape[2]} images; "
                              f"the encoder takes {size}x{size}")
-        return pixels
+        return pixels, crops
 
     def encode_image(self, pixel_values) -> np.ndarray:
         """float32[B, P, D]: with a decoder, the projected features that replace the image tokens;
@@ -316,15 +360,29 @@ class Model:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
                              "use generate_ids with token ids")
-        pixels = None
+        pixels, per_prompt = None, [None] * len(prompts)  # each prompt's images' crop counts
         if image is not None:
             images = [image] if single or not isinstance(image, (list, tuple)) else list(image)
             if len(images) != len(prompts):
                 raise ValueError(f"image: {len(images)} images for {len(prompts)} prompts; give one per prompt")
-            pixels = self.preprocess(images)
-        elif self.config.is_vlm:
+            if self.config.max_images > 1:  # each prompt's entry: an image or a list of them
+                images = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
+                pixels, crops = self._preprocess([x for row in images for x in row]) \
+                    if any(images) else (None, [])
+                starts = np.cumsum([0] + [len(row) for row in images])
+                per_prompt = [crops[a:b] for a, b in zip(starts[:-1], starts[1:])]
+                for i, c in enumerate(per_prompt):
+                    if len(c) + sum(c) > self.config.max_images:
+                        raise ValueError(f"image: prompt {i} has {len(c) + sum(c)} images (pan-and-scan crops "
+                                         f"included); this model takes at most {self.config.max_images} per prompt "
+                                         "(max_images)")
+            else:
+                pixels = self.preprocess(images)
+        elif self.config.is_vlm and self.config.max_images == 1:
             raise ValueError("image: this vision-language model needs an image per prompt")
-        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None, add_bos) for p in prompts]
+        framed = self.config.prompt_format == "framed_images"
+        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None or framed, add_bos,
+                             crops=[] if framed and c is None else c) for p, c in zip(prompts, per_prompt)]
         for i, r in enumerate(rows):
             if not len(r):
                 raise ValueError(f"prompt {i} is empty after tokenization")
@@ -338,7 +396,8 @@ class Model:
 
         `image` (a path, PIL image or uint8 array; a list with one per prompt) is what vision-language
         models answer about; the prompt is plain text, built into the model's format as its Hugging Face
-        processor would.
+        processor would. Models that take several images a prompt (Gemma 3, `config.max_images`) take a
+        list of images for a prompt, each placed at one of the prompt's image markers (`<start_of_image>`).
         """
         return self._generate_text(prompt_or_prompts, image, None, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -448,7 +507,9 @@ class Inputs(NamedTuple):
     """A batch of the model's inputs, as `Model.encode` lays them out."""
     input_ids: np.ndarray  # int32[B, T], right-aligned (padding first)
     attention_mask: np.ndarray  # bool[B, T]
-    pixel_values: np.ndarray | None  # float32[B, H, W, 3], one image per row; None for text
+    # float32[N, H, W, 3]: the rows' images in order, one a row (several, and pan-and-scan crops, where the model
+    # takes them: Gemma 3); None for text
+    pixel_values: np.ndarray | None
 
 
 def _check_generation_args(max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0) -> tuple[int, int]:

@@ -1,11 +1,14 @@
 """The whole model: a decoder, optionally fed by an image encoder through a projector; or an encoder alone.
 
 Image features replace the placeholder tokens' embeddings, in order: the i-th placeholder of a row gets
-the i-th feature of that row's image. Text embeddings are scaled as the decoder scales them (Gemma's
+the i-th feature of that row's images (pixels [B, H, W, C], one image a row, or [B, M, H, W, C], up to M:
+their features one after the other). Text embeddings are scaled as the decoder scales them (Gemma's
 sqrt(D)); image features enter unscaled, as transformers 5 and big_vision do.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,22 +18,32 @@ from jaxvlm.config import ModelConfig
 from jaxvlm.decoder import Decoder, DecoderOutput
 from jaxvlm.heads import ClassificationHead
 from jaxvlm.kv_cache import KVCache
-from jaxvlm.layers import MLP, Dtype, Einsum
+from jaxvlm.layers import MLP, Dtype, Einsum, RMSNorm
+from jaxvlm.masks import blocks_of_prefix, blocks_of_runs
 from jaxvlm.vision import VisionEncoder
 
 
 class Projector(nn.Module):
-    """Vision width -> decoder width: one Linear (PaliGemma) or Linear, exact GELU, Linear (LLaVA)."""
+    """Vision width -> decoder width: one Linear (PaliGemma); Linear, exact GELU, Linear (LLaVA); or (Gemma 3)
+    the square patch grid average-pooled to `tokens` tokens, a Gemma RMSNorm, one Linear without bias."""
 
     kind: str
     width: int
     use_bias: bool = True
     dtype: Dtype = jnp.float32
+    tokens: int | None = None
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "mlp":
             return MLP(self.width, self.width, "gelu", self.use_bias, dtype=self.dtype, name="mlp")(x)
+        if self.kind == "pooled":
+            B, P, C = x.shape
+            side, window = math.isqrt(P), math.isqrt(P) // math.isqrt(self.tokens)
+            x = nn.avg_pool(x.reshape(B, side, side, C), (window, window), strides=(window, window))
+            x = RMSNorm(self.norm_eps, 1.0, self.dtype, name="norm")(x.reshape(B, self.tokens, C))
+            return Einsum("BPC,CD->BPD", (C, self.width), ("embed", "embed"), dtype=self.dtype, name="linear")(x)
         return Einsum("BPC,CD->BPD", (x.shape[-1], self.width), ("embed", "embed"), self.use_bias, dtype=self.dtype,
                       name="linear")(x)
 
@@ -51,16 +64,22 @@ class VisionLanguageModel(nn.Module):
     def setup(self):
         c = self.config
         if c.decoder is not None:
-            self.decoder = Decoder(c.decoder, self.dtype, self.remat, self.scan_layers)
+            self.decoder = Decoder(c.decoder, self.dtype, self.remat, self.scan_layers, c.image_blocks)
         if c.vision is not None:
             self.vision = VisionEncoder(c.vision, self.dtype, self.remat, self.scan_layers)
         if c.is_vlm:
-            self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype)
+            self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype, c.image_tokens,
+                                       c.vision.norm_eps)
         if c.head is not None:
             self.head = ClassificationHead(c.head, self.dtype)
 
     def encode_image(self, pixels: jax.Array) -> jax.Array:
-        """pixels float[B, H, W, C] -> the features placed in the prompt, [B, P, D_decoder]."""
+        """pixels float[B, H, W, C] -> the features placed in the prompt, [B, P, D_decoder]; [B, M, H, W, C]
+        (M images a row) -> [B, M * P, D_decoder]."""
+        if pixels.ndim == 5:
+            B, M = pixels.shape[:2]
+            features = self.encode_image(pixels.reshape(B * M, *pixels.shape[2:]))
+            return features.reshape(B, M * features.shape[1], features.shape[2])
         return self.projector(self.vision.features(pixels))
 
     def _embeddings(self, tokens: jax.Array, pixels: jax.Array | None) -> jax.Array | None:
@@ -71,20 +90,30 @@ class VisionLanguageModel(nn.Module):
         text = self.decoder.embed(jnp.where(is_image, 0, tokens))
         return merge_image_features(text, self.encode_image(pixels), is_image)
 
+    def _blocks(self, tokens: jax.Array, pixels: jax.Array | None, prefix: jax.Array | None) -> jax.Array | None:
+        """The bidirectional blocks (`masks.decoder_mask`): a prefix-LM's prefix, or each image's tokens."""
+        if prefix is not None:
+            return blocks_of_prefix(prefix)
+        if self.config.image_blocks and pixels is not None:
+            return blocks_of_runs(tokens == self.config.image_token_id)
+        return None
+
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
                  pixels: jax.Array | None = None, prefix: jax.Array | None = None,
                  last_only: bool = False) -> DecoderOutput:
-        """The decoder over `tokens`, with the images in `pixels` (one per row) at the placeholder tokens.
+        """The decoder over `tokens`, with the images in `pixels` at the placeholder tokens; `prefix` bool[B, T]
+        marks a prefix-LM's prefix.
 
         See `Decoder.__call__` for the arguments; placeholder ids may lie outside the vocabulary.
         """
-        return self.decoder(tokens, positions, valid, cache, self._embeddings(tokens, pixels), prefix, last_only)
+        return self.decoder(tokens, positions, valid, cache, self._embeddings(tokens, pixels),
+                            self._blocks(tokens, pixels, prefix), last_only)
 
     def classify(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, pixels: jax.Array | None = None,
                  prefix: jax.Array | None = None) -> jax.Array:
         """The classification head's float32 logits: [B, labels] or, per token, [B, T, labels]."""
         hidden, _ = self.decoder.hidden_states(tokens, positions, valid, None, self._embeddings(tokens, pixels),
-                                               prefix)
+                                               self._blocks(tokens, pixels, prefix))
         return self.head(hidden, valid)
 
     def initialize(self, tokens: jax.Array, pixels: jax.Array):

@@ -141,6 +141,12 @@ VLMS = {
     # CLIP + Phi-3 with LongRoPE: class token, second-to-last layer, two-layer GELU projector
     "llava_phi3": ("LlavaConfig", "CLIPVisionConfig", "phi3_longrope"),
 }
+# SigLIP + Gemma 3 (its own tests, several images a row): 64 patches pooled to 16 tokens per image, each framed
+# by begin/end-of-image tokens, a window of 4 shorter than an image
+GEMMA3 = ("Gemma3Config", "SiglipVisionConfig", "gemma3_text")
+GEMMA3_VISION = dict(VISION, patch_size=4)
+GEMMA3_FRAME = (IMAGE_TOKEN - 2, IMAGE_TOKEN - 1)  # begin- and end-of-image
+GEMMA3_IMAGE_TOKENS = 16
 
 
 def _randomise(model, seed: int, embedding_scale: float = 0.3):
@@ -157,14 +163,19 @@ def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, i
     import torch
     import transformers
 
-    config_class, vision_class, text = VLMS[name]
+    config_class, vision_class, text = GEMMA3 if name == "gemma3" else VLMS[name]
     text_class, text_kwargs = CONFIGS[text]
     text_config = getattr(transformers, text_class)(**dict(
         text_kwargs, vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=eos_token_id,
         max_position_embeddings=256))
-    vision_config = getattr(transformers, vision_class)(**VISION, **(
+    vision_config = getattr(transformers, vision_class)(**(GEMMA3_VISION if name == "gemma3" else VISION), **(
         {"vision_use_head": False} if vision_class == "SiglipVisionConfig" else {}))
-    if config_class == "PaliGemmaConfig":
+    if config_class == "Gemma3Config":
+        config = transformers.Gemma3Config(vision_config=vision_config, text_config=text_config,
+                                           mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, image_token_index=image_token,
+                                           boi_token_index=GEMMA3_FRAME[0], eoi_token_index=GEMMA3_FRAME[1])
+        model_class = transformers.Gemma3ForConditionalGeneration
+    elif config_class == "PaliGemmaConfig":
         config = transformers.PaliGemmaConfig(vision_config=vision_config, text_config=text_config,
                                               image_token_index=image_token, projection_dim=text_config.hidden_size,
                                               hidden_size=text_config.hidden_size, vocab_size=vocab)
@@ -180,7 +191,7 @@ def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, i
     config.eos_token_id = eos_token_id
     # Gemma 2's post-norms bound each block's output, so at the usual scale the sqrt(D)-scaled embedding
     # of the last token dominates and the model only repeats it: smaller embeddings keep generation varied.
-    return _randomise(model_class(config).to(torch.float32), seed, embedding_scale=0.05 if text == "gemma2" else 0.3)
+    return _randomise(model_class(config).to(torch.float32), seed, embedding_scale=0.05 if text in ("gemma2", "gemma3_text") else 0.3)
 
 
 def build_vision(name: str, seed: int = 0):
@@ -247,3 +258,20 @@ def hf_vlm_logits(model, name: str, ids, mask, pixel_values, offset: int, token_
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0) + offset
     with torch.no_grad():
         return model(torch.tensor(ids), position_ids=torch.tensor(positions), **kwargs).logits.float().numpy()
+
+
+def gemma3_prompts(seed: int, images_per_row, text_length: int = 5) -> list[np.ndarray]:
+    """Rows of BOS, then per image some text and the framed image (begin, 16 image tokens, end), then text:
+    as Gemma3Processor lays them out (its blank lines are text like any other)."""
+    rng = np.random.default_rng(seed)
+    text = lambda: rng.integers(3, GEMMA3_FRAME[0], size=text_length)
+    image = np.concatenate([[GEMMA3_FRAME[0]], np.full(GEMMA3_IMAGE_TOKENS, IMAGE_TOKEN), [GEMMA3_FRAME[1]]])
+    return [np.concatenate([[2]] + [np.concatenate([text(), image]) for _ in range(n)] + [text()])
+            for n in images_per_row]
+
+
+def gemma3_kwargs(ids: np.ndarray, mask: np.ndarray, pixel_values: np.ndarray) -> dict:
+    """What Gemma3Processor gives besides input_ids: the images in row order, and token types (1 at images)."""
+    import torch
+    return {"pixel_values": to_torch_pixels(pixel_values), "attention_mask": torch.tensor(mask),
+            "token_type_ids": torch.tensor((np.asarray(ids) == IMAGE_TOKEN).astype(np.int64))}

@@ -9,16 +9,31 @@ import numpy as np
 import pytest
 
 from jaxvlm.attention import Attention, fused_attention
-from jaxvlm.masks import decoder_mask
+from jaxvlm.masks import blocks_of_prefix, blocks_of_runs, decoder_mask
 
 
 def _masks(B=2, T=12):
-    """Left padding (row 0 has 4 padding slots), causal, a window of 5, a bidirectional prefix of 7."""
+    """Left padding (row 0 has 4 padding slots), causal, a window of 5, a bidirectional prefix of 7, two
+    bidirectional images (slots 5-7 and 9-11) under a window of 2 that bounds them."""
     valid = jnp.ones((B, T), bool).at[0, :4].set(False)
-    prefix = valid & (jnp.arange(T) < 7)[None]
+    prefix = blocks_of_prefix(valid & (jnp.arange(T) < 7)[None])
+    images = blocks_of_runs(jnp.broadcast_to(jnp.isin(jnp.arange(T), jnp.array([5, 6, 7, 9, 10, 11])), (B, T)))
     return {"causal": decoder_mask(valid, 0, T), "window": decoder_mask(valid, 0, T, 5),
             "prefix": decoder_mask(valid, 0, T, None, (prefix, prefix)),
-            "prefix+window": decoder_mask(valid, 0, T, 5, (prefix, prefix)), "none": None}
+            "prefix+window": decoder_mask(valid, 0, T, 5, (prefix, prefix)),
+            "images+window": decoder_mask(valid, 0, T, 2, (images, images), window_bounds_blocks=True), "none": None}
+
+
+def test_blocks_and_windows_compose_as_transformers_masks():
+    """PaliGemma 2: a prefix block sees itself beyond the window; Gemma 3: an image sees itself in both
+    directions, and the window still bounds it (slot 11 sees 10 and 11 only; slot 9 sees 8 to 11)."""
+    m = _masks()
+    prefix_window = np.asarray(m["prefix+window"][1])
+    assert prefix_window[0, 6] and not prefix_window[7, 0] and prefix_window[7, 3]
+    images = np.asarray(m["images+window"][1])
+    assert np.flatnonzero(images[11]).tolist() == [10, 11]
+    assert np.flatnonzero(images[9]).tolist() == [8, 9, 10, 11]
+    assert np.flatnonzero(images[5]).tolist() == [4, 5, 6, 7] and np.flatnonzero(images[8]).tolist() == [7, 8]
 
 
 @pytest.mark.parametrize("mask_kind", list(_masks()))
