@@ -158,7 +158,8 @@ def _randomise(model, seed: int, embedding_scale: float = 0.3):
     return model.eval()
 
 
-def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, image_token: int = IMAGE_TOKEN):
+def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, image_token: int = IMAGE_TOKEN,
+              frame: tuple[int, int] = GEMMA3_FRAME):
     """A tiny random HF vision-language model (float32, eager attention), every parameter re-randomised."""
     import torch
     import transformers
@@ -173,7 +174,7 @@ def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, i
     if config_class == "Gemma3Config":
         config = transformers.Gemma3Config(vision_config=vision_config, text_config=text_config,
                                            mm_tokens_per_image=GEMMA3_IMAGE_TOKENS, image_token_index=image_token,
-                                           boi_token_index=GEMMA3_FRAME[0], eoi_token_index=GEMMA3_FRAME[1])
+                                           boi_token_index=frame[0], eoi_token_index=frame[1])
         model_class = transformers.Gemma3ForConditionalGeneration
     elif config_class == "PaliGemmaConfig":
         config = transformers.PaliGemmaConfig(vision_config=vision_config, text_config=text_config,

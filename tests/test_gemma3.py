@@ -103,6 +103,19 @@ def test_images_attend_both_ways_within_the_window(gemma3):
     assert reached[second[0]] and reached[second].all() and not reached[first].any()
 
 
+def test_exports_to_identical_logits(gemma3, tmp_path):
+    """export_hf writes a folder transformers loads as Gemma3ForConditionalGeneration, with the logits of the
+    model it was converted from; its config is read back to the same jaxvlm config."""
+    import transformers
+    import jaxvlm
+    hf, jx, rows, pixels = gemma3
+    out = jx.export_hf(tmp_path / "out")
+    back = transformers.Gemma3ForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
+    ids, mask = hf_models.left_pad(rows)
+    np.testing.assert_array_equal(hf_logits(back, ids, mask, pixels), hf_logits(hf, ids, mask, pixels))
+    assert jaxvlm.load(out).config == jx.config
+
+
 def test_bad_image_counts_are_one_line_errors(gemma3, tmp_path):
     _, jx, rows, pixels = gemma3
     ids, mask = hf_models.left_pad(rows)
@@ -114,3 +127,88 @@ def test_bad_image_counts_are_one_line_errors(gemma3, tmp_path):
         jx.logits(many[0][None], None, hf_models.pixels(1, jx.config.max_images + 1))
     with pytest.raises(ValueError, match="token_type_ids must be 1 exactly at the image tokens"):
         jx.logits(ids, mask, pixels, token_type_ids=np.zeros_like(ids))
+
+
+# --- what a user gets: a prompt with image markers and image files in, the processor's inputs and text out ---
+MARKERS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+PAN_AND_SCAN = dict(do_pan_and_scan=True, pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=3,
+                    pan_and_scan_min_ratio_to_activate=1.2)
+
+
+@pytest.fixture(scope="module")
+def gemma3_with_processor(tmp_path_factory, gemma_tokenizer):
+    """A Gemma 3 folder as Hugging Face writes it (model, tokenizer, processor asking for pan and scan), the
+    transformers model and processor, and three images: wide (cut into 3 crops), square, tall (2 crops)."""
+    import PIL.Image
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, GemmaTokenizer
+
+    root = tmp_path_factory.mktemp("gemma3_user")
+    hf_dir = root / "hf"
+    hf_dir.mkdir()
+    gemma_tokenizer(str(hf_dir), symbols=MARKERS)
+    tokenizer = GemmaTokenizer.from_pretrained(str(hf_dir), add_bos_token=True, extra_special_tokens=dict(
+        zip(("boi_token", "eoi_token", "image_token"), MARKERS)))
+    begin, end, image = tokenizer.convert_tokens_to_ids(list(MARKERS))
+    images = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **PAN_AND_SCAN)
+    processor = Gemma3Processor(image_processor=images, tokenizer=tokenizer, image_seq_length=16)
+    model = hf_models.build_vlm("gemma3", seed=8, eos_token_id=1, vocab=120, image_token=image, frame=(begin, end))
+    model.save_pretrained(hf_dir)
+    processor.save_pretrained(hf_dir)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, size in enumerate([(20, 50), (24, 24), (41, 18)]):
+        paths.append(str(root / f"image{i}.png"))
+        PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    return str(hf_dir), model, processor, paths
+
+
+PROMPTS = ["compare <start_of_image> with <start_of_image>", "<start_of_image> what is it"]
+
+
+def test_prompts_and_pixels_equal_gemma3_processor(gemma3_with_processor):
+    """Two prompts, the first with two images (one cut into crops), the second with one (cut too): the same
+    ids as Gemma3Processor (asked for pan and scan, as the folder's processor config is), the same pixels."""
+    import PIL.Image
+    import jaxvlm
+    hf_dir, _, processor, paths = gemma3_with_processor
+    jx = jaxvlm.load(hf_dir)
+    assert jx.config.image_processing.pan_and_scan is not None
+    images = [[PIL.Image.open(paths[0]), PIL.Image.open(paths[1])], [PIL.Image.open(paths[2])]]
+    want = processor(images=images, text=PROMPTS, padding="longest", return_tensors="np", **PAN_AND_SCAN)
+    got = jx.encode(PROMPTS, image=[[paths[0], paths[1]], [paths[2]]])
+    assert len(got.pixel_values) == 1 + 3 + 1 + 1 + 2
+    np.testing.assert_array_equal(got.input_ids, want["input_ids"])
+    np.testing.assert_array_equal(got.attention_mask, want["attention_mask"])
+    np.testing.assert_allclose(got.pixel_values, want["pixel_values"].transpose(0, 2, 3, 1), atol=1e-6)
+
+
+def test_two_images_give_transformers_answer(gemma3_with_processor):
+    import PIL.Image
+    import torch
+    import jaxvlm
+    hf_dir, model, processor, paths = gemma3_with_processor
+    jx = jaxvlm.load(hf_dir)
+    inputs = processor(images=[[PIL.Image.open(paths[0]), PIL.Image.open(paths[1])]], text=PROMPTS[:1],
+                       return_tensors="pt", **PAN_AND_SCAN)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert jx.generate(PROMPTS[0], image=[paths[0], paths[1]], max_new_tokens=8) == want
+    assert "".join(jx.stream(PROMPTS[0], image=[paths[0], paths[1]], max_new_tokens=8)) == want
+
+
+def test_image_markers_must_match_the_images(gemma3_with_processor):
+    import jaxvlm
+    hf_dir, _, _, paths = gemma3_with_processor
+    jx = jaxvlm.load(hf_dir)
+    with pytest.raises(ValueError, match=r"has 2 image markers <start_of_image> for 1 image; write one marker"):
+        jx.encode(PROMPTS[0], image=[paths[1]])
+    with pytest.raises(ValueError, match=r"has 1 image marker <start_of_image> for 2 images"):
+        jx.encode(PROMPTS[1], image=[paths[1], paths[1]])
+    with pytest.raises(ValueError, match=r"has 1 image marker <start_of_image> for 0 images"):
+        jx.encode(PROMPTS[1])
+    too_many = " ".join(["<start_of_image>"] * 3)
+    with pytest.raises(ValueError, match=r"prompt 0 has 11 images \(pan-and-scan crops included\); this model takes "
+                                         r"at most 8 per prompt"):
+        jx.encode(too_many, image=[paths[0], paths[0], paths[2]])
+    assert jx.generate("no image here", max_new_tokens=2)  # a text prompt needs no image

@@ -20,7 +20,8 @@ from tests import hf_models
 MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model")),
           "8x1": ((8, 1), ("data", "model")), "fsdp": ((2, 2, 2), ("data", "fsdp", "model"))}
 TEXT_FAMILIES = {"gemma2": {}, "gemma3_text": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
-VLMS = ["paligemma", "llava_phi3"]
+VLMS = ["paligemma", "llava_phi3", "gemma3"]
+IMAGES_PER_ROW = {"gemma3": [1, 2, 1]}  # several images a row; the others take one
 NEW_TOKENS = 10
 
 
@@ -33,7 +34,11 @@ def family(request, tmp_path_factory):
     """(name, converted folder, inputs for logits and generation, one-device logits and tokens)."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    if name in VLMS:
+    if name in IMAGES_PER_ROW:
+        hf = hf_models.build_vlm(name, seed=8)
+        rows = hf_models.gemma3_prompts(1, IMAGES_PER_ROW[name])
+        inputs = {"pixel_values": hf_models.pixels(0, sum(IMAGES_PER_ROW[name]))}
+    elif name in VLMS:
         hf = hf_models.build_vlm(name, seed=4)
         rows = hf_models.vlm_prompts(name, 1, [5, 9, 7])
         inputs = {"pixel_values": hf_models.pixels(0, 3)}
@@ -115,6 +120,9 @@ def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
     name, folder, inputs, logits, tokens = family
     model = jaxvlm.load(folder, mesh=mesh("8x1"))
     one_row = {k: v[1:2] for k, v in inputs.items()}
+    if name in IMAGES_PER_ROW:  # the images of row 1
+        start = IMAGES_PER_ROW[name][0]
+        one_row["pixel_values"] = inputs["pixel_values"][start:start + IMAGES_PER_ROW[name][1]]
     got = model.generate_ids(**one_row, max_new_tokens=NEW_TOKENS)
     assert got.shape == (1, NEW_TOKENS)
     np.testing.assert_array_equal(got[0], tokens[1])
