@@ -135,7 +135,9 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                                               + _t.SANDWICH_NORMS),
                behaviours=dict(_GEMMA, use_post_norms=True, use_qk_norm=True),
                defaults=dict(_GEMMA_DEFAULTS, query_pre_attn_scalar=256, sliding_window=4096, rope_theta=1_000_000.0,
-                             rope_local_base_freq=10_000.0),
+                             rope_local_base_freq=10_000.0, vocab_size=262_208, hidden_size=2304,
+                             intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+                             num_key_value_heads=4, max_position_embeddings=131_072),
                numbers=_GEMMA2_NUMBERS,
                pattern=lambda cfg, depth: tuple("global" if (i + 1) % cfg.integer("sliding_window_pattern", 6) == 0
                                                 else "local" for i in range(depth)),

@@ -98,6 +98,49 @@ def test_published_paligemma_config(tmp_path):
     assert sum(math.prod(s) for s in got.values()) == 2_923_466_480
 
 
+# The config.json of google/gemma-3-4b-it as published: the text part leaves heads, vocabulary and RoPE
+# bases to Gemma3TextConfig's defaults, and gives the older `rope_scaling`.
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "boi_token_index": 255999, "eoi_token_index": 256000,
+    "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02, "mm_tokens_per_image": 256,
+    "model_type": "gemma3",
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_published_gemma3_config(tmp_path):
+    """Gemma 3 4B: five local layers to a global one, the global RoPE scaled 8x, 64x64 patches pooled to
+    16x16 tokens framed by begin/end-of-image; the tensors predicted are transformers' own model's."""
+    import json
+    from convert import tables
+    from convert.hf_config import model_config
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B))
+    config, family, layout = model_config(str(tmp_path))
+    d, v = config.decoder, config.vision
+    assert (family.model_type, layout) == ("gemma3_text", "vlm")
+    assert (d.width, d.depth, d.num_heads, d.num_kv_heads, d.head_dim, d.mlp_dim, d.vocab_size) == \
+        (2560, 34, 8, 4, 256, 10240, 262208)
+    assert d.layer_types[:6] == ("local",) * 5 + ("global",) and d.sliding_window == 1024
+    assert (d.rope.theta, d.rope.linear_factor, d.local_rope.theta, d.local_rope.linear_factor) == (1e6, 8.0, 1e4, 1.0)
+    assert (v.image_size, v.patch_size, v.num_patches, config.tokens_per_image) == (896, 14, 4096, 256)
+    assert config.image_token_id == 262144 and config.image_frame == (255999, 256000) and config.image_blocks
+    assert config.tokens.eos_ids == (1, 106) and not config.prefix_lm and config.position_offset == 0
+    p = config.image_processing
+    assert p.size == (896, 896) and p.resample == 2 and p.pan_and_scan is None
+    import torch
+    with torch.device("meta"):  # shapes only, nothing allocated
+        hf = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(**GEMMA3_4B))
+    want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
+    got = {n: r.shape for n, r in tables.expand(config, family.table).items()}
+    assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
+
+
 @pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3", "qwen3_moe"])
 def test_a_family_is_found_again_by_its_behaviours(name, tmp_path):
     """Reading picks a family's record by model_type; writing finds the same record by the behaviours read."""
