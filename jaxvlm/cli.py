@@ -27,7 +27,8 @@ def _generate(args) -> None:
         raise ValueError("--prompt is required (or --images with prompts in its JSONL rows)")
     if args.out is not None:
         raise ValueError("--out is for --images: the answers of a dataset")
-    for piece in model.stream(args.prompt, image=args.image, **sampling):
+    image = args.image if args.image is None or len(args.image) > 1 else args.image[0]
+    for piece in model.stream(args.prompt, image=image, **sampling):
         print(piece, end="", flush=True)
     print()
 
@@ -104,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the built-in shapes model")
     p.add_argument("--prompt", default=None, help="the prompt, plain text (vision-language models: without "
                                                   "image tokens, they are placed as the model's processor does)")
-    p.add_argument("--image", default=None, help="an image file, for vision-language models")
+    p.add_argument("--image", default=None, action="append",
+                   help="an image file, for vision-language models; repeated for models that take several "
+                        "(Gemma 3: one per <start_of_image> in the prompt, in order)")
     p.add_argument("--images", default=None,
                    help="a folder of images, or a JSONL file of {\"image\", \"prompt\"} rows: answer each, in "
                         "batches, into --out")

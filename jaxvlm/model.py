@@ -377,6 +377,8 @@ class Model:
                                          f"included); this model takes at most {self.config.max_images} per prompt "
                                          "(max_images)")
             else:
+                if any(isinstance(x, (list, tuple)) for x in images):
+                    raise ValueError("image: this model takes one image per prompt, not a list")
                 pixels = self.preprocess(images)
         elif self.config.is_vlm and self.config.max_images == 1:
             raise ValueError("image: this vision-language model needs an image per prompt")

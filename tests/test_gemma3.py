@@ -212,3 +212,16 @@ def test_image_markers_must_match_the_images(gemma3_with_processor):
                                          r"at most 8 per prompt"):
         jx.encode(too_many, image=[paths[0], paths[0], paths[2]])
     assert jx.generate("no image here", max_new_tokens=2)  # a text prompt needs no image
+
+
+def test_generate_command_with_two_images(gemma3_with_processor):
+    import subprocess
+    import sys
+    import jaxvlm
+    hf_dir, _, _, paths = gemma3_with_processor
+    want = jaxvlm.load(hf_dir).generate(PROMPTS[0], image=paths[:2], max_new_tokens=6)
+    result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", hf_dir, "--image", paths[0],
+                             "--image", paths[1], "--prompt", PROMPTS[0], "--max-new-tokens", "6"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == want + "\n"

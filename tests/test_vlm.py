@@ -233,6 +233,7 @@ def test_number_of_images_must_match_prompts(user_model, paligemma_with_processo
     paths = paligemma_with_processor[3]
     one_line_error(lambda: user_model.generate(["a", "b"], image=paths[:1]), "image: 1 images for 2 prompts")
     one_line_error(lambda: user_model.generate(["a"], image=paths), "image: 2 images for 1 prompts")
+    one_line_error(lambda: user_model.generate("a", image=paths), "image: this model takes one image per prompt")
     ids = np.array([[user_model.config.image_token_id] * 16 + [2, 5, 6]] * 2)
     one_line_error(lambda: user_model.generate_ids(ids, pixel_values=hf_models.pixels(0, 1)),
                    "pixel_values hold 1 images for 2 rows of input_ids")
