@@ -69,14 +69,27 @@ PALIGEMMA_3B = {
 }
 
 
-def test_published_paligemma_config(tmp_path):
-    """transformers' defaults fill the gaps: the tensors predicted are transformers' own model's."""
+def _published(tmp_path, data: dict, stem: str):
+    """(config, family, layout, the tensor shapes predicted) for a published config.json, whose predicted
+    tensors must be transformers' own model's (`stem`ForConditionalGeneration, its head tied)."""
     import json
-    import math
+    import torch
     from convert import tables
     from convert.hf_config import model_config
-    (tmp_path / "config.json").write_text(json.dumps(PALIGEMMA_3B))
+    (tmp_path / "config.json").write_text(json.dumps(data))
     config, family, layout = model_config(str(tmp_path))
+    with torch.device("meta"):  # shapes only, nothing allocated
+        hf = getattr(transformers, f"{stem}ForConditionalGeneration")(getattr(transformers, f"{stem}Config")(**data))
+    want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
+    got = {n: r.shape for n, r in tables.expand(config, family.table).items()}
+    assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
+    return config, family, layout, got
+
+
+def test_published_paligemma_config(tmp_path):
+    """transformers' defaults fill the gaps: the tensors predicted are transformers' own model's."""
+    import math
+    config, family, layout, got = _published(tmp_path, PALIGEMMA_3B, "PaliGemma")
     d, v = config.decoder, config.vision
     assert (family.model_type, layout) == ("gemma", "vlm")
     assert (d.width, d.depth, d.num_heads, d.num_kv_heads, d.head_dim, d.mlp_dim, d.vocab_size) == \
@@ -89,12 +102,6 @@ def test_published_paligemma_config(tmp_path):
     assert config.tokens.bos_id == 2 and config.tokens.eos_ids == (1,)
     p = config.image_processing
     assert p.size == (224, 224) and p.crop_size is None and p.mean == p.std == (0.5,) * 3
-    import torch
-    with torch.device("meta"):  # shapes only, nothing allocated
-        hf = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(**PALIGEMMA_3B))
-    want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
-    got = {n: r.shape for n, r in tables.expand(config, family.table).items()}
-    assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
     assert sum(math.prod(s) for s in got.values()) == 2_923_466_480
 
 
@@ -117,11 +124,7 @@ GEMMA3_4B = {
 def test_published_gemma3_config(tmp_path):
     """Gemma 3 4B: five local layers to a global one, the global RoPE scaled 8x, 64x64 patches pooled to
     16x16 tokens framed by begin/end-of-image; the tensors predicted are transformers' own model's."""
-    import json
-    from convert import tables
-    from convert.hf_config import model_config
-    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_4B))
-    config, family, layout = model_config(str(tmp_path))
+    config, family, layout, _ = _published(tmp_path, GEMMA3_4B, "Gemma3")
     d, v = config.decoder, config.vision
     assert (family.model_type, layout) == ("gemma3_text", "vlm")
     assert (d.width, d.depth, d.num_heads, d.num_kv_heads, d.head_dim, d.mlp_dim, d.vocab_size) == \
@@ -133,12 +136,6 @@ def test_published_gemma3_config(tmp_path):
     assert config.tokens.eos_ids == (1, 106) and not config.prefix_lm and config.position_offset == 0
     p = config.image_processing
     assert p.size == (896, 896) and p.resample == 2 and p.pan_and_scan is None
-    import torch
-    with torch.device("meta"):  # shapes only, nothing allocated
-        hf = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(**GEMMA3_4B))
-    want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
-    got = {n: r.shape for n, r in tables.expand(config, family.table).items()}
-    assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
 
 
 @pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3", "qwen3_moe"])

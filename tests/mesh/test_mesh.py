@@ -1,7 +1,8 @@
 """One model over 8 devices: the same logits and tokens as on one device, on every mesh shape tried.
 
-Each family is converted once and loaded on one device and on each mesh; meshes are made by
-`jax.make_mesh` (Explicit axes, as users get them).
+Each family is converted once and loaded on one device and on its meshes: every family on one split over a
+`model` axis, every mesh shape under several families (the suite's time grows with families x meshes);
+meshes are made by `jax.make_mesh` (Explicit axes, as users get them).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model"))
 TEXT_FAMILIES = {"gemma2": {}, "gemma3_text": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
 VLMS = ["paligemma", "llava_phi3", "gemma3"]
 IMAGES_PER_ROW = {"gemma3": [1, 2, 1]}  # several images a row; the others take one
+MESHES_OF = {"gemma2": ["2x4", "8x1"], "gemma3_text": ["fsdp"], "qwen3": ["1x8"], "qwen3_mqa": ["2x4", "1x8"],
+             "paligemma": ["1x8", "8x1"], "llava_phi3": ["fsdp"], "gemma3": ["2x4"]}
 NEW_TOKENS = 10
 
 
@@ -62,11 +65,20 @@ COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|all-reduce|reduce-s
                         r"(?:-start)?\(")
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_a_mesh_gives_the_one_device_logits_and_tokens(family, mesh_name):
+def test_every_mesh_shape_serves_several_families():
+    used = [m for meshes in MESHES_OF.values() for m in meshes]
+    assert set(MESHES_OF) == set(TEXT_FAMILIES) | set(VLMS) and all(used.count(m) >= 2 for m in MESHES)
+
+
+def test_a_mesh_gives_the_one_device_logits_and_tokens(family):
     """Three rows: padded to their bucket, 4 rows, and to 8 on (8, 1), the copies dropped again. With a `model`
     axis, most parameter bytes are split; without `fsdp`, decoding moves activations (all-reduces of
     partial sums, small gathers of per-shard results), never a weight gathered whole."""
+    for mesh_name in MESHES_OF[family[0]]:
+        _check_mesh(family, mesh_name)
+
+
+def _check_mesh(family, mesh_name):
     name, folder, inputs, logits, tokens = family
     model = jaxvlm.load(folder, mesh=mesh(mesh_name))
     diff = np.abs(model.logits(**inputs) - logits).max()
