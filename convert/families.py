@@ -93,7 +93,10 @@ def _qwen3_moe(cfg: Fields, depth: int) -> MoeConfig:
     experts = cfg.integer("num_local_experts", None) or cfg.integer("num_experts")
     dense, step = set(cfg.integers("mlp_only_layers")), cfg.integer("decoder_sparse_step")
     layers = tuple(i not in dense and (i + 1) % step == 0 for i in range(depth))
-    return MoeConfig(num_experts=experts, top_k=cfg.integer("num_experts_per_tok"),
+    top_k = cfg.integer("num_experts_per_tok")
+    if not 0 < top_k <= experts:
+        cfg.fail("num_experts_per_tok", f"between 1 and num_experts={experts}", top_k)
+    return MoeConfig(num_experts=experts, top_k=top_k,
                      mlp_dim=cfg.integer("moe_intermediate_size"), normalize_weights=cfg.flag("norm_topk_prob"),
                      layers=() if all(layers) else layers)
 

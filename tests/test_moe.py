@@ -42,9 +42,18 @@ def test_sorted_ragged_products_equal_a_loop_over_tokens(normalize):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_bad_moe_settings_are_named():
+def test_bad_moe_settings_are_named(hf_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="MoeConfig.top_k: 9 is more than num_experts=8"):
         MoeConfig(num_experts=8, top_k=9, mlp_dim=4)
+    import json
+    import shutil
+    from convert.hf_config import ConfigError, model_config
+    folder = shutil.copytree(hf_checkpoint("qwen3_moe"), tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, num_experts_per_tok=9)))
+    with pytest.raises(ConfigError, match=r"config.json: field 'num_experts_per_tok' must be between 1 and "
+                                          r"num_experts=8, got 9$"):
+        model_config(str(folder))
     with pytest.raises(ValueError, match="MoeConfig.num_experts: must be a positive int, got 0"):
         MoeConfig(num_experts=0, top_k=1, mlp_dim=4)
 
