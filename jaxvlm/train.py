@@ -99,8 +99,11 @@ class TrainConfig:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (weight decay on matrices only) after gradient clipping, less its last stage: the scaling by
+    minus the learning rate, which the train step applies with the schedule's value it is given. So the
+    compiled step holds no schedule (steps, peak, warm-up): one program serves every run of a model."""
     matrices = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adamw = optax.adamw(tc.schedule(), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=matrices)
+    adamw = optax.chain(optax.scale_by_adam(b1=tc.b1, b2=tc.b2), optax.add_decayed_weights(tc.weight_decay, matrices))
     if tc.grad_clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(tc.grad_clip_norm), adamw)
@@ -131,8 +134,8 @@ def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> 
     return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 
-def _train_step(model, optimizer, schedule, lora_scale, state: TrainState, batch,
-                frozen) -> tuple[TrainState, dict[str, jax.Array]]:
+def _train_step(model, optimizer, lora_scale, state: TrainState, batch, frozen,
+                learning_rate) -> tuple[TrainState, dict[str, jax.Array]]:
     def loss(trained):
         # With LoRA the trained params are the adapters, attached to the frozen base params for the forward.
         params = trained if frozen is None else lora_lib.attach(frozen, lora_lib.scaled(trained, lora_scale))
@@ -140,6 +143,7 @@ def _train_step(model, optimizer, schedule, lora_scale, state: TrainState, batch
     (loss, tokens), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: -learning_rate * u, updates)  # AdamW's last stage (see make_optimizer)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss, gradient or update leaves weights and moments untouched; the host reports the
     # step. So no non-finite weight is ever trained in, or saved.
@@ -150,7 +154,7 @@ def _train_step(model, optimizer, schedule, lora_scale, state: TrainState, batch
                        opt_state=keep(opt_state, state.opt_state))
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
                "weights_finite": weights_finite,
-               "learning_rate": schedule(state.step - 1)}
+               "learning_rate": learning_rate}
     return state, metrics
 
 
@@ -218,7 +222,7 @@ class Trainer:
         # The layers run as the params hold them: unrolled, or stacked and scanned (see jaxvlm.layout).
         self.model = self.model.clone(scan_layers=is_stacked(state.params))
         scale = None if self.config.lora is None else self.config.lora.scale
-        step = functools.partial(_train_step, self.model, self.optimizer, self.tc.schedule(), scale)
+        step = functools.partial(_train_step, self.model, self.optimizer, scale)
         if self.shard is None:
             return jax.jit(step, donate_argnums=0)
         shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -382,6 +386,7 @@ class Trainer:
             if on_step is not None:  # the steps before the resumed one, as they were recorded
                 for metrics in self._history:
                     on_step(metrics["step"], metrics)
+            schedule = self.tc.schedule()
             bar = tqdm(total=self.tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
             bad_in_a_row = 0
             # The next batch is made on a thread while the device runs the current step.
@@ -391,7 +396,7 @@ class Trainer:
                     batch = self._place_batch(_batch_arrays(upcoming.result(), self.config))
                     if step + 1 < self.tc.steps:
                         upcoming = pool.submit(batches, step + 1)
-                    state, metrics = train_step(state, batch, self.frozen)
+                    state, metrics = train_step(state, batch, self.frozen, np.float32(schedule(step)))
                     metrics = {k: float(v) for k, v in metrics.items()}
                     if metrics["finite"]:
                         bad_in_a_row = 0
