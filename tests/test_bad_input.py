@@ -430,6 +430,14 @@ def train(tok, steps, workdir, **kwargs):
     return state, losses
 
 
+@pytest.fixture(scope="module")
+def four_steps(tok, tmp_path_factory):
+    """A workdir of 4 steps checkpointed at steps 2 and 4 (copy it before damaging it)."""
+    workdir = tmp_path_factory.mktemp("four_steps")
+    train(tok, 4, workdir, checkpoint_every=2)
+    return workdir
+
+
 @pytest.mark.parametrize("damage", [
     lambda step: shutil.rmtree(os.path.join(step, "default")),
     lambda step: [open(p, "r+b").truncate(0) for p, _, ns in os.walk(step) for p in [os.path.join(p, n) for n in ns]
@@ -438,8 +446,8 @@ def train(tok, steps, workdir, **kwargs):
     lambda step: flip_a_byte(next(f for p, _, ns in os.walk(step) for f in [os.path.join(p, n) for n in ns]
                                   if "/d/" in f)),
 ], ids=["item folder gone", "data truncated", "tree metadata garbled", "a byte flipped"])
-def test_damaged_latest_training_checkpoint_falls_back_with_a_warning(tok, tmp_path, caplog, damage):
-    train(tok, 4, tmp_path, checkpoint_every=2)
+def test_damaged_latest_training_checkpoint_falls_back_with_a_warning(tok, four_steps, tmp_path, caplog, damage):
+    shutil.copytree(four_steps, tmp_path, dirs_exist_ok=True)
     damage(str(tmp_path / "checkpoints" / "4"))
     with caplog.at_level(logging.WARNING, "jaxvlm.train"):
         state, losses = train(tok, 5, tmp_path, checkpoint_every=2)
