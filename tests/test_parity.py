@@ -75,6 +75,21 @@ def test_top_k_one_is_greedy_and_seed_repeats(family):
     assert (sampled[0] != greedy).any(), "sampling at temperature 1.5 should leave the greedy path"
 
 
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"], indirect=True)
+def test_streamed_tokens_are_the_generated_ones(family):
+    """`Model.stream`'s chunks (its decode calls of STREAM_CHUNK steps, a sliding window's ring crossing
+    them) joined are `generate_ids`'s tokens."""
+    from jaxvlm.generate import stream_tokens
+    from jaxvlm.model import STREAM_CHUNK
+    name, _, jx, rows = family
+    ids, mask = hf_models.left_pad(rows)
+    generation = jx._generation(ids, mask, None, max_new_tokens=NEW_TOKENS)
+    chunks = list(stream_tokens(jx.config, jx.dtype, jx.params, **generation, chunk_size=STREAM_CHUNK))
+    streamed = np.concatenate(chunks, axis=1)
+    assert len(chunks) > 2 and all(c.shape[1] <= STREAM_CHUNK for c in chunks)
+    np.testing.assert_array_equal(streamed, jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)[:, :streamed.shape[1]])
+
+
 # --- LongRoPE: long prompts use the long factors; crossing the original length rebuilds the cache ---------
 @pytest.fixture(scope="module")
 def longrope(convert_and_load):
