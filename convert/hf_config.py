@@ -14,8 +14,8 @@ from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, 
                               VisionFamily)
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
-from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, PanAndScan, RopeConfig, TokensConfig,
-                           VisionConfig, longrope_attention_factor)
+from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, PanAndScan, RopeConfig,
+                           TokensConfig, VisionConfig, longrope_attention_factor)
 
 SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
 

@@ -2,7 +2,8 @@
 
 Any PIL mode becomes RGB (transparency composited onto white); then resize (to a fixed size, or so the
 shortest edge has a given length), centre-crop, rescale and normalise, each as the checkpoint's
-`preprocessor_config.json` asks; Gemma 3's pan and scan adds crops of a long image, each processed alike. The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
+`preprocessor_config.json` asks; Gemma 3's pan and scan adds crops of a long image, each processed alike.
+The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
 """
 
 from __future__ import annotations

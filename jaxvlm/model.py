@@ -263,8 +263,8 @@ class Model:
         `input_ids` hold the image placeholder tokens where `pixel_values` [B, H, W, 3] (one image per row;
         for models taking several, [N, H, W, 3]: the rows' images in order) go. Prefix-LM models (PaliGemma)
         attend bidirectionally over the tokens whose `token_type_ids` are 0; by default, all of them. Gemma 3's
-        images attend to themselves both ways whatever the `token_type_ids` (the processor's are accepted). Positions count real tokens only (as in generation), so a padded row
-        matches the same prompt alone.
+        images attend to themselves both ways whatever the `token_type_ids` (the processor's are accepted).
+        Positions count real tokens only (as in generation), so a padded row matches the same prompt alone.
         """
         self._require_lm_head()
         return self._run(input_ids, attention_mask, pixel_values, token_type_ids)

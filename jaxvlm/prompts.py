@@ -54,7 +54,8 @@ def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_im
 
 def _framed(config: ModelConfig, tokenizer: Tokenizer, prompt: str, add_bos: bool | None,
             crops: list[int]) -> np.ndarray:
-    begin, end = (_token_text(tokenizer, i, what) for i, what in zip(config.image_frame, ("begin-of-image", "end-of-image")))
+    begin, end = (_token_text(tokenizer, i, what)
+                  for i, what in zip(config.image_frame, ("begin-of-image", "end-of-image")))
     image = _token_text(tokenizer, config.image_token_id, "image")
     markers = prompt.count(begin)
     if markers != len(crops):

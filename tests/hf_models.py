@@ -190,9 +190,10 @@ def build_vlm(name: str, seed: int = 0, eos_token_id=None, vocab: int = VOCAB, i
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = "eager"
     config.eos_token_id = eos_token_id
-    # Gemma 2's post-norms bound each block's output, so at the usual scale the sqrt(D)-scaled embedding
+    # Gemma 2 and 3: post-norms bound each block's output, so at the usual scale the sqrt(D)-scaled embedding
     # of the last token dominates and the model only repeats it: smaller embeddings keep generation varied.
-    return _randomise(model_class(config).to(torch.float32), seed, embedding_scale=0.05 if text in ("gemma2", "gemma3_text") else 0.3)
+    small = text in ("gemma2", "gemma3_text")
+    return _randomise(model_class(config).to(torch.float32), seed, embedding_scale=0.05 if small else 0.3)
 
 
 def build_vision(name: str, seed: int = 0):
