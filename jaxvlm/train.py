@@ -386,7 +386,8 @@ class Trainer:
             if on_step is not None:  # the steps before the resumed one, as they were recorded
                 for metrics in self._history:
                     on_step(metrics["step"], metrics)
-            schedule = self.tc.schedule()
+            # jitted, as it ran inside the step before: eager evaluation rounds some values an ulp apart
+            schedule = jax.jit(self.tc.schedule())
             bar = tqdm(total=self.tc.steps, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
             bad_in_a_row = 0
             # The next batch is made on a thread while the device runs the current step.
