@@ -175,6 +175,24 @@ def _mesh_suite_starter() -> bool:
     return os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0"
 
 
+# Files in the order the two processes take them (`--dist loadfile` hands out whole files in collection
+# order): the longest first, as measured on the 2-core CI machine, so that no process is left with a long
+# file at the end while the other idles. The one that waits for the 8-device suite comes once that suite
+# (about 7 minutes) is likely done.
+LONGEST_FIRST = ["notebooks/04_finetune.ipynb", "tests/test_parity.py", "tests/test_bad_input.py",
+                 "tests/test_train.py", "tests/test_layout.py", "tests/test_vlm.py", "tests/test_convert.py",
+                 "tests/test_shapes.py", "tests/test_quantize.py", "tests/test_lora.py", "tests/test_sharding.py",
+                 "tests/test_export.py", "tests/test_generate.py", "notebooks/03_convert_and_compare.ipynb",
+                 "tests/test_gemma3.py", "tests/test_dataset.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = os.path.relpath(str(item.path), str(config.rootpath))
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
 def pytest_collection_finish(session):
     if any(item.nodeid == MESH_SUITE for item in session.items) and not _mesh_suite_starter():
         session.config.stash[MESH_SUITE_KEY] = start_mesh_suite()
