@@ -175,8 +175,8 @@ def _mesh_suite_starter() -> bool:
     return os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0"
 
 
-# Files in the order the two processes take them (`--dist loadfile` hands out whole files in collection
-# order): the longest first, as measured on the 2-core CI machine, so that no process is left with a long
+# Files in the order the two processes take them (`--dist loadfile --no-loadscope-reorder` hands out whole
+# files in collection order, rather than those with the most tests first): the longest first, as measured on the 2-core CI machine, so that no process is left with a long
 # file at the end while the other idles. The one that waits for the 8-device suite comes once that suite
 # (about 7 minutes) is likely done.
 LONGEST_FIRST = ["notebooks/04_finetune.ipynb", "tests/test_parity.py", "tests/test_bad_input.py",

@@ -140,6 +140,7 @@ def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
     np.testing.assert_array_equal(got[0], tokens[1])
 
 
+@pytest.mark.parametrize("family", ["gemma2", "qwen3_mqa", "gemma3"], indirect=True)  # local layers, MQA, a VLM
 def test_int8_weights_on_a_mesh(family):
     """int8 weights and their scales split by the same rules (a scale is named as its weight), stacked
     over data, fsdp and model: the logits and tokens of the int8 model on one device (which runs the
