@@ -139,23 +139,14 @@ class Model:
                 counts.append(self._images_in_row(i, images))
         if pixels is not None and several:
             pixels = self._images_by_row(pixels, counts)
+        if token_type_ids is not None and not (self.config.prefix_lm or self.config.image_blocks):
+            raise ValueError("token_type_ids mark a prefix-LM's prefix; this model has none")
+        types = None if token_type_ids is None else _token_types(token_type_ids, ids.shape)
         prefix = None
         if self.config.prefix_lm:
-            prefix = mask.copy()
-            if token_type_ids is not None:
-                types = _array("token_type_ids", token_type_ids)
-                types = types[None] if types.ndim == 1 else types
-                if types.shape != ids.shape:
-                    raise ValueError(f"token_type_ids has shape {types.shape}, input_ids {ids.shape}")
-                prefix &= types == 0
-        elif token_type_ids is not None and self.config.image_blocks:
-            types = _array("token_type_ids", token_type_ids)
-            types = types[None] if types.ndim == 1 else types
-            if types.shape != ids.shape or ((types == 1) != (ids == image_id))[mask].any():
-                raise ValueError("token_type_ids must be 1 exactly at the image tokens (the processor's); "
-                                 f"got shape {list(types.shape)} not marking them so")
-        elif token_type_ids is not None:
-            raise ValueError("token_type_ids mark a prefix-LM's prefix; this model has none")
+            prefix = mask.copy() if types is None else mask & (types == 0)
+        elif types is not None and ((types == 1) != (ids == image_id))[mask].any():
+            raise ValueError("token_type_ids must be 1 exactly at the image tokens (the processor's)")
         return ids, mask, prefix, pixels
 
     def _images_in_row(self, row: int, image_tokens: int) -> int:
@@ -518,6 +509,15 @@ class Inputs(NamedTuple):
 def _check_generation_args(max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0) -> tuple[int, int]:
     check_sampling_args(temperature, top_k, top_p)
     return checks.integer("max_new_tokens", max_new_tokens, 1), checks.seed(seed)
+
+
+def _token_types(token_type_ids, shape: tuple[int, ...]) -> np.ndarray:
+    """token_type_ids as an int array of input_ids' shape [B, T] (a single row may come as [T])."""
+    types = _array("token_type_ids", token_type_ids)
+    types = types[None] if types.ndim == 1 else types
+    if types.shape != shape:
+        raise ValueError(f"token_type_ids has shape {types.shape}, input_ids {shape}")
+    return types
 
 
 def _array(name: str, value) -> np.ndarray:
