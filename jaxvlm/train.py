@@ -199,7 +199,9 @@ class Trainer:
             params = jax.tree.map(lambda p: jnp.array(p, jnp.float32), params)
             return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.optimizer.init(params))
         if self.shard is None:
-            return fresh(params)
+            # Committed to the device, as restored arrays are: a fresh and a resumed state are then one
+            # program to the train step (XLA compiles uncommitted and committed inputs as two).
+            return jax.jit(fresh, out_shardings=jax.sharding.SingleDeviceSharding(jax.devices()[0]))(params)
         devices = set(self.shard.mesh.devices.flat)
         # Params already on the mesh stay where they are; any others come from the host (the same on every
         # process), each process placing its own shards.

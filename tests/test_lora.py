@@ -6,6 +6,7 @@ asserted by notebooks/04_finetune.ipynb, which runs both (the test suite execute
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_bad_lora_settings_are_named():
         lora.init(params, LoraConfig(targets=("attn/qq",)), contracted, jax.random.key(0))
 
 
-def test_only_the_adapters_train_and_they_save_apart_or_merge(tmp_path):
+def test_only_the_adapters_train_and_they_save_apart_or_merge(tmp_path, caplog):
     """On the built-in model: under 5% of the parameters trained, the base bit-identical, the optimizer's
     state the adapters' alone; kept apart through save and load, or merged, the same model. (That LoRA
     learns a new prompt kind as the full fine-tune does is checked where both run: notebooks/04_finetune.)"""
@@ -65,10 +66,14 @@ def test_only_the_adapters_train_and_they_save_apart_or_merge(tmp_path):
     def keep(self, *args, **kwargs):  # the trainer, to read its optimizer state
         original(self, *args, **kwargs)
         trainers.append(self)
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, jax.log_compiles(), caplog.at_level(logging.WARNING, "jax"):
         patch.setattr(Trainer, "__init__", keep)
         tuned = finetune(model, rows, TrainConfig(steps=4, learning_rate=1e-2, warmup_steps=1), batch_size=4,
                          progress=False, lora=config)
+    # one program for every step (the rows fall in one length bucket): the fresh adapters sit on the
+    # device as the frozen params do, so the second step's inputs are not another program's
+    compiled = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Compiling jit(_train_step)")]
+    assert len(compiled) == 1, [m[:80] for m in compiled]
     base, adapters = lora.split(tuned.params)
     assert lora.count(adapters) / lora.count(model.params) <= 0.05
     assert jax.tree.all(jax.tree.map(np.array_equal, base, model.params))
