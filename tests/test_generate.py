@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -28,14 +29,18 @@ CONFIGS = {
 }
 
 
-def random_model(config: DecoderConfig, seed=0) -> Model:
+@functools.partial(jax.jit, static_argnums=0)  # one program: op by op, each initializer compiles on its own
+def random_params(config: DecoderConfig, seed):
     tokens = jnp.zeros((1, 1), jnp.int32)
     params = {"decoder": nn.meta.unbox(Decoder(config).init(jax.random.key(seed), tokens, tokens, tokens > -1)["params"])}
     # Perturb every leaf so norm scales and biases are not at their trivial init.
     leaves, tree = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = tree.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    return Model(ModelConfig(decoder=config, tokens=TokensConfig(eos_ids=(), pad_id=0)), params)
+    return tree.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def random_model(config: DecoderConfig, seed=0) -> Model:
+    return Model(ModelConfig(decoder=config, tokens=TokensConfig(eos_ids=(), pad_id=0)), random_params(config, seed))
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
