@@ -17,6 +17,20 @@ class ConfigError(ValueError):
     pass
 
 
+INT32_MAX = 2**31 - 1
+
+# Sizes a config gives are bounded before any table or buffer is built from them (a num_hidden_layers of
+# 10**9 would otherwise build a table of 10**9 layers). Each bound is far above every published model.
+SIZE_LIMITS = {
+    "num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+    "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
+    "num_experts": 1 << 12, "num_local_experts": 1 << 12, "num_experts_per_tok": 1 << 12, "image_size": 1 << 14,
+    "patch_size": 1 << 10, "image_seq_length": 1 << 16, "mm_tokens_per_image": 1 << 16, "projection_dim": 1 << 17,
+    "num_labels": 1 << 20, "sliding_window_pattern": 1024, "max_window_layers": 1024, "decoder_sparse_step": 1024,
+}
+
+
 class Fields:
     """A JSON object from `path`; `prefix` names where it sits in the file, `defaults` fill absent fields."""
 
@@ -50,7 +64,12 @@ class Fields:
         return value
 
     def integer(self, key: str, default: Any = _MISSING) -> int:
-        return self._take(key, default, _is_int, "an integer")
+        """An integer; a size named in `SIZE_LIMITS` must also be in [1, its limit] (0 for a window or step
+        means none)."""
+        if key not in SIZE_LIMITS:
+            return self._take(key, default, _is_int, "an integer")
+        limit = SIZE_LIMITS[key]
+        return self._take(key, default, lambda v: _is_int(v) and 0 <= v <= limit, f"an integer in [0, {limit:,}]")
 
     def number(self, key: str, default: Any = _MISSING) -> float:
         value = self._take(key, default, _is_number, "a finite number")
@@ -78,12 +97,12 @@ class Fields:
 
     def token_id(self, key: str, default: Any = None) -> int | None:
         """A token id: a non-negative integer (a list or a string is refused)."""
-        return self._take(key, default, lambda v: _is_int(v) and v >= 0, "a token id (an integer >= 0)")
+        return self._take(key, default, lambda v: _is_token(v), "a token id (an integer in [0, 2**31 - 1])")
 
     def token_ids(self, key: str) -> tuple[int, ...]:
         """One token id or a list of them (end-of-sequence ids are either)."""
-        value = self._take(key, [], lambda v: (_is_int(v) and v >= 0) or (
-            isinstance(v, list) and all(_is_int(x) and x >= 0 for x in v)), "a token id or a list of token ids")
+        value = self._take(key, [], lambda v: _is_token(v) or (isinstance(v, list) and all(map(_is_token, v))),
+                           "a token id or a list of token ids (integers in [0, 2**31 - 1])")
         return tuple(value) if isinstance(value, list) else (value,)
 
     def sub(self, key: str, defaults: dict[str, Any] | None = None) -> "Fields":
@@ -97,6 +116,10 @@ class Fields:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_token(value: Any) -> bool:
+    return _is_int(value) and 0 <= value <= INT32_MAX  # ids are int32 on the device
 
 
 def _is_number(value: Any) -> bool:

@@ -14,8 +14,8 @@ from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, 
                               VisionFamily)
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
-from jaxvlm.config import (DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, PanAndScan, RopeConfig,
-                           TokensConfig, VisionConfig, longrope_attention_factor)
+from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, PanAndScan,
+                           RopeConfig, TokensConfig, VisionConfig, longrope_attention_factor)
 
 SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
 
@@ -183,37 +183,60 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
                         image_std=[0.5] * 3)
     p = p.with_defaults(dict(defaults, **(overrides or {})))
 
+    limit = 2 * size  # nothing is resized past twice the encoder's input
+
+    def side(fields: Fields, key: str) -> int:
+        value = fields.integer(key)
+        if not 0 < value <= limit:
+            fields.fail(key, f"a size in [1, {limit}] (twice the encoder's {size}-pixel input at most)", value)
+        return value
+
     def hw(key: str) -> tuple[int, int]:
         value = p.raw(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return (value, value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (side(p, key),) * 2
         if isinstance(value, dict):
             sub = p.sub(key)
-            return (sub.integer("height"), sub.integer("width"))
+            return (side(sub, "height"), side(sub, "width"))
         p.fail(key, "an integer or {height, width}", value)
 
     def channels(key: str) -> tuple[float, float, float]:
         values = p.numbers(key)
         if len(values) != 3:
             p.fail(key, "three numbers (one per channel)", list(values))
+        if key == "image_std" and 0 in values:
+            p.fail(key, "three nonzero numbers (pixels are divided by them)", list(values))
         return values
 
     resize = p.flag("do_resize", True)
     size_field = p.raw("size")
-    shortest = p.sub("size").integer("shortest_edge", None) if isinstance(size_field, dict) else None
+    shortest = None
+    if isinstance(size_field, dict) and p.sub("size").has("shortest_edge"):
+        shortest = side(p.sub("size"), "shortest_edge")
     if isinstance(size_field, int) and family.processor == "clip":  # older CLIP configs: an int is the shortest edge
-        shortest = p.integer("size")
+        shortest = side(p, "size")
+    resample = p.integer("resample", 3)
+    if resample not in RESAMPLE_FILTERS:
+        p.fail("resample", f"a Pillow filter number ({', '.join(f'{k} {v}' for k, v in RESAMPLE_FILTERS.items())})",
+               resample)
+    rescale = p.number("rescale_factor", 1 / 255) if p.flag("do_rescale", True) else None
+    if rescale is not None and rescale <= 0:
+        p.fail("rescale_factor", "a number > 0", rescale)
     normalize = p.flag("do_normalize", True)
-    return ImageProcessing(
+    processing = ImageProcessing(
         size=hw("size") if resize and shortest is None else None,
         shortest_edge=shortest if resize else None,
-        resample=p.integer("resample", 3),
+        resample=resample,
         crop_size=hw("crop_size") if p.flag("do_center_crop") else None,
-        rescale_factor=p.number("rescale_factor", 1 / 255) if p.flag("do_rescale", True) else None,
+        rescale_factor=rescale,
         mean=channels("image_mean") if normalize else None,
         std=channels("image_std") if normalize else None,
         pan_and_scan=_pan_and_scan(p) if p.flag("do_pan_and_scan", False) else None,
     )
+    why = processing.check_encoder(size)
+    if why is not None:
+        raise ConfigError(f"{p.path}: the image processing (size, crop_size) {why}")
+    return processing
 
 
 def _pan_and_scan(p: Fields) -> PanAndScan:

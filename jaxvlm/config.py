@@ -29,6 +29,22 @@ HEAD_KINDS = ("sequence_classification", "token_classification")
 QUANTIZE_MODES = ("int8",)
 
 
+MAX_IMAGE_SIDE = 1 << 14
+RESAMPLE_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # Pillow's
+
+# Sizes are bounded before any table or buffer is built from them; each bound is far above every published
+# model (a config.json edited to 10**9 layers is refused, not built).
+SIZE_LIMITS = {"depth": 1024, "width": 1 << 17, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024,
+               "mlp_dim": 1 << 20, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "image_size": 1 << 14,
+               "patch_size": 1 << 10, "num_experts": 1 << 12, "top_k": 1 << 12}
+
+
+def _require_size(cls: str, field: str, value: Any) -> None:
+    limit = SIZE_LIMITS.get(field, 2**31 - 1)
+    _require(isinstance(value, int) and 0 < value <= limit, cls, field,
+             f"must be a positive int of at most {limit:,}, got {value!r}")
+
+
 def _require(ok: bool, cls: str, field: str, message: str) -> None:
     if not ok:
         raise ValueError(f"{cls}.{field}: {message}")
@@ -88,7 +104,7 @@ class MoeConfig:
     def __post_init__(self):
         for field in ("num_experts", "top_k", "mlp_dim"):
             value = getattr(self, field)
-            _require(isinstance(value, int) and value > 0, "MoeConfig", field, f"must be a positive int, got {value!r}")
+            _require_size("MoeConfig", field, value)
         _require(self.top_k <= self.num_experts, "MoeConfig", "top_k",
                  f"{self.top_k} is more than num_experts={self.num_experts}")
 
@@ -128,7 +144,7 @@ class DecoderConfig:
         for field in ("vocab_size", "width", "depth", "num_heads", "num_kv_heads", "head_dim", "mlp_dim",
                       "max_position_embeddings"):
             value = getattr(self, field)
-            _require(isinstance(value, int) and value > 0, name, field, f"must be a positive int, got {value!r}")
+            _require_size(name, field, value)
         _require(self.num_heads % self.num_kv_heads == 0, name, "num_kv_heads",
                  f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
         _require(self.mlp_activation in MLP_ACTIVATIONS, name, "mlp_activation",
@@ -185,6 +201,9 @@ class TokensConfig:
     def __post_init__(self):
         _require(not self.add_bos or self.bos_id is not None, "TokensConfig", "bos_id",
                  "add_bos is set but bos_id is None")
+        for field, ids in (("bos_id", [self.bos_id]), ("eos_ids", self.eos_ids), ("pad_id", [self.pad_id])):
+            bad = [i for i in ids if i is not None and not (isinstance(i, int) and 0 <= i < 2**31)]
+            _require(not bad, "TokensConfig", field, f"token ids are int32 in [0, 2**31 - 1], got {bad[0] if bad else 0}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -218,7 +237,7 @@ class VisionConfig:
         name = "VisionConfig"
         for field in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"):
             value = getattr(self, field)
-            _require(isinstance(value, int) and value > 0, name, field, f"must be a positive int, got {value!r}")
+            _require_size(name, field, value)
         _require(self.image_size % self.patch_size == 0, name, "patch_size",
                  f"{self.patch_size} does not divide image_size={self.image_size}")
         _require(self.width % self.num_heads == 0, name, "num_heads",
@@ -288,9 +307,38 @@ class ImageProcessing:
     pan_and_scan: PanAndScan | None = None  # None: images are taken whole
 
     def __post_init__(self):
-        _require(self.size is None or self.shortest_edge is None, "ImageProcessing", "size",
-                 "give size or shortest_edge, not both")
-        _require((self.mean is None) == (self.std is None), "ImageProcessing", "std", "mean and std go together")
+        name = "ImageProcessing"
+        _require(self.size is None or self.shortest_edge is None, name, "size", "give size or shortest_edge, not both")
+        _require((self.mean is None) == (self.std is None), name, "std", "mean and std go together")
+        for field in ("size", "crop_size"):
+            value = getattr(self, field)
+            _require(value is None or all(isinstance(v, int) and 0 < v <= MAX_IMAGE_SIDE for v in value), name, field,
+                     f"must be two sizes in [1, {MAX_IMAGE_SIDE}], got {value!r}")
+        _require(self.shortest_edge is None or (isinstance(self.shortest_edge, int)
+                                                and 0 < self.shortest_edge <= MAX_IMAGE_SIDE), name, "shortest_edge",
+                 f"must be in [1, {MAX_IMAGE_SIDE}], got {self.shortest_edge!r}")
+        _require(self.resample in RESAMPLE_FILTERS, name, "resample",
+                 f"must be a Pillow filter number {sorted(RESAMPLE_FILTERS)}, got {self.resample!r}")
+        _require(self.std is None or all(v != 0 for v in self.std), name, "std", f"must not be 0, got {self.std}")
+        _require(self.rescale_factor is None or self.rescale_factor > 0, name, "rescale_factor",
+                 f"must be > 0, got {self.rescale_factor}")
+
+    def output_size(self) -> tuple[int, int] | None:
+        """The (height, width) every image comes out as: the crop, else the fixed size; None when it varies
+        (resized by its shortest edge, not cropped)."""
+        return self.crop_size or self.size
+
+    def check_encoder(self, image_size: int) -> str | None:
+        """Why this processing cannot feed an encoder of `image_size` pixels (None if it can): its output must
+        be that size, and nothing is resized past twice it."""
+        out = self.output_size()
+        if out is None or tuple(out) != (image_size, image_size):
+            return f"makes images of {'varying size' if out is None else f'{out[0]}x{out[1]}'}; the encoder takes " \
+                   f"{image_size}x{image_size}"
+        resized = max(self.size or (self.shortest_edge or 0,))
+        if resized > 2 * image_size:
+            return f"resizes to {resized} pixels, more than twice the encoder's {image_size}"
+        return None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -387,6 +435,9 @@ class ModelConfig:
             _require(self.image_token_id is not None, name, "image_token_id", "a vision-language model needs one")
             _require(self.prompt_format != "framed_images" or self.image_frame is not None, name, "image_frame",
                      "a framed_images prompt needs the begin- and end-of-image tokens")
+        if self.vision is not None and self.image_processing is not None:
+            why = self.image_processing.check_encoder(self.vision.image_size)
+            _require(why is None, name, "image_processing", str(why))
         if self.projector == "pooled" and self.vision is not None:
             side = self.vision.image_size // self.vision.patch_size
             per_side = math.isqrt(self.image_tokens or 0)

@@ -1,6 +1,10 @@
 """Images to pixel values with Pillow, as transformers' PIL image processors compute them.
 
-Any PIL mode becomes RGB (transparency composited onto white); then resize (to a fixed size, or so the
+Files are opened in the formats the image processors take, and only those: PNG, JPEG, WebP, GIF, BMP and
+TIFF (`FORMATS`); Pillow's other plugins are never asked, so a file cannot reach one that hands it to
+another program (EPS to Ghostscript). A file's EXIF orientation is applied, as transformers' `load_image`
+applies it. Any PIL mode becomes RGB (transparency composited onto white; 16-bit images reduced to 8 bits
+as Pillow converts them, values above 255 clipping to white, as transformers' processors do); then resize (to a fixed size, or so the
 shortest edge has a given length), centre-crop, rescale and normalise, each as the checkpoint's
 `preprocessor_config.json` asks; Gemma 3's pan and scan adds crops of a long image, each processed alike.
 The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
@@ -13,8 +17,11 @@ import math
 import os
 from typing import Any, Sequence
 
+import stat
+
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from jaxvlm.config import ImageProcessing, PanAndScan
 
@@ -26,6 +33,11 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 class ImageError(ValueError):
     pass
+
+
+# The formats transformers' image processors are used with; Pillow is asked to identify a file as one of
+# these only.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 # Files are refused past Pillow's decompression-bomb threshold (it only warns up to twice that), before
@@ -41,17 +53,19 @@ def load_image(image: Any, what: str = "image", resize_to: tuple[int, int] | Non
     at a reduced scale."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise ImageError(f"{what}: {path}: no such file")
+        _check_regular_file(path, what)
         try:
-            with PIL.Image.open(path) as f:
+            with PIL.Image.open(path, formats=FORMATS) as f:
                 if f.width * f.height > MAX_PIXELS:
                     raise ImageError(f"{what}: {path}: {f.width}x{f.height} pixels, more than the {MAX_PIXELS} "
                                      "an image may have; downscale it first")
                 if resize_to is not None and f.format == "JPEG" and f.width * f.height > DRAFT_ABOVE:
                     f.draft("RGB", (2 * resize_to[1], 2 * resize_to[0]))
                 f.load()  # decode now, so a truncated file fails here and not later
-                image = f.copy()
+                image = PIL.ImageOps.exif_transpose(f)
+        except PIL.UnidentifiedImageError:
+            raise ImageError(f"{what}: {path}: cannot read the image (not an image in a format jaxvlm reads: "
+                             f"{', '.join(FORMATS)})") from None
         except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
             if isinstance(e, ImageError):
                 raise
@@ -68,6 +82,18 @@ def load_image(image: Any, what: str = "image", resize_to: tuple[int, int] | Non
     if image.width == 0 or image.height == 0:
         raise ImageError(f"{what}: the image is empty ({image.width}x{image.height})")
     return image
+
+
+def _check_regular_file(path: str, what: str) -> None:
+    """A path that is a regular file (a FIFO would block the read, a folder is not an image)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        reason = "no such file" if isinstance(e, FileNotFoundError) else f"cannot be read ({e})"
+        raise ImageError(f"{what}: {path}: {reason}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ImageError(f"{what}: {path}: {kind}, not a regular image file")
 
 
 def to_rgb(image: PIL.Image.Image | np.ndarray) -> np.ndarray:

@@ -115,8 +115,12 @@ def test_template_from_tokenizer_config(chat_models, tmp_path):
 
 @pytest.mark.parametrize("messages, message", [
     ([{"role": "narrator", "content": "hi"}], "message 0 has unknown role 'narrator'"),
-    ([{"role": "user", "content": ["hi"]}], r"message 0 \(user\): content must be a string, got list"),
-    ([{"role": "user", "content": None}], r"message 0 \(user\): content must be a string, got NoneType"),
+    ([{"role": "user", "content": ["hi"]}], r"message 0 \(user\): content part 0 must be a dict with 'type'"),
+    ([{"role": "user", "content": [{"type": "audio"}]}], r"message 0 \(user\): content part 0 must be a dict"),
+    ([{"role": "user", "content": [{"type": "text"}]}], r"content part 0 \(text\) needs a string 'text'"),
+    ([{"role": "user", "content": None}], r"message 0 \(user\): content must be a string or a list of parts, got None"),
+    ([{"role": "user", "content": 3}], r"message 0 \(user\): content must be a string or a list of parts, got int"),
+    ([{"role": "user", "content": "x", "when": object()}], r"message 0.when: a template reads plain data"),
     ([{"role": "user"}], "message 0 must be a dict with 'role' and 'content'"),
     ([], "messages is empty"),
     ("hello", "messages must be a list"),
