@@ -112,8 +112,7 @@ class HFCheckpoint:
             except ValueError as e:
                 raise CheckpointError(f"{hf_dir}: {e}") from None
         self.config = config
-        self.copies = [p for n in TOKENIZER_FILES + PROCESSOR_FILES
-                       if (p := checkpoint_files.optional_file(hf_dir, n))]
+        self.copies = checkpoint_files.snapshot(hf_dir, TOKENIZER_FILES + PROCESSOR_FILES)
         self.tensor_count = len(self.rules)
         self._reader = None
 

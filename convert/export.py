@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -27,7 +26,6 @@ from convert.families import (ConfigError, TextFamily, text_family_of, vision_fa
 from jaxvlm import checkpoint, files, layout
 from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, RopeConfig, VisionConfig
 from jaxvlm.images import PROCESSOR_FILES
-from jaxvlm.tokenizer import TOKENIZER_FILES
 
 MAX_SHARD_BYTES = 5 * 2 ** 30  # past this, the weights are split into shards with an index
 HEAD_SUFFIXES = {"sequence_classification": "ForSequenceClassification",
@@ -195,6 +193,8 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
     config.json, model.safetensors (or shards past `max_shard_bytes`, with their index), the tokenizer and
     processor files it was loaded with (a preprocessor_config.json from its image processing when it has
     none). LoRA adapters are merged first; stacked layers are unrolled. All or nothing, like `convert`."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise ExportError(f"max_shard_bytes must be a positive int (bytes per safetensors file), got {max_shard_bytes!r}")
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir):
         raise ExportError(f"{out_dir}: already exists; export into a new folder")
@@ -207,15 +207,15 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
         params = jax.jit(lambda p: layout.relayout(p, stacked=False))(params)
     data, family, layout_kind = hf_config(config)
     data["dtype"] = np.dtype(model.dtype).name
-    copies = [] if model.tokenizer is None else [
-        p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := files.optional_file(model.tokenizer.directory, n))]
+    copies = {} if model.tokenizer is None else model.tokenizer.files  # as read when the model was loaded
     with files.writing(out_dir) as tmp:
         _write_tensors(tmp, hf_tensors(config, params, family, layout_kind), max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(data, f, indent=2)
-        for path in copies:
-            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-        if config.image_processing is not None and not any(os.path.basename(p) in PROCESSOR_FILES for p in copies):
+        for name, content in copies.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content)
+        if config.image_processing is not None and not any(name in PROCESSOR_FILES for name in copies):
             processor_type = vision_language_family_of(config).image_processor_type if config.is_vlm else None
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
                 json.dump(preprocessor_config(config.image_processing, vision_family_of(config.vision).processor,

@@ -214,44 +214,41 @@ def images_in(messages: Sequence[dict[str, Any]]) -> list[Any]:
     return out
 
 
-def load(directory: str | os.PathLike, special_tokens: dict[str, str]) -> ChatTemplate | None:
-    """The chat template of the checkpoint folder `directory`, or None when it has none; a file or field
-    that cannot be used is a FileError naming it."""
-    path = files.optional_file(directory, TEMPLATE_FILE)
-    if path is not None:
+def load(directory: str | os.PathLike, found: dict[str, bytes], special_tokens: dict[str, str]) -> ChatTemplate | None:
+    """The chat template among the checkpoint folder's files `found` (name -> contents, read at load), or
+    None when it has none; a file or field that cannot be used is a FileError naming it."""
+    path = lambda name: os.path.join(os.fspath(directory), name)
+    if TEMPLATE_FILE in found:
         try:
-            with open(path, encoding="utf-8") as f:
-                return _compile(f.read(), path, special_tokens)
-        except (OSError, UnicodeDecodeError) as e:
-            raise files.FileError(f"{path}: unreadable ({e})") from None
+            return ChatTemplate(found[TEMPLATE_FILE].decode("utf-8"), path(TEMPLATE_FILE), special_tokens)
+        except UnicodeDecodeError as e:
+            raise files.FileError(f"{path(TEMPLATE_FILE)}: unreadable ({e})") from None
     for name in (TOKENIZER_CONFIG, PROCESSOR_TEMPLATE_FILE):
-        path = files.optional_file(directory, name)
-        if path is None:
+        if name not in found:
             continue
-        value = files.read_json(path).get("chat_template")
+        value = files.parse_json(found[name], path(name)).get("chat_template")
         if value is None:
             continue
         if isinstance(value, list):  # named templates: [{"name": "default", "template": "..."}, ...]
             named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
             if "default" not in named:
-                raise files.FileError(f"{path}: field 'chat_template' lists templates {sorted(map(str, named))} "
+                raise files.FileError(f"{path(name)}: field 'chat_template' lists templates {sorted(map(str, named))} "
                                       "but none named 'default'")
             value = named["default"]
         if not isinstance(value, str):
-            raise files.FileError(f"{path}: field 'chat_template' must be a string, got {type(value).__name__}")
-        return _compile(value, f"{path} (chat_template)", special_tokens)
+            raise files.FileError(f"{path(name)}: field 'chat_template' must be a string, got {type(value).__name__}")
+        return ChatTemplate(value, f"{path(name)} (chat_template)", special_tokens)
     return None
 
 
-def special_tokens(directory: str | os.PathLike) -> dict[str, str]:
+def special_tokens(directory: str | os.PathLike, found: dict[str, bytes]) -> dict[str, str]:
     """The named special tokens' strings (`bos_token`: '<bos>', ...) that `tokenizer_config.json` and
-    `special_tokens_map.json` give (an entry may be a string or an {"content": ...} object)."""
+    `special_tokens_map.json` among `found` give (an entry may be a string or an {"content": ...} object)."""
     out: dict[str, str] = {}
     for name in ("special_tokens_map.json", TOKENIZER_CONFIG):  # the tokenizer config wins
-        path = files.optional_file(directory, name)
-        if path is None:
+        if name not in found:
             continue
-        data = files.read_json(path)
+        data = files.parse_json(found[name], os.path.join(os.fspath(directory), name))
         for key in SPECIAL_TOKEN_NAMES:
             value = data.get(key)
             if isinstance(value, dict):
@@ -259,14 +256,6 @@ def special_tokens(directory: str | os.PathLike) -> dict[str, str]:
             if isinstance(value, str):
                 out[key] = value
     return out
-
-
-def _compile(text: str, source: str, special_tokens: dict[str, str]) -> ChatTemplate:
-    import jinja2
-    try:
-        return ChatTemplate(text, source, special_tokens)
-    except jinja2.TemplateError as e:
-        raise files.FileError(f"{source}: not a valid Jinja template ({files.error_line(e)})") from None
 
 
 _ENVIRONMENT = None

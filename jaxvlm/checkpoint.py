@@ -7,8 +7,8 @@ import dataclasses
 import functools
 import os
 import re
-import shutil
-from typing import Iterable
+from types import MappingProxyType
+from typing import Iterable, Mapping
 
 import jax
 import flax.linen as nn
@@ -210,23 +210,26 @@ def part_of(name: str) -> str:
     return ".".join(keys[:2] if len(keys) > 2 and _LAYER.fullmatch(keys[1]) else keys[:max(1, len(keys) - 1)])
 
 
-def write_files(directory: str, config: ModelConfig, copies: Iterable[str] = ()) -> None:
-    """Writes `config.json`, copies of the files `copies` (their contents: a link is never copied as a
-    link) and `checksums.json` into `directory`, whose params are written: the last step of a model folder."""
+def write_files(directory: str, config: ModelConfig, copies: Mapping[str, bytes] = MappingProxyType({})) -> None:
+    """Writes `config.json`, the files `copies` (name -> contents: the tokenizer and processor files a model
+    was loaded with) and `checksums.json` into `directory`, whose params are written: the last step of a
+    model folder."""
     config.save(directory)
-    for path in copies:
-        shutil.copyfile(path, os.path.join(directory, os.path.basename(path)))
+    for name, data in copies.items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
     files.write_checksums(directory)
 
 
-def write_model(directory: str, config: ModelConfig, params, copies: Iterable[str] = ()) -> None:
+def write_model(directory: str, config: ModelConfig, params, copies: Mapping[str, bytes] = MappingProxyType({})) -> None:
     """Writes the params and then the files of `write_files` into the existing, empty folder `directory`.
     (The converter checks each tensor as it reads it; `save_model` checks the whole tree.)"""
     save_params(directory, params)
     write_files(directory, config, copies)
 
 
-def save_model(directory: str | os.PathLike, config: ModelConfig, params, copies: Iterable[str] = ()) -> str:
+def save_model(directory: str | os.PathLike, config: ModelConfig, params,
+               copies: Mapping[str, bytes] = MappingProxyType({})) -> str:
     """Writes a loadable model folder (see `write_model`) all at once: into a temporary folder renamed at
     the end, so an interrupted or failed save leaves nothing behind. Non-finite weights are refused."""
     check_finite(params, os.path.abspath(os.fspath(directory)))

@@ -14,19 +14,25 @@ def _generate(args) -> None:
     model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
-    if args.images is not None:
+    dataset = args.images if args.images is not None else args.prompts
+    if dataset is not None:
         from jaxvlm.dataset import generate_all
+        flag = "--images" if args.images is not None else "--prompts"
+        if args.images is not None and args.prompts is not None:
+            raise ValueError("--images and --prompts: give one dataset")
         if args.out is None:
-            raise ValueError("--images needs --out, the JSONL file the answers are written to")
+            raise ValueError(f"{flag} needs --out, the JSONL file the answers are written to")
         if args.image is not None:
-            raise ValueError("--image and --images: give one image or a dataset, not both")
-        written = generate_all(model, args.images, args.prompt, args.out, args.batch_size, **sampling)
+            raise ValueError(f"--image and {flag}: give one image or a dataset, not both")
+        if args.prompts is not None and args.prompt is not None:
+            raise ValueError("--prompt and --prompts: the prompts are the rows of --prompts")
+        written = generate_all(model, dataset, args.prompt, args.out, args.batch_size, **sampling)
         print(f"wrote {written} lines to {args.out}")
         return
     if args.prompt is None:
-        raise ValueError("--prompt is required (or --images with prompts in its JSONL rows)")
+        raise ValueError("--prompt is required (or --images / --prompts, a dataset)")
     if args.out is not None:
-        raise ValueError("--out is for --images: the answers of a dataset")
+        raise ValueError("--out is for --images and --prompts: the answers of a dataset")
     image = args.image if args.image is None or len(args.image) > 1 else args.image[0]
     for piece in model.stream(args.prompt, image=image, **sampling):
         print(piece, end="", flush=True)
@@ -38,9 +44,15 @@ def _train(args) -> None:
     from jaxvlm.config import LoraConfig
     from jaxvlm.dataset import read_jsonl
     from jaxvlm.train import TrainConfig, finetune
+    from jaxvlm import files
+    from jaxvlm.train import RUN_FILE
     out = os.path.abspath(args.out)
-    if os.path.lexists(out):
+    workdir = os.path.abspath(args.workdir or os.path.join("runs", os.path.basename(out)))
+    # A run extended with a larger --steps writes its --out anew; any other existing --out is refused.
+    extending = os.path.lexists(out) and os.path.exists(os.path.join(workdir, RUN_FILE))
+    if os.path.lexists(out) and not extending:
         raise ValueError(f"--out {out}: already exists; give a new folder")
+    files.check_writable(out, "--out")
     lora = None
     if args.lora_rank is not None:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
@@ -53,11 +65,13 @@ def _train(args) -> None:
     learning_rate = args.learning_rate if args.learning_rate is not None else (1e-2 if lora else 1e-3)
     tc = TrainConfig(steps=args.steps, learning_rate=learning_rate, warmup_steps=min(args.warmup_steps, args.steps),
                      final_learning_rate=learning_rate / 100, weight_decay=0.01, checkpoint_every=args.checkpoint_every)
-    workdir = args.workdir or os.path.join("runs", os.path.basename(out))
     tuned = finetune(model, rows, tc, batch_size=args.batch_size, seed=args.seed, workdir=workdir, lora=lora)
     if lora is not None and not args.keep_adapters:
         tuned = tuned.merge_lora()
-    tuned.save(out)
+    if extending:
+        files.replace_folder(out, tuned.save)
+    else:
+        tuned.save(out)
     print(f"wrote {out}")
 
 
@@ -83,6 +97,21 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help says it already or there is none."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.option_strings and not any(action.default is x for x in (None, False, argparse.SUPPRESS)) \
+                and "default" not in help:
+            help += " (default: %(default)s)"
+        return help
+
+
+def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=HelpWithDefaults, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxvlm", description="Run, inspect and convert models in JAX.")
     parser.add_argument("--version", action="version", version=f"jaxvlm {_version()}",
@@ -90,16 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     from convert import cli as convert_cli
-    p = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder")
+    p = _command(sub, "convert", help="convert a Hugging Face checkpoint folder")
     convert_cli.add_arguments(p)
     p.set_defaults(run=convert_cli.run)
 
-    p = sub.add_parser("export-hf", help="write a model as a Hugging Face checkpoint folder (transformers loads it)")
+    p = _command(sub, "export-hf", help="write a model as a Hugging Face checkpoint folder (transformers loads it)")
     p.add_argument("checkpoint", help="a jaxvlm checkpoint folder (LoRA adapters are merged)")
     p.add_argument("out_dir", help="the Hugging Face folder to create")
     p.set_defaults(run=_export_hf)
 
-    p = sub.add_parser("generate", help="generate text from a prompt (and an image), or for a dataset of images")
+    p = _command(sub, "generate", help="generate text from a prompt (and an image), or for a dataset of images")
     p.add_argument("--checkpoint", default=None,
                    help="a jaxvlm checkpoint folder, or a Hugging Face one (converted in memory); "
                         "default: the built-in shapes model")
@@ -111,9 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None,
                    help="a folder of images, or a JSONL file of {\"image\", \"prompt\"} rows: answer each, in "
                         "batches, into --out")
-    p.add_argument("--out", default=None, help="with --images: the JSONL file answers are appended to, one line "
-                                               "per image; run again, it resumes where it stopped")
-    p.add_argument("--batch-size", type=int, default=8, help="with --images: images generated for at once")
+    p.add_argument("--prompts", default=None,
+                   help="a JSONL file of {\"prompt\"} rows, for a text model: answer each, in batches, into --out")
+    p.add_argument("--out", default=None, help="with --images or --prompts: the JSONL file answers are appended to, "
+                                               "one line a row; run again, it resumes where it stopped")
+    p.add_argument("--batch-size", type=int, default=8, help="with --images or --prompts: rows generated for at once")
     p.add_argument("--max-new-tokens", type=int, default=32, help="the most tokens generated per answer")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
@@ -127,13 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("train", help="fine-tune a model on a JSONL file of {\"image\", \"prompt\", \"answer\"} rows, "
+    p = _command(sub, "train", help="fine-tune a model on a JSONL file of {\"image\", \"prompt\", \"answer\"} rows, "
                                      "every param or LoRA adapters")
     p.add_argument("--checkpoint", default=None, help="the model to start from: a jaxvlm or Hugging Face folder "
                                                       "(default: the built-in shapes model)")
     p.add_argument("--data", required=True, help="a JSONL file, a row a line: {\"image\": path relative to the "
                                                  "file (for vision-language models), \"prompt\", \"answer\"}")
-    p.add_argument("--out", required=True, help="the folder the fine-tuned model is written to (must not exist)")
+    p.add_argument("--out", required=True, help="the folder the fine-tuned model is written to (must not exist, "
+                                                "unless it is this run's, extended with a larger --steps)")
     p.add_argument("--workdir", default=None, help="checkpoints, resumed from when run again (default: "
                                                    "runs/<name of --out>)")
     p.add_argument("--steps", type=int, default=100, help="training steps (batches)")
@@ -155,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the adapters beside their kernels instead of merged into them")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("train-shapes", help="train the built-in shapes model from scratch (seeded)")
+    p = _command(sub, "train-shapes", help="train the built-in shapes model from scratch (seeded)")
     p.add_argument("--out", required=True, help="where to write the trained model (must not exist)")
     p.add_argument("--workdir", default="runs/shapes", help="checkpoints, resumed from when run again")
     p.set_defaults(run=_train_shapes)

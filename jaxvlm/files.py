@@ -97,6 +97,32 @@ def check_tree_inside(folder: str | os.PathLike, sub: str) -> str:
     return top
 
 
+def snapshot(folder: str | os.PathLike, names: tuple[str, ...]) -> dict[str, bytes]:
+    """The contents of those files of `names` that `folder` holds, read now. A model keeps what it was
+    loaded with: saved or exported later, it writes these bytes, whatever the folder holds by then."""
+    out = {}
+    for name in names:
+        path = optional_file(folder, name)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    out[name] = f.read()
+            except OSError as e:
+                raise FileError(f"{path}: unreadable ({e.strerror})") from None
+    return out
+
+
+def parse_json(data: bytes | str, path: str, what: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in `data`, read from `path`; a FileError naming the file when it is not one."""
+    try:
+        data = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FileError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FileError(f"{path}: expected {what} at the top level, got a JSON {_json_kind(data)}")
+    return data
+
+
 def read_json(path: str, what: str = "a JSON object") -> dict[str, Any]:
     """The JSON object in `path`; a FileError naming the file when it is unreadable or not an object."""
     try:
@@ -147,19 +173,23 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
+def _signals_interrupt() -> Iterator[list[str]]:
     """Within the block SIGTERM, like Ctrl-C (SIGINT), raises KeyboardInterrupt, naming the signal, so
-    clean-up code runs."""
+    clean-up code runs. The signals received are also listed in the yielded list: a KeyboardInterrupt
+    can land where it is swallowed (a garbage-collection callback, a library's clean-up), and the
+    caller checks the list before it commits anything."""
+    received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum, frame):
+        received.append(signal.Signals(signum).name)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -239,8 +269,10 @@ def writing(target: str | os.PathLike) -> Iterator[str]:
     except OSError as e:
         raise WriteError(f"{target}: cannot write here ({e.strerror})") from None
     try:
-        with _signals_interrupt(), _quiet_orbax():
+        with _signals_interrupt() as received, _quiet_orbax():
             yield tmp
+            if received:  # raised where something swallowed it: the write is still stopped
+                raise KeyboardInterrupt(received[0])
             os.rename(tmp, target)
     except KeyboardInterrupt as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,6 +284,71 @@ def writing(target: str | os.PathLike) -> Iterator[str]:
         if reason is not None:
             raise WriteError(f"{target}: writing failed ({reason}); nothing was written") from None
         raise
+
+
+def replace_folder(target: str, write) -> None:
+    """Replaces the folder `target` with the one `write(path)` makes: the new folder is written whole
+    beside it first, then swapped in; if writing fails, `target` is left as it was."""
+    target = os.path.abspath(target)
+    fresh = f"{target}{PARTIAL}{os.getpid()}-new"
+    old = f"{target}{PARTIAL}{os.getpid()}-old"
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write(fresh)
+    os.rename(target, old)
+    os.rename(fresh, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- one writer at a time -----------------------------------------------------------------------------
+class Busy(ValueError):
+    """Another process holds the lock; the message names it."""
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str, what: str) -> Iterator[None]:
+    """Holds an exclusive lock on `lock_path` (created, with this process's id and command in it) for the
+    block; a second holder is refused at once with a Busy naming the first. The operating system drops
+    the lock of a killed process, so a stale file never blocks; the file is removed at the end."""
+    import fcntl
+    os.makedirs(os.path.dirname(lock_path) or ".", exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise Busy(f"{what} is in use by {holder} (lock {lock_path}); wait for it to finish") from None
+        try:  # the file may have been removed by the holder that just let go: lock the one at the path
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} ({' '.join(sys.argv)[:200]})".encode(), 0)
+        try:
+            yield
+        finally:
+            os.unlink(lock_path)
+    finally:
+        os.close(fd)
+
+
+def check_writable(target: str | os.PathLike, what: str) -> None:
+    """Refuses, before any work, a `target` whose folder cannot be written (by making and removing a
+    temporary folder beside it)."""
+    target = os.path.abspath(os.fspath(target))
+    parent = os.path.dirname(target)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        probe = os.path.join(parent, f".{os.path.basename(target)}{PARTIAL}{os.getpid()}-probe")
+        os.mkdir(probe)
+        os.rmdir(probe)
+    except OSError as e:
+        raise WriteError(f"{what} {target}: cannot write there ({e.strerror})") from None
 
 
 # --- checksums ------------------------------------------------------------------------------------------

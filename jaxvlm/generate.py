@@ -74,10 +74,35 @@ def pad_rows(items, size: int):
     return list(items) + [items[-1]] * extra
 
 
+NOT_FINITE = -1  # the token a row gets when its logits hold inf or NaN: the host names the row and stops
+
+
+class NonFiniteLogits(FloatingPointError):
+    """The logits of a row became inf or NaN: its weights (or int8 scales) overflow the computation."""
+
+
+def _choose(sampler: Sampler, logits, key, temperature, top_p):
+    """The next token of each row, or NOT_FINITE where the row's logits are not all finite (finite weights
+    can still overflow float32 or bfloat16; an argmax over NaN would quietly pick token 0)."""
+    token = sample(sampler, logits, key, temperature, top_p)
+    return jnp.where(jnp.isfinite(logits).all(axis=-1), token, NOT_FINITE)
+
+
 def _finish(token, done, eos_ids, pad_id):
-    """Rows already finished emit pad; a row finishes on any end-of-sequence id."""
+    """Rows already finished emit pad; a row finishes on any end-of-sequence id, or on logits that are
+    not finite."""
     token = jnp.where(done, pad_id, token)
-    return token, done | jnp.isin(token, eos_ids)
+    return token, done | jnp.isin(token, eos_ids) | (token == NOT_FINITE)
+
+
+def check_finite_tokens(tokens: np.ndarray, first_step: int) -> None:
+    """Raises NonFiniteLogits naming the first row whose chosen tokens [B, n] hold NOT_FINITE."""
+    bad = np.argwhere(tokens == NOT_FINITE)
+    if len(bad):
+        row, step = map(int, bad[0])
+        raise NonFiniteLogits(f"row {row}: the logits for generated token {first_step + step + 1} are not finite "
+                              "(inf or NaN): the model's weights or int8 scales overflow the computation; check "
+                              "the checkpoint (or try float32)")
 
 
 def _place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
@@ -110,7 +135,7 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
     with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
         out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply(
             {"params": params}, tokens, positions, valid, cache, pixels, prefix, last_only=True)
-    token = sample(sampler, out.logits[:, -1], jax.random.fold_in(jax.random.key(seed), step), temperature, top_p)
+    token = _choose(sampler, out.logits[:, -1], jax.random.fold_in(jax.random.key(seed), step), temperature, top_p)
     token, done = _finish(token, done, eos_ids, pad_id)
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=positions[:, -1] + 1, done=done,
                         step=step + 1)
@@ -129,7 +154,7 @@ def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: Mesh
     def step(state: DecodeState, _):
         with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
             out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
-        token = sample(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), temperature, top_p)
+        token = _choose(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), temperature, top_p)
         token, done = _finish(token, state.done, eos_ids, pad_id)
         return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,
                            done=done, step=state.step + 1), token
@@ -206,6 +231,7 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
 
     state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
+    check_finite_tokens(generated[-1][:batch], 0)
     yield generated[-1][:batch]
     # Which rows have finished, read from the chosen tokens (on every host) rather than the device state.
     finished = lambda: np.isin(np.concatenate(generated, axis=1), eos_ids).any(axis=1)
@@ -216,6 +242,7 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
             rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
             state, token = start(rows, finished(), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
+            check_finite_tokens(generated[-1][:batch], count)
             count += 1
             yield generated[-1][:batch]
             continue
@@ -225,5 +252,6 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
                             .compile().as_text())
         state, tokens = decode(config, dtype, sampler, steps, shard, params, state, **scalars)
         generated.append(np.asarray(tokens))
+        check_finite_tokens(generated[-1][:batch, :max_new_tokens - count], count)
         yield generated[-1][:batch, :max_new_tokens - count]
         count += steps

@@ -181,10 +181,10 @@ def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarra
     return preprocess_with_crops(image, dataclasses.replace(p, pan_and_scan=None), what)[0]
 
 
-def preprocess_images(images: Sequence[Any], p: ImageProcessing) -> tuple[np.ndarray, list[int]]:
+def preprocess_images(images: Sequence[Any], p: ImageProcessing, offset: int = 0) -> tuple[np.ndarray, list[int]]:
     """Images -> (float32[N, H, W, 3]: each image followed by its pan-and-scan crops, the number of crops
-    of each image); errors name the image by its index."""
-    out = [preprocess_with_crops(image, p, what=f"image {i}") for i, image in enumerate(images)]
+    of each image); errors name the image by its index (counted from `offset`)."""
+    out = [preprocess_with_crops(image, p, what=f"image {i + offset}") for i, image in enumerate(images)]
     shapes = {x.shape for pieces in out for x in pieces}
     if len(shapes) > 1:
         raise ImageError(f"images came out in different shapes {sorted(shapes)}; the processing config has no "

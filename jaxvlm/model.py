@@ -14,17 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checkpoint, checks, files, lora, matvec, memory
+from jaxvlm.chat import check_messages, images_in
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tokens, pad_rows, prompt_bucket,
                              right_align, stream_tokens)
-from jaxvlm.images import PROCESSOR_FILES, preprocess_images
+from jaxvlm.images import preprocess_images
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
-from jaxvlm.tokenizer import TOKENIZER_FILES, Tokenizer, check_text
+from jaxvlm.tokenizer import Tokenizer, check_text
 from jaxvlm.vlm import VisionLanguageModel
 
 log = logging.getLogger("jaxvlm")
@@ -206,7 +207,7 @@ class Model:
         its crops."""
         return self._preprocess(images)[0]
 
-    def _preprocess(self, images: Any | Sequence[Any]) -> tuple[np.ndarray, list[int]]:
+    def _preprocess(self, images: Any | Sequence[Any], offset: int = 0) -> tuple[np.ndarray, list[int]]:
         """(pixel_values, the pan-and-scan crops of each image)."""
         self._require_vision("image")
         if self.config.image_processing is None:
@@ -214,7 +215,7 @@ class Model:
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValueError("no images given")
-        pixels, crops = preprocess_images(images, self.config.image_processing)
+        pixels, crops = preprocess_images(images, self.config.image_processing, offset)
         size = self.config.vision.image_size
         if pixels.shape[1:3] != (size, size):
             raise ValueError(f"the image processing config makes {pixels.shape[1]}x{pixels.shape[2]} images; "
@@ -336,7 +337,8 @@ class Model:
         `model.logits(*model.encode("caption en", image="cat.jpg"))`."""
         return self._encode(prompt_or_prompts, image)
 
-    def _encode(self, prompt_or_prompts, image, add_bos: bool | None = None) -> Inputs:
+    def _encode(self, prompt_or_prompts, image, add_bos: bool | None = None, offset: int = 0) -> Inputs:
+        """`encode`; errors name the prompts counting from `offset` (a batch of a longer list)."""
         self._require_decoder()
         single = isinstance(prompt_or_prompts, str)
         if not single and not isinstance(prompt_or_prompts, (list, tuple)):
@@ -345,13 +347,16 @@ class Model:
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts:
             raise ValueError("prompt_or_prompts is an empty list")
-        for i, p in enumerate(prompts):
-            check_text(p, "prompt" if single else f"prompt {i}")
-        if image is not None:
-            self._require_vision("image")
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
                              "use generate_ids with token ids")
+        names = ["prompt"] if single else [f"prompt {i + offset}" for i in range(len(prompts))]
+        for p, name in zip(prompts, names):
+            check_text(p, name)
+            # a text far past the context is refused before it is tokenized whole
+            self.tokenizer._check_fits(p, name, self.config.decoder.max_position_embeddings)
+        if image is not None:
+            self._require_vision("image")
         pixels, per_prompt = None, [None] * len(prompts)  # each prompt's images' crop counts
         if image is not None:
             images = [image] if single or not isinstance(image, (list, tuple)) else list(image)
@@ -360,7 +365,7 @@ class Model:
             if self.config.max_images > 1:  # each prompt's entry: an image or a list of them
                 images = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
                 pixels, crops = self._preprocess([x for row in images for x in row]) \
-                    if any(images) else (None, [])
+                    if any(images) else (None, [])  # (named by their place in this batch's images)
                 starts = np.cumsum([0] + [len(row) for row in images])
                 per_prompt = [crops[a:b] for a, b in zip(starts[:-1], starts[1:])]
                 for i, c in enumerate(per_prompt):
@@ -371,22 +376,30 @@ class Model:
             else:
                 if any(isinstance(x, (list, tuple)) for x in images):
                     raise ValueError("image: this model takes one image per prompt, not a list")
-                pixels = self.preprocess(images)
+                pixels = self._preprocess(images, offset)[0]
         elif self.config.is_vlm and self.config.max_images == 1:
             raise ValueError("image: this vision-language model needs an image per prompt")
         framed = self.config.prompt_format == "framed_images"
         rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None or framed, add_bos,
                              crops=[] if framed and c is None else c) for p, c in zip(prompts, per_prompt)]
-        for i, r in enumerate(rows):
+        # image tokens each row should hold: P per image (one a prompt, or each image and its crops)
+        placed = [0 if pixels is None else self.config.tokens_per_image * (1 if c is None else len(c) + sum(c))
+                  for c in per_prompt]
+        for name, r, want in zip(names, rows, placed):
             if not len(r):
-                raise ValueError(f"prompt {i} is empty after tokenization")
+                raise ValueError(f"{name} is empty after tokenization")
+            if self.config.image_token_id is not None and (found := int((r == self.config.image_token_id).sum())) != want:
+                text = self.tokenizer.single_token_text(self.config.image_token_id)
+                raise ValueError(f"{name} holds the image token{f' {text!r}' if text else ''} as text "
+                                 f"({found - want} extra); images are placed by the model, not typed into the prompt")
         ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
         return Inputs(ids, mask, pixels)
 
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0) -> str | list[str]:
-        """Text in, text out; a list of prompts is generated as one batch.
+        """Text in, text out; a list of prompts is generated as one batch (a list longer than
+        `GENERATE_BATCH`, 64, in batches of that many).
 
         `image` (a path, PIL image or uint8 array; a list with one per prompt) is what vision-language
         models answer about; the prompt is plain text, built into the model's format as its Hugging Face
@@ -399,10 +412,21 @@ class Model:
     def _generate_text(self, prompt_or_prompts, image, add_bos, **generate_kwargs) -> str | list[str]:
         _check_generation_args(**generate_kwargs)
         self._require_lm_head()
-        inputs = self._encode(prompt_or_prompts, image, add_bos)
-        out = self.generate_ids(*inputs, **generate_kwargs)
-        texts = [self.tokenizer.decode(row) for row in out]
-        return texts[0] if isinstance(prompt_or_prompts, str) else texts
+        if not isinstance(prompt_or_prompts, (list, tuple)):  # one prompt (anything else is named by _encode)
+            inputs = self._encode(prompt_or_prompts, image, add_bos)
+            return self.tokenizer.decode(self.generate_ids(*inputs, **generate_kwargs)[0])
+        prompts = list(prompt_or_prompts)
+        if image is not None and isinstance(image, (list, tuple)) and len(image) != len(prompts):
+            raise ValueError(f"image: {len(image)} images for {len(prompts)} prompts; give one per prompt")
+        texts = []
+        # A long list runs a batch of GENERATE_BATCH prompts at a time: the images of one batch are in
+        # memory at once, never those of the whole list.
+        for start in range(0, max(1, len(prompts)), GENERATE_BATCH):
+            part = slice(start, start + GENERATE_BATCH)
+            inputs = self._encode(prompts[part], None if image is None else
+                                  (image[part] if isinstance(image, (list, tuple)) else image), add_bos, start)
+            texts += [self.tokenizer.decode(row) for row in self.generate_ids(*inputs, **generate_kwargs)]
+        return texts
 
     def stream(self, prompt: str, image=None, max_new_tokens: int = 32, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[str]:
@@ -423,26 +447,43 @@ class Model:
         return _text_pieces(self.tokenizer, (chunk[0] for chunk in chunks))
 
     # --- chat ---------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True,
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,
                             **variables: Any) -> str:
         """The prompt text for a conversation, rendered with the checkpoint's chat template exactly as
         transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` renders
-        it. `messages` are {"role": "system" | "user" | "assistant" | ..., "content": str} dicts;
-        `variables` reach the template (e.g. Qwen3's `enable_thinking=False`)."""
+        it. `messages` are {"role": "system" | "user" | "assistant" | ..., "content": ...} dicts, every other
+        field kept (`tool_calls`, `name`, ...); a content is a string or a list of {"type": "text", "text"}
+        and {"type": "image", ...} parts, as transformers' templates take them. `tools` (JSON schemas) and
+        `documents` reach the template as transformers passes them; `variables` too (e.g. Qwen3's
+        `enable_thinking=False`)."""
         self._require_decoder()
         template = None if self.tokenizer is None else self.tokenizer.chat_template
         if template is None:
             where = "this model" if self.tokenizer is None else self.tokenizer.directory
             raise ValueError(f"{where} has no chat template (chat_template.jinja, or 'chat_template' in "
                              "tokenizer_config.json); build the prompt yourself and call generate")
-        return template.render(messages, add_generation_prompt, **variables)
+        messages = check_messages(messages)
+        for i, m in enumerate(messages):  # a message far past the context is refused before rendering
+            content = m.get("content")
+            texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or ()]
+            self.tokenizer._check_fits("".join(texts), f"message {i}", self.config.decoder.max_position_embeddings)
+        return template.render(messages, add_generation_prompt, tools=tools, documents=documents, **variables)
 
-    def chat(self, messages: Sequence[dict[str, str]], image=None, stream: bool = False,
+    def chat(self, messages: Sequence[dict[str, Any]], image=None, stream: bool = False,
              **generate_kwargs) -> str | Iterator[str]:
         """The assistant's reply to `messages` (see `apply_chat_template`): the rendered conversation is
         tokenized as it stands (its template writes BOS itself) and generated from with `generate_kwargs`
-        (`max_new_tokens`, `temperature`, ...); with `stream=True`, as `stream`'s pieces."""
-        prompt = self.apply_chat_template(messages)
+        (`max_new_tokens`, `temperature`, ...); with `stream=True`, as `stream`'s pieces. Images come from
+        the messages' image parts ({"type": "image", "image": a path, PIL image or array}, or "path" /
+        "url" for a local file), in order, or from `image` (not both)."""
+        tools, documents = generate_kwargs.pop("tools", None), generate_kwargs.pop("documents", None)
+        prompt = self.apply_chat_template(messages, tools=tools, documents=documents)
+        in_parts = images_in(messages)
+        if in_parts and image is not None:
+            raise ValueError("image: the messages hold image parts already; give the images one way")
+        if in_parts:
+            image = in_parts if self.config.max_images > 1 or len(in_parts) > 1 else in_parts[0]
         if stream:
             return self._stream(prompt, image, False, **generate_kwargs)
         return self._generate_text(prompt, image, False, **generate_kwargs)
@@ -473,12 +514,12 @@ class Model:
         directory = os.path.abspath(os.fspath(directory))
         if os.path.lexists(directory):
             raise ValueError(f"{directory}: already exists; save into a new folder")
-        copies = [] if self.tokenizer is None else [
-            p for n in TOKENIZER_FILES + PROCESSOR_FILES if (p := files.optional_file(self.tokenizer.directory, n))]
+        copies = {} if self.tokenizer is None else self.tokenizer.files
         return checkpoint.save_model(directory, self.config, self.params, copies)
 
 
 STREAM_CHUNK = 8  # decode steps per piece that `Model.stream` gives
+GENERATE_BATCH = 64  # prompts a `generate` call runs at once; a longer list runs in batches of this many
 
 
 def _text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray]) -> Iterator[str]:

@@ -50,6 +50,7 @@ log = logging.getLogger("jaxvlm.train")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CHECKPOINTS_DIR = "checkpoints"
 RUN_FILE = "run.json"  # what a workdir's run trains: settings, model and data, checked when it resumes
+LOCK_FILE = ".lock"  # held while a run trains in the workdir
 HISTORY_FILE = "history.jsonl"  # each step's metrics, up to the latest checkpoint
 # Settings that change how a run is kept, not what it computes: a resumed run may change them (and `steps`,
 # to extend a run).
@@ -322,6 +323,10 @@ class Trainer:
         record = {"settings": settings, "model": _digest(self.config.to_json().encode()),
                   "data": _digest(*(np.asarray(a).tobytes() for a in dataclasses.astuple(batches(0)) if a is not None))}
         path = os.path.join(self.workdir, RUN_FILE)
+        if not os.path.exists(path) and self._resumed_from is not None:
+            raise ValueError(f"{self.workdir}: holds checkpoints but no {RUN_FILE}, so what they were trained on "
+                             "cannot be checked against these settings; not resumed. Restore the file, or move the "
+                             "folder away to start afresh")
         if os.path.exists(path):
             saved = files.read_json(path)
             changed = [f"{k}={v!r} (was {saved.get('settings', {}).get(k)!r})" for k, v in settings.items()
@@ -368,6 +373,13 @@ class Trainer:
         `batches(step)` gives batch `step` (0-based). `on_step(step, metrics)` sees each step's metrics
         (step counted from 1), e.g. to record the loss curve.
         """
+        if self.workdir is None or jax.process_index() != 0:
+            return self._fit(params, batches, progress, on_step)
+        # one run at a time in a workdir (the first process of a job of several holds it for the job)
+        with files.exclusive(os.path.join(self.workdir, LOCK_FILE), f"the workdir {self.workdir}"):
+            return self._fit(params, batches, progress, on_step)
+
+    def _fit(self, params, batches, progress, on_step) -> TrainState:
         bar = None
         try:
             state = self.restore(params)  # first: a checkpoint of another shape is named to the param

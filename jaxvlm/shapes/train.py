@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from jaxvlm import checkpoint
+from jaxvlm import checkpoint, files
 from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, TokensConfig, VisionConfig
 from jaxvlm.data import collate, encode_row
 from jaxvlm.shapes import scenes
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
         state = Trainer(CONFIG, WIDER, os.path.join(args.workdir, "wider")).fit(params, batches(tokenizer, wider=True))
         minutes = (time.time() - started) / 60
         params = jax.tree.map(lambda p: np.asarray(p, np.float32), state.params)
-        save_model(args.out, CONFIG, params, [os.path.join(tok_dir, "tokenizer.model")])
+        save_model(args.out, CONFIG, params, files.snapshot(tok_dir, ("tokenizer.model",)))
     print(f"trained in {minutes:.1f} min; model written to {args.out}")
 
 
