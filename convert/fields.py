@@ -24,7 +24,7 @@ INT32_MAX = 2**31 - 1
 SIZE_LIMITS = {
     "num_hidden_layers": 1024, "hidden_size": 1 << 17, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
     "num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 1024, "vocab_size": 1 << 22,
-    "max_position_embeddings": 1 << 24, "original_max_position_embeddings": 1 << 24, "sliding_window": 1 << 24,
+    "max_position_embeddings": INT32_MAX, "original_max_position_embeddings": INT32_MAX, "sliding_window": INT32_MAX,
     "num_experts": 1 << 12, "num_local_experts": 1 << 12, "num_experts_per_tok": 1 << 12, "image_size": 1 << 14,
     "patch_size": 1 << 10, "image_seq_length": 1 << 16, "mm_tokens_per_image": 1 << 16, "projection_dim": 1 << 17,
     "num_labels": 1 << 20, "sliding_window_pattern": 1024, "max_window_layers": 1024, "decoder_sparse_step": 1024,

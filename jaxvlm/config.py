@@ -35,8 +35,9 @@ RESAMPLE_FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: 
 # Sizes are bounded before any table or buffer is built from them; each bound is far above every published
 # model (a config.json edited to 10**9 layers is refused, not built).
 SIZE_LIMITS = {"depth": 1024, "width": 1 << 17, "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024,
-               "mlp_dim": 1 << 20, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24, "image_size": 1 << 14,
-               "patch_size": 1 << 10, "num_experts": 1 << 12, "top_k": 1 << 12}
+               "mlp_dim": 1 << 20, "vocab_size": 1 << 22, "image_size": 1 << 14, "patch_size": 1 << 10,
+               "num_experts": 1 << 12, "top_k": 1 << 12,
+               "max_position_embeddings": 2**31 - 1}  # positions are int32
 
 
 def _require_size(cls: str, field: str, value: Any) -> None:

@@ -177,11 +177,22 @@ def _generate_all(model, items, out, batch_size, progress, images, generate_kwar
             results = _answer(model, batch, images, generate_kwargs)
             for item, (field, value) in zip(batch, results):
                 line = {k: item[k] for k in ("image", "line", "prompt") if k in item and (k != "line" or not images)}
-                f.write(json.dumps({**line, field: value}, ensure_ascii=False) + "\n")
+                f.write(_json_line({**line, field: value}))
             f.flush()
             written += len(batch)
             bar.update(len(batch))
     return written
+
+
+def _json_line(row: dict) -> str:
+    """A JSON line, UTF-8 as it is; text UTF-8 cannot hold (a lone surrogate in a prompt) escaped (\\ud800),
+    which JSON readers read back to the same string."""
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(row)
+    return text + "\n"
 
 
 def _answer(model, batch: list[dict], images: bool, generate_kwargs) -> list[tuple[str, str]]:

@@ -341,10 +341,13 @@ def check_writable(target: str | os.PathLike, what: str) -> None:
     """Refuses, before any work, a `target` whose folder cannot be written (by making and removing a
     temporary folder beside it)."""
     target = os.path.abspath(os.fspath(target))
-    parent = os.path.dirname(target)
+    existing = os.path.dirname(target)  # the nearest folder that exists: the rest is made when writing
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise WriteError(f"{what} {target}: cannot write there ({existing} is not a folder)")
     try:
-        os.makedirs(parent, exist_ok=True)
-        probe = os.path.join(parent, f".{os.path.basename(target)}{PARTIAL}{os.getpid()}-probe")
+        probe = os.path.join(existing, f".{os.path.basename(target)}{PARTIAL}{os.getpid()}-probe")
         os.mkdir(probe)
         os.rmdir(probe)
     except OSError as e:

@@ -319,14 +319,14 @@ class Trainer:
         to resume a run of other ones: their checkpoints would be returned as if trained on these."""
         if self.workdir is None:
             return
-        settings = {k: v for k, v in dataclasses.asdict(self.tc).items() if k not in BOOKKEEPING}
-        record = {"settings": settings, "model": _digest(self.config.to_json().encode()),
-                  "data": _digest(*(np.asarray(a).tobytes() for a in dataclasses.astuple(batches(0)) if a is not None))}
         path = os.path.join(self.workdir, RUN_FILE)
         if not os.path.exists(path) and self._resumed_from is not None:
             raise ValueError(f"{self.workdir}: holds checkpoints but no {RUN_FILE}, so what they were trained on "
                              "cannot be checked against these settings; not resumed. Restore the file, or move the "
                              "folder away to start afresh")
+        settings = {k: v for k, v in dataclasses.asdict(self.tc).items() if k not in BOOKKEEPING}
+        record = {"settings": settings, "model": _digest(self.config.to_json().encode()),
+                  "data": _digest(*(np.asarray(a).tobytes() for a in dataclasses.astuple(batches(0)) if a is not None))}
         if os.path.exists(path):
             saved = files.read_json(path)
             changed = [f"{k}={v!r} (was {saved.get('settings', {}).get(k)!r})" for k, v in settings.items()

@@ -170,12 +170,12 @@ def test_converted_folder_file_linked_outside_is_refused_at_load(converted, tmp_
 @pytest.mark.parametrize("name, edit, message", [
     ("config.json", lambda d: [d], r"config\.json: expected a JSON object at the top level, got a JSON array"),
     ("config.json", lambda d: "qwen3", r"config\.json: expected a JSON object at the top level, got a JSON string"),
-    ("config.json", lambda d: {**d, "hidden_size": "64"}, r"config\.json: field 'hidden_size' must be an integer, "
-                                                          r"got '64'"),
+    ("config.json", lambda d: {**d, "hidden_size": "64"}, r"config\.json: field 'hidden_size' must be an integer "
+                                                          r"in \[0, 131,072\], got '64'"),
     ("config.json", lambda d: {**d, "rms_norm_eps": "1e-6"}, "field 'rms_norm_eps' must be a finite number"),
     ("config.json", lambda d: {**d, "num_hidden_layers": 2.5}, "field 'num_hidden_layers' must be an integer"),
     ("config.json", lambda d: {k: v for k, v in d.items() if k != "vocab_size"},
-     "field 'vocab_size' must be an integer, it is missing"),
+     r"field 'vocab_size' must be an integer in \[0, 4,194,304\], it is missing"),
     ("config.json", lambda d: {**d, "tie_word_embeddings": "true"}, "field 'tie_word_embeddings' must be true or false"),
     ("config.json", lambda d: {**d, "bos_token_id": [2, 3]}, r"field 'bos_token_id' must be a token id"),
     ("config.json", lambda d: {**d, "eos_token_id": "1"}, r"field 'eos_token_id' must be a token id or a list"),
@@ -638,7 +638,7 @@ def test_a_training_row_longer_than_the_context_is_truncated_when_asked(tok, cap
 # --- 6. memory and time bounded by design --------------------------------------------------------------
 def huge_context_model() -> Model:
     config = ModelConfig(decoder=DecoderConfig(vocab_size=32, width=16, depth=2, num_heads=2, num_kv_heads=2,
-                                               head_dim=64, mlp_dim=32, max_position_embeddings=2**40),
+                                               head_dim=64, mlp_dim=32, max_position_embeddings=2**31 - 1),
                          tokens=TokensConfig(eos_ids=(1,)))
     params = checkpoint.abstract_params(config)
     params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), params)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxvlm
+from jaxvlm import chat as chat_module
 from tests import hf_models
 
 # Written after the published templates of each family (shortened): roles, special tokens as text,
@@ -143,3 +144,72 @@ def test_the_template_refusing_a_conversation_is_one_line(chat_models):
 def test_a_checkpoint_without_a_chat_template():
     with pytest.raises(ValueError, match="has no chat template"):
         jaxvlm.load().chat([{"role": "user", "content": "count shapes"}])
+
+
+TOOLS_TEMPLATE = """{%- if tools %}<|tools|>{{ tools | tojson }}{% endif %}
+{%- if documents %}{% for d in documents %}<|doc|>{{ d.title }}: {{ d.text }}{% endfor %}{% endif %}
+{%- for message in messages %}<|{{ message.role }}|>
+{%- if message.content is string %}{{ message.content }}
+{%- elif message.content %}{% for part in message.content %}{% if part.type == 'text' %}{{ part.text }}
+{%- else %}<|image|>{% endif %}{% endfor %}{% endif %}
+{%- for call in message.tool_calls or [] %}<|call|>{{ call.function.name }}({{ call.function.arguments | tojson }})
+{%- endfor %}{% if message.name %} [{{ message.name }}]{% endif %}<|end|>{% endfor %}
+{%- if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+TOOL_CONVERSATION = [
+    {"role": "user", "content": [{"type": "text", "text": "weather in "}, {"type": "text", "text": "Paris?"}]},
+    {"role": "assistant", "tool_calls": [{"type": "function",
+                                          "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "name": "get_weather", "content": "sunny, 21 C"},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+DOCUMENTS = [{"title": "Paris", "text": "the capital of France"}]
+
+
+def test_tool_calls_tools_and_documents_reach_the_template_as_transformers_passes_them(chat_models):
+    _, tok, _ = chat_models["phi3"]
+    template = chat_module.ChatTemplate(TOOLS_TEMPLATE, "tools.jinja", {})
+    want = tok.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS, documents=DOCUMENTS, tokenize=False,
+                                   add_generation_prompt=True, chat_template=TOOLS_TEMPLATE)
+    assert template.render(TOOL_CONVERSATION, tools=TOOLS, documents=DOCUMENTS) == want
+    assert "<|call|>get_weather" in want and "[get_weather]" in want and "<|doc|>Paris" in want
+
+
+def _folder_with_template(chat_models, tmp_path, template: str):
+    folder = tmp_path / "m"
+    chat_models["phi3"][2].save(folder)
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+def test_a_template_is_compiled_at_first_use_and_never_folds_constants(chat_models, tmp_path):
+    """jinja2 folds constants when it compiles: an enormous power in a branch never taken would hang the
+    load of the folder."""
+    folder = _folder_with_template(chat_models, tmp_path, "{% if false %}{{ 'x' * 10 ** 10 ** 10 }}{% endif %}"
+                                                          "{% for m in messages %}{{ m.content }}{% endfor %}")
+    model = jaxvlm.load(folder, verify=False)
+    assert model.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    bad = _folder_with_template(chat_models, tmp_path / "b", "{% for %}")
+    loaded = jaxvlm.load(bad, verify=False)  # as transformers: a broken template fails where it is used
+    with pytest.raises(ValueError, match=r"chat_template.jinja: not a valid Jinja template"):
+        loaded.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ 10 ** 100000000 }}", r"computes 10 \*\* 100000000, a number too large; stopped"),
+    ("{{ 'x' * 10 ** 9 }}", r"made a value longer than 16,777,216 characters; stopped"),
+    ("{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+     r"made a value longer than 16,777,216 characters"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     r"rendering the chat template took more than 0.5 s; stopped"),
+    ("{% for i in range(100000) %}{% for j in range(1000) %}xxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
+     r"(its output longer than|took more than)"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", r"recursed too deeply"),
+    ("{{ 1 + 'a' }}", r"the chat template failed \(TypeError: unsupported operand"),
+    ("{{ 1 / 0 }}", r"the chat template failed \(ZeroDivisionError: division by zero\)"),
+])
+def test_rendering_is_bounded_and_any_error_names_the_template(monkeypatch, template, message):
+    monkeypatch.setattr(chat_module, "RENDER_SECONDS", 0.5)
+    with pytest.raises(ValueError, match=rf"^bounded.jinja: (the chat template )?.*{message}"):
+        chat_module.ChatTemplate(template, "bounded.jinja", {}).render([{"role": "user", "content": "7"}])

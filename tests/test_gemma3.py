@@ -212,6 +212,9 @@ def test_image_markers_must_match_the_images(gemma3_with_processor):
                                          r"at most 8 per prompt"):
         jx.encode(too_many, image=[paths[0], paths[0], paths[2]])
     assert jx.generate("no image here", max_new_tokens=2)  # a text prompt needs no image
+    # the image token's own text typed into a prompt is the prompt's fault, not input_ids'
+    with pytest.raises(ValueError, match=r"^prompt 1 holds the image token '<image_soft_token>' as text \(1 extra\)"):
+        jx.encode(["no image here", "an <image_soft_token> typed"])
 
 
 def test_generate_command_with_two_images(gemma3_with_processor):
