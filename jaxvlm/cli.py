@@ -63,7 +63,13 @@ def _train(args) -> None:
             for r in read_jsonl(args.data, {"image": None, "prompt": None, "answer": None}, optional=("image",))]
     model = jaxvlm.load(args.checkpoint, scan_layers=False if lora is not None else None)
     learning_rate = args.learning_rate if args.learning_rate is not None else (1e-2 if lora else 1e-3)
-    tc = TrainConfig(steps=args.steps, learning_rate=learning_rate, warmup_steps=min(args.warmup_steps, args.steps),
+    warmup = args.warmup_steps
+    if warmup is None:  # 10 (at most the run's steps); a run resumed or extended keeps its own
+        recorded = os.path.join(workdir, RUN_FILE)
+        warmup = files.read_json(recorded).get("settings", {}).get("warmup_steps") if extending or \
+            os.path.exists(recorded) else None
+        warmup = min(10, args.steps) if not isinstance(warmup, int) else warmup
+    tc = TrainConfig(steps=args.steps, learning_rate=learning_rate, warmup_steps=warmup,
                      final_learning_rate=learning_rate / 100, weight_decay=0.01, checkpoint_every=args.checkpoint_every)
     tuned = finetune(model, rows, tc, batch_size=args.batch_size, seed=args.seed, workdir=workdir, lora=lora)
     if lora is not None and not args.keep_adapters:
@@ -172,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="rows per step")
     p.add_argument("--learning-rate", type=float, default=None,
                    help="the peak learning rate (default: 1e-2 with LoRA, 1e-3 without)")
-    p.add_argument("--warmup-steps", type=int, default=10, help="steps of linear warm-up before cosine decay")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="steps of linear warm-up before cosine decay (default: 10, at most --steps; a resumed or "
+                        "extended run keeps its own)")
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="steps between checkpoints (default: ten over the run)")
     p.add_argument("--seed", type=int, default=0, help="the order of the rows and the adapters' initial values")

@@ -110,6 +110,15 @@ def test_the_train_command_fine_tunes_with_lora_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "the run is complete: step 4 of 4" in again.stderr
     assert jaxvlm.load(tmp_path / "out2").config.lora.rank == 4
+    # a finished run extended with a larger --steps resumes and writes its --out anew
+    before = (tmp_path / "out" / "checksums.json").read_text()
+    longer = [a if a != "4" or command[i - 1] != "--steps" else "5" for i, a in enumerate(command)]
+    extended = subprocess.run(longer + ["--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert extended.returncode == 0, extended.stderr
+    assert "resuming: step 4 of 5" in extended.stderr
+    assert (tmp_path / "out" / "checksums.json").read_text() != before and jaxvlm.load(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", "out2", "work"] + [f"{i}.png" for i in range(16)]
+                                                  + ["train.jsonl"])
     for flags, message in [(["--lora-rank", "0"], "error: LoraConfig.rank: must be an integer >= 1, got 0"),
                            (["--lora-rank", "999"], "error: LoRA rank 999 is larger than"),
                            (["--out", str(tmp_path / "out")], "already exists")]:
