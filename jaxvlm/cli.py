@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxvlm", description="Run, inspect and convert models in JAX.")
     parser.add_argument("--version", action="version", version=f"jaxvlm {_version()}",
                         help="print jaxvlm's version and exit")
+    parser.add_argument("--no-compilation-cache", action="store_true",
+                        help="compile every program anew, keeping none on disk (default: kept under "
+                             "$XDG_CACHE_HOME/jaxvlm, else ~/.cache/jaxvlm, for the next run)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     from convert import cli as convert_cli
@@ -217,6 +220,8 @@ def _exit_on_interrupt(signum, frame) -> None:
 def main(argv=None) -> None:
     signal.signal(signal.SIGINT, _exit_on_interrupt)
     args = build_parser().parse_args(argv)
+    if args.no_compilation_cache:
+        os.environ["JAXVLM_COMPILATION_CACHE"] = "0"
     run(args.run, args)
 
 

@@ -7,13 +7,14 @@ import functools
 import logging
 import math
 import os
+import re
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvlm import checkpoint, checks, files, lora, matvec, memory
+from jaxvlm import checkpoint, checks, compile_cache, files, lora, matvec, memory
 from jaxvlm.chat import check_messages, images_in
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tokens, pad_rows, prompt_bucket,
@@ -580,6 +581,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
          mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None,
          quantize: str | None = None, group_size: int | None = None) -> Model:
     """Loads a checkpoint folder: a converted jaxvlm one, or a Hugging Face one (config.json and its weights),
+    or a hub id ('org/name') already in the local Hugging Face cache (`resolve_checkpoint`),
     converted in memory with the same checks as `jaxvlm convert` (which saves the converted folder once,
     for faster loads). With no path, the built-in shapes model (see `jaxvlm.shapes`).
     `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file of a converted
@@ -598,8 +600,12 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     scales, one per output channel or, with `group_size`, per that many inputs (see `jaxvlm.quantize`).
     A folder written by `jaxvlm convert --quantize int8` holds them already and loads as it is (with
     `quantize` None too); a float folder is quantized after loading.
+
+    Compiled programs are kept on disk for the next process (`jaxvlm.compile_cache`; off with
+    `JAXVLM_COMPILATION_CACHE=0`).
     """
-    path = BUILTIN_MODEL if path is None else os.path.expanduser(os.fspath(path))
+    compile_cache.enable()
+    path = BUILTIN_MODEL if path is None else resolve_checkpoint(path)
     if dtype is not None and str(dtype) not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if quantize is not None and quantize not in QUANTIZE_MODES:
@@ -634,6 +640,34 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     if quantize is not None and stored is None:
         config, params = checkpoint.quantize_params(config, params, group_size, shard)
     return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard)
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_cache() -> str:
+    """The local Hugging Face hub cache, as huggingface_hub finds it ($HF_HUB_CACHE, else $HF_HOME/hub, else
+    ~/.cache/huggingface/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """A checkpoint folder, or a hub id ('google/paligemma-3b-pt-224') found in the local Hugging Face cache
+    (through huggingface_hub, local files only: nothing is downloaded). An id not in the cache is one line
+    saying how to download it."""
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.exists(path) or not HUB_ID.fullmatch(path):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return snapshot_download(path, cache_dir=hub_cache(), local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        raise FileNotFoundError(f"{path}: no such folder, and not in the local Hugging Face cache ({hub_cache()}); "
+                                f"download it first: hf download {path}") from None
 
 
 def _load_hf(path: str, dtype: str | None, quantize: str | None, group_size: int | None, shard: MeshRules | None,

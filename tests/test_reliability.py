@@ -382,3 +382,42 @@ def test_ctrl_c_swallowed_inside_a_write_still_stops_it(tmp_path):
             except BaseException:
                 pass
     assert not target.exists() and os.listdir(tmp_path) == []
+
+
+# --- a newcomer's first hour --------------------------------------------------------------------------------
+def test_a_hub_id_is_found_in_the_local_cache_or_named_with_how_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"^acme/shapes: no such folder, and not in the local Hugging Face "
+                                                r"cache \(.*hf-home/hub\); download it first: hf download acme/shapes$"):
+        jaxvlm.load("acme/shapes")
+    repo = tmp_path / "hf-home" / "hub" / "models--acme--shapes"
+    shutil.copytree(BUILTIN_MODEL, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert jaxvlm.load("acme/shapes").generate("count shapes", image=IMAGE) == "3"
+
+
+FIRST_GENERATE = """import json, time, jax
+hits = []
+jax.monitoring.register_event_listener(lambda e, **k: e == "/jax/compilation_cache/cache_hits" and hits.append(e))
+import jaxvlm
+model = jaxvlm.load()
+start = time.perf_counter()
+answer = model.generate("caption en", image="examples/shapes.png")
+print(json.dumps({"seconds": time.perf_counter() - start, "hits": len(hits), "answer": answer}))
+"""
+
+
+def test_the_compilation_cache_is_on_by_default_for_the_next_process(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}  # not the test run's own cache
+    run = lambda **extra: json.loads(subprocess.run(
+        [sys.executable, "-c", FIRST_GENERATE], cwd=root, capture_output=True, text=True, check=True,
+        env=dict(env, XDG_CACHE_HOME=str(tmp_path / "cache"), **extra)).stdout)
+    off = run(JAXVLM_COMPILATION_CACHE="0")
+    assert off["hits"] == 0 and not (tmp_path / "cache").exists()
+    first, second = run(), run()
+    assert first["hits"] == 0 and second["hits"] >= 2  # prefill and decode read back, not compiled
+    assert first["answer"] == second["answer"] == off["answer"]
+    assert os.listdir(tmp_path / "cache" / "jaxvlm" / "xla")
