@@ -215,11 +215,17 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
         for name, content in copies.items():
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(content)
-        if config.image_processing is not None and not any(name in PROCESSOR_FILES for name in copies):
-            processor_type = vision_language_family_of(config).image_processor_type if config.is_vlm else None
+        # transformers' AutoProcessor reads the processor's settings (image tokens per image, ...) from these
+        vl_family = vision_language_family_of(config) if config.is_vlm else None
+        processor, image_processor = vl_family.processor(config) if vl_family else ({}, {})
+        if config.image_processing is not None and "preprocessor_config.json" not in copies:
+            processor_type = vl_family.image_processor_type if vl_family else None
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
-                json.dump(preprocessor_config(config.image_processing, vision_family_of(config.vision).processor,
-                                              processor_type), f, indent=2)
+                json.dump({**preprocessor_config(config.image_processing, vision_family_of(config.vision).processor,
+                                                 processor_type), **image_processor}, f, indent=2)
+        if processor and "processor_config.json" not in copies:
+            with open(os.path.join(tmp, "processor_config.json"), "w") as f:
+                json.dump(processor, f, indent=2)
     return out_dir
 
 

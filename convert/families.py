@@ -227,6 +227,9 @@ class VisionLanguageFamily:
     # and the class named when export writes that file (None: the encoder's processor)
     image_processor: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     image_processor_type: str | None = None
+    # what export writes for transformers' AutoProcessor: (processor_config.json, preprocessor_config.json
+    # fields beyond the image processing) for a config
+    processor: Callable[[ModelConfig], tuple[dict, dict]] = lambda config: ({}, {})
 
 
 def _paligemma_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
@@ -288,12 +291,18 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                                      prompt_format="images_first"),
                          default_text_type="gemma", default_vision_type="siglip_vision_model",
                          default_image_token=256000, read=_paligemma_read, write=_paligemma_write,
-                         text_types=("gemma", "gemma2")),
+                         text_types=("gemma", "gemma2"),
+                         processor=lambda c: ({"processor_class": "PaliGemmaProcessor"},
+                                              {"image_seq_length": c.tokens_per_image})),
     VisionLanguageFamily("llava", "LlavaForConditionalGeneration",
                          wiring=dict(projector="mlp", prefix_lm=False, position_offset=0,
                                      prompt_format="image_marker"),
                          default_text_type="llama", default_vision_type="clip_vision_model",
-                         default_image_token=32000, read=_llava_read, write=_llava_write),
+                         default_image_token=32000, read=_llava_read, write=_llava_write,
+                         processor=lambda c: ({"processor_class": "LlavaProcessor", "patch_size": c.vision.patch_size,
+                                               "vision_feature_select_strategy":
+                                                   "full" if c.vision.keep_class_token else "default",
+                                               "num_additional_image_tokens": int(c.vision.class_token)}, {})),
     # Gemma 3: SigLIP's patch grid pooled to a few tokens per image, several images a prompt, each framed by
     # begin/end-of-image tokens and attending to itself in both directions; bilinear resizing, pan and scan
     VisionLanguageFamily("gemma3", "Gemma3ForConditionalGeneration",
@@ -302,7 +311,9 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                          default_text_type="gemma3_text", default_vision_type="siglip_vision_model",
                          default_image_token=262_144, read=_gemma3_read, write=_gemma3_write,
                          text_types=("gemma3_text",), image_processor=dict(resample=2),
-                         image_processor_type="Gemma3ImageProcessor"),
+                         image_processor_type="Gemma3ImageProcessor",
+                         processor=lambda c: ({"processor_class": "Gemma3Processor",
+                                               "image_seq_length": c.tokens_per_image}, {})),
 ]}
 
 

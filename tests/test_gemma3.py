@@ -228,3 +228,22 @@ def test_generate_command_with_two_images(gemma3_with_processor):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == want + "\n"
+
+
+def test_an_export_without_processor_files_works_with_auto_processor(gemma3_with_processor, tmp_path):
+    """A model whose folder has no processor files (trained here, or converted without them) exports the
+    processor settings transformers' AutoProcessor needs (image tokens per image, ...)."""
+    import shutil
+    import PIL.Image
+    import jaxvlm
+    from transformers import AutoProcessor
+    hf_dir, _, _, paths = gemma3_with_processor
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_dir, bare)
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (bare / name).exists():
+            (bare / name).unlink()
+    jx = jaxvlm.load(bare)
+    processor = AutoProcessor.from_pretrained(jx.export_hf(tmp_path / "out"))
+    inputs = processor(text=PROMPTS[1], images=[PIL.Image.open(paths[1])], return_tensors="np")
+    np.testing.assert_array_equal(inputs["input_ids"], jx.encode(PROMPTS[1], image=[paths[1]]).input_ids)

@@ -421,3 +421,14 @@ def test_the_compilation_cache_is_on_by_default_for_the_next_process(tmp_path):
     assert first["hits"] == 0 and second["hits"] >= 2  # prefill and decode read back, not compiled
     assert first["answer"] == second["answer"] == off["answer"]
     assert os.listdir(tmp_path / "cache" / "jaxvlm" / "xla")
+
+
+def test_an_exported_vision_language_model_works_with_auto_processor(model, tmp_path):
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+    out = model.export_hf(tmp_path / "exported")
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor(text="caption en", images=PIL.Image.open(IMAGE), return_tensors="pt")
+    inputs.pop("labels", None)
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(out).eval()
+    tokens = hf.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    assert processor.decode(tokens, skip_special_tokens=True) == model.generate("caption en", image=IMAGE, max_new_tokens=20)
