@@ -71,18 +71,19 @@ def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int, pixels: np.n
     prefix = valid if c.prefix_lm else None
     pixels = None if pixels is None else jnp.asarray(pixels)
     steps = new - 1
-    scalars = dict(seed=np.uint32(0), temperature=np.float32(1), top_p=np.float32(1),
-                   eos_ids=np.asarray([1] + [-1] * (generate.EOS_SLOTS - 1), np.int32), pad_id=np.int32(0))
+    rules = dict(temperature=np.float32(1), top_p=np.float32(1), penalty=np.float32(1), min_new=np.int32(0),
+                 eos_ids=np.asarray([1] + [-1] * (generate.EOS_SLOTS - 1), np.int32), pad_id=np.int32(0))
     size = generate.cache_bucket(length + steps)
 
     def run_prefill():
-        state, token = generate.prefill(c, model.dtype, sampler, size, model.shard, model.params, tokens, valid,
-                                        prefix, pixels, jnp.zeros(len(prompt), bool), np.int32(0), **scalars)
+        state, token, _ = generate.prefill(c, model.dtype, sampler, size, model.shard, model.params, tokens, valid,
+                                           prefix, pixels, jnp.zeros(len(prompt), bool), np.int32(0), np.uint32(0),
+                                           rules)
         return jax.block_until_ready((state, token))
 
     def run_decode(state):
         return jax.block_until_ready(generate.decode(c, model.dtype, sampler, steps, model.shard, model.params, state,
-                                                     **scalars))
+                                                     np.uint32(0), rules))
 
     start = time.perf_counter()
     state, _ = run_prefill()

@@ -223,6 +223,16 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
             with open(os.path.join(tmp, "preprocessor_config.json"), "w") as f:
                 json.dump({**preprocessor_config(config.image_processing, vision_family_of(config.vision).processor,
                                                  processor_type), **image_processor}, f, indent=2)
+        if config.generation is not None:  # the sampling defaults it was loaded with, as transformers reads them
+            g = config.generation
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({"do_sample": g.do_sample, "temperature": g.temperature, "top_k": g.top_k or 0,
+                           "top_p": g.top_p, "repetition_penalty": g.repetition_penalty,
+                           "min_new_tokens": g.min_new_tokens,
+                           **({"max_new_tokens": g.max_new_tokens} if g.max_new_tokens else {}),
+                           "eos_token_id": list(config.tokens.eos_ids), "pad_token_id": config.tokens.pad_id,
+                           **({"bos_token_id": config.tokens.bos_id} if config.tokens.bos_id is not None else {})},
+                          f, indent=2)
         if processor and "processor_config.json" not in copies:
             with open(os.path.join(tmp, "processor_config.json"), "w") as f:
                 json.dump(processor, f, indent=2)

@@ -14,8 +14,8 @@ from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, 
                               VisionFamily)
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
-from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, HeadConfig, ImageProcessing, ModelConfig, PanAndScan,
-                           RopeConfig, TokensConfig, VisionConfig, longrope_attention_factor)
+from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, GenerationDefaults, HeadConfig, ImageProcessing,
+                           ModelConfig, PanAndScan, RopeConfig, TokensConfig, VisionConfig, longrope_attention_factor)
 
 SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
 
@@ -147,6 +147,33 @@ def tokens_config(hf_dir: str, cfg: Fields | dict) -> TokensConfig:
     return TokensConfig(bos_id=bos, eos_ids=eos, pad_id=pad, add_bos=add_bos)
 
 
+SAMPLING_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "min_new_tokens",
+                   "max_new_tokens")
+
+
+def generation_defaults(hf_dir: str) -> GenerationDefaults | None:
+    """The sampling settings of `generation_config.json` (None when it has none of them), with transformers'
+    `GenerationConfig` defaults for the fields it leaves out."""
+    gen = read_json(hf_dir, "generation_config.json")
+    if gen is None or not any(gen.has(k) for k in SAMPLING_FIELDS):
+        return None
+    top_k = gen.integer("top_k", 50)
+    values = dict(do_sample=gen.flag("do_sample", False), temperature=gen.number("temperature", 1.0),
+                  top_k=top_k or None, top_p=gen.number("top_p", 1.0),
+                  repetition_penalty=gen.number("repetition_penalty", 1.0),
+                  min_new_tokens=gen.integer("min_new_tokens", 0), max_new_tokens=gen.integer("max_new_tokens", None))
+    for key, ok, expected in [("temperature", values["temperature"] >= 0, "a number >= 0"),
+                              ("top_k", top_k >= 0, "an integer >= 0"),
+                              ("top_p", 0 < values["top_p"] <= 1, "a number in (0, 1]"),
+                              ("repetition_penalty", values["repetition_penalty"] > 0, "a number > 0"),
+                              ("min_new_tokens", values["min_new_tokens"] >= 0, "an integer >= 0"),
+                              ("max_new_tokens", values["max_new_tokens"] is None or values["max_new_tokens"] > 0,
+                               "an integer > 0")]:
+        if not ok:
+            gen.fail(key, expected, gen.raw(key))
+    return GenerationDefaults(**values)
+
+
 def vision_config(cfg: Fields | dict, **composition) -> VisionConfig:
     """A SigLIP or CLIP vision config; `composition` adds what the enclosing model decides (feature layer, ...)."""
     cfg = _fields(cfg)
@@ -269,7 +296,7 @@ def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, TextFamily]:
                                   family.image_processor)
     config = ModelConfig(decoder=decoder_config(text), tokens=tokens_config(hf_dir, text), vision=vision,
                          image_processing=processing, image_token_id=_image_token(cfg, family.default_image_token),
-                         **family.wiring, **extra)
+                         generation=generation_defaults(hf_dir), **family.wiring, **extra)
     return config, TEXT_FAMILIES[text.raw("model_type")]
 
 
@@ -301,8 +328,8 @@ def model_config(hf_dir: str) -> tuple[ModelConfig, TextFamily | None, str]:
     t = cfg.raw("model_type")
     try:
         if t in TEXT_FAMILIES:
-            return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg),
-                               head=head_config(cfg)), TEXT_FAMILIES[t], "text"
+            return ModelConfig(decoder=decoder_config(cfg), tokens=tokens_config(hf_dir, cfg), head=head_config(cfg),
+                               generation=generation_defaults(hf_dir)), TEXT_FAMILIES[t], "text"
         if t in VISION_LANGUAGE_FAMILIES:
             return (*_vlm_config(hf_dir, cfg), "vlm")
         family = VISION_FAMILIES[t]

@@ -13,7 +13,8 @@ def _generate(args) -> None:
     import jaxvlm
     model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)
+                    top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                    min_new_tokens=args.min_new_tokens, stop=args.stop)
     dataset = args.images if args.images is not None else args.prompts
     if dataset is not None:
         from jaxvlm.dataset import generate_all
@@ -154,8 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="with --images or --prompts: the JSONL file answers are appended to, "
                                                "one line a row; run again, it resumes where it stopped")
     p.add_argument("--batch-size", type=int, default=8, help="with --images or --prompts: rows generated for at once")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="the most tokens generated per answer")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 means greedy")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="the most tokens generated per answer (default: the checkpoint's generation_config.json, "
+                        "else 32)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature; 0 means greedy (default: the checkpoint's generation_config.json "
+                        "where it says do_sample, else 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="divide the logits of tokens already seen by this (multiply where negative), as "
+                        "transformers does (default: the checkpoint's, else 1)")
+    p.add_argument("--min-new-tokens", type=int, default=None,
+                   help="no end-of-sequence token before this many new tokens (default: the checkpoint's, else 0)")
+    p.add_argument("--stop", default=None, action="append",
+                   help="stop once the answer holds this text, which is left out; repeated for several")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the most likely tokens whose probabilities add up to p")

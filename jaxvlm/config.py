@@ -343,6 +343,32 @@ class ImageProcessing:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationDefaults:
+    """A checkpoint's `generation_config.json`, as transformers' `generate` applies it: sampling (with these
+    temperature, top-k and top-p) only where `do_sample` says; the repetition penalty, the fewest and the
+    most new tokens. Fields the file leaves out hold transformers' `GenerationConfig` defaults."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    max_new_tokens: int | None = None  # None: jaxvlm's default
+
+    def __post_init__(self):
+        name = "GenerationDefaults"
+        _require(self.temperature >= 0, name, "temperature", f"must be >= 0, got {self.temperature}")
+        _require(self.top_k is None or self.top_k >= 0, name, "top_k", f"must be >= 0, got {self.top_k}")
+        _require(0 < self.top_p <= 1, name, "top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.repetition_penalty > 0, name, "repetition_penalty",
+                 f"must be > 0, got {self.repetition_penalty}")
+        _require(self.min_new_tokens >= 0, name, "min_new_tokens", f"must be >= 0, got {self.min_new_tokens}")
+        _require(self.max_new_tokens is None or self.max_new_tokens > 0, name, "max_new_tokens",
+                 f"must be > 0, got {self.max_new_tokens}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HeadConfig:
     """A classification head in place of the language-model head: a Linear over the final hidden states,
     of the last real token (sequence classification) or of every token (token classification)."""
@@ -420,6 +446,7 @@ class ModelConfig:
     position_offset: int = 0  # PaliGemma numbers positions from 1
     prompt_format: str = "plain"
     head: HeadConfig | None = None  # a classification head instead of the language-model head
+    generation: GenerationDefaults | None = None  # the checkpoint's generation_config.json, if it has one
     quantization: QuantizationConfig | None = None  # None: the weights are floats
     lora: LoraConfig | None = None  # adapters held beside their projections (not merged into them)
 
@@ -457,11 +484,11 @@ class ModelConfig:
     @property
     def computation(self) -> "ModelConfig":
         """This config less what only the host reads (special tokens, prompt format, image processing, the
-        labels' names): the static argument of the jit-compiled functions, so that none of those settings
+        labels' names, generation defaults): the static argument of the jit-compiled functions, so that none of those settings
         causes a compilation. (Token ids the computation needs, such as EOS, are passed as arrays.)"""
         head = None if self.head is None else dataclasses.replace(self.head, labels=("",) * self.head.num_labels)
         return dataclasses.replace(self, tokens=TokensConfig(), image_processing=None, prompt_format="plain",
-                                   image_frame=None, max_images=1, head=head)
+                                   image_frame=None, max_images=1, head=head, generation=None)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,7 @@ class DecodeState:
     position: jax.Array  # int32[B]: its position
     done: jax.Array  # bool[B]: the row has produced an end-of-sequence token
     step: jax.Array  # int32[]: tokens chosen so far; folded into the sampling key
+    seen: jax.Array | None = None  # bool[B, V]: tokens of the prompt and output (for the repetition penalty)
 
 
 def prompt_bucket(length: int) -> int:
@@ -81,11 +82,32 @@ class NonFiniteLogits(FloatingPointError):
     """The logits of a row became inf or NaN: its weights (or int8 scales) overflow the computation."""
 
 
-def _choose(sampler: Sampler, logits, key, temperature, top_p):
-    """The next token of each row, or NOT_FINITE where the row's logits are not all finite (finite weights
-    can still overflow float32 or bfloat16; an argmax over NaN would quietly pick token 0)."""
-    token = sample(sampler, logits, key, temperature, top_p)
-    return jnp.where(jnp.isfinite(logits).all(axis=-1), token, NOT_FINITE)
+def _choose(sampler: Sampler, logits, key, rules: dict, step, seen):
+    """(the next token of each row, its log-probability under the model's logits) int32[B], float32[B].
+
+    As transformers' logits processors do, in their order: tokens already `seen` get the repetition penalty
+    (a logit divided by it, or multiplied where negative), end-of-sequence tokens are barred while fewer
+    than `min_new` tokens are out; then `sample` (temperature, top-k, top-p). A row whose logits are not
+    all finite gets NOT_FINITE (finite weights can still overflow float32 or bfloat16; an argmax over NaN
+    would quietly pick token 0)."""
+    logits = logits.astype(jnp.float32)
+    raw = logits
+    if sampler.penalize:
+        penalty = rules["penalty"]
+        logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+    vocab = jnp.arange(logits.shape[-1])
+    is_eos = (vocab[:, None] == rules["eos_ids"][None, :]).any(axis=-1)
+    logits = jnp.where(is_eos & (step < rules["min_new"]), -jnp.inf, logits)
+    token = sample(sampler, logits, key, rules["temperature"], rules["top_p"])
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), token[:, None], axis=-1)[:, 0]
+    return jnp.where(jnp.isfinite(raw).all(axis=-1), token, NOT_FINITE), logprob
+
+
+def _mark_seen(seen, token):
+    """`seen` with each row's `token` marked (None stays None: no penalty asked)."""
+    if seen is None:
+        return None
+    return seen.at[jnp.arange(seen.shape[0]), token].set(True)
 
 
 def _finish(token, done, eos_ids, pad_id):
@@ -121,12 +143,13 @@ def _everywhere(x: jax.Array, shard: MeshRules | None) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_size", "shard"))
 def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard: MeshRules | None, params, tokens,
-            valid, prefix, pixels, done, step, seed, temperature, top_p, eos_ids,
-            pad_id) -> tuple[DecodeState, jax.Array]:
-    """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token.
+            valid, prefix, pixels, done, step, seed, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token; returns
+    the decode state, the tokens int32[B] and their log-probabilities float32[B].
 
     `pixels` [B, H, W, C] (or None) are encoded here, once; `prefix` bool[B, T] (or None) marks the
-    tokens that attend to each other in both directions. `shard` places the cache on a mesh.
+    tokens that attend to each other in both directions. `shard` places the cache on a mesh. `rules`
+    (arrays, so that no value compiles anew): temperature, top_p, penalty, min_new, eos_ids, pad_id.
     """
     B, T = tokens.shape
     positions = token_positions(valid) + config.position_offset
@@ -135,18 +158,23 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
     with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
         out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply(
             {"params": params}, tokens, positions, valid, cache, pixels, prefix, last_only=True)
-    token = _choose(sampler, out.logits[:, -1], jax.random.fold_in(jax.random.key(seed), step), temperature, top_p)
-    token, done = _finish(token, done, eos_ids, pad_id)
+    seen = None
+    if sampler.penalize:  # the prompt's tokens (never its padding)
+        seen = jnp.zeros((B, out.logits.shape[-1]), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    token, logprob = _choose(sampler, out.logits[:, -1], key, rules, step, seen)
+    token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=positions[:, -1] + 1, done=done,
-                        step=step + 1)
-    return state, _everywhere(token, shard)
+                        step=step + 1, seen=_mark_seen(seen, token))
+    return state, _everywhere(token, shard), _everywhere(logprob, shard)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "steps", "shard"),
                    donate_argnames=("state",))
 def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: MeshRules | None, params,
-           state: DecodeState, seed, temperature, top_p, eos_ids, pad_id) -> tuple[DecodeState, jax.Array]:
-    """`steps` decode steps in one `lax.scan`; returns the new state and the chosen tokens int32[B, steps]."""
+           state: DecodeState, seed, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """`steps` decode steps in one `lax.scan`; returns the new state, the chosen tokens int32[B, steps] and
+    their log-probabilities float32[B, steps]."""
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
     ones = jnp.ones((state.token.shape[0], 1), bool)
     key = jax.random.key(seed)
@@ -154,13 +182,14 @@ def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: Mesh
     def step(state: DecodeState, _):
         with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
             out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
-        token = _choose(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), temperature, top_p)
-        token, done = _finish(token, state.done, eos_ids, pad_id)
+        token, logprob = _choose(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), rules, state.step,
+                                 state.seen)
+        token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])
         return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,
-                           done=done, step=state.step + 1), token
+                           done=done, step=state.step + 1, seen=_mark_seen(state.seen, token)), (token, logprob)
 
-    state, tokens = jax.lax.scan(step, state, length=steps)
-    return state, _everywhere(tokens.T, shard)
+    state, (tokens, logprobs) = jax.lax.scan(step, state, length=steps)
+    return state, _everywhere(tokens.T, shard), _everywhere(logprobs.T, shard)
 
 
 def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
@@ -174,22 +203,33 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32)
 
 
 def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
-                    pad_id: int, **kwargs) -> np.ndarray:
-    """Generates for prompts `rows` (each int[T_i], no padding); returns int32[B, max_new_tokens], the pad id
-    after a row's end (see `stream_tokens` for the arguments)."""
-    out = np.concatenate(list(stream_tokens(config, dtype, params, rows, max_new_tokens=max_new_tokens,
-                                            pad_id=pad_id, **kwargs)), axis=1)
-    return np.pad(out, ((0, 0), (0, max_new_tokens - out.shape[1])), constant_values=pad_id)
+                    pad_id: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Generates for prompts `rows` (each int[T_i], no padding); returns (int32[B, max_new_tokens], the pad id
+    after a row's end; their log-probabilities float32[B, max_new_tokens], 0 after the end). See
+    `stream_tokens` for the arguments."""
+    chunks = list(stream_tokens(config, dtype, params, rows, max_new_tokens=max_new_tokens, pad_id=pad_id, **kwargs))
+    tokens, logprobs = (np.concatenate([c[i] for c in chunks], axis=1) for i in (0, 1))
+    pad = ((0, 0), (0, max_new_tokens - tokens.shape[1]))
+    tokens, logprobs = np.pad(tokens, pad, constant_values=pad_id), np.pad(logprobs, pad)
+    return tokens, np.where(_after_end(tokens, kwargs["eos_ids"]), 0, logprobs)
+
+
+def _after_end(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
+    """bool[B, n]: the places after each row's first end-of-sequence token."""
+    ended = np.isin(tokens, list(eos_ids))
+    return np.cumsum(ended, axis=1) - ended > 0
 
 
 def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
                   sampler: Sampler, temperature: float, top_p: float | None, seed: int,
-                  eos_ids: Sequence[int], pad_id: int, pixels: np.ndarray | None = None,
-                  prefixes: Sequence[np.ndarray] | None = None, shard: MeshRules | None = None,
-                  programs: list[str] | None = None, chunk_size: int = MAX_CHUNK) -> Iterator[np.ndarray]:
-    """Generates for prompts `rows` (each int[T_i], no padding), yielding the new tokens int32[B, n] as
-    they are chosen: the first after prefill, then `chunk_size` per decode call (fewer at the end), until
-    every row has ended or `max_new_tokens` are out.
+                  eos_ids: Sequence[int], pad_id: int, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+                  pixels: np.ndarray | None = None, prefixes: Sequence[np.ndarray] | None = None,
+                  shard: MeshRules | None = None, programs: list[str] | None = None, chunk_size: int = MAX_CHUNK,
+                  stopped: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Generates for prompts `rows` (each int[T_i], no padding), yielding the new tokens int32[B, n] and their
+    log-probabilities float32[B, n] as they are chosen: the first after prefill, then `chunk_size` per
+    decode call (fewer at the end), until every row has ended (an end-of-sequence token, or `stopped`,
+    given the tokens so far [B, n], says bool[B]) or `max_new_tokens` are out.
 
     `pixels` hold one image per row; `prefixes` (bool[T_i] per row) mark each prompt's bidirectional prefix.
     The batch is padded with copies of its last row to its bucket (`batch_bucket`), with `shard` (params
@@ -205,8 +245,10 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
     slots = max(1, -(-len(eos_ids) // EOS_SLOTS)) * EOS_SLOTS
     eos = list(eos_ids) + [-1] * (slots - len(eos_ids))
     # Host values only (numpy), the same on every process: jit places them on the mesh.
-    scalars = dict(seed=np.uint32(seed), temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p or 1.0),
-                   eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
+    seed = np.uint32(seed)
+    rules = dict(temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p or 1.0),
+                 penalty=np.float32(repetition_penalty), min_new=np.int32(min_new_tokens),
+                 eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
     config = config.computation  # the jit key: host-only settings never recompile
     batch = len(rows)
     size = batch_bucket(batch, 1 if shard is None else shard.batch_multiple)
@@ -227,31 +269,34 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
         prefix = None if prefixes is None else put(right_align(prefixes, length, False, bool)[0])
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
         return prefill(config, dtype, sampler, size, shard, params, put(tokens), put(valid), prefix, put(pixels),
-                       put(done), np.int32(step), **scalars)
+                       put(done), np.int32(step), seed, rules)
 
-    state, first = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
+    state, first, first_logprob = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
     check_finite_tokens(generated[-1][:batch], 0)
-    yield generated[-1][:batch]
+    yield generated[-1][:batch], np.asarray(first_logprob)[:batch, None]
     # Which rows have finished, read from the chosen tokens (on every host) rather than the device state.
     finished = lambda: np.isin(np.concatenate(generated, axis=1), eos_ids).any(axis=1)
+    ended = lambda: finished()[:batch] | (False if stopped is None else
+                                          stopped(np.concatenate(generated, axis=1)[:batch]))
     count = 1
-    while count < max_new_tokens and not finished().all():
+    while count < max_new_tokens and not ended().all():
         if count == rebuild_at:
             sofar = np.concatenate(generated, axis=1)
             rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
-            state, token = start(rows, finished(), count, max_new_tokens - count - 1)
+            state, token, logprob = start(rows, finished(), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
             check_finite_tokens(generated[-1][:batch], count)
             count += 1
-            yield generated[-1][:batch]
+            yield generated[-1][:batch], np.asarray(logprob)[:batch, None]
             continue
         steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
         if programs is not None:
-            programs.append(decode.lower(config, dtype, sampler, steps, shard, params, state, **scalars)
+            programs.append(decode.lower(config, dtype, sampler, steps, shard, params, state, seed, rules)
                             .compile().as_text())
-        state, tokens = decode(config, dtype, sampler, steps, shard, params, state, **scalars)
+        state, tokens, logprobs = decode(config, dtype, sampler, steps, shard, params, state, seed, rules)
         generated.append(np.asarray(tokens))
-        check_finite_tokens(generated[-1][:batch, :max_new_tokens - count], count)
-        yield generated[-1][:batch, :max_new_tokens - count]
+        keep = max_new_tokens - count
+        check_finite_tokens(generated[-1][:batch, :keep], count)
+        yield generated[-1][:batch, :keep], np.asarray(logprobs)[:batch, :keep]
         count += steps

@@ -287,31 +287,61 @@ class Model:
         out = np.asarray(out, np.float32)[:B]
         return out if out.ndim == 2 else out[:, :T]
 
-    def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int = 32,
-                     temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-                     token_type_ids=None) -> np.ndarray:
-        """New tokens only, int32[B, max_new_tokens]; after a row's end-of-sequence token, the pad id.
+    def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int | None = None,
+                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                     seed: int = 0, token_type_ids=None, repetition_penalty: float | None = None,
+                     min_new_tokens: int | None = None, logprobs: bool = False):
+        """New tokens only, int32[B, max_new_tokens]; after a row's end-of-sequence token, the pad id. With
+        `logprobs`, (those tokens, their log-probabilities float32[B, max_new_tokens]: the log-softmax of the
+        model's logits at each chosen token, 0 after the end). Settings left None come from the checkpoint's
+        generation_config.json (see `generate`).
 
         The images in `pixel_values` are encoded once, at prefill.
         """
-        generation = self._generation(input_ids, attention_mask, pixel_values, max_new_tokens, temperature, top_k,
-                                      top_p, seed, token_type_ids)
-        return generate_tokens(self.config, self.dtype, self.params, **generation)
+        checks.flag("logprobs", logprobs)
+        settings = self._settings(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens)
+        generation = self._generation(input_ids, attention_mask, pixel_values, token_type_ids, settings)
+        tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation)
+        return (tokens, scores) if logprobs else tokens
 
     def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> str:
         """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
         where a sharded model's collectives, or a stacked model's copies, show."""
         programs = []
-        generation = self._generation(input_ids, attention_mask, pixel_values, 2, 0.0, None, None, 0, token_type_ids)
+        settings = self._settings(max_new_tokens=2, temperature=0.0)
+        generation = self._generation(input_ids, attention_mask, pixel_values, token_type_ids, settings)
         generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs)
         return programs[0]
 
-    def _generation(self, input_ids, attention_mask, pixel_values, max_new_tokens=32, temperature=0.0, top_k=None,
-                    top_p=None, seed=0, token_type_ids=None) -> dict[str, Any]:
-        """The checked arguments of `generate.stream_tokens` for these inputs."""
-        max_new_tokens, seed = _check_generation_args(max_new_tokens, temperature, top_k, top_p, seed)
+    def _settings(self, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=0,
+                  repetition_penalty=None, min_new_tokens=None) -> dict[str, Any]:
+        """The generation settings, checked: each argument given, else the checkpoint's generation_config.json
+        as transformers applies it (its temperature, top-k and top-p only where it says `do_sample`), else
+        jaxvlm's defaults (greedy, no penalty, 32 new tokens)."""
+        d = self.config.generation
+        if temperature is None:
+            temperature = d.temperature if d is not None and d.do_sample else 0.0
+        sampling = checks.number("temperature", temperature) > 0
+        if d is not None and sampling:
+            top_k = d.top_k if top_k is None else top_k
+            top_p = (d.top_p if d.top_p < 1 else None) if top_p is None else top_p
+        if repetition_penalty is None:
+            repetition_penalty = 1.0 if d is None else d.repetition_penalty
+        if min_new_tokens is None:
+            min_new_tokens = 0 if d is None else d.min_new_tokens
+        if max_new_tokens is None:
+            max_new_tokens = DEFAULT_MAX_NEW_TOKENS if d is None or d.max_new_tokens is None else d.max_new_tokens
+        check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+        return dict(max_new_tokens=checks.integer("max_new_tokens", max_new_tokens, 1), temperature=temperature,
+                    top_k=top_k, top_p=top_p, seed=checks.seed(seed), repetition_penalty=float(repetition_penalty),
+                    min_new_tokens=checks.integer("min_new_tokens", min_new_tokens, 0))
+
+    def _generation(self, input_ids, attention_mask, pixel_values, token_type_ids, settings: dict) -> dict[str, Any]:
+        """The checked arguments of `generate.stream_tokens` for these inputs and `_settings`."""
         self._require_lm_head()
-        sampler = make_sampler(temperature, top_k, top_p)
+        max_new_tokens = settings["max_new_tokens"]
+        sampler = make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
+                               settings["repetition_penalty"])
         ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
         rows = [row[keep] for row, keep in zip(ids, mask)]
         prefixes = None if prefix is None else [p[keep] for p, keep in zip(prefix, mask)]
@@ -326,9 +356,10 @@ class Model:
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "
                                        f"{slots} tokens")
         tokens = self.config.tokens
-        return dict(rows=rows, max_new_tokens=max_new_tokens, sampler=sampler, temperature=temperature, top_p=top_p,
-                    seed=seed, eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefixes=prefixes,
-                    shard=self.shard)
+        return dict(rows=rows, max_new_tokens=max_new_tokens, sampler=sampler, temperature=settings["temperature"],
+                    top_p=settings["top_p"], seed=settings["seed"], repetition_penalty=settings["repetition_penalty"],
+                    min_new_tokens=settings["min_new_tokens"], eos_ids=tokens.eos_ids, pad_id=tokens.pad_id,
+                    pixels=pixels, prefixes=prefixes, shard=self.shard)
 
     # --- text in, text out --------------------------------------------------------------------------------
     def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Inputs:
@@ -396,9 +427,10 @@ class Model:
         ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
         return Inputs(ids, mask, pixels)
 
-    def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int = 0) -> str | list[str]:
+    def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 seed: int = 0, repetition_penalty: float | None = None, min_new_tokens: int | None = None,
+                 stop: str | Sequence[str] | None = None, logprobs: bool = False):
         """Text in, text out; a list of prompts is generated as one batch (a list longer than
         `GENERATE_BATCH`, 64, in batches of that many).
 
@@ -406,46 +438,79 @@ class Model:
         models answer about; the prompt is plain text, built into the model's format as its Hugging Face
         processor would. Models that take several images a prompt (Gemma 3, `config.max_images`) take a
         list of images for a prompt, each placed at one of the prompt's image markers (`<start_of_image>`).
-        """
-        return self._generate_text(prompt_or_prompts, image, None, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
-    def _generate_text(self, prompt_or_prompts, image, add_bos, **generate_kwargs) -> str | list[str]:
-        _check_generation_args(**generate_kwargs)
+        Settings with transformers' meanings: `temperature` (0: greedy), `top_k`, `top_p`, `seed`,
+        `repetition_penalty` (a seen token's logit divided by it, or multiplied where negative; the prompt's
+        tokens count), `min_new_tokens` (no end-of-sequence token before that many), `max_new_tokens`. A
+        setting left None takes the checkpoint's generation_config.json value as transformers applies it
+        (sampling only where it says `do_sample`), else greedy, no penalty, 32 new tokens. `stop`: a string
+        or strings; a row stops once its text holds one, and its text ends before it. With `logprobs`, each
+        answer is a `Generated` (text, token ids, their log-probabilities).
+        """
+        return self._generate_text(prompt_or_prompts, image, None, stop, logprobs, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                   repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
+
+    def _generate_text(self, prompt_or_prompts, image, add_bos, stop=None, logprobs=False, **settings):
+        settings = self._settings(**settings)
+        stops = _check_stop(stop)
+        checks.flag("logprobs", logprobs)
         self._require_lm_head()
-        if not isinstance(prompt_or_prompts, (list, tuple)):  # one prompt (anything else is named by _encode)
-            inputs = self._encode(prompt_or_prompts, image, add_bos)
-            return self.tokenizer.decode(self.generate_ids(*inputs, **generate_kwargs)[0])
-        prompts = list(prompt_or_prompts)
-        if image is not None and isinstance(image, (list, tuple)) and len(image) != len(prompts):
+        single = not isinstance(prompt_or_prompts, (list, tuple))  # (anything but a string is named by _encode)
+        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+        if not single and image is not None and isinstance(image, (list, tuple)) and len(image) != len(prompts):
             raise ValueError(f"image: {len(image)} images for {len(prompts)} prompts; give one per prompt")
-        texts = []
+        answers = []
         # A long list runs a batch of GENERATE_BATCH prompts at a time: the images of one batch are in
         # memory at once, never those of the whole list.
         for start in range(0, max(1, len(prompts)), GENERATE_BATCH):
             part = slice(start, start + GENERATE_BATCH)
-            inputs = self._encode(prompts[part], None if image is None else
-                                  (image[part] if isinstance(image, (list, tuple)) else image), add_bos, start)
-            texts += [self.tokenizer.decode(row) for row in self.generate_ids(*inputs, **generate_kwargs)]
-        return texts
+            batch_images = image if single or image is None or not isinstance(image, (list, tuple)) else image[part]
+            inputs = self._encode(prompt_or_prompts if single else prompts[part], batch_images, add_bos, start)
+            generation = self._generation(*inputs, None, settings)
+            stopped = None if not stops else (
+                lambda tokens: np.array([_stop_at(self.tokenizer.decode(row), stops) is not None for row in tokens]))
+            tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation, stopped=stopped)
+            for row, row_scores in zip(tokens, scores):
+                text, n = self._answer(row, stops)
+                answers.append(Generated(text, [int(i) for i in row[:n]], [float(x) for x in row_scores[:n]])
+                               if logprobs else text)
+        return answers[0] if single else answers
 
-    def stream(self, prompt: str, image=None, max_new_tokens: int = 32, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> Iterator[str]:
+    def _answer(self, tokens: np.ndarray, stops: list[str]) -> tuple[str, int]:
+        """(the text of generated `tokens`, ended before the first stop string; how many tokens it took:
+        through the end-of-sequence token, or through the token that completed the stop string)."""
+        ended = np.isin(tokens, list(self.config.tokens.eos_ids))
+        n = int(np.argmax(ended)) + 1 if ended.any() else len(tokens)
+        text = self.tokenizer.decode(tokens[:n])
+        cut = _stop_at(text, stops)
+        if cut is None:
+            return text, n
+        n = next(k for k in range(1, n + 1) if _stop_at(self.tokenizer.decode(tokens[:k]), stops) is not None)
+        return text[:cut], n
+
+    def stream(self, prompt: str, image=None, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               repetition_penalty: float | None = None, min_new_tokens: int | None = None,
+               stop: str | Sequence[str] | None = None) -> Iterator[str]:
         """`generate` for one prompt, as an iterator of text pieces given as the tokens are chosen (a piece
         per `STREAM_CHUNK` decode steps); their join is `generate`'s text. A character whose bytes span
-        tokens is given whole, once all of them are out. The arguments are checked before this returns."""
-        return self._stream(prompt, image, None, max_new_tokens=max_new_tokens, temperature=temperature,
-                            top_k=top_k, top_p=top_p, seed=seed)
+        tokens is given whole, once all of them are out; text that may begin a stop string is held back
+        until it is known not to. The arguments are checked before this returns."""
+        return self._stream(prompt, image, None, stop, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
+                            min_new_tokens=min_new_tokens)
 
-    def _stream(self, prompt, image, add_bos, **generate_kwargs) -> Iterator[str]:
+    def _stream(self, prompt, image, add_bos, stop=None, **settings) -> Iterator[str]:
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: stream takes one prompt (a string), got {type(prompt).__name__}; "
                              "use generate for a batch")
-        _check_generation_args(**generate_kwargs)
+        settings = self._settings(**settings)
+        stops = _check_stop(stop)
         self._require_lm_head()
-        generation = self._generation(*self._encode(prompt, image, add_bos), **generate_kwargs)
+        generation = self._generation(*self._encode(prompt, image, add_bos), None, settings)
         chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK)
-        return _text_pieces(self.tokenizer, (chunk[0] for chunk in chunks))
+        return _text_pieces(self.tokenizer, (chunk[0][0] for chunk in chunks), stops)
 
     # --- chat ---------------------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
@@ -520,23 +585,61 @@ class Model:
 
 
 STREAM_CHUNK = 8  # decode steps per piece that `Model.stream` gives
+DEFAULT_MAX_NEW_TOKENS = 32  # where neither the call nor the checkpoint's generation_config.json says
 GENERATE_BATCH = 64  # prompts a `generate` call runs at once; a longer list runs in batches of this many
 
 
-def _text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray]) -> Iterator[str]:
+def _text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray], stops: Sequence[str] = ()) -> Iterator[str]:
     """The text of growing token sequences as the pieces it adds: each new piece once the text no longer
-    ends in the middle of a character (U+FFFD, bytes still missing); the rest at the end."""
+    ends in the middle of a character (U+FFFD, bytes still missing), less any end that may begin a stop
+    string; the text ends before the first stop string (the generation is then left), the rest comes at
+    the end."""
     ids: list[int] = []
     shown = ""
     for chunk in chunks:
         ids.extend(int(i) for i in chunk)
         text = tokenizer.decode(ids)
-        if not text.endswith("\ufffd") and text.startswith(shown) and len(text) > len(shown):
+        cut = _stop_at(text, stops)
+        if cut is not None:
+            if cut > len(shown):
+                yield text[len(shown):cut]
+            return
+        if text.endswith("\ufffd") or not text.startswith(shown):
+            continue
+        text = text[:len(text) - _stop_prefix(text, stops)]
+        if len(text) > len(shown):
             yield text[len(shown):]
             shown = text
     text = tokenizer.decode(ids)
     if len(text) > len(shown):
         yield text[len(shown):]
+
+
+class Generated(NamedTuple):
+    """An answer of `generate(..., logprobs=True)`."""
+    text: str
+    token_ids: list[int]  # the generated tokens, through the end-of-sequence token or the one that completed a stop
+    logprobs: list[float]  # each token's log-probability: the log-softmax of the model's logits (float32)
+
+
+def _check_stop(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else \
+        [] if stop is None else None
+    if stops is None or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r:.80}")
+    return stops
+
+
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string in `text` begins, or None."""
+    found = [i for s in stops if (i := text.find(s)) >= 0]
+    return min(found) if found else None
+
+
+def _stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of `text` that begins some stop string (held back while streaming)."""
+    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])),
+               default=0)
 
 
 class Inputs(NamedTuple):
@@ -546,11 +649,6 @@ class Inputs(NamedTuple):
     # float32[N, H, W, 3]: the rows' images in order, one a row (several, and pan-and-scan crops, where the model
     # takes them: Gemma 3); None for text
     pixel_values: np.ndarray | None
-
-
-def _check_generation_args(max_new_tokens=32, temperature=0.0, top_k=None, top_p=None, seed=0) -> tuple[int, int]:
-    check_sampling_args(temperature, top_k, top_p)
-    return checks.integer("max_new_tokens", max_new_tokens, 1), checks.seed(seed)
 
 
 def _token_types(token_type_ids, shape: tuple[int, ...]) -> np.ndarray:

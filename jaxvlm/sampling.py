@@ -22,20 +22,25 @@ class Sampler:
     greedy: bool = True
     top_k: int | None = None
     use_top_p: bool = False
+    penalize: bool = False  # a repetition penalty other than 1 (its value is traced)
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
+                        repetition_penalty: float = 1.0) -> None:
     if checks.number("temperature", temperature) < 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     checks.optional_integer("top_k", top_k, 1)
     checks.optional_number("top_p", top_p, low=0, high=1, low_open=True)
+    checks.number("repetition_penalty", repetition_penalty, low=0, low_open=True)
 
 
-def make_sampler(temperature: float, top_k: int | None, top_p: float | None) -> Sampler:
-    check_sampling_args(temperature, top_k, top_p)
+def make_sampler(temperature: float, top_k: int | None, top_p: float | None,
+                 repetition_penalty: float = 1.0) -> Sampler:
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    penalize = repetition_penalty != 1
     if temperature == 0:
-        return Sampler()
-    return Sampler(greedy=False, top_k=top_k, use_top_p=top_p is not None and top_p < 1)
+        return Sampler(penalize=penalize)
+    return Sampler(greedy=False, top_k=top_k, use_top_p=top_p is not None and top_p < 1, penalize=penalize)
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:

@@ -83,8 +83,9 @@ def test_streamed_tokens_are_the_generated_ones(family):
     from jaxvlm.model import STREAM_CHUNK
     name, _, jx, rows = family
     ids, mask = hf_models.left_pad(rows)
-    generation = jx._generation(ids, mask, None, max_new_tokens=NEW_TOKENS)
-    chunks = list(stream_tokens(jx.config, jx.dtype, jx.params, **generation, chunk_size=STREAM_CHUNK))
+    generation = jx._generation(ids, mask, None, None, jx._settings(max_new_tokens=NEW_TOKENS))
+    chunks = [tokens for tokens, _ in stream_tokens(jx.config, jx.dtype, jx.params, **generation,
+                                                    chunk_size=STREAM_CHUNK)]
     streamed = np.concatenate(chunks, axis=1)
     assert len(chunks) > 2 and all(c.shape[1] <= STREAM_CHUNK for c in chunks)
     np.testing.assert_array_equal(streamed, jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)[:, :streamed.shape[1]])

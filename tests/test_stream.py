@@ -28,8 +28,9 @@ def test_pieces_join_to_generate_and_come_early(model):
 
 def test_tokens_arrive_a_chunk_at_a_time(model):
     inputs = model.encode("caption en", image=IMAGE)
-    generation = model._generation(*inputs, max_new_tokens=20)
-    chunks = list(gen.stream_tokens(model.config, model.dtype, model.params, **generation, chunk_size=4))
+    generation = model._generation(*inputs, None, model._settings(max_new_tokens=20))
+    chunks = [tokens for tokens, _ in gen.stream_tokens(model.config, model.dtype, model.params, **generation,
+                                                        chunk_size=4)]
     assert chunks[0].shape == (1, 1) and all(c.shape[1] <= 4 for c in chunks[1:])
     whole = model.generate_ids(*inputs, max_new_tokens=20)
     streamed = np.concatenate(chunks, axis=1)
