@@ -78,7 +78,9 @@ class Block(nn.Module):
         h = mlp(norm("pre_mlp_norm")(x))
         if c.use_post_norms:
             h = norm("post_mlp_norm")(h)
-        return x + h, kv
+        x = x + h
+        self.sow("intermediates", "output", x)  # kept only when asked for (Model.logits' hidden states)
+        return x, kv
 
 
 class Decoder(nn.Module):
@@ -116,6 +118,7 @@ class Decoder(nn.Module):
         """
         c = self.config
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+        self.sow("intermediates", "embeddings", x)
         T = x.shape[1]
         # Padding slots get position 0 so they never decide LongRoPE's short/long switch.
         positions = jnp.where(valid, positions, 0)
@@ -156,7 +159,9 @@ class Decoder(nn.Module):
                 new_v.append(v)
             new_k, new_v = tuple(new_k), tuple(new_v)
         new_cache = None if cache is None else KVCache(k=new_k, v=new_v, end=end + T, valid=kv_valid)
-        return self.final_norm(x), new_cache
+        x = self.final_norm(x)
+        self.sow("intermediates", "final", x)
+        return x, new_cache
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
                  embeddings: jax.Array | None = None, blocks: jax.Array | None = None,

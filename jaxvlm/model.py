@@ -21,7 +21,7 @@ from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tok
                              right_align, stream_tokens)
 from jaxvlm.images import preprocess_images
 from jaxvlm.kv_cache import KVCache
-from jaxvlm.layout import default_scan_layers, is_stacked
+from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
 from jaxvlm.masks import token_positions
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
@@ -39,16 +39,36 @@ def _everywhere(tree, shard: MeshRules | None):
     return tree if shard is None else jax.tree.map(lambda x: shard.constrain(x, ()), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "shard"))
-def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "shard", "inspect"))
+def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels, inspect: bool = False):
+    """Logits (or a head's); with `inspect`, also the decoder's hidden states [L + 1, B, T, D] (as transformers
+    lists them: the embeddings, each layer's output, the last one after the final norm) and attention
+    weights [L, B, N, T, T]."""
     positions = token_positions(valid) + config.position_offset
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
     with matvec.allowed(shard is None):
         if config.head is not None:
             out = model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
+        elif inspect:
+            out, kept = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix,
+                                    mutable=["intermediates"])
+            out = (out.logits, *_inspected(kept["intermediates"]["decoder"], config.decoder.depth))
         else:
             out = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
     return _everywhere(out, shard)
+
+
+def _inspected(kept: dict, depth: int) -> tuple[jax.Array, jax.Array]:
+    """(hidden states [L + 1, B, T, D], attention weights [L, B, N, T, S]) from the decoder's sown values:
+    unrolled layers `layer_i`, or one stack whose values carry the layer axis first."""
+    if STACKED in kept:
+        outputs, weights = kept[STACKED]["output"][0], kept[STACKED]["attn"]["attention"][0]
+    else:
+        outputs = jnp.stack([kept[f"layer_{i}"]["output"][0] for i in range(depth)])
+        weights = jnp.stack([kept[f"layer_{i}"]["attn"]["attention"][0] for i in range(depth)])
+    hidden = jnp.concatenate([kept["embeddings"][0][None], outputs[:-1], kept["final"][0][None]])
+    L, B, K, G, T, S = weights.shape
+    return hidden.astype(jnp.float32), weights.reshape(L, B, K * G, T, S).astype(jnp.float32)
 
 
 _VISION_OUTPUTS = {
@@ -250,7 +270,8 @@ class Model:
         return self._run_vision("hidden_states", pixels)
 
     # --- forward ------------------------------------------------------------------------------------------
-    def logits(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
+    def logits(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
+               output_hidden_states: bool = False, output_attentions: bool = False):
         """Full forward without a cache: float32[B, T, V].
 
         `input_ids` hold the image placeholder tokens where `pixel_values` [B, H, W, 3] (one image per row;
@@ -258,9 +279,20 @@ class Model:
         attend bidirectionally over the tokens whose `token_type_ids` are 0; by default, all of them. Gemma 3's
         images attend to themselves both ways whatever the `token_type_ids` (the processor's are accepted).
         Positions count real tokens only (as in generation), so a padded row matches the same prompt alone.
+
+        With `output_hidden_states` or `output_attentions`, a `LogitsOutput` (logits, hidden_states,
+        attentions) as transformers names them: the decoder's L + 1 hidden states float32[B, T, D] (the
+        embeddings, each layer's output, the last one after the final norm) and its L layers' attention
+        weights float32[B, N, T, T] (computed by the spelled-out attention: slower, for inspection).
         """
         self._require_lm_head()
-        return self._run(input_ids, attention_mask, pixel_values, token_type_ids)
+        checks.flag("output_hidden_states", output_hidden_states)
+        checks.flag("output_attentions", output_attentions)
+        if not (output_hidden_states or output_attentions):
+            return self._run(input_ids, attention_mask, pixel_values, token_type_ids)
+        logits, hidden, weights = self._run(input_ids, attention_mask, pixel_values, token_type_ids, inspect=True)
+        return LogitsOutput(logits, list(hidden) if output_hidden_states else None,
+                            list(weights) if output_attentions else None)
 
     def classify(self, input_ids, attention_mask=None, pixel_values=None) -> np.ndarray:
         """A classification head's logits: float32[B, labels] from each row's last real token (sequence
@@ -270,7 +302,7 @@ class Model:
                              "...ForTokenClassification checkpoint)")
         return self._run(input_ids, attention_mask, pixel_values)
 
-    def _run(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> np.ndarray:
+    def _run(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, inspect: bool = False):
         ids, valid, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
         B, T = ids.shape
         self._check_length(T, "input_ids")
@@ -283,7 +315,10 @@ class Model:
                                                      pad(prefix, False), pixels)
         put = functools.partial(place, self.shard)
         out = _forward(self.config.computation, self.dtype, self.shard, self.params, put(ids), put(valid), put(prefix),
-                       put(pixels))
+                       put(pixels), inspect)
+        if inspect:
+            logits, hidden, weights = (np.asarray(x, np.float32) for x in out)
+            return logits[:B, :T], hidden[:, :B, :T], weights[:, :B, :, :T, :T]
         out = np.asarray(out, np.float32)[:B]
         return out if out.ndim == 2 else out[:, :T]
 
@@ -613,6 +648,13 @@ def _text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray], stops: Sequ
     text = tokenizer.decode(ids)
     if len(text) > len(shown):
         yield text[len(shown):]
+
+
+class LogitsOutput(NamedTuple):
+    """`logits(..., output_hidden_states=True, output_attentions=True)`, named as transformers names them."""
+    logits: np.ndarray  # float32[B, T, V]
+    hidden_states: list[np.ndarray] | None  # L + 1 of float32[B, T, D]
+    attentions: list[np.ndarray] | None  # L of float32[B, N, T, T]
 
 
 class Generated(NamedTuple):

@@ -40,6 +40,25 @@ def test_logits_match(family):
     assert diff <= 1e-4, f"{name}: max |logits diff| {diff}"
 
 
+@pytest.mark.parametrize("family", ["gemma2", "qwen3"], indirect=True)
+def test_hidden_states_and_attentions_match(family):
+    """logits(..., output_hidden_states=True, output_attentions=True) as transformers lists them (gemma2: a
+    scaled embedding, post-norms, local layers; qwen3: its query and key norms)."""
+    import torch
+    name, hf, jx, _ = family
+    ids = np.stack(hf_models.prompts(2, [12, 12]))
+    with torch.no_grad():
+        want = hf(torch.tensor(ids), output_hidden_states=True, output_attentions=True)
+    got = jx.logits(ids, output_hidden_states=True, output_attentions=True)
+    assert len(got.hidden_states) == len(want.hidden_states) == jx.config.decoder.depth + 1
+    for mine, theirs in zip(got.hidden_states, want.hidden_states):
+        np.testing.assert_allclose(mine, theirs.numpy(), atol=1e-4, err_msg=name)
+    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
+        np.testing.assert_allclose(mine, theirs.numpy(), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got.logits, jx.logits(ids), atol=1e-5)
+    assert jx.logits(ids, output_attentions=True).hidden_states is None
+
+
 def test_greedy_tokens_match(family):
     name, hf, jx, rows = family
     ids, mask = hf_models.left_pad(rows)
