@@ -247,3 +247,35 @@ def test_an_export_without_processor_files_works_with_auto_processor(gemma3_with
     processor = AutoProcessor.from_pretrained(jx.export_hf(tmp_path / "out"))
     inputs = processor(text=PROMPTS[1], images=[PIL.Image.open(paths[1])], return_tensors="np")
     np.testing.assert_array_equal(inputs["input_ids"], jx.encode(PROMPTS[1], image=[paths[1]]).input_ids)
+
+
+CONTENT_PARTS_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message.role }}\n"
+    "{% if message.content is string %}{{ message.content }}{% else %}{% for item in message.content %}"
+    "{% if item.type == 'image' %}<start_of_image>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_chat_with_image_content_parts_as_the_processor_takes_them(gemma3_with_processor, tmp_path):
+    """Messages whose content is a list of text and image parts, rendered by a Gemma-3-style template: the
+    same ids and pixels as Gemma3Processor.apply_chat_template, the images taken from the parts."""
+    import shutil
+    import jaxvlm
+    hf_dir, _, processor, paths = gemma3_with_processor
+    folder = tmp_path / "chat"
+    shutil.copytree(hf_dir, folder)
+    (folder / "chat_template.jinja").write_text(CONTENT_PARTS_TEMPLATE)
+    jx = jaxvlm.load(folder)
+    messages = [{"role": "user", "content": [{"type": "image", "path": paths[1]}, {"type": "text", "text": "what is "},
+                                             {"type": "image", "path": paths[0]}, {"type": "text", "text": "it"}]}]
+    want = processor.apply_chat_template(messages, chat_template=CONTENT_PARTS_TEMPLATE, add_generation_prompt=True,
+                                         tokenize=True, return_dict=True, return_tensors="np",
+                                         **PAN_AND_SCAN)  # the folder's settings (see the test above)
+    prompt = jx.apply_chat_template(messages)
+    inputs = jx._encode(prompt, [paths[1], paths[0]], add_bos=False)
+    np.testing.assert_array_equal(inputs.input_ids, want["input_ids"])
+    np.testing.assert_allclose(inputs.pixel_values, want["pixel_values"].transpose(0, 2, 3, 1), atol=1e-6)
+    answer = jx.chat(messages, max_new_tokens=4)
+    assert answer == jx._generate_text(prompt, [paths[1], paths[0]], False, max_new_tokens=4)
+    with pytest.raises(ValueError, match="the messages hold image parts already"):
+        jx.chat(messages, image=paths[0])
