@@ -208,6 +208,18 @@ def test_a_text_model_answers_a_jsonl_file_of_prompts(text_model, tmp_path):
     assert generate_all(text_model, rows, None, out, batch_size=2, progress=False, max_new_tokens=4) == 3
     want = text_model.generate(prompts, max_new_tokens=4)
     assert _lines(out) == [{"line": i + 1, "prompt": p, "answer": a} for i, (p, a) in enumerate(zip(prompts, want))]
+    command = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint",
+                              text_model.tokenizer.directory, "--prompts", str(rows), "--out", str(tmp_path / "cli.jsonl"),
+                              "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert command.returncode == 0 and command.stdout == f"wrote 3 lines to {tmp_path / 'cli.jsonl'}\n", command.stderr
+    assert _lines(tmp_path / "cli.jsonl") == _lines(out)
+
+
+def test_the_command_help_shows_every_default():
+    help_text = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--help"], capture_output=True,
+                               text=True, env=dict(os.environ, COLUMNS="200")).stdout
+    for shown in ("(default: 8)", "(default: 0)", "else 32)", "(default: as stored)"):
+        assert shown in help_text, shown
 
 
 @pytest.fixture(scope="module")
