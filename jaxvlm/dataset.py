@@ -157,6 +157,7 @@ def generate_all(model, source: str | os.PathLike, prompt: str | None, out: str 
     is written with its error, the others go on. `generate_kwargs` go to `Model.generate`."""
     batch_size = checks.integer("batch_size", batch_size, 1)
     model._require_lm_head()
+    model.check_generation(**generate_kwargs)  # a bad setting is the run's fault, not each row's
     images = model.config.vision is not None
     items = read_items(source, prompt, images)
     out = os.fspath(out)

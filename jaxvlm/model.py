@@ -348,6 +348,12 @@ class Model:
         generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs)
         return programs[0]
 
+    def check_generation(self, stop=None, logprobs: bool = False, **settings) -> None:
+        """Checks `generate`'s keyword arguments (a one-line error naming the first bad one), before any work."""
+        self._settings(**settings)
+        _check_stop(stop)
+        checks.flag("logprobs", logprobs)
+
     def _settings(self, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=0,
                   repetition_penalty=None, min_new_tokens=None) -> dict[str, Any]:
         """The generation settings, checked: each argument given, else the checkpoint's generation_config.json

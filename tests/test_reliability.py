@@ -147,6 +147,13 @@ def test_prompts_that_cannot_be_encoded_or_do_not_fit_fail_alone_naming_file_and
     assert f"{rows}, line 3: " in lines[2]["error"] and "context of 256 tokens" in lines[2]["error"]
 
 
+def test_a_bad_setting_fails_the_run_not_each_row(model, tmp_path):
+    with pytest.raises(ValueError, match="repetition_penalty must be in"):
+        generate_all(model, os.path.dirname(os.path.abspath(IMAGE)), "count shapes", tmp_path / "out.jsonl",
+                     progress=False, repetition_penalty=-1)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_last_line_whole_but_for_its_newline_is_ended_before_the_next(model, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
