@@ -89,7 +89,7 @@ def _check_regular_file(path: str, what: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except (OSError, ValueError) as e:  # ValueError: a NUL in the path
-        reason = "no such file" if isinstance(e, FileNotFoundError) else f"cannot be read ({e})"
+        reason = "no such file" if isinstance(e, (FileNotFoundError, NotADirectoryError)) else f"cannot be read ({e})"
         raise ImageError(f"{what}: {path}: {reason}") from None
     if not stat.S_ISREG(mode):
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"

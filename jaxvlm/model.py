@@ -420,6 +420,8 @@ class Model:
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         if not prompts:
             raise ValueError("prompt_or_prompts is an empty list")
+        if image is not None:
+            self._require_vision("image")
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
                              "use generate_ids with token ids")
@@ -428,8 +430,6 @@ class Model:
             check_text(p, name)
             # a text far past the context is refused before it is tokenized whole
             self.tokenizer._check_fits(p, name, self.config.decoder.max_position_embeddings)
-        if image is not None:
-            self._require_vision("image")
         pixels, per_prompt = None, [None] * len(prompts)  # each prompt's images' crop counts
         if image is not None:
             images = [image] if single or not isinstance(image, (list, tuple)) else list(image)

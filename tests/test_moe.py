@@ -54,7 +54,7 @@ def test_bad_moe_settings_are_named(hf_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=r"config.json: field 'num_experts_per_tok' must be between 1 and "
                                           r"num_experts=8, got 9$"):
         model_config(str(folder))
-    with pytest.raises(ValueError, match="MoeConfig.num_experts: must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="MoeConfig.num_experts: must be a positive int of at most 4,096, got 0"):
         MoeConfig(num_experts=0, top_k=1, mlp_dim=4)
 
 
