@@ -280,6 +280,17 @@ def test_overflowing_weights_are_a_named_error_not_an_empty_answer(model):
         broken.generate("caption en", image=IMAGE, max_new_tokens=4)
 
 
+def test_int8_scales_that_are_finite_but_overflow_are_a_named_error(tmp_path):
+    quantized = jaxvlm.load(quantize="int8")
+    params = jax_tree_scaled(quantized.params, "decoder/layer_3/mlp/down/kernel_scale", 3e38)
+    broken = jaxvlm.Model(quantized.config, params, quantized.tokenizer)
+    with pytest.raises(FloatingPointError, match="row 0: the logits for generated token 1 are not finite"):
+        broken.generate("caption en", image=IMAGE, max_new_tokens=4)
+    broken.save(tmp_path / "saved")  # the scales are finite and positive: only the computation shows it
+    with pytest.raises(FloatingPointError, match="are not finite"):
+        jaxvlm.load(tmp_path / "saved").generate("caption en", image=IMAGE, max_new_tokens=4)
+
+
 def jax_tree_scaled(params, prefix: str, factor: float):
     import jax
     from jaxvlm.checkpoint import param_name
