@@ -20,7 +20,7 @@ from jaxvlm import matvec
 from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import is_stacked
-from jaxvlm.masks import token_positions
+from jaxvlm.inputs import Inputs
 from jaxvlm.sampling import Sampler, sample
 from jaxvlm.sharding import MeshRules, place
 from jaxvlm.vlm import VisionLanguageModel
@@ -152,19 +152,20 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
     (arrays, so that no value compiles anew): temperature, top_p, penalty, min_new, eos_ids, pad_id.
     """
     B, T = tokens.shape
-    positions = token_positions(valid) + config.position_offset
+    inputs = Inputs.build(config, tokens, valid, prefix, pixels)
     stacked = is_stacked(params)
     cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked), shard)
     with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
-        out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply(
-            {"params": params}, tokens, positions, valid, cache, pixels, prefix, last_only=True)
+        out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply({"params": params}, inputs, cache,
+                                                                            last_only=True)
     seen = None
     if sampler.penalize:  # the prompt's tokens (never its padding)
         seen = jnp.zeros((B, out.logits.shape[-1]), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
     key = jax.random.fold_in(jax.random.key(seed), step)
     token, logprob = _choose(sampler, out.logits[:, -1], key, rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
-    state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=positions[:, -1] + 1, done=done,
+    state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
+                        done=done,
                         step=step + 1, seen=_mark_seen(seen, token))
     return state, _everywhere(token, shard), _everywhere(logprob, shard)
 
@@ -176,12 +177,11 @@ def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: Mesh
     """`steps` decode steps in one `lax.scan`; returns the new state, the chosen tokens int32[B, steps] and
     their log-probabilities float32[B, steps]."""
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
-    ones = jnp.ones((state.token.shape[0], 1), bool)
     key = jax.random.key(seed)
 
     def step(state: DecodeState, _):
         with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
-            out = model.apply({"params": params}, state.token[:, None], state.position[:, None], ones, state.cache)
+            out = model.apply({"params": params}, Inputs.next_tokens(state.token, state.position), state.cache)
         token, logprob = _choose(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), rules, state.step,
                                  state.seen)
         token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])

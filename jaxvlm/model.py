@@ -22,7 +22,7 @@ from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tok
 from jaxvlm.images import preprocess_images
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
-from jaxvlm.masks import token_positions
+from jaxvlm.inputs import Inputs
 from jaxvlm.prompts import build_prompt
 from jaxvlm.sampling import check_sampling_args, make_sampler
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
@@ -44,17 +44,16 @@ def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels, inspec
     """Logits (or a head's); with `inspect`, also the decoder's hidden states [L + 1, B, T, D] (as transformers
     lists them: the embeddings, each layer's output, the last one after the final norm) and attention
     weights [L, B, N, T, T]."""
-    positions = token_positions(valid) + config.position_offset
+    inputs = Inputs.build(config, tokens, valid, prefix, pixels)
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
     with matvec.allowed(shard is None):
         if config.head is not None:
-            out = model.apply({"params": params}, tokens, positions, valid, pixels, prefix, method="classify")
+            out = model.apply({"params": params}, inputs, method="classify")
         elif inspect:
-            out, kept = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix,
-                                    mutable=["intermediates"])
+            out, kept = model.apply({"params": params}, inputs, mutable=["intermediates"])
             out = (out.logits, *_inspected(kept["intermediates"]["decoder"], config.decoder.depth))
         else:
-            out = model.apply({"params": params}, tokens, positions, valid, pixels=pixels, prefix=prefix).logits
+            out = model.apply({"params": params}, inputs).logits
     return _everywhere(out, shard)
 
 
@@ -403,14 +402,14 @@ class Model:
                     pixels=pixels, prefixes=prefixes, shard=self.shard)
 
     # --- text in, text out --------------------------------------------------------------------------------
-    def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Inputs:
+    def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Encoded:
         """The model's inputs for plain-text prompts (and an image per prompt), laid out as generation
-        lays them out: `Inputs(input_ids int32[B, T], attention_mask bool[B, T], pixel_values float32[B, H,
+        lays them out: `Encoded(input_ids int32[B, T], attention_mask bool[B, T], pixel_values float32[B, H,
         W, 3] or None)`, rows right-aligned. They go to `logits`, `generate_ids` and `classify` as they are:
         `model.logits(*model.encode("caption en", image="cat.jpg"))`."""
         return self._encode(prompt_or_prompts, image)
 
-    def _encode(self, prompt_or_prompts, image, add_bos: bool | None = None, offset: int = 0) -> Inputs:
+    def _encode(self, prompt_or_prompts, image, add_bos: bool | None = None, offset: int = 0) -> Encoded:
         """`encode`; errors name the prompts counting from `offset` (a batch of a longer list)."""
         self._require_decoder()
         single = isinstance(prompt_or_prompts, str)
@@ -466,7 +465,7 @@ class Model:
                 raise ValueError(f"{name} holds the image token{f' {text!r}' if text else ''} as text "
                                  f"({found - want} extra); images are placed by the model, not typed into the prompt")
         ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
-        return Inputs(ids, mask, pixels)
+        return Encoded(ids, mask, pixels)
 
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -690,8 +689,9 @@ def _stop_prefix(text: str, stops: Sequence[str]) -> int:
                default=0)
 
 
-class Inputs(NamedTuple):
-    """A batch of the model's inputs, as `Model.encode` lays them out."""
+class Encoded(NamedTuple):
+    """Prompts as `Model.encode` lays them out, named as transformers' processors name them (the network's
+    own inputs, positions and blocks derived, are `jaxvlm.inputs.Inputs`)."""
     input_ids: np.ndarray  # int32[B, T], right-aligned (padding first)
     attention_mask: np.ndarray  # bool[B, T]
     # float32[N, H, W, 3]: the rows' images in order, one a row (several, and pan-and-scan crops, where the model

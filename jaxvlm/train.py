@@ -40,7 +40,7 @@ from jaxvlm.config import LoraConfig, ModelConfig
 from jaxvlm.data import Batch, RowBatches
 from jaxvlm.layout import is_stacked
 from jaxvlm.losses import next_token_loss
-from jaxvlm.masks import token_positions
+from jaxvlm.inputs import Inputs
 from jaxvlm.model import Model
 from jaxvlm.sharding import Rules, mesh_rules, place
 from jaxvlm.vlm import VisionLanguageModel
@@ -128,10 +128,8 @@ def _batch_arrays(batch: Batch, config: ModelConfig) -> dict[str, Any]:
 
 def loss_fn(model: VisionLanguageModel, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """(mean next-token loss over the answer tokens, their count) for one batch of `_batch_arrays`."""
-    valid = batch["valid"]
-    positions = token_positions(valid) + model.config.position_offset
-    logits = model.apply({"params": params}, batch["tokens"], positions, valid, pixels=batch.get("pixels"),
-                         prefix=batch.get("prefix")).logits
+    inputs = Inputs.build(model.config, batch["tokens"], batch["valid"], batch.get("prefix"), batch.get("pixels"))
+    logits = model.apply({"params": params}, inputs).logits
     return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
 

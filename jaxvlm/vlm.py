@@ -19,7 +19,7 @@ from jaxvlm.decoder import Decoder, DecoderOutput
 from jaxvlm.heads import ClassificationHead
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layers import MLP, Dtype, Einsum, RMSNorm
-from jaxvlm.masks import blocks_of_prefix, blocks_of_runs
+from jaxvlm.inputs import Inputs
 from jaxvlm.vision import VisionEncoder
 
 
@@ -90,31 +90,17 @@ class VisionLanguageModel(nn.Module):
         text = self.decoder.embed(jnp.where(is_image, 0, tokens))
         return merge_image_features(text, self.encode_image(pixels), is_image)
 
-    def _blocks(self, tokens: jax.Array, pixels: jax.Array | None, prefix: jax.Array | None) -> jax.Array | None:
-        """The bidirectional blocks (`masks.decoder_mask`): a prefix-LM's prefix, or each image's tokens."""
-        if prefix is not None:
-            return blocks_of_prefix(prefix)
-        if self.config.image_blocks and pixels is not None:
-            return blocks_of_runs(tokens == self.config.image_token_id)
-        return None
+    def __call__(self, inputs: Inputs, cache: KVCache | None = None, last_only: bool = False) -> DecoderOutput:
+        """The decoder over `inputs` (`jaxvlm.inputs.Inputs`), the images' features at the placeholder tokens
+        (whose ids may lie outside the vocabulary). See `Decoder.__call__` for `cache` and `last_only`."""
+        return self.decoder(inputs.tokens, inputs.positions, inputs.valid, cache,
+                            self._embeddings(inputs.tokens, inputs.pixels), inputs.blocks, last_only)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
-                 pixels: jax.Array | None = None, prefix: jax.Array | None = None,
-                 last_only: bool = False) -> DecoderOutput:
-        """The decoder over `tokens`, with the images in `pixels` at the placeholder tokens; `prefix` bool[B, T]
-        marks a prefix-LM's prefix.
-
-        See `Decoder.__call__` for the arguments; placeholder ids may lie outside the vocabulary.
-        """
-        return self.decoder(tokens, positions, valid, cache, self._embeddings(tokens, pixels),
-                            self._blocks(tokens, pixels, prefix), last_only)
-
-    def classify(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, pixels: jax.Array | None = None,
-                 prefix: jax.Array | None = None) -> jax.Array:
+    def classify(self, inputs: Inputs) -> jax.Array:
         """The classification head's float32 logits: [B, labels] or, per token, [B, T, labels]."""
-        hidden, _ = self.decoder.hidden_states(tokens, positions, valid, None, self._embeddings(tokens, pixels),
-                                               self._blocks(tokens, pixels, prefix))
-        return self.head(hidden, valid)
+        hidden, _ = self.decoder.hidden_states(inputs.tokens, inputs.positions, inputs.valid, None,
+                                               self._embeddings(inputs.tokens, inputs.pixels), inputs.blocks)
+        return self.head(hidden, inputs.valid)
 
     def initialize(self, tokens: jax.Array, pixels: jax.Array):
         """Touches every submodule, so `init` creates every parameter."""
@@ -125,7 +111,6 @@ class VisionLanguageModel(nn.Module):
             if c.vision.can_pool:
                 out.append(self.vision.pooled(pixels))
         if c.decoder is not None:
-            valid = tokens >= 0
             run = self.classify if c.head is not None else self
-            out.append(run(tokens, tokens, valid, pixels=pixels if c.is_vlm else None))
+            out.append(run(Inputs.build(c, tokens, tokens >= 0, pixels=pixels if c.is_vlm else None)))
         return out

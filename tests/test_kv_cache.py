@@ -10,6 +10,7 @@ import pytest
 from jaxvlm import presets
 from jaxvlm.memory import tree_bytes as nbytes
 from jaxvlm.kv_cache import KVCache, ring_slots, ring_write
+from jaxvlm.inputs import Inputs
 from jaxvlm.vlm import VisionLanguageModel
 
 
@@ -46,7 +47,7 @@ def test_prefill_in_chunks_through_a_ring(family, convert_and_load):
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 250, size=(2, 24)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(24), (2, 24))
     valid = jnp.ones((2, 24), bool)
-    apply = jax.jit(lambda *args: net.apply({"params": model.params}, *args))
+    apply = jax.jit(lambda t, p, v, *cache: net.apply({"params": model.params}, Inputs(t, v, p), *cache))
     want = apply(tokens, positions, valid).logits
     cache = KVCache.init(model.config.decoder, 2, 64, jnp.float32)
     assert min(k.shape[1] for k in cache.k) == window < 64
