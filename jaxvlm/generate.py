@@ -202,12 +202,26 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32)
     return tokens, valid
 
 
-def generate_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
-                    pad_id: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Generates for prompts `rows` (each int[T_i], no padding); returns (int32[B, max_new_tokens], the pad id
-    after a row's end; their log-probabilities float32[B, max_new_tokens], 0 after the end). See
-    `stream_tokens` for the arguments."""
-    chunks = list(stream_tokens(config, dtype, params, rows, max_new_tokens=max_new_tokens, pad_id=pad_id, **kwargs))
+def align_right(tokens: np.ndarray, valid: np.ndarray, pad_id: int, prefix: np.ndarray | None = None):
+    """(tokens, valid, prefix) with each row's tokens at its end (padding first) and no wider than the longest
+    row: rows given right-aligned, left-aligned or with gaps alike. Right-aligned rows are only trimmed."""
+    lengths = valid.sum(axis=1)
+    T = int(lengths.max())
+    if all(valid[i, valid.shape[1] - n:].all() for i, n in enumerate(lengths)):
+        trim = lambda x: None if x is None else x[:, x.shape[1] - T:]
+        return trim(tokens), trim(valid), trim(prefix)
+    out_tokens, out_valid = right_align([row[keep] for row, keep in zip(tokens, valid)], T, pad_id, tokens.dtype)
+    out_prefix = None if prefix is None else right_align([p[keep] for p, keep in zip(prefix, valid)], T, False, bool)[0]
+    return out_tokens, out_valid, out_prefix
+
+
+def generate_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid: np.ndarray, *,
+                    max_new_tokens: int, pad_id: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Generates for right-aligned prompts; returns (int32[B, max_new_tokens], the pad id after a row's end;
+    their log-probabilities float32[B, max_new_tokens], 0 after the end). See `stream_tokens` for the
+    arguments."""
+    chunks = list(stream_tokens(config, dtype, params, tokens, valid, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                **kwargs))
     tokens, logprobs = (np.concatenate([c[i] for c in chunks], axis=1) for i in (0, 1))
     pad = ((0, 0), (0, max_new_tokens - tokens.shape[1]))
     tokens, logprobs = np.pad(tokens, pad, constant_values=pad_id), np.pad(logprobs, pad)
@@ -220,21 +234,23 @@ def _after_end(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
     return np.cumsum(ended, axis=1) - ended > 0
 
 
-def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray], *, max_new_tokens: int,
+def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid: np.ndarray, *, max_new_tokens: int,
                   sampler: Sampler, temperature: float, top_p: float | None, seed: int,
                   eos_ids: Sequence[int], pad_id: int, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                  pixels: np.ndarray | None = None, prefixes: Sequence[np.ndarray] | None = None,
+                  pixels: np.ndarray | None = None, prefix: np.ndarray | None = None,
                   shard: MeshRules | None = None, programs: list[str] | None = None, chunk_size: int = MAX_CHUNK,
                   stopped: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Generates for prompts `rows` (each int[T_i], no padding), yielding the new tokens int32[B, n] and their
-    log-probabilities float32[B, n] as they are chosen: the first after prefill, then `chunk_size` per
-    decode call (fewer at the end), until every row has ended (an end-of-sequence token, or `stopped`,
-    given the tokens so far [B, n], says bool[B]) or `max_new_tokens` are out.
+    """Generates for right-aligned prompts `tokens` int[B, T] (`valid` bool[B, T]: False at the padding before
+    each row; `align_right` makes them so), yielding the new tokens int32[B, n] and their log-probabilities
+    float32[B, n] as they are chosen: the first after prefill, then `chunk_size` per decode call (fewer at
+    the end), until every row has ended (an end-of-sequence token, or `stopped`, given the tokens so far
+    [B, n], says bool[B]) or `max_new_tokens` are out.
 
-    `pixels` hold one image per row; `prefixes` (bool[T_i] per row) mark each prompt's bidirectional prefix.
-    The batch is padded with copies of its last row to its bucket (`batch_bucket`), with `shard` (params
-    already on its mesh) a multiple of the devices it is split over. Given a list, `programs` receives
-    the optimised program (HLO text) of each decode call, for inspection.
+    `pixels` hold the rows' images; `prefix` bool[B, T] marks each prompt's bidirectional prefix. The batch
+    is padded with copies of its last row to its bucket (`batch_bucket`), with `shard` (params already on
+    its mesh) a multiple of the devices it is split over, and on the left to its length's bucket
+    (`prompt_bucket`). Given a list, `programs` receives the optimised program (HLO text) of each decode
+    call, for inspection.
 
     Text-only LongRoPE models switch from short to long factors when the sequence first grows past
     `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
@@ -250,28 +266,28 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
                  penalty=np.float32(repetition_penalty), min_new=np.int32(min_new_tokens),
                  eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
     config = config.computation  # the jit key: host-only settings never recompile
-    batch = len(rows)
+    batch = len(tokens)
     size = batch_bucket(batch, 1 if shard is None else shard.batch_multiple)
-    rows, prefixes, pixels = pad_rows(rows, size), pad_rows(prefixes, size), pad_rows(pixels, size)
+    tokens, valid, prefix, pixels = (pad_rows(x, size) for x in (tokens, valid, prefix, pixels))
     put = functools.partial(place, shard)
     decode_steps = max_new_tokens - 1
     chunk = min(chunk_size, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
-    longest = max(len(r) for r in rows)
+    longest = tokens.shape[1]
     rebuild_at = None  # tokens generated when the sequence crosses LongRoPE's original length
     rope = config.decoder.rope
     if (rope.is_longrope and config.vision is None
             and longest <= rope.original_max_position < longest + decode_steps):
         rebuild_at = rope.original_max_position - longest + 1
 
-    def start(rows, done, step, steps_after):
-        length = prompt_bucket(max(len(r) for r in rows))
-        tokens, valid = right_align(rows, length, pad_id)
-        prefix = None if prefixes is None else put(right_align(prefixes, length, False, bool)[0])
+    def start(tokens, valid, prefix, done, step, steps_after):
+        length = prompt_bucket(tokens.shape[1])
+        left = lambda x, value: None if x is None else np.pad(x, ((0, 0), (length - x.shape[1], 0)),
+                                                              constant_values=value)
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
-        return prefill(config, dtype, sampler, size, shard, params, put(tokens), put(valid), prefix, put(pixels),
-                       put(done), np.int32(step), seed, rules)
+        return prefill(config, dtype, sampler, size, shard, params, put(left(tokens, pad_id)), put(left(valid, False)),
+                       put(left(prefix, False)), put(pixels), put(done), np.int32(step), seed, rules)
 
-    state, first, first_logprob = start(rows, np.zeros(len(rows), bool), 0, decode_steps)
+    state, first, first_logprob = start(tokens, valid, prefix, np.zeros(len(tokens), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
     check_finite_tokens(generated[-1][:batch], 0)
     yield generated[-1][:batch], np.asarray(first_logprob)[:batch, None]
@@ -282,9 +298,11 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
     count = 1
     while count < max_new_tokens and not ended().all():
         if count == rebuild_at:
-            sofar = np.concatenate(generated, axis=1)
-            rows = [np.concatenate([r, s]) for r, s in zip(rows, sofar)]
-            state, token, logprob = start(rows, finished(), count, max_new_tokens - count - 1)
+            sofar = np.concatenate(generated, axis=1)  # appended after each row's end, as real tokens
+            tokens = np.concatenate([tokens, sofar], axis=1)
+            valid = np.concatenate([valid, np.ones(sofar.shape, bool)], axis=1)
+            prefix = None if prefix is None else np.concatenate([prefix, np.zeros(sofar.shape, bool)], axis=1)
+            state, token, logprob = start(tokens, valid, prefix, finished(), count, max_new_tokens - count - 1)
             generated.append(np.asarray(token)[:, None])
             check_finite_tokens(generated[-1][:batch], count)
             count += 1
@@ -294,8 +312,8 @@ def stream_tokens(config: ModelConfig, dtype, params, rows: Sequence[np.ndarray]
         if programs is not None:
             programs.append(decode.lower(config, dtype, sampler, steps, shard, params, state, seed, rules)
                             .compile().as_text())
-        state, tokens, logprobs = decode(config, dtype, sampler, steps, shard, params, state, seed, rules)
-        generated.append(np.asarray(tokens))
+        state, chosen, logprobs = decode(config, dtype, sampler, steps, shard, params, state, seed, rules)
+        generated.append(np.asarray(chosen))
         keep = max_new_tokens - count
         check_finite_tokens(generated[-1][:batch, :keep], count)
         yield generated[-1][:batch, :keep], np.asarray(logprobs)[:batch, :keep]

@@ -17,8 +17,8 @@ import numpy as np
 from jaxvlm import checkpoint, checks, compile_cache, files, lora, matvec, memory
 from jaxvlm.chat import check_messages, images_in
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
-from jaxvlm.generate import (MAX_CHUNK, batch_bucket, cache_bucket, generate_tokens, pad_rows, prompt_bucket,
-                             right_align, stream_tokens)
+from jaxvlm.generate import (MAX_CHUNK, align_right, batch_bucket, cache_bucket, generate_tokens, pad_rows,
+                             prompt_bucket, right_align, stream_tokens)
 from jaxvlm.images import preprocess_images
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
@@ -383,23 +383,22 @@ class Model:
         sampler = make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
                                settings["repetition_penalty"])
         ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
-        rows = [row[keep] for row, keep in zip(ids, mask)]
-        prefixes = None if prefix is None else [p[keep] for p, keep in zip(prefix, mask)]
-        longest = max(len(r) for r in rows)
+        ids, mask, prefix = align_right(ids.astype(np.int32), mask, self.config.tokens.pad_id, prefix)
+        longest = ids.shape[1]
         self._check_length(longest, "the prompt")
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
         slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
-        batch = batch_bucket(len(rows), 1 if self.shard is None else self.shard.batch_multiple)
+        batch = batch_bucket(len(ids), 1 if self.shard is None else self.shard.batch_multiple)
         cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch, slots, self.dtype,
                                                     is_stacked(self.params)))
         cache_bytes = memory.tree_bytes(cache)
-        memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(rows)} rows of "
+        memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(ids)} rows of "
                                        f"{slots} tokens")
         tokens = self.config.tokens
-        return dict(rows=rows, max_new_tokens=max_new_tokens, sampler=sampler, temperature=settings["temperature"],
+        return dict(tokens=ids, valid=mask, max_new_tokens=max_new_tokens, sampler=sampler, temperature=settings["temperature"],
                     top_p=settings["top_p"], seed=settings["seed"], repetition_penalty=settings["repetition_penalty"],
                     min_new_tokens=settings["min_new_tokens"], eos_ids=tokens.eos_ids, pad_id=tokens.pad_id,
-                    pixels=pixels, prefixes=prefixes, shard=self.shard)
+                    pixels=pixels, prefix=prefix, shard=self.shard)
 
     # --- text in, text out --------------------------------------------------------------------------------
     def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Encoded:
