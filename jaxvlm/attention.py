@@ -27,6 +27,11 @@ _MASKED = -2.3819763e38
 
 
 class Attention(nn.Module):
+    """Multi-head attention over [B, T, D] inputs: query, key and value projections ([D, N, H], [D, K, H]),
+    optional query/key RMSNorms and rotary embedding, a boolean mask, an optional KV cache (or ring of a
+    sliding window) and the output projection [N, H, D]. Grouped-query: each of the K key/value heads
+    serves N / K query heads. Every kernel names its axes, so sharding, int8 and LoRA follow from them."""
+
     num_heads: int  # N
     num_kv_heads: int  # K
     head_dim: int  # H

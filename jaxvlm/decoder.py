@@ -84,6 +84,12 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
+    """A decoder-only transformer for every text family, driven by its `DecoderConfig`: the embedding,
+    `depth` pre-norm blocks (attention, then a gated MLP or a mixture of experts; Gemma 2's post-norms where
+    the config says), local and global layers chosen per layer, the final norm and the language-model head
+    (tied to the embedding or not), with Gemma's soft-caps. A pure function of its params and inputs; the
+    KV cache goes in and comes out."""
+
     config: DecoderConfig
     dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them

@@ -20,6 +20,11 @@ from jaxvlm.config import DecoderConfig
 
 @struct.dataclass
 class KVCache:
+    """Keys and values of every layer for S slots a row, a pytree threaded through prefill and the decode
+    scan. Prompts are right-aligned, so every row writes slot `end` at once (one dynamic_update_slice a
+    step); `valid` marks the slots holding real tokens, which is all the masks need. Sliding-window layers
+    keep only their window, as a ring (`layer_slots`, `ring_write`)."""
+
     # Per layer [B, S, K, H]; for scanned (stacked) layers one [L, B, S, K, H] array each.
     k: tuple[jax.Array, ...] | jax.Array
     v: tuple[jax.Array, ...] | jax.Array

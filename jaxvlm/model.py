@@ -15,18 +15,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checkpoint, checks, compile_cache, files, lora, matvec, memory
-from jaxvlm.chat import check_messages, images_in
+from jaxvlm.chat import images_in
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import (MAX_CHUNK, align_right, batch_bucket, cache_bucket, generate_tokens, pad_rows,
-                             prompt_bucket, right_align, stream_tokens)
-from jaxvlm.images import preprocess_images
+                             prompt_bucket, stream_tokens)
+from jaxvlm.inputs import Inputs
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
-from jaxvlm.inputs import Inputs
-from jaxvlm.prompts import build_prompt
+from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision, stop_at
 from jaxvlm.sampling import check_sampling_args, make_sampler
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
-from jaxvlm.tokenizer import Tokenizer, check_text
+from jaxvlm.tokenizer import Tokenizer
 from jaxvlm.vlm import VisionLanguageModel
 
 log = logging.getLogger("jaxvlm")
@@ -87,11 +86,19 @@ def _vision(config, dtype, output, shard, params, pixels):
 
 
 class Model:
-    """`shard` (a `MeshRules`) says how params and batches lie on a device mesh; None on one device."""
+    """A loaded model: its config, params (on one device, or laid out on a mesh by `shard`, a `MeshRules`;
+    None on one device), its `processor` (tokenizer, prompt format, image processing, chat template) and
+    the compute dtype. It checks arguments and delegates: the network is `VisionLanguageModel`,
+    generation `jaxvlm.generate`, text and images `jaxvlm.processor.Processor`."""
 
     def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer | None = None, dtype=jnp.float32,
                  shard: MeshRules | None = None):
-        self.config, self.params, self.tokenizer, self.dtype, self.shard = config, params, tokenizer, dtype, shard
+        self.config, self.params, self.dtype, self.shard = config, params, dtype, shard
+        self.processor = Processor(config, tokenizer)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.processor.tokenizer
 
     def _pad_batch(self, *arrays: np.ndarray | None) -> tuple[np.ndarray | None, ...]:
         """Rows repeated at the end up to a multiple of the devices the batch is split over. (Generation
@@ -113,8 +120,7 @@ class Model:
 
     # --- inputs -------------------------------------------------------------------------------------------
     def _require_decoder(self) -> None:
-        if self.config.decoder is None:
-            raise ValueError("this model is an image encoder alone; use encode_image or image_embeddings")
+        require_decoder(self.config)
 
     def _require_lm_head(self) -> None:
         self._require_decoder()
@@ -123,8 +129,24 @@ class Model:
                              "use classify")
 
     def _require_vision(self, argument: str) -> None:
-        if self.config.vision is None:
-            raise ValueError(f"{argument}: this model has no image encoder; it takes text only")
+        require_vision(self.config, argument)
+
+    # --- the processor's (host-side: text and images) -----------------------------------------------------
+    def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
+        """`Processor.preprocess`: images -> pixel_values float32[N, H, W, 3]."""
+        return self.processor.preprocess(images)
+
+    def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Encoded:
+        """`Processor.encode`: plain-text prompts (and images) -> `Encoded(input_ids, attention_mask,
+        pixel_values)`, which go to `logits`, `generate_ids` and `classify` as they are:
+        `model.logits(*model.encode("caption en", image="cat.jpg"))`."""
+        return self.processor.encode(prompt_or_prompts, image)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,
+                            **variables: Any) -> str:
+        """`Processor.apply_chat_template`: a conversation's prompt text, as transformers renders it."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt, tools, documents, **variables)
 
     def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None):
         """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, pixels or None)."""
@@ -221,27 +243,6 @@ class Model:
             raise ValueError(f"{what} is {length} tokens, longer than the model's context of {limit} tokens")
 
     # --- images -------------------------------------------------------------------------------------------
-    def preprocess(self, images: Any | Sequence[Any]) -> np.ndarray:
-        """Images (paths, PIL images or uint8 arrays; one or a list) -> pixel_values float32[N, H, W, 3]: one
-        per image or, where the processor config asks for pan and scan (Gemma 3), each image followed by
-        its crops."""
-        return self._preprocess(images)[0]
-
-    def _preprocess(self, images: Any | Sequence[Any], offset: int = 0) -> tuple[np.ndarray, list[int]]:
-        """(pixel_values, the pan-and-scan crops of each image)."""
-        self._require_vision("image")
-        if self.config.image_processing is None:
-            raise ValueError("this checkpoint has no image processing config (preprocessor_config.json)")
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not images:
-            raise ValueError("no images given")
-        pixels, crops = preprocess_images(images, self.config.image_processing, offset)
-        size = self.config.vision.image_size
-        if pixels.shape[1:3] != (size, size):
-            raise ValueError(f"the image processing config makes {pixels.shape[1]}x{pixels.shape[2]} images; "
-                             f"the encoder takes {size}x{size}")
-        return pixels, crops
-
     def encode_image(self, pixel_values) -> np.ndarray:
         """float32[B, P, D]: with a decoder, the projected features that replace the image tokens;
         for an encoder alone, its final output (transformers' `last_hidden_state`)."""
@@ -350,7 +351,7 @@ class Model:
     def check_generation(self, stop=None, logprobs: bool = False, **settings) -> None:
         """Checks `generate`'s keyword arguments (a one-line error naming the first bad one), before any work."""
         self._settings(**settings)
-        _check_stop(stop)
+        check_stop(stop)
         checks.flag("logprobs", logprobs)
 
     def _settings(self, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=0,
@@ -401,71 +402,6 @@ class Model:
                     pixels=pixels, prefix=prefix, shard=self.shard)
 
     # --- text in, text out --------------------------------------------------------------------------------
-    def encode(self, prompt_or_prompts: str | Sequence[str], image=None) -> Encoded:
-        """The model's inputs for plain-text prompts (and an image per prompt), laid out as generation
-        lays them out: `Encoded(input_ids int32[B, T], attention_mask bool[B, T], pixel_values float32[B, H,
-        W, 3] or None)`, rows right-aligned. They go to `logits`, `generate_ids` and `classify` as they are:
-        `model.logits(*model.encode("caption en", image="cat.jpg"))`."""
-        return self._encode(prompt_or_prompts, image)
-
-    def _encode(self, prompt_or_prompts, image, add_bos: bool | None = None, offset: int = 0) -> Encoded:
-        """`encode`; errors name the prompts counting from `offset` (a batch of a longer list)."""
-        self._require_decoder()
-        single = isinstance(prompt_or_prompts, str)
-        if not single and not isinstance(prompt_or_prompts, (list, tuple)):
-            raise ValueError(f"prompt_or_prompts must be a string or a list of strings, got "
-                             f"{type(prompt_or_prompts).__name__}")
-        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
-        if not prompts:
-            raise ValueError("prompt_or_prompts is an empty list")
-        if image is not None:
-            self._require_vision("image")
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer files (tokenizer.json or tokenizer.model); "
-                             "use generate_ids with token ids")
-        names = ["prompt"] if single else [f"prompt {i + offset}" for i in range(len(prompts))]
-        for p, name in zip(prompts, names):
-            check_text(p, name)
-            # a text far past the context is refused before it is tokenized whole
-            self.tokenizer._check_fits(p, name, self.config.decoder.max_position_embeddings)
-        pixels, per_prompt = None, [None] * len(prompts)  # each prompt's images' crop counts
-        if image is not None:
-            images = [image] if single or not isinstance(image, (list, tuple)) else list(image)
-            if len(images) != len(prompts):
-                raise ValueError(f"image: {len(images)} images for {len(prompts)} prompts; give one per prompt")
-            if self.config.max_images > 1:  # each prompt's entry: an image or a list of them
-                images = [list(x) if isinstance(x, (list, tuple)) else [x] for x in images]
-                pixels, crops = self._preprocess([x for row in images for x in row]) \
-                    if any(images) else (None, [])  # (named by their place in this batch's images)
-                starts = np.cumsum([0] + [len(row) for row in images])
-                per_prompt = [crops[a:b] for a, b in zip(starts[:-1], starts[1:])]
-                for i, c in enumerate(per_prompt):
-                    if len(c) + sum(c) > self.config.max_images:
-                        raise ValueError(f"image: prompt {i} has {len(c) + sum(c)} images (pan-and-scan crops "
-                                         f"included); this model takes at most {self.config.max_images} per prompt "
-                                         "(max_images)")
-            else:
-                if any(isinstance(x, (list, tuple)) for x in images):
-                    raise ValueError("image: this model takes one image per prompt, not a list")
-                pixels = self._preprocess(images, offset)[0]
-        elif self.config.is_vlm and self.config.max_images == 1:
-            raise ValueError("image: this vision-language model needs an image per prompt")
-        framed = self.config.prompt_format == "framed_images"
-        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None or framed, add_bos,
-                             crops=[] if framed and c is None else c) for p, c in zip(prompts, per_prompt)]
-        # image tokens each row should hold: P per image (one a prompt, or each image and its crops)
-        placed = [0 if pixels is None else self.config.tokens_per_image * (1 if c is None else len(c) + sum(c))
-                  for c in per_prompt]
-        for name, r, want in zip(names, rows, placed):
-            if not len(r):
-                raise ValueError(f"{name} is empty after tokenization")
-            if self.config.image_token_id is not None and (found := int((r == self.config.image_token_id).sum())) != want:
-                text = self.tokenizer.single_token_text(self.config.image_token_id)
-                raise ValueError(f"{name} holds the image token{f' {text!r}' if text else ''} as text "
-                                 f"({found - want} extra); images are placed by the model, not typed into the prompt")
-        ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
-        return Encoded(ids, mask, pixels)
-
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  seed: int = 0, repetition_penalty: float | None = None, min_new_tokens: int | None = None,
@@ -492,7 +428,7 @@ class Model:
 
     def _generate_text(self, prompt_or_prompts, image, add_bos, stop=None, logprobs=False, **settings):
         settings = self._settings(**settings)
-        stops = _check_stop(stop)
+        stops = check_stop(stop)
         checks.flag("logprobs", logprobs)
         self._require_lm_head()
         single = not isinstance(prompt_or_prompts, (list, tuple))  # (anything but a string is named by _encode)
@@ -505,28 +441,16 @@ class Model:
         for start in range(0, max(1, len(prompts)), GENERATE_BATCH):
             part = slice(start, start + GENERATE_BATCH)
             batch_images = image if single or image is None or not isinstance(image, (list, tuple)) else image[part]
-            inputs = self._encode(prompt_or_prompts if single else prompts[part], batch_images, add_bos, start)
+            inputs = self.processor.encode(prompt_or_prompts if single else prompts[part], batch_images, add_bos, start)
             generation = self._generation(*inputs, None, settings)
             stopped = None if not stops else (
-                lambda tokens: np.array([_stop_at(self.tokenizer.decode(row), stops) is not None for row in tokens]))
+                lambda tokens: np.array([stop_at(self.tokenizer.decode(row), stops) is not None for row in tokens]))
             tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation, stopped=stopped)
             for row, row_scores in zip(tokens, scores):
-                text, n = self._answer(row, stops)
+                text, n = self.processor.answer(row, stops)
                 answers.append(Generated(text, [int(i) for i in row[:n]], [float(x) for x in row_scores[:n]])
                                if logprobs else text)
         return answers[0] if single else answers
-
-    def _answer(self, tokens: np.ndarray, stops: list[str]) -> tuple[str, int]:
-        """(the text of generated `tokens`, ended before the first stop string; how many tokens it took:
-        through the end-of-sequence token, or through the token that completed the stop string)."""
-        ended = np.isin(tokens, list(self.config.tokens.eos_ids))
-        n = int(np.argmax(ended)) + 1 if ended.any() else len(tokens)
-        text = self.tokenizer.decode(tokens[:n])
-        cut = _stop_at(text, stops)
-        if cut is None:
-            return text, n
-        n = next(k for k in range(1, n + 1) if _stop_at(self.tokenizer.decode(tokens[:k]), stops) is not None)
-        return text[:cut], n
 
     def stream(self, prompt: str, image=None, max_new_tokens: int | None = None, temperature: float | None = None,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
@@ -545,36 +469,13 @@ class Model:
             raise ValueError(f"prompt: stream takes one prompt (a string), got {type(prompt).__name__}; "
                              "use generate for a batch")
         settings = self._settings(**settings)
-        stops = _check_stop(stop)
+        stops = check_stop(stop)
         self._require_lm_head()
-        generation = self._generation(*self._encode(prompt, image, add_bos), None, settings)
+        generation = self._generation(*self.processor.encode(prompt, image, add_bos), None, settings)
         chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK)
-        return _text_pieces(self.tokenizer, (chunk[0][0] for chunk in chunks), stops)
+        return self.processor.text_pieces((chunk[0][0] for chunk in chunks), stops)
 
     # --- chat ---------------------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,
-                            **variables: Any) -> str:
-        """The prompt text for a conversation, rendered with the checkpoint's chat template exactly as
-        transformers' `apply_chat_template(messages, tokenize=False, add_generation_prompt=True)` renders
-        it. `messages` are {"role": "system" | "user" | "assistant" | ..., "content": ...} dicts, every other
-        field kept (`tool_calls`, `name`, ...); a content is a string or a list of {"type": "text", "text"}
-        and {"type": "image", ...} parts, as transformers' templates take them. `tools` (JSON schemas) and
-        `documents` reach the template as transformers passes them; `variables` too (e.g. Qwen3's
-        `enable_thinking=False`)."""
-        self._require_decoder()
-        template = None if self.tokenizer is None else self.tokenizer.chat_template
-        if template is None:
-            where = "this model" if self.tokenizer is None else self.tokenizer.directory
-            raise ValueError(f"{where} has no chat template (chat_template.jinja, or 'chat_template' in "
-                             "tokenizer_config.json); build the prompt yourself and call generate")
-        messages = check_messages(messages)
-        for i, m in enumerate(messages):  # a message far past the context is refused before rendering
-            content = m.get("content")
-            texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or ()]
-            self.tokenizer._check_fits("".join(texts), f"message {i}", self.config.decoder.max_position_embeddings)
-        return template.render(messages, add_generation_prompt, tools=tools, documents=documents, **variables)
-
     def chat(self, messages: Sequence[dict[str, Any]], image=None, stream: bool = False,
              **generate_kwargs) -> str | Iterator[str]:
         """The assistant's reply to `messages` (see `apply_chat_template`): the rendered conversation is
@@ -628,32 +529,6 @@ DEFAULT_MAX_NEW_TOKENS = 32  # where neither the call nor the checkpoint's gener
 GENERATE_BATCH = 64  # prompts a `generate` call runs at once; a longer list runs in batches of this many
 
 
-def _text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray], stops: Sequence[str] = ()) -> Iterator[str]:
-    """The text of growing token sequences as the pieces it adds: each new piece once the text no longer
-    ends in the middle of a character (U+FFFD, bytes still missing), less any end that may begin a stop
-    string; the text ends before the first stop string (the generation is then left), the rest comes at
-    the end."""
-    ids: list[int] = []
-    shown = ""
-    for chunk in chunks:
-        ids.extend(int(i) for i in chunk)
-        text = tokenizer.decode(ids)
-        cut = _stop_at(text, stops)
-        if cut is not None:
-            if cut > len(shown):
-                yield text[len(shown):cut]
-            return
-        if text.endswith("\ufffd") or not text.startswith(shown):
-            continue
-        text = text[:len(text) - _stop_prefix(text, stops)]
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(ids)
-    if len(text) > len(shown):
-        yield text[len(shown):]
-
-
 class LogitsOutput(NamedTuple):
     """`logits(..., output_hidden_states=True, output_attentions=True)`, named as transformers names them."""
     logits: np.ndarray  # float32[B, T, V]
@@ -666,36 +541,6 @@ class Generated(NamedTuple):
     text: str
     token_ids: list[int]  # the generated tokens, through the end-of-sequence token or the one that completed a stop
     logprobs: list[float]  # each token's log-probability: the log-softmax of the model's logits (float32)
-
-
-def _check_stop(stop) -> list[str]:
-    stops = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, (list, tuple)) else \
-        [] if stop is None else None
-    if stops is None or not all(isinstance(s, str) and s for s in stops):
-        raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r:.80}")
-    return stops
-
-
-def _stop_at(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string in `text` begins, or None."""
-    found = [i for s in stops if (i := text.find(s)) >= 0]
-    return min(found) if found else None
-
-
-def _stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """The length of the longest end of `text` that begins some stop string (held back while streaming)."""
-    return max((n for s in stops for n in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-n:])),
-               default=0)
-
-
-class Encoded(NamedTuple):
-    """Prompts as `Model.encode` lays them out, named as transformers' processors name them (the network's
-    own inputs, positions and blocks derived, are `jaxvlm.inputs.Inputs`)."""
-    input_ids: np.ndarray  # int32[B, T], right-aligned (padding first)
-    attention_mask: np.ndarray  # bool[B, T]
-    # float32[N, H, W, 3]: the rows' images in order, one a row (several, and pan-and-scan crops, where the model
-    # takes them: Gemma 3); None for text
-    pixel_values: np.ndarray | None
 
 
 def _token_types(token_type_ids, shape: tuple[int, ...]) -> np.ndarray:

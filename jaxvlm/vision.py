@@ -61,6 +61,11 @@ class AttentionPool(nn.Module):
 
 
 class VisionEncoder(nn.Module):
+    """A ViT image encoder (SigLIP or CLIP by its `VisionConfig`): patches embedded by a strided convolution,
+    position embeddings, pre-norm blocks of full attention and an MLP, the post-norm; `features` gives what
+    a vision-language model takes (a hidden state of its choice), `pooled` one vector per image (SigLIP's
+    attention pool or CLIP's class token and projection)."""
+
     config: VisionConfig
     dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them

@@ -56,6 +56,11 @@ def merge_image_features(text: jax.Array, features: jax.Array, is_image: jax.Arr
 
 
 class VisionLanguageModel(nn.Module):
+    """The network: a `Decoder`, optionally fed by a `VisionEncoder` through a `Projector` (a vision-language
+    model), or an encoder alone, or a decoder with a classification head. Stateless: it maps params and an
+    `Inputs` pytree (and a `KVCache`) to logits (and the updated cache); `jaxvlm.generate` and the trainer
+    own whatever state generation or training keeps."""
+
     config: ModelConfig
     dtype: Dtype = jnp.float32  # the compute dtype; params are used in whatever dtype they are given
     remat: bool = False  # per-layer gradient checkpointing, in the decoder and the encoder

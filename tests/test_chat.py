@@ -87,7 +87,7 @@ def test_chat_template_renders_tokenizes_and_answers_as_transformers(chat_models
 
     ids = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
     ids = list(ids["input_ids"]) if isinstance(ids, dict) else list(ids)
-    assert list(jx._encode(want, None, False).input_ids[0]) == ids
+    assert list(jx.processor.encode(want, None, False).input_ids[0]) == ids
     hf_ids = hf_models.hf_generate(model, [np.asarray(ids)], 10, do_sample=False, eos_token_id=1)[0]
     assert jx.chat(messages, max_new_tokens=10) == tok.decode(hf_ids[hf_ids != 0], skip_special_tokens=True)
     assert "".join(jx.chat(messages, max_new_tokens=10, stream=True)) == jx.chat(messages, max_new_tokens=10)

@@ -272,7 +272,7 @@ def test_chat_with_image_content_parts_as_the_processor_takes_them(gemma3_with_p
                                          tokenize=True, return_dict=True, return_tensors="np",
                                          **PAN_AND_SCAN)  # the folder's settings (see the test above)
     prompt = jx.apply_chat_template(messages)
-    inputs = jx._encode(prompt, [paths[1], paths[0]], add_bos=False)
+    inputs = jx.processor.encode(prompt, [paths[1], paths[0]], add_bos=False)
     np.testing.assert_array_equal(inputs.input_ids, want["input_ids"])
     np.testing.assert_allclose(inputs.pixel_values, want["pixel_values"].transpose(0, 2, 3, 1), atol=1e-6)
     answer = jx.chat(messages, max_new_tokens=4)

@@ -7,7 +7,7 @@ import pytest
 
 import jaxvlm
 from jaxvlm import generate as gen
-from jaxvlm.model import _text_pieces
+from jaxvlm.processor import text_pieces
 
 IMAGE = "examples/shapes.png"
 
@@ -47,7 +47,7 @@ def test_multi_byte_characters_are_never_split(qwen_tokenizer, tmp_path):
     ids = tok.encode(text)
     assert len(ids) > len(text.split())  # the characters above take several tokens each
     for size in (1, 2, 3):
-        pieces = list(_text_pieces(tok, (ids[i:i + size] for i in range(0, len(ids), size))))
+        pieces = list(text_pieces(tok, (ids[i:i + size] for i in range(0, len(ids), size))))
         assert "".join(pieces) == text
         assert not any("\ufffd" in p for p in pieces)
 
