@@ -63,27 +63,27 @@ def bench_transformers(model, inputs: dict, new: int, repeats: int) -> dict:
 def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int, pixels: np.ndarray | None = None) -> dict:
     """The same with jaxvlm: prefill (encoding the images) and the scanned decode, each jit-compiled once."""
     from jaxvlm import generate
-    from jaxvlm.sampling import Sampler
 
-    c, sampler = model.config.computation, Sampler()
+    c = model.config.computation
     length = generate.prompt_bucket(prompt.shape[1])
     tokens, valid = map(jnp.asarray, generate.right_align(list(prompt), length, 0))
     prefix = valid if c.prefix_lm else None
     pixels = None if pixels is None else jnp.asarray(pixels)
     steps = new - 1
-    rules = dict(temperature=np.float32(1), top_p=np.float32(1), penalty=np.float32(1), min_new=np.int32(0),
+    B = len(prompt)
+    rules = dict(temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
+                 penalty=np.ones(B, np.float32), min_new=np.zeros(B, np.int32), seed=np.zeros(B, np.uint32),
                  eos_ids=np.asarray([1] + [-1] * (generate.EOS_SLOTS - 1), np.int32), pad_id=np.int32(0))
     size = generate.cache_bucket(length + steps)
 
     def run_prefill():
-        state, token, _ = generate.prefill(c, model.dtype, sampler, size, model.shard, model.params, tokens, valid,
-                                           prefix, pixels, jnp.zeros(len(prompt), bool), np.int32(0), np.uint32(0),
-                                           rules)
+        state, token, _ = generate.prefill(c, model.dtype, False, size, model.shard, model.params, tokens, valid,
+                                           prefix, pixels, jnp.zeros(B, bool), np.zeros(B, np.int32), rules)
         return jax.block_until_ready((state, token))
 
     def run_decode(state):
-        return jax.block_until_ready(generate.decode(c, model.dtype, sampler, steps, model.shard, model.params, state,
-                                                     np.uint32(0), rules))
+        return jax.block_until_ready(generate.decode(c, model.dtype, False, steps, model.shard, model.params, state,
+                                                     rules))
 
     start = time.perf_counter()
     state, _ = run_prefill()

@@ -21,7 +21,7 @@ from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import is_stacked
 from jaxvlm.inputs import Inputs
-from jaxvlm.sampling import Sampler, sample
+from jaxvlm.sampling import sample
 from jaxvlm.sharding import MeshRules, place
 from jaxvlm.vlm import VisionLanguageModel
 
@@ -38,7 +38,7 @@ class DecodeState:
     token: jax.Array  # int32[B]: the last chosen token, fed to the next step
     position: jax.Array  # int32[B]: its position
     done: jax.Array  # bool[B]: the row has produced an end-of-sequence token
-    step: jax.Array  # int32[]: tokens chosen so far; folded into the sampling key
+    step: jax.Array  # int32[B]: tokens each row has chosen so far; folded into its sampling key
     seen: jax.Array | None = None  # bool[B, V]: tokens of the prompt and output (for the repetition penalty)
 
 
@@ -82,23 +82,24 @@ class NonFiniteLogits(FloatingPointError):
     """The logits of a row became inf or NaN: its weights (or int8 scales) overflow the computation."""
 
 
-def _choose(sampler: Sampler, logits, key, rules: dict, step, seen):
+def _choose(penalize: bool, logits, rules: dict, step, seen):
     """(the next token of each row, its log-probability under the model's logits) int32[B], float32[B].
 
-    As transformers' logits processors do, in their order: tokens already `seen` get the repetition penalty
-    (a logit divided by it, or multiplied where negative), end-of-sequence tokens are barred while fewer
-    than `min_new` tokens are out; then `sample` (temperature, top-k, top-p). A row whose logits are not
-    all finite gets NOT_FINITE (finite weights can still overflow float32 or bfloat16; an argmax over NaN
-    would quietly pick token 0)."""
+    As transformers' logits processors do, in their order, with each row's own `rules` (arrays [B]): tokens
+    already `seen` get the repetition penalty (a logit divided by it, or multiplied where negative) when
+    `penalize`; end-of-sequence tokens are barred while the row has chosen fewer than `min_new` (`step`
+    int32[B] counts them); then `sample` (temperature, top-k, top-p, from the row's seed and step). A row
+    whose logits are not all finite gets NOT_FINITE (finite weights can still overflow float32 or
+    bfloat16; an argmax over NaN would quietly pick token 0)."""
     logits = logits.astype(jnp.float32)
     raw = logits
-    if sampler.penalize:
-        penalty = rules["penalty"]
+    if penalize:
+        penalty = rules["penalty"][:, None]
         logits = jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
     vocab = jnp.arange(logits.shape[-1])
     is_eos = (vocab[:, None] == rules["eos_ids"][None, :]).any(axis=-1)
-    logits = jnp.where(is_eos & (step < rules["min_new"]), -jnp.inf, logits)
-    token = sample(sampler, logits, key, rules["temperature"], rules["top_p"])
+    logits = jnp.where(is_eos[None] & (step < rules["min_new"])[:, None], -jnp.inf, logits)
+    token = sample(logits, rules["seed"], step, rules["temperature"], rules["top_k"], rules["top_p"])
     logprob = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), token[:, None], axis=-1)[:, 0]
     return jnp.where(jnp.isfinite(raw).all(axis=-1), token, NOT_FINITE), logprob
 
@@ -141,15 +142,17 @@ def _everywhere(x: jax.Array, shard: MeshRules | None) -> jax.Array:
     return x if shard is None else shard.constrain(x, ())
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "cache_size", "shard"))
-def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard: MeshRules | None, params, tokens,
-            valid, prefix, pixels, done, step, seed, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard"))
+def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: MeshRules | None, params, tokens,
+            valid, prefix, pixels, done, step, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token; returns
     the decode state, the tokens int32[B] and their log-probabilities float32[B].
 
     `pixels` [B, H, W, C] (or None) are encoded here, once; `prefix` bool[B, T] (or None) marks the
-    tokens that attend to each other in both directions. `shard` places the cache on a mesh. `rules`
-    (arrays, so that no value compiles anew): temperature, top_p, penalty, min_new, eos_ids, pad_id.
+    tokens that attend to each other in both directions. `shard` places the cache on a mesh. `step` int32[B]
+    counts the tokens each row has chosen before (0, or more when a cache is rebuilt). `rules`, arrays so
+    that no value compiles anew: per row temperature, top_k (0: none), top_p, penalty, min_new and seed;
+    eos_ids and pad_id. `penalize` keeps the [B, V] mask of seen tokens the repetition penalty needs.
     """
     B, T = tokens.shape
     inputs = Inputs.build(config, tokens, valid, prefix, pixels)
@@ -159,31 +162,27 @@ def prefill(config: ModelConfig, dtype, sampler: Sampler, cache_size: int, shard
         out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply({"params": params}, inputs, cache,
                                                                             last_only=True)
     seen = None
-    if sampler.penalize:  # the prompt's tokens (never its padding)
+    if penalize:  # the prompt's tokens (never its padding)
         seen = jnp.zeros((B, out.logits.shape[-1]), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
-    key = jax.random.fold_in(jax.random.key(seed), step)
-    token, logprob = _choose(sampler, out.logits[:, -1], key, rules, step, seen)
+    token, logprob = _choose(penalize, out.logits[:, -1], rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
-                        done=done,
-                        step=step + 1, seen=_mark_seen(seen, token))
+                        done=done, step=step + 1, seen=_mark_seen(seen, token))
     return state, _everywhere(token, shard), _everywhere(logprob, shard)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "sampler", "steps", "shard"),
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "shard"),
                    donate_argnames=("state",))
-def decode(config: ModelConfig, dtype, sampler: Sampler, steps: int, shard: MeshRules | None, params,
-           state: DecodeState, seed, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
+def decode(config: ModelConfig, dtype, penalize: bool, steps: int, shard: MeshRules | None, params,
+           state: DecodeState, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
     """`steps` decode steps in one `lax.scan`; returns the new state, the chosen tokens int32[B, steps] and
-    their log-probabilities float32[B, steps]."""
+    their log-probabilities float32[B, steps]. See `prefill` for `rules`."""
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
-    key = jax.random.key(seed)
 
     def step(state: DecodeState, _):
         with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
             out = model.apply({"params": params}, Inputs.next_tokens(state.token, state.position), state.cache)
-        token, logprob = _choose(sampler, out.logits[:, 0], jax.random.fold_in(key, state.step), rules, state.step,
-                                 state.seen)
+        token, logprob = _choose(penalize, out.logits[:, 0], rules, state.step, state.seen)
         token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])
         return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,
                            done=done, step=state.step + 1, seen=_mark_seen(state.seen, token)), (token, logprob)
@@ -235,22 +234,23 @@ def _after_end(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
 
 
 def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid: np.ndarray, *, max_new_tokens: int,
-                  sampler: Sampler, temperature: float, top_p: float | None, seed: int,
-                  eos_ids: Sequence[int], pad_id: int, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-                  pixels: np.ndarray | None = None, prefix: np.ndarray | None = None,
-                  shard: MeshRules | None = None, programs: list[str] | None = None, chunk_size: int = MAX_CHUNK,
-                  stopped: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  eos_ids: Sequence[int], pad_id: int, temperature=0.0, top_k=None, top_p=None, seed=0,
+                  repetition_penalty=1.0, min_new_tokens=0, pixels: np.ndarray | None = None,
+                  prefix: np.ndarray | None = None, shard: MeshRules | None = None, programs: list[str] | None = None,
+                  chunk_size: int = MAX_CHUNK, stopped: Callable[[np.ndarray], np.ndarray] | None = None
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Generates for right-aligned prompts `tokens` int[B, T] (`valid` bool[B, T]: False at the padding before
     each row; `align_right` makes them so), yielding the new tokens int32[B, n] and their log-probabilities
     float32[B, n] as they are chosen: the first after prefill, then `chunk_size` per decode call (fewer at
     the end), until every row has ended (an end-of-sequence token, or `stopped`, given the tokens so far
     [B, n], says bool[B]) or `max_new_tokens` are out.
 
-    `pixels` hold the rows' images; `prefix` bool[B, T] marks each prompt's bidirectional prefix. The batch
-    is padded with copies of its last row to its bucket (`batch_bucket`), with `shard` (params already on
-    its mesh) a multiple of the devices it is split over, and on the left to its length's bucket
-    (`prompt_bucket`). Given a list, `programs` receives the optimised program (HLO text) of each decode
-    call, for inspection.
+    The sampling settings (temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens) are one
+    value for every row or a sequence with one per row; None means none (greedy, no limit). `pixels` hold
+    the rows' images; `prefix` bool[B, T] marks each prompt's bidirectional prefix. The batch is padded with
+    copies of its last row to its bucket (`batch_bucket`), with `shard` (params already on its mesh) a
+    multiple of the devices it is split over, and on the left to its length's bucket (`prompt_bucket`).
+    Given a list, `programs` receives the optimised program (HLO text) of each decode call, for inspection.
 
     Text-only LongRoPE models switch from short to long factors when the sequence first grows past
     `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
@@ -260,15 +260,21 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
     # EOS ids are padded with -1 (no token) to a multiple of 8, so their count rarely changes a shape.
     slots = max(1, -(-len(eos_ids) // EOS_SLOTS)) * EOS_SLOTS
     eos = list(eos_ids) + [-1] * (slots - len(eos_ids))
+    B = len(tokens)
+    per_row = lambda value, none, dtype: np.asarray(
+        [none if v is None else v for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value] * B)],
+        dtype)
     # Host values only (numpy), the same on every process: jit places them on the mesh.
-    seed = np.uint32(seed)
-    rules = dict(temperature=np.float32(temperature or 1.0), top_p=np.float32(top_p or 1.0),
-                 penalty=np.float32(repetition_penalty), min_new=np.int32(min_new_tokens),
-                 eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
+    rules = dict(temperature=per_row(temperature, 0.0, np.float32), top_k=per_row(top_k, 0, np.int32),
+                 top_p=per_row(top_p, 1.0, np.float32), penalty=per_row(repetition_penalty, 1.0, np.float32),
+                 min_new=per_row(min_new_tokens, 0, np.int32), seed=per_row(seed, 0, np.uint32))
+    penalize = bool((rules["penalty"] != 1).any())
     config = config.computation  # the jit key: host-only settings never recompile
     batch = len(tokens)
     size = batch_bucket(batch, 1 if shard is None else shard.batch_multiple)
     tokens, valid, prefix, pixels = (pad_rows(x, size) for x in (tokens, valid, prefix, pixels))
+    rules = {k: pad_rows(v, size) for k, v in rules.items()}
+    rules.update(eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
     put = functools.partial(place, shard)
     decode_steps = max_new_tokens - 1
     chunk = min(chunk_size, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
@@ -284,8 +290,8 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
         left = lambda x, value: None if x is None else np.pad(x, ((0, 0), (length - x.shape[1], 0)),
                                                               constant_values=value)
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
-        return prefill(config, dtype, sampler, size, shard, params, put(left(tokens, pad_id)), put(left(valid, False)),
-                       put(left(prefix, False)), put(pixels), put(done), np.int32(step), seed, rules)
+        return prefill(config, dtype, penalize, size, shard, params, put(left(tokens, pad_id)), put(left(valid, False)),
+                       put(left(prefix, False)), put(pixels), put(done), np.full(len(tokens), step, np.int32), rules)
 
     state, first, first_logprob = start(tokens, valid, prefix, np.zeros(len(tokens), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
@@ -310,9 +316,9 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
             continue
         steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
         if programs is not None:
-            programs.append(decode.lower(config, dtype, sampler, steps, shard, params, state, seed, rules)
+            programs.append(decode.lower(config, dtype, penalize, steps, shard, params, state, rules)
                             .compile().as_text())
-        state, chosen, logprobs = decode(config, dtype, sampler, steps, shard, params, state, seed, rules)
+        state, chosen, logprobs = decode(config, dtype, penalize, steps, shard, params, state, rules)
         generated.append(np.asarray(chosen))
         keep = max_new_tokens - count
         check_finite_tokens(generated[-1][:batch, :keep], count)

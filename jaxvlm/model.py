@@ -23,7 +23,7 @@ from jaxvlm.inputs import Inputs
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
 from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision, stop_at
-from jaxvlm.sampling import check_sampling_args, make_sampler
+from jaxvlm.sampling import check_sampling_args
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
 from jaxvlm.tokenizer import Tokenizer
 from jaxvlm.vlm import VisionLanguageModel
@@ -381,8 +381,6 @@ class Model:
         """The checked arguments of `generate.stream_tokens` for these inputs and `_settings`."""
         self._require_lm_head()
         max_new_tokens = settings["max_new_tokens"]
-        sampler = make_sampler(settings["temperature"], settings["top_k"], settings["top_p"],
-                               settings["repetition_penalty"])
         ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
         ids, mask, prefix = align_right(ids.astype(np.int32), mask, self.config.tokens.pad_id, prefix)
         longest = ids.shape[1]
@@ -396,10 +394,10 @@ class Model:
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(ids)} rows of "
                                        f"{slots} tokens")
         tokens = self.config.tokens
-        return dict(tokens=ids, valid=mask, max_new_tokens=max_new_tokens, sampler=sampler, temperature=settings["temperature"],
-                    top_p=settings["top_p"], seed=settings["seed"], repetition_penalty=settings["repetition_penalty"],
-                    min_new_tokens=settings["min_new_tokens"], eos_ids=tokens.eos_ids, pad_id=tokens.pad_id,
-                    pixels=pixels, prefix=prefix, shard=self.shard)
+        return dict(tokens=ids, valid=mask, max_new_tokens=max_new_tokens, temperature=settings["temperature"],
+                    top_k=settings["top_k"], top_p=settings["top_p"], seed=settings["seed"],
+                    repetition_penalty=settings["repetition_penalty"], min_new_tokens=settings["min_new_tokens"],
+                    eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefix=prefix, shard=self.shard)
 
     # --- text in, text out --------------------------------------------------------------------------------
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int | None = None,

@@ -107,6 +107,24 @@ def test_host_only_settings_never_recompile(caplog):
     assert compiled == [], compiled
 
 
+def test_sampling_settings_never_recompile_and_rows_keep_their_tokens(caplog):
+    """Temperature, top-k, top-p, seed and min_new_tokens are arrays a row: any mix runs the compiled
+    programs, and a row's sampled tokens do not depend on what shares its batch."""
+    model = random_model(CONFIGS["qwen3_like"])
+    prompt = np.random.default_rng(3).integers(1, 97, size=(2, 5))
+    model.generate_ids(prompt, max_new_tokens=4, temperature=0.9, top_k=5, top_p=0.8, seed=1)
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        caplog.clear()
+        for settings in [dict(temperature=0.0), dict(temperature=1.5, top_k=2, seed=7), dict(temperature=0.7, top_p=0.3),
+                         dict(temperature=1.0, min_new_tokens=3, seed=2**32 - 1)]:
+            model.generate_ids(prompt, max_new_tokens=4, **settings)
+        compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled
+    both = model.generate_ids(prompt, max_new_tokens=6, temperature=1.0, seed=5)
+    alone = [model.generate_ids(prompt[i:i + 1], max_new_tokens=6, temperature=1.0, seed=5)[0] for i in range(2)]
+    np.testing.assert_array_equal(both, np.stack(alone))
+
+
 def test_the_decode_program_can_be_read():
     model = random_model(CONFIGS["qwen3_like"])
     program = model.decode_program(np.random.default_rng(4).integers(1, 97, size=(2, 5)))
@@ -127,27 +145,38 @@ def test_eos_pads_the_rest_of_the_row():
 
 # --- sampling filters against transformers' warpers ----------------------------------------------------
 def test_top_k_and_top_p_match_transformers_warpers():
+    """Each row with its own top-k and top-p, in one call, as transformers' warpers filter them (top-k, then
+    top-p of what is left)."""
     import torch
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
     logits = np.random.default_rng(3).normal(size=(4, 50)).astype(np.float32) * 3
     logits[0, :5] = logits[0, 5]  # ties at the k-th value
+    ones = np.ones(4, np.float32)
     for k in (1, 5, 17):
         want = TopKLogitsWarper(k)(None, torch.tensor(logits)).numpy()
-        np.testing.assert_array_equal(np.asarray(sampling.top_k_filter(jnp.asarray(logits), k)), want)
+        got = sampling.filtered(jnp.asarray(logits), ones, np.full(4, k, np.int32), ones)
+        np.testing.assert_array_equal(np.asarray(got), want)
     for p in (0.05, 0.5, 0.9, 0.99):
         want = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
-        np.testing.assert_array_equal(np.asarray(sampling.top_p_filter(jnp.asarray(logits), jnp.float32(p))), want)
+        got = sampling.filtered(jnp.asarray(logits), ones, np.zeros(4, np.int32), np.full(4, p, np.float32))
+        np.testing.assert_array_equal(np.asarray(got), want)
+    k, p = np.asarray([3, 0, 7, 1], np.int32), np.asarray([0.5, 0.9, 1.0, 0.3], np.float32)
+    want = np.stack([TopPLogitsWarper(float(p[i]))(None, TopKLogitsWarper(int(k[i]) or 50)(
+        None, torch.tensor(logits[i:i + 1]))).numpy()[0] for i in range(4)])
+    np.testing.assert_array_equal(np.asarray(sampling.filtered(jnp.asarray(logits), ones, k, p)), want)
 
 
-def test_sampling_follows_the_filtered_distribution():
-    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-    keys = jax.random.split(jax.random.key(0), 4000)
-    draw = jax.vmap(lambda k: sampling.sample(sampling.Sampler(greedy=False, use_top_p=True), logits, k,
-                                              jnp.float32(1.0), jnp.float32(0.7))[0])
-    counts = np.bincount(np.asarray(draw(keys)), minlength=4) / 4000
-    # top-p 0.7 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375
+def test_sampling_follows_the_filtered_distribution_with_a_key_per_row():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2))
+    draw = jax.jit(jax.vmap(lambda seed: sampling.sample(logits, jnp.stack([seed, seed + 1]), jnp.zeros(2, jnp.int32),
+                                                         jnp.asarray([1.0, 0.0]), jnp.zeros(2, jnp.int32),
+                                                         jnp.asarray([0.7, 1.0]))))
+    out = np.asarray(draw(jnp.arange(4000, dtype=jnp.uint32) * 2))
+    counts = np.bincount(out[:, 0], minlength=4) / 4000
+    # top-p 0.7 keeps {0.5, 0.3}: renormalised to 0.625 / 0.375; the greedy row beside it stays greedy
     np.testing.assert_allclose(counts, [0.625, 0.375, 0, 0], atol=0.03)
+    assert (out[:, 1] == 0).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [
