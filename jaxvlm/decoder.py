@@ -38,7 +38,9 @@ def _ring_keys(kv_valid, kv_blocks, valid, blocks, end, size: int):
     else:
         slots = ring_slots(end, size)
         new_valid, new_blocks = valid, blocks
-    held = lambda x, none: jnp.where(slots >= 0, jnp.take(x, jnp.maximum(slots, 0), axis=1), none)
+    # the full-length valid and block arrays are circular too: a sequence slot s sits at s % S
+    held = lambda x, none: jnp.where(slots >= 0, jnp.take(x, jnp.mod(jnp.maximum(slots, 0), x.shape[1]), axis=1),
+                                     none)
     join = lambda old, new: old if new is None else jnp.concatenate([old, new], axis=1)
     key_valid = join(held(kv_valid, False), new_valid)
     key_blocks = None if blocks is None else (blocks, join(held(kv_blocks, -1), new_blocks))
@@ -143,14 +145,17 @@ class Decoder(nn.Module):
                 for i in range(c.depth)]
         key_blocks = None if blocks is None else (blocks, kv_blocks)
         bounded = self.window_bounds_blocks
+        # The sequence slot each cache slot holds once these tokens are written (the cache is circular; before
+        # it wraps, slot s holds sequence slot s).
+        slots = None if cache is None else ring_slots(end + T, cache.size)
         if any(ring):
             size = cache.k[ring.index(True)].shape[1]
             key_valid, ring_blocks, key_slots = _ring_keys(kv_valid, kv_blocks, valid, blocks, end, size)
             windowed = decoder_mask(key_valid, end, T, c.sliding_window, ring_blocks, key_slots, bounded)
         else:
-            windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_blocks, window_bounds_blocks=bounded) \
+            windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_blocks, slots, bounded) \
                 if any(local) else None
-        masks = (decoder_mask(kv_valid, end, T, None, key_blocks) if not all(local) else windowed, windowed)
+        masks = (decoder_mask(kv_valid, end, T, None, key_blocks, slots) if not all(local) else windowed, windowed)
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)

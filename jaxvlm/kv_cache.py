@@ -21,14 +21,16 @@ from jaxvlm.config import DecoderConfig
 @struct.dataclass
 class KVCache:
     """Keys and values of every layer for S slots a row, a pytree threaded through prefill and the decode
-    scan. Prompts are right-aligned, so every row writes slot `end` at once (one dynamic_update_slice a
-    step); `valid` marks the slots holding real tokens, which is all the masks need. Sliding-window layers
-    keep only their window, as a ring (`layer_slots`, `ring_write`)."""
+    scan. One write cursor `end` serves every row (one dynamic_update_slice a step); the slots are circular
+    (sequence slot s lands at s % S), so the cursor never runs out; `valid` marks the slots holding a row's
+    real tokens, which is all the masks need: a row's tokens may start at any slot, so a request can be
+    written into any row of a running batch. Sliding-window layers keep only their window, as a ring of
+    their own (`layer_slots`)."""
 
     # Per layer [B, S, K, H]; for scanned (stacked) layers one [L, B, S, K, H] array each.
     k: tuple[jax.Array, ...] | jax.Array
     v: tuple[jax.Array, ...] | jax.Array
-    end: jax.Array  # int32[]: the next slot to write
+    end: jax.Array  # int32[]: the sequence slot written next (slots are circular: it lands at end % S)
     valid: jax.Array  # bool[B, S]: the slot holds a real (non-padding) token
 
     @classmethod
@@ -52,8 +54,12 @@ def layer_slots(config: DecoderConfig, layer: int, size: int) -> int:
 
 
 def write(buffer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
-    """Writes new[B, T, ...] into buffer[B, S, ...] at slots end .. end + T - 1."""
-    return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), end, axis=1)
+    """Writes new[B, T, ...] (sequence slots end .. end + T - 1) into buffer[B, S, ...], which is circular:
+    each at its slot modulo S. One new token a row (decoding) is one dynamic_update_slice."""
+    if new.shape[1] == 1:
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new.astype(buffer.dtype), jnp.mod(end, buffer.shape[1]),
+                                                   axis=1)
+    return ring_write(buffer, new, end)
 
 
 def ring_slots(end: jax.Array, size: int) -> jax.Array:

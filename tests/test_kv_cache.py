@@ -1,4 +1,4 @@
-"""The KV cache: ring buffers for sliding-window layers."""
+"""The KV cache: circular slots, ring buffers for sliding-window layers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvlm import presets
+from jaxvlm import layout, presets
 from jaxvlm.memory import tree_bytes as nbytes
 from jaxvlm.kv_cache import KVCache, ring_slots, ring_write
 from jaxvlm.inputs import Inputs
@@ -57,3 +57,37 @@ def test_prefill_in_chunks_through_a_ring(family, convert_and_load):
         got.append(out.logits)
         cache = out.cache
     np.testing.assert_allclose(jnp.concatenate(got, axis=1), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, stacked", [("gemma2", False), ("gemma2", True), ("qwen3", False)])
+def test_a_cache_is_circular(family, stacked, convert_and_load):
+    """A row's tokens may start at any slot: the same cache turned r slots further round (its rows straddling
+    the end, the cursor r further on) decodes to the same logits, through global layers, ring-buffered
+    local layers and a stack alike. So a cursor never runs out, and a request can sit in any row."""
+    from tests import hf_models
+    model = convert_and_load(hf_models.build(family, seed=2), f"{family}-circular")
+    config = model.config.computation
+    net = VisionLanguageModel(config, scan_layers=stacked)
+    params = jax.jit(lambda p: layout.relayout(p, stacked=True))(model.params) if stacked else model.params
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 250, size=(2, 12)), jnp.int32)
+    valid = jnp.ones((2, 12), bool).at[1, :4].set(False)  # row 1 has 8 tokens, padding first
+    apply = jax.jit(lambda inputs, cache: net.apply({"params": params}, inputs, cache))
+    cache = KVCache.init(config.decoder, 2, 16, jnp.float32, stacked)
+    out = apply(Inputs.build(config, tokens, valid), cache)
+    positions = Inputs.build(config, tokens, valid).positions[:, -1] + 1
+
+    def turned(cache: KVCache, r: int) -> KVCache:
+        roll = lambda x: jnp.roll(x, r, axis=-3)  # the slot axis of [B, S, K, H] and [L, B, S, K, H]
+        return KVCache(k=jax.tree.map(roll, cache.k), v=jax.tree.map(roll, cache.v), end=cache.end + r,
+                       valid=jnp.roll(cache.valid, r, axis=1))
+
+    for r in (0, 7, 13):
+        state, logits = turned(out.cache, r), []
+        for step in range(4):  # the cursor crosses the end of the 16 slots on the way
+            token = jnp.asarray([5 + step, 9 + step], jnp.int32)
+            o = apply(Inputs.next_tokens(token, positions + step), state)
+            logits.append(o.logits)
+            state = o.cache
+        if r == 0:
+            want = logits
+        np.testing.assert_allclose(np.concatenate(logits), np.concatenate(want), atol=1e-5, err_msg=f"turned {r}")
