@@ -1,0 +1,135 @@
+"""The engine: requests arriving at different times share a running decode batch of slots, and each gets the
+tokens `generate` gives it alone (and transformers' generate_batch), whatever shares the batch."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+import jaxvlm
+from jaxvlm.engine import Engine, Request
+from tests import hf_models
+
+IMAGE = "examples/shapes.png"
+
+
+def alone(model, row: np.ndarray, max_tokens: int, **settings) -> list[int]:
+    """`generate_ids` for one prompt, through its end-of-sequence token."""
+    out = model.generate_ids(row[None], max_new_tokens=max_tokens, **settings)[0]
+    ended = np.isin(out, list(model.config.tokens.eos_ids))
+    return list(map(int, out[:int(np.argmax(ended)) + 1] if ended.any() else out))
+
+
+def staggered(engine: Engine, requests: list[Request], arrivals: list[int], logprobs: bool = False) -> list:
+    """Submits request i before step arrivals[i] (steps counted from 0), runs to the end, and returns each
+    request's tokens (and log-probabilities) in submission order."""
+    ids, step = [], 0
+    pending = sorted(range(len(requests)), key=lambda i: arrivals[i])
+    while pending or not engine.idle:
+        while pending and arrivals[pending[0]] <= step:
+            ids.append((pending[0], engine.submit(requests[pending.pop(0)])))
+        engine.step()
+        step += 1
+    done = engine.run()
+    out = [done[request_id] for _, request_id in sorted(ids)]
+    return [(o.tokens, o.logprobs) for o in out] if logprobs else [o.tokens for o in out]
+
+
+@pytest.fixture(scope="module", params=["gemma2", "qwen3"])
+def text_family(request, convert_and_load):
+    """(name, transformers model, jaxvlm model); EOS a token the greedy run produces, so rows end early."""
+    name = request.param
+    model = hf_models.build(name, seed=5)
+    rows = hf_models.prompts(4, [5, 13, 9, 3, 20, 7, 11, 4])
+    eos = int(hf_models.hf_generate(model, rows, 12)[1, 5])
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    return name, model, convert_and_load(model, f"{name}-engine"), rows
+
+
+def test_staggered_requests_get_the_tokens_of_each_alone(text_family):
+    """Eight prompts of different lengths arrive at different steps into 2 slots; a cache of 64 slots makes
+    the cursor go round (gemma2's local layers keep rings of their window)."""
+    import transformers
+    name, hf, jx, rows = text_family
+    limits = [12, 10, 7, 12, 9, 12, 12, 11]
+    engine = Engine(jx, slots=2, cache_size=64, chunk=4)
+    # the shared cursor starts near the end of the 64 slots: requests straddle it as it goes round
+    engine.state = engine.state.replace(cache=engine.state.cache.replace(end=jax.numpy.int32(64 + 50)))
+    scored = staggered(engine, [Request(tokens=r, max_tokens=n) for r, n in zip(rows, limits)],
+                       [0, 0, 1, 3, 3, 4, 9, 9], logprobs=True)
+    assert int(engine.state.cache.end) > 2 * 64 + 32
+    got = [tokens for tokens, _ in scored]
+    want = [alone(jx, r, n) for r, n in zip(rows, limits)]
+    assert got == want, name
+    for (tokens, logprobs), row in zip(scored, rows):  # the same logits, not only the same argmax
+        _, expected = jx.generate_ids(row[None], max_new_tokens=len(tokens), logprobs=True)
+        np.testing.assert_allclose(logprobs, expected[0], atol=1e-5)
+    assert any(len(w) < n for w, n in zip(want, limits))  # some rows ended on their end-of-sequence token
+    config = transformers.GenerationConfig(max_new_tokens=12, do_sample=False, eos_token_id=hf.config.eos_token_id,
+                                           pad_token_id=0)
+    batch = hf.generate_batch([list(map(int, r)) for r in rows], generation_config=config, progress_bar=False)
+    for i, (request_id, output) in enumerate(sorted(batch.items(), key=lambda kv: int(kv[0].split("_")[1]))):
+        assert got[i] == list(output.generated_tokens)[:limits[i]], f"{name}: request {i}"
+
+
+def test_sampled_requests_get_the_tokens_of_each_alone(text_family):
+    """A request's sampled tokens come from its own seed and step: the same in the engine as alone."""
+    _, _, jx, rows = text_family
+    settings = [dict(temperature=1.0, seed=3), dict(temperature=0.7, top_k=5, seed=4), dict(),
+                dict(temperature=1.2, top_p=0.8, seed=5)]
+    engine = Engine(jx, slots=3, cache_size=64, chunk=4)
+    got = staggered(engine, [Request(tokens=r, max_tokens=8, **s) for r, s in zip(rows, settings)], [0, 1, 1, 2])
+    assert got == [alone(jx, r, 8, **s) for r, s in zip(rows, settings)]
+
+
+def test_a_new_mix_of_requests_compiles_nothing(text_family, caplog):
+    _, _, jx, rows = text_family
+    engine = Engine(jx, slots=2, cache_size=64, chunk=4)
+    staggered(engine, [Request(tokens=rows[0], max_tokens=6), Request(tokens=rows[1], max_tokens=9)], [0, 1])
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        caplog.clear()
+        mix = [Request(tokens=rows[2], max_tokens=3, temperature=0.9, seed=8),  # the same prompt buckets
+               Request(tokens=rows[0][:4], max_tokens=11, top_k=3, temperature=1.0),
+               Request(tokens=rows[1][:10], max_tokens=5, min_new_tokens=2)]
+        staggered(engine, mix, [0, 2, 2])
+        compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == [], compiled
+
+
+def test_vision_language_requests_with_images():
+    """The built-in model (PaliGemma's prefix, an image a request) in 2 slots, five questions arriving
+    apart: each answer is generate's for that question alone."""
+    model = jaxvlm.load()
+    prompts = ["caption en", "count shapes", "what color is the circle?", "where is the square?",
+               "what is in the top left?"]
+    engine = Engine(model, slots=2, cache_size=128, chunk=4)
+    ids = {}
+    for i, prompt in enumerate(prompts):
+        ids[engine.submit_text(prompt, IMAGE, max_tokens=20)] = i
+        engine.step()
+    done = engine.run()
+    for request_id, i in ids.items():
+        assert model.tokenizer.decode(done[request_id].tokens) == model.generate(prompts[i], image=IMAGE,
+                                                                              max_new_tokens=20)
+        assert done[request_id].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(max_tokens=0), "max_tokens must be an int >= 1"),
+    (dict(max_tokens=60), r"needs 76 cache slots; the engine has 64"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(tokens=np.zeros((0,), np.int32)), "a request's prompt must be a non-empty int array"),
+])
+def test_bad_requests_are_named(text_family, change, message):
+    _, _, jx, rows = text_family
+    engine = Engine(jx, slots=1, cache_size=64)
+    request = Request(tokens=rows[0], max_tokens=4)
+    for key, value in change.items():
+        setattr(request, key, value)
+    with pytest.raises(ValueError, match=message):
+        engine.submit(request)
+    assert engine.idle
