@@ -12,8 +12,9 @@ whichever row is free, and the cursor never runs out. Shapes are fixed by the en
 chunk, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles anything.
 
     engine = Engine(model, slots=8)
-    ids = [engine.submit(model.processor.encode(p)) for p in prompts]  # or engine.submit_text(prompt, image)
-    outputs = engine.run()  # {request id: Output(tokens, logprobs, finish_reason)}
+    request_id = engine.submit_text("caption en", image="cat.jpg", max_tokens=32)   # or submit(Request(...))
+    for event in engine.step(): ...  # new tokens of each request as they come; engine.cancel(request_id)
+    outputs = engine.run()  # {request id: Output(tokens, logprobs, finish_reason)} once all have ended
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ class Request:
 class Output:
     """A request's answer: its tokens (through the end-of-sequence token), their log-probabilities, and why it
     ended ("stop": an end-of-sequence token; "length": max_tokens)."""
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step brought a request: its new tokens and their log-probabilities, and, on its last, why it
+    ended ("stop", "length" or "cancelled")."""
+    request_id: int
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str | None = None
@@ -132,6 +143,7 @@ class Engine:
         self.finished: dict[int, Output] = {}  # not yet handed out by `run`
         self._in_flight = None  # (tokens, logprobs, {slot: request id}) of the chunk dispatched last
         self._ids = itertools.count()
+        self._events: list[Event] = []
 
     # --- requests -----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
@@ -167,15 +179,35 @@ class Engine:
         return not self.queue and not self.running and self._in_flight is None
 
     # --- the loop -----------------------------------------------------------------------------------------
-    def step(self) -> dict[int, Output]:
-        """One turn of the loop: requests enter the free slots, the next chunk is dispatched, and the
-        previous chunk's tokens are read. Returns the requests that finished in it."""
+    def step(self) -> list[Event]:
+        """One turn of the loop: requests enter the free slots (their first token, from prefill, is an event
+        at once), the next chunk is dispatched, and the previous chunk's tokens are read. Returns the
+        events, a request's tokens in order."""
+        self._events: list[Event] = []
         self._admit()
         previous, self._in_flight = self._in_flight, None
         if self.running:
             tokens, logprobs = self._dispatch()
             self._in_flight = (tokens, logprobs, dict(self.running))
-        return self._read(previous) if previous is not None else {}
+        if previous is not None:
+            self._read(previous)
+        return self._events
+
+    def cancel(self, request_id: int) -> bool:
+        """Ends a queued or running request now (a client that went away): its slot is free for the next
+        request. Returns whether it was still there."""
+        for i, (queued, _) in enumerate(self.queue):
+            if queued == request_id:
+                del self.queue[i]
+                return True
+        slot = next((s for s, r in self.running.items() if r == request_id), None)
+        if slot is None:
+            return False
+        out = self.outputs.pop(request_id)
+        out.finish_reason = "cancelled"
+        del self.running[slot], self.limits[request_id]
+        self.finished[request_id] = out
+        return True
 
     def run(self) -> dict[int, Output]:
         """Steps until every submitted request has finished; returns them all by id."""
@@ -225,23 +257,19 @@ class Engine:
                                               self.model.params, self.state, rules)
         return tokens, logprobs
 
-    def _read(self, chunk) -> dict[int, Output]:
+    def _read(self, chunk) -> None:
         tokens, logprobs, owners = chunk
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        finished = {}
         for slot, request_id in owners.items():
-            if self.running.get(slot) != request_id:  # it finished before this chunk was read
+            if self.running.get(slot) != request_id:  # it ended (or was cancelled) before this chunk was read
                 continue
             check_finite_tokens(tokens[slot:slot + 1], len(self.outputs[request_id].tokens))
-            out = self._append(slot, request_id, list(map(int, tokens[slot])), list(map(float, logprobs[slot])))
-            if out is not None:
-                finished[request_id] = out
-        return finished
+            self._append(slot, request_id, list(map(int, tokens[slot])), list(map(float, logprobs[slot])))
 
-    def _append(self, slot: int, request_id: int, tokens: list[int], logprobs: list[float]) -> Output | None:
-        """Adds a chunk's tokens to a request, up to its end; a request that ends frees its slot and is
-        returned."""
+    def _append(self, slot: int, request_id: int, tokens: list[int], logprobs: list[float]) -> None:
+        """Adds a chunk's tokens to a request, up to its end, as an event; a request that ends frees its slot."""
         out = self.outputs[request_id]
+        start = len(out.tokens)
         for token, logprob in zip(tokens, logprobs):
             out.tokens.append(token)
             out.logprobs.append(logprob)
@@ -252,5 +280,5 @@ class Engine:
             if out.finish_reason is not None:
                 del self.running[slot], self.outputs[request_id], self.limits[request_id]
                 self.finished[request_id] = out
-                return out
-        return None
+                break
+        self._events.append(Event(request_id, out.tokens[start:], out.logprobs[start:], out.finish_reason))

@@ -133,3 +133,24 @@ def test_bad_requests_are_named(text_family, change, message):
     with pytest.raises(ValueError, match=message):
         engine.submit(request)
     assert engine.idle
+
+
+def test_events_bring_each_token_once_and_cancel_frees_the_slot(text_family):
+    _, _, jx, rows = text_family
+    engine = Engine(jx, slots=1, cache_size=64, chunk=4)
+    first = engine.submit(Request(tokens=rows[0], max_tokens=12))
+    second = engine.submit(Request(tokens=rows[1], max_tokens=6))  # waits: one slot
+    seen: dict[int, list[int]] = {first: [], second: []}
+    reasons = {}
+    while not engine.idle:
+        for event in engine.step():
+            seen[event.request_id] += event.tokens
+            if event.finish_reason:
+                reasons[event.request_id] = event.finish_reason
+            if event.request_id == first and len(seen[first]) >= 3 and first not in reasons:
+                assert engine.cancel(first)
+                reasons[first] = "cancelled"
+    done = engine.run()
+    assert done[first].finish_reason == "cancelled" and seen[first] == done[first].tokens
+    assert seen[second] == done[second].tokens == alone(jx, rows[1], 6)  # it took the freed slot
+    assert not engine.cancel(first) and engine.idle

@@ -279,3 +279,23 @@ def test_chat_with_image_content_parts_as_the_processor_takes_them(gemma3_with_p
     assert answer == jx._generate_text(prompt, [paths[1], paths[0]], False, max_new_tokens=4)
     with pytest.raises(ValueError, match="the messages hold image parts already"):
         jx.chat(messages, image=paths[0])
+
+
+def test_the_engine_answers_rows_of_one_and_two_images(gemma3):
+    """Gemma 3 requests with one and two images each share the engine's slots and get generate's tokens."""
+    from jaxvlm.engine import Engine, Request
+    _, jx, rows, pixels = gemma3
+    ids, mask = hf_models.left_pad(rows)
+    want = jx.generate_ids(ids, mask, pixels, max_new_tokens=8)
+    _, _, _, by_row = jx._inputs(ids, mask, pixels)
+    engine = Engine(jx, slots=2, cache_size=128, chunk=4)
+    submitted = []
+    for i, row in enumerate(rows):
+        count = int((row == jx.config.image_token_id).sum()) // jx.config.tokens_per_image
+        submitted.append(engine.submit(Request(tokens=row, pixels=by_row[i][:max(1, 1 << (count - 1).bit_length())],
+                                               max_tokens=8)))
+        engine.step()
+    done = engine.run()
+    for i, request_id in enumerate(submitted):
+        tokens = done[request_id].tokens
+        np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
