@@ -100,7 +100,10 @@ def _choose(penalize: bool, logits, rules: dict, step, seen):
     is_eos = (vocab[:, None] == rules["eos_ids"][None, :]).any(axis=-1)
     logits = jnp.where(is_eos[None] & (step < rules["min_new"])[:, None], -jnp.inf, logits)
     token = sample(logits, rules["seed"], step, rules["temperature"], rules["top_k"], rules["top_p"])
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), token[:, None], axis=-1)[:, 0]
+    # log-softmax at the chosen token, by reductions over the vocabulary (a mesh splitting it all-reduces
+    # [B] partial sums instead of gathering the logits)
+    chosen = jnp.sum(jnp.where(vocab[None] == token[:, None], raw, 0.0), axis=-1)
+    logprob = chosen - jax.nn.logsumexp(raw, axis=-1)
     return jnp.where(jnp.isfinite(raw).all(axis=-1), token, NOT_FINITE), logprob
 
 
