@@ -454,8 +454,9 @@ class Model:
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                repetition_penalty: float | None = None, min_new_tokens: int | None = None,
                stop: str | Sequence[str] | None = None) -> Iterator[str]:
-        """`generate` for one prompt, as an iterator of text pieces given as the tokens are chosen (a piece
-        per `STREAM_CHUNK` decode steps); their join is `generate`'s text. A character whose bytes span
+        """`generate` for one prompt, as an iterator of text pieces given as the tokens are chosen: a piece a
+        token (the tokens of a `STREAM_CHUNK`-step decode call come together); their join is `generate`'s
+        text. A character whose bytes span
         tokens is given whole, once all of them are out; text that may begin a stop string is held back
         until it is known not to. The arguments are checked before this returns."""
         return self._stream(prompt, image, None, stop, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -471,7 +472,8 @@ class Model:
         self._require_lm_head()
         generation = self._generation(*self.processor.encode(prompt, image, add_bos), None, settings)
         chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK)
-        return self.processor.text_pieces((chunk[0][0] for chunk in chunks), stops)
+        # a token at a time: each chunk's tokens become pieces of their own as soon as the chunk is read
+        return self.processor.text_pieces(([token] for chunk in chunks for token in chunk[0][0]), stops)
 
     # --- chat ---------------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict[str, Any]], image=None, stream: bool = False,
@@ -522,7 +524,7 @@ class Model:
         return checkpoint.save_model(directory, self.config, self.params, copies)
 
 
-STREAM_CHUNK = 8  # decode steps per piece that `Model.stream` gives
+STREAM_CHUNK = 8  # decode steps per call of `Model.stream` (its pieces are a token each, a call's at once)
 DEFAULT_MAX_NEW_TOKENS = 32  # where neither the call nor the checkpoint's generation_config.json says
 GENERATE_BATCH = 64  # prompts a `generate` call runs at once; a longer list runs in batches of this many
 
