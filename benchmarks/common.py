@@ -71,9 +71,7 @@ def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int, pixels: np.n
     pixels = None if pixels is None else jnp.asarray(pixels)
     steps = new - 1
     B = len(prompt)
-    rules = dict(temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32),
-                 penalty=np.ones(B, np.float32), min_new=np.zeros(B, np.int32), seed=np.zeros(B, np.uint32),
-                 eos_ids=np.asarray([1] + [-1] * (generate.EOS_SLOTS - 1), np.int32), pad_id=np.int32(0))
+    rules = generate.sampling_rules(B, [1], 0)  # greedy
     size = generate.cache_bucket(length + steps)
 
     def run_prefill():

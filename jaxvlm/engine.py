@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checks
-from jaxvlm.generate import (EOS_SLOTS, DecodeState, cache_bucket, check_finite_tokens, decode, prefill,
-                             prompt_bucket)
+from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, prefill, prompt_bucket,
+                             right_align, sampling_rules)
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
 from jaxvlm.sampling import check_sampling_args
@@ -127,15 +127,9 @@ class Engine:
             self.context = context
         self.config = model.config.computation
         tokens = model.config.tokens
-        eos = list(tokens.eos_ids) + [-1] * (max(1, -(-len(tokens.eos_ids) // EOS_SLOTS)) * EOS_SLOTS
-                                             - len(tokens.eos_ids))
         self.eos_ids, self.pad_id = set(tokens.eos_ids), tokens.pad_id
-        B = self.slots
-        self.rules = dict(temperature=np.zeros(B, np.float32), top_k=np.zeros(B, np.int32),
-                          top_p=np.ones(B, np.float32), penalty=np.ones(B, np.float32),
-                          min_new=np.zeros(B, np.int32), seed=np.zeros(B, np.uint32),
-                          eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(tokens.pad_id))
-        self.state = _empty_state(self.config.decoder, B, self.cache_size, model.dtype, is_stacked(model.params))
+        self.rules = sampling_rules(self.slots, tokens.eos_ids, tokens.pad_id)  # each slot's, set on insert
+        self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.dtype, is_stacked(model.params))
         self.queue: collections.deque[tuple[int, Request]] = collections.deque()
         self.running: dict[int, int] = {}  # slot -> request id
         self.outputs: dict[int, Output] = {}  # of the running requests
@@ -225,21 +219,15 @@ class Engine:
 
     def _insert(self, slot: int, request_id: int, request: Request) -> None:
         length = prompt_bucket(len(request.tokens))
-        tokens = np.full((1, length), self.pad_id, np.int32)
-        valid = np.zeros((1, length), bool)
-        tokens[0, length - len(request.tokens):] = request.tokens
-        valid[0, length - len(request.tokens):] = True
-        prefix = None
-        if request.prefix is not None:
-            prefix = np.zeros((1, length), bool)
-            prefix[0, length - len(request.tokens):] = request.prefix
+        tokens, valid = right_align([request.tokens], length, self.pad_id)
+        prefix = None if request.prefix is None else right_align([request.prefix], length, False, bool)[0]
         pixels = None if request.pixels is None else np.asarray(request.pixels, np.float32)[None]
-        settings = dict(temperature=request.temperature, top_k=request.top_k or 0, top_p=request.top_p or 1.0,
-                        penalty=1.0, min_new=request.min_new_tokens, seed=request.seed)
-        for key, value in settings.items():
-            self.rules[key][slot] = value
-        one = {k: v[slot:slot + 1] for k, v in self.rules.items() if k not in ("eos_ids", "pad_id")}
-        one.update(eos_ids=self.rules["eos_ids"], pad_id=self.rules["pad_id"])
+        one = sampling_rules(1, self.model.config.tokens.eos_ids, self.pad_id, temperature=request.temperature,
+                             top_k=request.top_k, top_p=request.top_p, seed=request.seed,
+                             min_new_tokens=request.min_new_tokens)
+        for key, value in one.items():
+            if key not in ("eos_ids", "pad_id"):  # the row's settings become the slot's
+                self.rules[key][slot] = value[0]
         prefilled, token, logprob = prefill(self.config, self.model.dtype, False, length, None, self.model.params,
                                             tokens, valid, prefix, pixels, np.zeros(1, bool), np.zeros(1, np.int32),
                                             one)

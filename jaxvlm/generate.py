@@ -217,6 +217,22 @@ def align_right(tokens: np.ndarray, valid: np.ndarray, pad_id: int, prefix: np.n
     return out_tokens, out_valid, out_prefix
 
 
+def sampling_rules(batch: int, eos_ids: Sequence[int], pad_id: int, temperature=0.0, top_k=None, top_p=None,
+                   seed=0, repetition_penalty=1.0, min_new_tokens=0) -> dict[str, np.ndarray]:
+    """The `rules` of `prefill` and `decode` for `batch` rows: each setting one value for every row or a
+    sequence with one per row (None: none, i.e. greedy, no limit); the end-of-sequence ids padded with -1
+    (no token) to a multiple of 8, so their count rarely changes a shape. Host values only (numpy), the same
+    on every process: jit places them on the mesh."""
+    per_row = lambda value, none, dtype: np.asarray(
+        [none if v is None else v for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value] * batch)],
+        dtype)
+    slots = max(1, -(-len(eos_ids) // EOS_SLOTS)) * EOS_SLOTS
+    return dict(temperature=per_row(temperature, 0.0, np.float32), top_k=per_row(top_k, 0, np.int32),
+                top_p=per_row(top_p, 1.0, np.float32), penalty=per_row(repetition_penalty, 1.0, np.float32),
+                min_new=per_row(min_new_tokens, 0, np.int32), seed=per_row(seed, 0, np.uint32),
+                eos_ids=np.asarray(list(eos_ids) + [-1] * (slots - len(eos_ids)), np.int32), pad_id=np.int32(pad_id))
+
+
 def generate_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid: np.ndarray, *,
                     max_new_tokens: int, pad_id: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Generates for right-aligned prompts; returns (int32[B, max_new_tokens], the pad id after a row's end;
@@ -260,24 +276,14 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
     whole sequence (prompt and tokens so far) with the long factors. transformers' vision-language
     models do not rebuild (new tokens get the long factors, the cache keeps the short ones): nor does this.
     """
-    # EOS ids are padded with -1 (no token) to a multiple of 8, so their count rarely changes a shape.
-    slots = max(1, -(-len(eos_ids) // EOS_SLOTS)) * EOS_SLOTS
-    eos = list(eos_ids) + [-1] * (slots - len(eos_ids))
-    B = len(tokens)
-    per_row = lambda value, none, dtype: np.asarray(
-        [none if v is None else v for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value] * B)],
-        dtype)
-    # Host values only (numpy), the same on every process: jit places them on the mesh.
-    rules = dict(temperature=per_row(temperature, 0.0, np.float32), top_k=per_row(top_k, 0, np.int32),
-                 top_p=per_row(top_p, 1.0, np.float32), penalty=per_row(repetition_penalty, 1.0, np.float32),
-                 min_new=per_row(min_new_tokens, 0, np.int32), seed=per_row(seed, 0, np.uint32))
-    penalize = bool((rules["penalty"] != 1).any())
     config = config.computation  # the jit key: host-only settings never recompile
     batch = len(tokens)
     size = batch_bucket(batch, 1 if shard is None else shard.batch_multiple)
     tokens, valid, prefix, pixels = (pad_rows(x, size) for x in (tokens, valid, prefix, pixels))
-    rules = {k: pad_rows(v, size) for k, v in rules.items()}
-    rules.update(eos_ids=np.asarray(eos, np.int32), pad_id=np.int32(pad_id))
+    rules = sampling_rules(batch, eos_ids, pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                           repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
+    rules.update({k: pad_rows(v, size) for k, v in rules.items() if k not in ("eos_ids", "pad_id")})
+    penalize = bool((rules["penalty"] != 1).any())
     put = functools.partial(place, shard)
     decode_steps = max_new_tokens - 1
     chunk = min(chunk_size, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0

@@ -456,9 +456,9 @@ class Model:
                stop: str | Sequence[str] | None = None) -> Iterator[str]:
         """`generate` for one prompt, as an iterator of text pieces given as the tokens are chosen: a piece a
         token (the tokens of a `STREAM_CHUNK`-step decode call come together); their join is `generate`'s
-        text. A character whose bytes span
-        tokens is given whole, once all of them are out; text that may begin a stop string is held back
-        until it is known not to. The arguments are checked before this returns."""
+        text. A character whose bytes span tokens is given whole, once all of them are out; text that may
+        begin a stop string is held back until it is known not to. The arguments are checked before this
+        returns."""
         return self._stream(prompt, image, None, stop, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed, repetition_penalty=repetition_penalty,
                             min_new_tokens=min_new_tokens)

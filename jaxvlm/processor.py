@@ -81,7 +81,7 @@ class Processor:
         for p, name in zip(prompts, names):
             check_text(p, name)
             # a text far past the context is refused before it is tokenized whole
-            self.tokenizer._check_fits(p, name, self.config.decoder.max_position_embeddings)
+            self.tokenizer.refuse_far_past(p, name, self.config.decoder.max_position_embeddings)
         pixels, per_prompt = None, [None] * len(prompts)  # each prompt's images' crop counts
         if image is not None:
             images = [image] if single or not isinstance(image, (list, tuple)) else list(image)
@@ -140,7 +140,7 @@ class Processor:
         for i, m in enumerate(messages):  # a message far past the context is refused before rendering
             content = m.get("content")
             texts = [content] if isinstance(content, str) else [p.get("text", "") for p in content or ()]
-            self.tokenizer._check_fits("".join(texts), f"message {i}", self.config.decoder.max_position_embeddings)
+            self.tokenizer.refuse_far_past("".join(texts), f"message {i}", self.config.decoder.max_position_embeddings)
         return template.render(messages, add_generation_prompt, tools=tools, documents=documents, **variables)
 
     def answer(self, tokens: np.ndarray, stops: list[str]) -> tuple[str, int]:

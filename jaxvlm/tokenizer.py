@@ -109,30 +109,23 @@ class Tokenizer:
     def _call(self, fn, *args):
         return _unpanicked(lambda: fn(*args), self.source)
 
-    def encode(self, text: str, add_bos: bool | None = None, what: str = "text",
-               max_tokens: int | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, what: str = "text") -> list[int]:
         """Token ids of `text`, after BOS when the model expects one (or when `add_bos` says so); `what`
-        names the text in errors (e.g. 'prompt 3'). With `max_tokens`, a text that cannot fit in that many
-        tokens is refused without tokenizing all of it (`TooLong`)."""
-        check_text(text, what)
-        if max_tokens is not None:
-            self._check_fits(text, what, max_tokens)
-        ids = list(self._call(self._encode, text))
+        names the text in errors (e.g. 'prompt 3')."""
+        ids = list(self._call(self._encode, check_text(text, what)))
         add_bos = self.tokens.add_bos if add_bos is None else add_bos
-        ids = [self.tokens.bos_id] + ids if add_bos else ids
-        if max_tokens is not None and len(ids) > max_tokens:
-            raise TooLong(f"{what} is {len(ids)} tokens, longer than the model's context of {max_tokens} tokens")
-        return ids
+        return [self.tokens.bos_id] + ids if add_bos else ids
 
-    def _check_fits(self, text: str, what: str, max_tokens: int) -> None:
-        """Refuses a text that needs more than `max_tokens` tokens, tokenizing a bounded head of it: no
-        piece is longer than `longest_piece` characters, so a head of max_tokens x that many characters
-        that already takes more than `max_tokens` tokens settles it."""
+    def refuse_far_past(self, text: str, what: str, max_tokens: int) -> None:
+        """Refuses (`TooLong`) a text that needs more than `max_tokens` tokens, tokenizing a bounded head of
+        it: a head of max_tokens x `longest_piece` characters that already takes more than max_tokens + 1
+        tokens settles it (the whole text keeps all but the head's last, which may merge with what
+        follows). Shorter texts, and texts a normalizer shrinks, are left to the exact count later."""
         head = max_tokens * (self.longest_piece or 64) + 1
         if len(text) <= head:
             return
         count = len(self._call(self._encode, text[:head]))
-        if count > max_tokens:
+        if count > max_tokens + 1:
             raise TooLong(f"{what} is {len(text):,} characters, far longer than the model's context of "
                           f"{max_tokens} tokens (its first {head:,} characters alone take {count:,})")
 
