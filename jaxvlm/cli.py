@@ -67,9 +67,9 @@ def _train(args) -> None:
     warmup = args.warmup_steps
     if warmup is None:  # 10 (at most the run's steps); a run resumed or extended keeps its own
         recorded = os.path.join(workdir, RUN_FILE)
-        warmup = files.read_json(recorded).get("settings", {}).get("warmup_steps") if extending or \
-            os.path.exists(recorded) else None
-        warmup = min(10, args.steps) if not isinstance(warmup, int) else warmup
+        if os.path.exists(recorded):
+            warmup = files.read_json(recorded).get("settings", {}).get("warmup_steps")
+        warmup = warmup if isinstance(warmup, int) else min(10, args.steps)
     tc = TrainConfig(steps=args.steps, learning_rate=learning_rate, warmup_steps=warmup,
                      final_learning_rate=learning_rate / 100, weight_decay=0.01, checkpoint_every=args.checkpoint_every)
     tuned = finetune(model, rows, tc, batch_size=args.batch_size, seed=args.seed, workdir=workdir, lora=lora)

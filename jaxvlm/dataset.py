@@ -177,7 +177,7 @@ def _generate_all(model, items, out, batch_size, progress, images, generate_kwar
         for batch in _batches(todo, batch_size):
             results = _answer(model, batch, images, generate_kwargs)
             for item, (field, value) in zip(batch, results):
-                line = {k: item[k] for k in ("image", "line", "prompt") if k in item and (k != "line" or not images)}
+                line = {k: item[k] for k in ("image" if images else "line", "prompt")}
                 f.write(_json_line({**line, field: value}))
             f.flush()
             written += len(batch)
