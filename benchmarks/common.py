@@ -75,7 +75,7 @@ def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int, pixels: np.n
     size = generate.cache_bucket(length + steps)
 
     def run_prefill():
-        state, token, _ = generate.prefill(c, model.dtype, False, size, model.shard, model.params, tokens, valid,
+        state, token, _, _ = generate.prefill(c, model.dtype, False, size, model.shard, model.params, tokens, valid,
                                            prefix, pixels, jnp.zeros(B, bool), np.zeros(B, np.int32), rules)
         return jax.block_until_ready((state, token))
 

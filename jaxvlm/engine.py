@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import functools
 import itertools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,11 @@ from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, dec
                              right_align, sampling_rules)
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
+from jaxvlm.processor import TextStream, check_stop
 from jaxvlm.sampling import check_sampling_args
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 
 
 @dataclasses.dataclass
@@ -49,25 +53,49 @@ class Request:
     top_p: float | None = None
     seed: int = 0
     min_new_tokens: int = 0
+    stop: Sequence[str] = ()  # strings that end the answer (the text ends before the first)
+    stop_token_ids: Sequence[int] = ()  # tokens that end it too, besides the model's end-of-sequence ids
+    top_logprobs: int = 0  # the likeliest tokens to report at each step, with their log-probabilities
 
 
 @dataclasses.dataclass
 class Output:
-    """A request's answer: its tokens (through the end-of-sequence token), their log-probabilities, and why it
-    ended ("stop": an end-of-sequence token; "length": max_tokens)."""
-    tokens: list[int]
-    logprobs: list[float]
+    """A request's answer: its tokens (through the one that ended it), their log-probabilities (and the
+    likeliest tokens at each step, [(id, log-probability)], when asked), its text (ended before a stop
+    string), and why it ended ("stop": an end-of-sequence token or stop string; "length": max_tokens;
+    "cancelled"; "error", with `error` saying why)."""
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    text: str = ""
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
 
 
 @dataclasses.dataclass
 class Event:
-    """What one step brought a request: its new tokens and their log-probabilities, and, on its last, why it
-    ended ("stop", "length" or "cancelled")."""
+    """What one step brought a request: its new tokens, their log-probabilities (and top tokens, when asked),
+    the text each adds (`pieces`, one a token, often ""; a character whose bytes span tokens comes whole with
+    the last of them), and, on its last, why it ended (see `Output`)."""
     request_id: int
     tokens: list[int]
     logprobs: list[float]
+    pieces: list[str]
+    top_logprobs: list[list[tuple[int, float]]]
     finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+@dataclasses.dataclass
+class _Live:
+    """A running request: its settings, its output so far, its text stream (None without a tokenizer)."""
+    request: Request
+    output: Output
+    text: TextStream | None
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -110,7 +138,8 @@ def _empty_state(decoder, slots: int, size: int, dtype, stacked: bool) -> Decode
 class Engine:
     """Continuous batching for one model (see the module docstring). `slots` requests decode at once; the
     cache holds `cache_size` slots a row (a request's prompt bucket plus its max_tokens must fit); decoding
-    runs `chunk` steps a call."""
+    runs `chunk` steps a call. A request may ask for up to `MAX_TOP_LOGPROBS` top tokens a step; the chunks
+    that serve such a request compute them (a second compiled program)."""
 
     def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8):
         model._require_lm_head()
@@ -132,10 +161,9 @@ class Engine:
         self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.dtype, is_stacked(model.params))
         self.queue: collections.deque[tuple[int, Request]] = collections.deque()
         self.running: dict[int, int] = {}  # slot -> request id
-        self.outputs: dict[int, Output] = {}  # of the running requests
-        self.limits: dict[int, int] = {}  # their max_tokens
+        self.live: dict[int, _Live] = {}  # the running requests, by id
         self.finished: dict[int, Output] = {}  # not yet handed out by `run`
-        self._in_flight = None  # (tokens, logprobs, {slot: request id}) of the chunk dispatched last
+        self._in_flight = None  # (tokens, logprobs, top, {slot: request id}) of the chunk dispatched last
         self._ids = itertools.count()
         self._events: list[Event] = []
 
@@ -149,6 +177,13 @@ class Engine:
         check_sampling_args(request.temperature, request.top_k, request.top_p)
         checks.seed(request.seed)
         checks.integer("min_new_tokens", request.min_new_tokens, 0)
+        stop = check_stop(request.stop)
+        if stop and self.model.tokenizer is None:
+            raise ValueError("stop: stop strings need the model's tokenizer, and this model has none")
+        stop_ids = [checks.integer("stop_token_ids", i, 0) for i in request.stop_token_ids]
+        top = checks.integer("top_logprobs", request.top_logprobs, 0)
+        if top > MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}")
         length = prompt_bucket(len(tokens)) + request.max_tokens
         if len(tokens) + request.max_tokens > self.context:
             raise ValueError(f"the prompt ({len(tokens)} tokens) plus max_tokens={request.max_tokens} is longer than "
@@ -157,16 +192,23 @@ class Engine:
             raise ValueError(f"the prompt's bucket ({prompt_bucket(len(tokens))} tokens) plus max_tokens="
                              f"{request.max_tokens} needs {length} cache slots; the engine has {self.cache_size}")
         request_id = next(self._ids)
-        self.queue.append((request_id, dataclasses.replace(request, tokens=tokens)))
+        self.queue.append((request_id, dataclasses.replace(request, tokens=tokens, stop=stop,
+                                                           stop_token_ids=stop_ids)))
         return request_id
 
-    def submit_text(self, prompt: str, image=None, **settings: Any) -> int:
+    def submit_text(self, prompt: str, image=None, add_bos: bool | None = None, **settings: Any) -> int:
         """`submit` for a plain-text prompt (and its images), laid out by the model's processor."""
-        encoded = self.model.processor.encode(prompt, image)
+        return self.submit(self.request(prompt, image, add_bos, **settings))
+
+    def request(self, prompt: str, image=None, add_bos: bool | None = None, **settings: Any) -> Request:
+        """The `Request` for a plain-text prompt (and its images), laid out by the model's processor."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: a request takes one prompt (a string), got {type(prompt).__name__}")
+        encoded = self.model.processor.encode(prompt, image, add_bos=add_bos)
         ids, mask, prefix, pixels = self.model._inputs(*encoded)
         keep = mask[0]
-        return self.submit(Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels[0],
-                                   prefix=None if prefix is None else prefix[0][keep], **settings))
+        return Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels[0],
+                       prefix=None if prefix is None else prefix[0][keep], **settings)
 
     @property
     def idle(self) -> bool:
@@ -176,13 +218,13 @@ class Engine:
     def step(self) -> list[Event]:
         """One turn of the loop: requests enter the free slots (their first token, from prefill, is an event
         at once), the next chunk is dispatched, and the previous chunk's tokens are read. Returns the
-        events, a request's tokens in order."""
+        events, a request's tokens in order. A request that fails (its prefill, or logits that are not
+        finite) ends alone, with finish_reason "error"."""
         self._events: list[Event] = []
         self._admit()
         previous, self._in_flight = self._in_flight, None
         if self.running:
-            tokens, logprobs = self._dispatch()
-            self._in_flight = (tokens, logprobs, dict(self.running))
+            self._in_flight = (*self._dispatch(), dict(self.running))
         if previous is not None:
             self._read(previous)
         return self._events
@@ -194,13 +236,9 @@ class Engine:
             if queued == request_id:
                 del self.queue[i]
                 return True
-        slot = next((s for s, r in self.running.items() if r == request_id), None)
-        if slot is None:
+        if request_id not in self.live:
             return False
-        out = self.outputs.pop(request_id)
-        out.finish_reason = "cancelled"
-        del self.running[slot], self.limits[request_id]
-        self.finished[request_id] = out
+        self._end(request_id, "cancelled")
         return True
 
     def run(self) -> dict[int, Output]:
@@ -214,8 +252,16 @@ class Engine:
         free = [s for s in range(self.slots) if s not in self.running]
         while free and self.queue:
             request_id, request = self.queue.popleft()
-            slot = free.pop(0)
-            self._insert(slot, request_id, request)
+            slot = free[0]
+            try:
+                self._insert(slot, request_id, request)
+            except Exception as e:  # noqa: BLE001 - the request fails alone; the others go on
+                self.live.pop(request_id, None)
+                self.running.pop(slot, None)
+                self.finished[request_id] = Output(finish_reason="error", error=str(e))
+                self._events.append(Event(request_id, [], [], [], [], "error", str(e)))
+                continue
+            free.pop(0)
 
     def _insert(self, slot: int, request_id: int, request: Request) -> None:
         length = prompt_bucket(len(request.tokens))
@@ -225,48 +271,86 @@ class Engine:
         one = sampling_rules(1, self.model.config.tokens.eos_ids, self.pad_id, temperature=request.temperature,
                              top_k=request.top_k, top_p=request.top_p, seed=request.seed,
                              min_new_tokens=request.min_new_tokens)
+        top_n = MAX_TOP_LOGPROBS if request.top_logprobs else 0
+        prefilled, token, logprob, top = prefill(self.config, self.model.dtype, False, length, None,
+                                                 self.model.params, tokens, valid, prefix, pixels, np.zeros(1, bool),
+                                                 np.zeros(1, np.int32), one, top_n=top_n)
+        check_finite_tokens(np.asarray(token)[:, None], 0)
         for key, value in one.items():
             if key not in ("eos_ids", "pad_id"):  # the row's settings become the slot's
                 self.rules[key][slot] = value[0]
-        prefilled, token, logprob = prefill(self.config, self.model.dtype, False, length, None, self.model.params,
-                                            tokens, valid, prefix, pixels, np.zeros(1, bool), np.zeros(1, np.int32),
-                                            one)
         self.state = insert(self.state, prefilled, np.int32(slot))
         self.running[slot] = request_id
-        first, first_logprob = int(np.asarray(token)[0]), float(np.asarray(logprob)[0])
-        check_finite_tokens(np.asarray([[first]]), 0)
-        self.outputs[request_id] = Output([], [])
-        self.limits[request_id] = request.max_tokens
-        self._append(slot, request_id, [first], [first_logprob])
+        tokenizer = self.model.tokenizer
+        self.live[request_id] = _Live(request, Output(),
+                                      None if tokenizer is None else TextStream(tokenizer, request.stop))
+        top = None if top is None else tuple(np.asarray(x)[:, None] for x in top)
+        self._append(request_id, np.asarray(token)[:1], np.asarray(logprob)[:1], top and (top[0][0], top[1][0]))
 
     def _dispatch(self):
         rules = {k: np.array(v) for k, v in self.rules.items()}  # a copy: the host changes its own while this runs
-        self.state, tokens, logprobs = decode(self.config, self.model.dtype, False, self.chunk, None,
-                                              self.model.params, self.state, rules)
-        return tokens, logprobs
+        top_n = MAX_TOP_LOGPROBS if any(self.live[r].request.top_logprobs for r in self.running.values()) else 0
+        self.state, tokens, logprobs, top = decode(self.config, self.model.dtype, False, self.chunk, None,
+                                                   self.model.params, self.state, rules, top_n=top_n)
+        return tokens, logprobs, top
 
     def _read(self, chunk) -> None:
-        tokens, logprobs, owners = chunk
+        tokens, logprobs, top, owners = chunk
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+        top = None if top is None else tuple(map(np.asarray, top))
         for slot, request_id in owners.items():
             if self.running.get(slot) != request_id:  # it ended (or was cancelled) before this chunk was read
                 continue
-            check_finite_tokens(tokens[slot:slot + 1], len(self.outputs[request_id].tokens))
-            self._append(slot, request_id, list(map(int, tokens[slot])), list(map(float, logprobs[slot])))
+            try:
+                check_finite_tokens(tokens[slot:slot + 1], len(self.live[request_id].output.tokens))
+            except FloatingPointError as e:
+                self._end(request_id, "error", str(e))
+                continue
+            self._append(request_id, tokens[slot], logprobs[slot], top and (top[0][slot], top[1][slot]))
 
-    def _append(self, slot: int, request_id: int, tokens: list[int], logprobs: list[float]) -> None:
+    def _append(self, request_id: int, tokens, logprobs, top) -> None:
         """Adds a chunk's tokens to a request, up to its end, as an event; a request that ends frees its slot."""
-        out = self.outputs[request_id]
-        start = len(out.tokens)
-        for token, logprob in zip(tokens, logprobs):
-            out.tokens.append(token)
-            out.logprobs.append(logprob)
-            if token in self.eos_ids:
-                out.finish_reason = "stop"
-            elif len(out.tokens) >= self.limits[request_id]:
-                out.finish_reason = "length"
-            if out.finish_reason is not None:
-                del self.running[slot], self.outputs[request_id], self.limits[request_id]
-                self.finished[request_id] = out
+        live = self.live[request_id]
+        request, out = live.request, live.output
+        event = Event(request_id, [], [], [], [])
+        for i, (token, logprob) in enumerate(zip(map(int, tokens), map(float, logprobs))):
+            event.tokens.append(token)
+            event.logprobs.append(logprob)
+            if request.top_logprobs:
+                n = request.top_logprobs
+                event.top_logprobs.append(list(zip(map(int, top[1][i][:n]), map(float, top[0][i][:n]))))
+            event.pieces.append("" if live.text is None else live.text.add([token]))
+            if (live.text is not None and live.text.stopped) or token in self.eos_ids \
+                    or token in request.stop_token_ids:
+                event.finish_reason = "stop"
+            elif len(out.tokens) + len(event.tokens) >= request.max_tokens:
+                event.finish_reason = "length"
+            if event.finish_reason is not None:
                 break
-        self._events.append(Event(request_id, out.tokens[start:], out.logprobs[start:], out.finish_reason))
+        self._record(out, event)
+        if event.finish_reason is not None:
+            self._end(request_id, event.finish_reason, event=event)
+        else:
+            self._events.append(event)
+
+    def _end(self, request_id: int, reason: str, error: str | None = None, event: Event | None = None) -> None:
+        """Ends a running request: its slot is free; the event (or an empty one) says why."""
+        live = self.live.pop(request_id)
+        del self.running[next(s for s, r in self.running.items() if r == request_id)]
+        event = event or Event(request_id, [], [], [], [])
+        event.finish_reason, event.error = reason, error
+        if live.text is not None and reason in ("stop", "length"):  # text held back for a stop string that never came
+            rest = live.text.finish()
+            if rest:
+                event.pieces[-1:] = [(event.pieces[-1] if event.pieces else "") + rest]
+                live.output.text += rest
+        live.output.finish_reason, live.output.error = reason, error
+        self.finished[request_id] = live.output
+        self._events.append(event)
+
+    @staticmethod
+    def _record(out: Output, event: Event) -> None:
+        out.tokens += event.tokens
+        out.logprobs += event.logprobs
+        out.top_logprobs += event.top_logprobs
+        out.text += event.text

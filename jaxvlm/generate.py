@@ -82,8 +82,9 @@ class NonFiniteLogits(FloatingPointError):
     """The logits of a row became inf or NaN: its weights (or int8 scales) overflow the computation."""
 
 
-def _choose(penalize: bool, logits, rules: dict, step, seen):
-    """(the next token of each row, its log-probability under the model's logits) int32[B], float32[B].
+def _choose(penalize: bool, top_n: int, logits, rules: dict, step, seen):
+    """(the next token of each row, its log-probability under the model's logits) int32[B], float32[B]; and
+    with `top_n`, the row's `top_n` likeliest tokens (log-probabilities float32[B, n], ids int32[B, n]), else None.
 
     As transformers' logits processors do, in their order, with each row's own `rules` (arrays [B]): tokens
     already `seen` get the repetition penalty (a logit divided by it, or multiplied where negative) when
@@ -103,8 +104,12 @@ def _choose(penalize: bool, logits, rules: dict, step, seen):
     # log-softmax at the chosen token, by reductions over the vocabulary (a mesh splitting it all-reduces
     # [B] partial sums instead of gathering the logits)
     chosen = jnp.sum(jnp.where(vocab[None] == token[:, None], raw, 0.0), axis=-1)
-    logprob = chosen - jax.nn.logsumexp(raw, axis=-1)
-    return jnp.where(jnp.isfinite(raw).all(axis=-1), token, NOT_FINITE), logprob
+    norm = jax.nn.logsumexp(raw, axis=-1)
+    top = None
+    if top_n:
+        values, ids = jax.lax.top_k(raw, top_n)
+        top = (values - norm[:, None], ids.astype(jnp.int32))
+    return jnp.where(jnp.isfinite(raw).all(axis=-1), token, NOT_FINITE), chosen - norm, top
 
 
 def _mark_seen(seen, token):
@@ -140,16 +145,17 @@ def _place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
                    valid=shard.constrain(cache.valid, ("batch", None)))
 
 
-def _everywhere(x: jax.Array, shard: MeshRules | None) -> jax.Array:
-    """Chosen tokens, copied to every device so that every host can read them."""
-    return x if shard is None else shard.constrain(x, ())
+def _everywhere(x, shard: MeshRules | None):
+    """Chosen tokens (a pytree of them), copied to every device so that every host can read them."""
+    return x if shard is None else jax.tree.map(lambda a: shard.constrain(a, ()), x)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard", "top_n"))
 def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: MeshRules | None, params, tokens,
-            valid, prefix, pixels, done, step, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
+            valid, prefix, pixels, done, step, rules, top_n: int = 0):
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token; returns
-    the decode state, the tokens int32[B] and their log-probabilities float32[B].
+    the decode state, the tokens int32[B], their log-probabilities float32[B], and with `top_n` the `top_n`
+    likeliest tokens of each row (log-probabilities float32[B, n], ids int32[B, n]; else None).
 
     `pixels` [B, H, W, C] (or None) are encoded here, once; `prefix` bool[B, T] (or None) marks the
     tokens that attend to each other in both directions. `shard` places the cache on a mesh. `step` int32[B]
@@ -167,31 +173,32 @@ def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: 
     seen = None
     if penalize:  # the prompt's tokens (never its padding)
         seen = jnp.zeros((B, out.logits.shape[-1]), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
-    token, logprob = _choose(penalize, out.logits[:, -1], rules, step, seen)
+    token, logprob, top = _choose(penalize, top_n, out.logits[:, -1], rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
                         done=done, step=step + 1, seen=_mark_seen(seen, token))
-    return state, _everywhere(token, shard), _everywhere(logprob, shard)
+    return state, *_everywhere((token, logprob, top), shard)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "shard"),
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "shard", "top_n"),
                    donate_argnames=("state",))
 def decode(config: ModelConfig, dtype, penalize: bool, steps: int, shard: MeshRules | None, params,
-           state: DecodeState, rules) -> tuple[DecodeState, jax.Array, jax.Array]:
-    """`steps` decode steps in one `lax.scan`; returns the new state, the chosen tokens int32[B, steps] and
-    their log-probabilities float32[B, steps]. See `prefill` for `rules`."""
+           state: DecodeState, rules, top_n: int = 0):
+    """`steps` decode steps in one `lax.scan`; returns the new state, the chosen tokens int32[B, steps], their
+    log-probabilities float32[B, steps], and with `top_n` the likeliest tokens of each step (float32[B, steps, n],
+    int32[B, steps, n]; else None). See `prefill` for `rules`."""
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
 
     def step(state: DecodeState, _):
         with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
             out = model.apply({"params": params}, Inputs.next_tokens(state.token, state.position), state.cache)
-        token, logprob = _choose(penalize, out.logits[:, 0], rules, state.step, state.seen)
+        token, logprob, top = _choose(penalize, top_n, out.logits[:, 0], rules, state.step, state.seen)
         token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])
         return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,
-                           done=done, step=state.step + 1, seen=_mark_seen(state.seen, token)), (token, logprob)
+                           done=done, step=state.step + 1, seen=_mark_seen(state.seen, token)), (token, logprob, top)
 
-    state, (tokens, logprobs) = jax.lax.scan(step, state, length=steps)
-    return state, _everywhere(tokens.T, shard), _everywhere(logprobs.T, shard)
+    state, chosen = jax.lax.scan(step, state, length=steps)
+    return state, *_everywhere(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), chosen), shard)
 
 
 def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:
@@ -300,7 +307,8 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
                                                               constant_values=value)
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
         return prefill(config, dtype, penalize, size, shard, params, put(left(tokens, pad_id)), put(left(valid, False)),
-                       put(left(prefix, False)), put(pixels), put(done), np.full(len(tokens), step, np.int32), rules)
+                       put(left(prefix, False)), put(pixels), put(done), np.full(len(tokens), step, np.int32),
+                       rules)[:3]
 
     state, first, first_logprob = start(tokens, valid, prefix, np.zeros(len(tokens), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]
@@ -327,7 +335,7 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
         if programs is not None:
             programs.append(decode.lower(config, dtype, penalize, steps, shard, params, state, rules)
                             .compile().as_text())
-        state, chosen, logprobs = decode(config, dtype, penalize, steps, shard, params, state, rules)
+        state, chosen, logprobs, _ = decode(config, dtype, penalize, steps, shard, params, state, rules)
         generated.append(np.asarray(chosen))
         keep = max_new_tokens - count
         check_finite_tokens(generated[-1][:batch, :keep], count)

@@ -161,29 +161,52 @@ class Processor:
 
 
 def text_pieces(tokenizer: Tokenizer, chunks: Iterator[np.ndarray], stops: Sequence[str] = ()) -> Iterator[str]:
-    """The text of growing token sequences as the pieces it adds: each new piece once the text no longer
-    ends in the middle of a character (U+FFFD, bytes still missing), less any end that may begin a stop
-    string; the text ends before the first stop string (the generation is then left), the rest comes at
-    the end."""
-    ids: list[int] = []
-    shown = ""
+    """The text of growing token sequences as the pieces it adds (see `TextStream`); the text ends before
+    the first stop string (the generation is then left), the rest comes at the end."""
+    stream = TextStream(tokenizer, stops)
     for chunk in chunks:
-        ids.extend(int(i) for i in chunk)
-        text = tokenizer.decode(ids)
-        cut = stop_at(text, stops)
-        if cut is not None:
-            if cut > len(shown):
-                yield text[len(shown):cut]
+        piece = stream.add(chunk)
+        if piece:
+            yield piece
+        if stream.stopped:
             return
-        if text.endswith("\ufffd") or not text.startswith(shown):
-            continue
-        text = text[:len(text) - stop_prefix(text, stops)]
-        if len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(ids)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+    piece = stream.finish()
+    if piece:
+        yield piece
+
+
+class TextStream:
+    """The text of a growing token sequence, handed out as the pieces it adds: each new piece once the text
+    no longer ends in the middle of a character (U+FFFD, bytes still missing), less any end that may begin a
+    stop string; once a stop string appears, the text ends before it and `stopped` is set."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.ids: list[int] = []
+        self.shown = ""  # the text handed out so far
+        self.stopped = False
+
+    def add(self, ids) -> str:
+        """The piece that `ids`, appended, add to the text (often "")."""
+        self.ids.extend(int(i) for i in ids)
+        text = self.tokenizer.decode(self.ids)
+        cut = stop_at(text, self.stops)
+        if cut is not None:
+            self.stopped = True
+            return text[len(self.shown):cut] if cut > len(self.shown) else ""
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        return self._show(text[:len(text) - stop_prefix(text, self.stops)])
+
+    def finish(self) -> str:
+        """The text held back until the end (a possible start of a stop string, or an unfinished character)."""
+        return "" if self.stopped else self._show(self.tokenizer.decode(self.ids))
+
+    def _show(self, text: str) -> str:
+        if len(text) <= len(self.shown):
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
 
 
 def check_stop(stop) -> list[str]:

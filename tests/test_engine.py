@@ -154,3 +154,38 @@ def test_events_bring_each_token_once_and_cancel_frees_the_slot(text_family):
     assert done[first].finish_reason == "cancelled" and seen[first] == done[first].tokens
     assert seen[second] == done[second].tokens == alone(jx, rows[1], 6)  # it took the freed slot
     assert not engine.cancel(first) and engine.idle
+
+
+def test_text_stop_strings_and_top_logprobs():
+    """The built-in model: a request's text streams a piece a token and ends before its stop string, as
+    generate's does; its top tokens hold the chosen one first (greedy) with the same log-probability."""
+    model = jaxvlm.load()
+    plain = model.generate("caption en", image=IMAGE, max_new_tokens=20)
+    stop = plain[len(plain) // 2:len(plain) // 2 + 3]
+    engine = Engine(model, slots=2, cache_size=128, chunk=4)
+    stopped = engine.submit_text("caption en", IMAGE, max_tokens=20, stop=[stop])
+    scored = engine.submit_text("caption en", IMAGE, max_tokens=20, top_logprobs=3)
+    pieces = {stopped: [], scored: []}
+    while not engine.idle:
+        for event in engine.step():
+            assert len(event.pieces) == len(event.tokens) == len(event.logprobs)
+            pieces[event.request_id] += event.pieces
+    done = engine.run()
+    assert done[stopped].text == "".join(pieces[stopped]) == model.generate("caption en", image=IMAGE,
+                                                                            max_new_tokens=20, stop=stop)
+    assert done[stopped].finish_reason == "stop" and len(done[stopped].tokens) < len(done[scored].tokens)
+    assert done[scored].text == "".join(pieces[scored]) == plain
+    assert sum(1 for p in pieces[scored] if p) > 3  # a piece a token, not a chunk's
+    for token, logprob, top in zip(done[scored].tokens, done[scored].logprobs, done[scored].top_logprobs):
+        assert len(top) == 3 and top[0][0] == token and abs(top[0][1] - logprob) < 1e-5
+        assert top[0][1] >= top[1][1] >= top[2][1]
+
+
+def test_a_request_that_fails_ends_alone(text_family):
+    _, _, jx, rows = text_family
+    engine = Engine(jx, slots=2, cache_size=64, chunk=4)
+    good = engine.submit(Request(tokens=rows[1], max_tokens=6))
+    bad = engine.submit(Request(tokens=rows[0], max_tokens=6, pixels=np.zeros((4, 4, 3), np.float32)))
+    done = engine.run()
+    assert done[bad].finish_reason == "error" and done[bad].error
+    assert done[good].tokens == alone(jx, rows[1], 6)
