@@ -195,6 +195,20 @@ def check_messages(messages) -> list[dict[str, Any]]:
     return out
 
 
+def plain_prompt(messages: Sequence[dict[str, Any]]) -> str | None:
+    """The text of a conversation of one user message (its text parts joined), which a model without a chat
+    template answers as a plain prompt; None for any other conversation."""
+    if not isinstance(messages, (list, tuple)) or len(messages) != 1 or not isinstance(messages[0], dict) \
+            or messages[0].get("role") != "user":
+        return None
+    content = messages[0].get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, (list, tuple)) or not all(isinstance(p, dict) for p in content):
+        return None
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
 def images_in(messages: Sequence[dict[str, Any]]) -> list[Any]:
     """The images of `messages`' content parts, in order: each part's "image" (a path, PIL image or array),
     else its "path" or "url" (a local file; http(s) URLs are not fetched)."""

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checkpoint, checks, compile_cache, files, lora, matvec, memory
-from jaxvlm.chat import images_in
+from jaxvlm.chat import images_in, plain_prompt
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.generate import (MAX_CHUNK, align_right, batch_bucket, cache_bucket, generate_tokens, pad_rows,
                              prompt_bucket, stream_tokens)
@@ -482,17 +482,26 @@ class Model:
         tokenized as it stands (its template writes BOS itself) and generated from with `generate_kwargs`
         (`max_new_tokens`, `temperature`, ...); with `stream=True`, as `stream`'s pieces. Images come from
         the messages' image parts ({"type": "image", "image": a path, PIL image or array}, or "path" /
-        "url" for a local file), in order, or from `image` (not both)."""
+        "url" for a local file), in order, or from `image` (not both). A model without a chat template (the
+        built-in one) answers a conversation of one user message as its plain prompt, as `generate` does."""
         tools, documents = generate_kwargs.pop("tools", None), generate_kwargs.pop("documents", None)
-        prompt = self.apply_chat_template(messages, tools=tools, documents=documents)
+        prompt, image, add_bos = self.chat_prompt(messages, image, tools=tools, documents=documents)
+        if stream:
+            return self._stream(prompt, image, add_bos, **generate_kwargs)
+        return self._generate_text(prompt, image, add_bos, **generate_kwargs)
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]], image=None, tools=None, documents=None):
+        """(the prompt `chat` generates from, its images, whether to add BOS: None for the tokenizer's
+        default) for `messages`."""
         in_parts = images_in(messages)
         if in_parts and image is not None:
             raise ValueError("image: the messages hold image parts already; give the images one way")
         if in_parts:
             image = in_parts if self.config.max_images > 1 or len(in_parts) > 1 else in_parts[0]
-        if stream:
-            return self._stream(prompt, image, False, **generate_kwargs)
-        return self._generate_text(prompt, image, False, **generate_kwargs)
+        if self.tokenizer is not None and self.tokenizer.chat_template is None and tools is None \
+                and documents is None and plain_prompt(messages) is not None:
+            return plain_prompt(messages), image, None
+        return self.apply_chat_template(messages, tools=tools, documents=documents), image, False
 
     # --- adapters -----------------------------------------------------------------------------------------
     def merge_lora(self) -> "Model":

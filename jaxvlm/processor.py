@@ -135,7 +135,8 @@ class Processor:
         if template is None:
             where = "this model" if self.tokenizer is None else self.tokenizer.directory
             raise ValueError(f"{where} has no chat template (chat_template.jinja, or 'chat_template' in "
-                             "tokenizer_config.json); build the prompt yourself and call generate")
+                             "tokenizer_config.json): it answers a chat of one user message as a plain prompt; for more, "
+                             "build the prompt yourself and call generate")
         messages = check_messages(messages)
         for i, m in enumerate(messages):  # a message far past the context is refused before rendering
             content = m.get("content")

@@ -142,8 +142,13 @@ def test_the_template_refusing_a_conversation_is_one_line(chat_models):
 
 
 def test_a_checkpoint_without_a_chat_template():
+    """One user message is its plain prompt (the built-in model's); a longer conversation is refused."""
+    model = jaxvlm.load()
+    image = "examples/shapes.png"
+    message = {"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": "count shapes"}]}
+    assert model.chat([message], max_new_tokens=8) == model.generate("count shapes", image=image, max_new_tokens=8)
     with pytest.raises(ValueError, match="has no chat template"):
-        jaxvlm.load().chat([{"role": "user", "content": "count shapes"}])
+        model.chat([message, {"role": "assistant", "content": "3"}, {"role": "user", "content": "and?"}])
 
 
 TOOLS_TEMPLATE = """{%- if tools %}<|tools|>{{ tools | tojson }}{% endif %}
