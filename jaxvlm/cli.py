@@ -1,5 +1,5 @@
-"""The `jaxvlm` command: convert, export-hf, generate (one prompt, streamed, or a dataset of images), train,
-train-shapes."""
+"""The `jaxvlm` command: convert, export-hf, generate (one prompt, streamed, or a dataset of images), serve,
+train, train-shapes."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ def _generate(args) -> None:
     for piece in model.stream(args.prompt, image=image, **sampling):
         print(piece, end="", flush=True)
     print()
+
+
+def _serve(args) -> None:
+    import jaxvlm
+    from jaxvlm.server import serve
+    if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):
+        raise ValueError(f"--allowed-local-media {args.allowed_local_media}: not a folder")
+    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+    name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
+                                      else "jaxvlm-shapes")
+    serve(model, name, host=args.host, port=args.port, slots=args.slots, cache_size=args.cache_size,
+          chunk=args.chunk, max_queue=args.max_queue, allowed_local_media=args.allowed_local_media)
 
 
 def _train(args) -> None:
@@ -178,6 +190,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
     p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
     p.set_defaults(run=_generate)
+
+    p = _command(sub, "serve", help="serve a model over HTTP with OpenAI's API (/v1/completions, "
+                                     "/v1/chat/completions), many requests at once")
+    p.add_argument("--checkpoint", default=None,
+                   help="a jaxvlm checkpoint folder, or a Hugging Face one (converted in memory); "
+                        "default: the built-in shapes model")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients give (default: the checkpoint folder's name, or jaxvlm-shapes)")
+    p.add_argument("--slots", type=int, default=8, help="requests decoded at once (the running batch)")
+    p.add_argument("--cache-size", type=int, default=None,
+                   help="cache slots a request may use, its prompt and answer (default: the model's context, at "
+                        "most 2048)")
+    p.add_argument("--chunk", type=int, default=8, help="decode steps a device call")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a slot; past it, 503 with Retry-After")
+    p.add_argument("--allowed-local-media", default=None,
+                   help="a folder whose image files requests may name by path (file://...); default: none, "
+                        "images come as data: URLs")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the params' dtype (default: as stored)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
+    p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
+    p.set_defaults(run=_serve)
 
     p = _command(sub, "train", help="fine-tune a model on a JSONL file of {\"image\", \"prompt\", \"answer\"} rows, "
                                      "every param or LoRA adapters")

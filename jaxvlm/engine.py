@@ -169,7 +169,15 @@ class Engine:
 
     # --- requests -----------------------------------------------------------------------------------------
     def submit(self, request: Request) -> int:
-        """Queues `request`; returns its id. Its settings are checked here."""
+        """Queues `request` (checked by `check`); returns its id."""
+        request = self.check(request)
+        request_id = next(self._ids)
+        self.queue.append((request_id, request))
+        return request_id
+
+    def check(self, request: Request) -> Request:
+        """`request` with its settings checked (a ValueError names the first that cannot be served) and its
+        arrays made. Reads nothing that changes: any thread may call it while another steps the engine."""
         tokens = np.asarray(request.tokens, np.int32)
         if tokens.ndim != 1 or not len(tokens):
             raise ValueError("tokens: a request's prompt must be a non-empty int array [T]")
@@ -191,10 +199,7 @@ class Engine:
         if length > self.cache_size:
             raise ValueError(f"the prompt's bucket ({prompt_bucket(len(tokens))} tokens) plus max_tokens="
                              f"{request.max_tokens} needs {length} cache slots; the engine has {self.cache_size}")
-        request_id = next(self._ids)
-        self.queue.append((request_id, dataclasses.replace(request, tokens=tokens, stop=stop,
-                                                           stop_token_ids=stop_ids)))
-        return request_id
+        return dataclasses.replace(request, tokens=tokens, stop=stop, stop_token_ids=stop_ids)
 
     def submit_text(self, prompt: str, image=None, add_bos: bool | None = None, **settings: Any) -> int:
         """`submit` for a plain-text prompt (and its images), laid out by the model's processor."""

@@ -13,6 +13,7 @@ The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from typing import Any, Sequence
@@ -48,14 +49,17 @@ DRAFT_ABOVE = 4096 * 4096
 
 
 def load_image(image: Any, what: str = "image", resize_to: tuple[int, int] | None = None) -> PIL.Image.Image:
-    """A path, a PIL image or a uint8 array ([H, W] or [H, W, 1 | 3 | 4]) as a fully decoded PIL image.
-    `resize_to` (height, width), the size the image is resized to next, lets a very large JPEG decode
-    at a reduced scale."""
-    if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        _check_regular_file(path, what)
+    """A path, an image file's bytes, a PIL image or a uint8 array ([H, W] or [H, W, 1 | 3 | 4]) as a fully
+    decoded PIL image. `resize_to` (height, width), the size the image is resized to next, lets a very large
+    JPEG decode at a reduced scale."""
+    if isinstance(image, (str, os.PathLike, bytes)):
+        if isinstance(image, bytes):
+            path, source = f"{len(image)} bytes", io.BytesIO(image)
+        else:
+            path = source = os.fspath(image)
+            _check_regular_file(path, what)
         try:
-            with PIL.Image.open(path, formats=FORMATS) as f:
+            with PIL.Image.open(source, formats=FORMATS) as f:
                 if f.width * f.height > MAX_PIXELS:
                     raise ImageError(f"{what}: {path}: {f.width}x{f.height} pixels, more than the {MAX_PIXELS} "
                                      "an image may have; downscale it first")
