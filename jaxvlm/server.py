@@ -156,6 +156,7 @@ class EngineLoop:
         elif command[0] == "cancel":
             request_id = self.ids.pop(command[1], None)
             if request_id is not None and self.engine.cancel(request_id):
+                self.metrics.requests.labels("cancelled").inc()
                 self.sinks.pop(request_id, None)
                 if request_id not in self.started:
                     self._left_queue()
@@ -196,8 +197,8 @@ def _field(body: dict, name: str, kinds: tuple, default=None, check: Callable[[A
 
 
 def settings_of(body: dict, model, chat: bool) -> dict:
-    """The engine's settings of a request body (OpenAI's fields; top_k as vLLM takes it), the checkpoint's
-    generation defaults where the body says nothing."""
+    """The engine's settings of a request body (OpenAI's fields; top_k and min_tokens as vLLM takes them), the
+    checkpoint's generation defaults where the body says nothing."""
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise APIError(400, f"n must be 1 (one choice a request), got {json.dumps(n)[:40]}; send the request again "
@@ -211,6 +212,7 @@ def settings_of(body: dict, model, chat: bool) -> dict:
     top_p = _field(body, "top_p", (int, float), None, lambda v: 0 < v <= 1, "a number in (0, 1]")
     top_k = _field(body, "top_k", (int,), None, lambda v: v >= -1, "an integer (-1 or 0: all tokens)")
     seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)")
+    min_tokens = _field(body, "min_tokens", (int,), None, lambda v: v >= 0, "an integer >= 0")
     stop = _field(body, "stop", (str, list), [], lambda v: v != "" if isinstance(v, str) else all(
         isinstance(s, str) and s for s in v), "a non-empty string or a list of them")
     if chat:
@@ -224,7 +226,7 @@ def settings_of(body: dict, model, chat: bool) -> dict:
                      f"an integer in [0, {MAX_COMPLETION_LOGPROBS}]")
         logprobs, top = top is not None, top or 0
     defaults = model._settings(max_new_tokens=max_tokens, temperature=temperature,
-                               top_k=top_k if top_k and top_k > 0 else None, top_p=top_p)
+                               top_k=top_k if top_k and top_k > 0 else None, top_p=top_p, min_new_tokens=min_tokens)
     return dict(max_tokens=defaults["max_new_tokens"], temperature=defaults["temperature"], top_k=defaults["top_k"],
                 top_p=defaults["top_p"], seed=secrets.randbelow(2 ** 31) if seed is None else seed,
                 min_new_tokens=defaults["min_new_tokens"], stop=[stop] if isinstance(stop, str) else stop,
@@ -534,7 +536,12 @@ def _sse(payload: dict) -> str:
 
 def serve(model, name: str, host: str = "127.0.0.1", port: int = 8000, **settings) -> None:
     """Serves until SIGTERM or Ctrl-C, which stop taking requests, finish the running ones, then return."""
+    import signal
+    import sys
     import uvicorn
     app = create_app(model, name, **settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    # uvicorn handles the signal (the drain), then raises it again once done: the process then exits 0
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, lambda *_: sys.exit(0))
     uvicorn.Server(config).run()
