@@ -30,15 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checks
-from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, prefill, prompt_bucket,
-                             right_align, sampling_rules)
+from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, prefill, prefill_after,
+                             prompt_bucket, right_align, sampling_rules)
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
+from jaxvlm.prefix_cache import PrefixCache, images_digest
 from jaxvlm.processor import TextStream, check_stop
 from jaxvlm.sampling import check_sampling_args
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 
 @dataclasses.dataclass
@@ -108,8 +110,10 @@ def insert(state: DecodeState, prefilled: DecodeState, slot) -> DecodeState:
     def place(dst, src):  # dst [..., B, Sd, K, H], src [..., 1, Ss, K, H]
         held = ring_slots(inserted, src.shape[-3])  # the request's sequence slot in each entry of src
         index = jnp.mod(end - inserted + held, dst.shape[-3])
+        # a ring shorter than src (a sliding-window layer) takes src's last slots only
+        index = jnp.where(held >= inserted - dst.shape[-3], index, dst.shape[-3])
         row = jax.lax.dynamic_index_in_dim(dst, slot, axis=dst.ndim - 4, keepdims=False)
-        row = row.at[..., index, :, :].set(src[..., 0, :, :, :].astype(dst.dtype))
+        row = row.at[..., index, :, :].set(src[..., 0, :, :, :].astype(dst.dtype), mode="drop")
         return jax.lax.dynamic_update_index_in_dim(dst, row, slot, axis=dst.ndim - 4)
 
     S = state.cache.size
@@ -139,9 +143,11 @@ class Engine:
     """Continuous batching for one model (see the module docstring). `slots` requests decode at once; the
     cache holds `cache_size` slots a row (a request's prompt bucket plus its max_tokens must fit); decoding
     runs `chunk` steps a call. A request may ask for up to `MAX_TOP_LOGPROBS` top tokens a step; the chunks
-    that serve such a request compute them (a second compiled program)."""
+    that serve such a request compute them (a second compiled program). Prompts' caches are kept for reuse
+    by later prompts that begin alike, up to `prefix_cache_bytes` (0: none; see `jaxvlm.prefix_cache`)."""
 
-    def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8):
+    def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
         model._require_lm_head()
         if model.shard is not None:
             raise ValueError("the engine runs on one device for now; load the model without mesh=")
@@ -159,6 +165,9 @@ class Engine:
         self.eos_ids, self.pad_id = set(tokens.eos_ids), tokens.pad_id
         self.rules = sampling_rules(self.slots, tokens.eos_ids, tokens.pad_id)  # each slot's, set on insert
         self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.dtype, is_stacked(model.params))
+        self.prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
+        image_token = None if model.config.vision is None else model.config.image_token_id
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, image_token) if prefix_cache_bytes else None
         self.queue: collections.deque[tuple[int, Request]] = collections.deque()
         self.running: dict[int, int] = {}  # slot -> request id
         self.live: dict[int, _Live] = {}  # the running requests, by id
@@ -277,9 +286,20 @@ class Engine:
                              top_k=request.top_k, top_p=request.top_p, seed=request.seed,
                              min_new_tokens=request.min_new_tokens)
         top_n = MAX_TOP_LOGPROBS if request.top_logprobs else 0
-        prefilled, token, logprob, top = prefill(self.config, self.model.dtype, False, length, None,
-                                                 self.model.params, tokens, valid, prefix, pixels, np.zeros(1, bool),
-                                                 np.zeros(1, np.int32), one, top_n=top_n)
+        images = images_digest(request.pixels)
+        reuse = self._reusable(request, images)
+        if reuse is not None:
+            entry, reused = reuse
+            prefilled, token, logprob, top = prefill_after(
+                self.config, self.model.dtype, length, self.model.params, entry.cache, np.int32(entry.first),
+                np.int32(reused), request.tokens[None, reused:], one, top_n=top_n)
+            self.prefix_cache.use(entry, reused)
+        else:
+            prefilled, token, logprob, top = prefill(
+                self.config, self.model.dtype, False, length, None, self.model.params, tokens, valid, prefix, pixels,
+                np.zeros(1, bool), np.zeros(1, np.int32), one, top_n=top_n, rings=self.prefix_cache is None)
+        if self.prefix_cache is not None and request.prefix is None:
+            self.prefix_cache.add(request.tokens, images, prefilled.cache, length - len(request.tokens))
         check_finite_tokens(np.asarray(token)[:, None], 0)
         for key, value in one.items():
             if key not in ("eos_ids", "pad_id"):  # the row's settings become the slot's
@@ -291,6 +311,20 @@ class Engine:
                                       None if tokenizer is None else TextStream(tokenizer, request.stop))
         top = None if top is None else tuple(np.asarray(x)[:, None] for x in top)
         self._append(request_id, np.asarray(token)[:1], np.asarray(logprob)[:1], top and (top[0][0], top[1][0]))
+
+    def _reusable(self, request: Request, images: str | None):
+        """(the kept entry, how many of the prompt's first tokens to take from it) where one serves, else
+        None. The prompt's end that is run is a bucket's length, so that few programs serve every reuse."""
+        if self.prefix_cache is None or request.prefix is not None:
+            return None
+        tokens = request.tokens
+        entry, shared = self.prefix_cache.longest(tokens, images)
+        reused = len(tokens) - prompt_bucket(len(tokens) - shared)
+        if entry is None or reused <= 0:
+            return None
+        if self.prefix_cache.image_token is not None and (tokens[reused:] == self.prefix_cache.image_token).any():
+            return None  # an image in the end that is run: its pixels would be needed
+        return entry, reused
 
     def _dispatch(self):
         rules = {k: np.array(v) for k, v in self.rules.items()}  # a copy: the host changes its own while this runs

@@ -150,9 +150,9 @@ def _everywhere(x, shard: MeshRules | None):
     return x if shard is None else jax.tree.map(lambda a: shard.constrain(a, ()), x)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard", "top_n"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard", "top_n", "rings"))
 def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: MeshRules | None, params, tokens,
-            valid, prefix, pixels, done, step, rules, top_n: int = 0):
+            valid, prefix, pixels, done, step, rules, top_n: int = 0, rings: bool = True):
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token; returns
     the decode state, the tokens int32[B], their log-probabilities float32[B], and with `top_n` the `top_n`
     likeliest tokens of each row (log-probabilities float32[B, n], ids int32[B, n]; else None).
@@ -162,22 +162,53 @@ def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: 
     counts the tokens each row has chosen before (0, or more when a cache is rebuilt). `rules`, arrays so
     that no value compiles anew: per row temperature, top_k (0: none), top_p, penalty, min_new and seed;
     eos_ids and pad_id. `penalize` keeps the [B, V] mask of seen tokens the repetition penalty needs.
+    `rings=False` keeps sliding-window layers' caches full length (see `KVCache.init`).
     """
     B, T = tokens.shape
     inputs = Inputs.build(config, tokens, valid, prefix, pixels)
     stacked = is_stacked(params)
-    cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked), shard)
-    with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
-        out = VisionLanguageModel(config, dtype, scan_layers=stacked).apply({"params": params}, inputs, cache,
-                                                                            last_only=True)
+    cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked, rings), shard)
     seen = None
     if penalize:  # the prompt's tokens (never its padding)
-        seen = jnp.zeros((B, out.logits.shape[-1]), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
+        seen = jnp.zeros((B, config.decoder.vocab_size), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
+    return _start(config, dtype, penalize, shard, params, inputs, cache, done, step, rules, top_n, seen)
+
+
+def _start(config: ModelConfig, dtype, penalize: bool, shard, params, inputs: Inputs, cache: KVCache, done, step,
+           rules, top_n: int, seen):
+    """Runs `inputs` over `cache` and chooses each row's first token: `prefill`'s results."""
+    with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
+        out = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params)).apply(
+            {"params": params}, inputs, cache, last_only=True)
     token, logprob, top = _choose(penalize, top_n, out.logits[:, -1], rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
     state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
                         done=done, step=step + 1, seen=_mark_seen(seen, token))
     return state, *_everywhere((token, logprob, top), shard)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "cache_size", "top_n"))
+def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVCache, held_first, reused, tokens,
+                  rules, top_n: int = 0):
+    """`prefill` (one row, one device, no penalty) of a prompt whose first `reused` tokens were run before:
+    their keys and values are copied from `held`, a one-row cache of full-length layers in which that
+    earlier prompt's token i sits at sequence slot `held_first + i`, and only the prompt's last tokens,
+    `tokens` int32[1, T] (no padding), are run. The state is laid out as `prefill`'s, in `cache_size` slots
+    with the prompt ending at the last (so `reused + T <= cache_size`), every layer full length."""
+    T = tokens.shape[1]
+    end = cache_size - T
+    token_at = jnp.arange(cache_size) - (end - reused)  # the prompt's token each slot holds
+    kept = (token_at >= 0) & (token_at < reused)
+
+    def copy(held_kv):  # [..., 1, S_held, K, H] -> [..., 1, cache_size, K, H]
+        taken = jnp.take(held_kv, jnp.mod(held_first + jnp.maximum(token_at, 0), held_kv.shape[-3]), axis=-3)
+        return jnp.where(kept[:, None, None], taken, 0).astype(dtype)
+
+    cache = KVCache(k=jax.tree.map(copy, held.k), v=jax.tree.map(copy, held.v), end=jnp.int32(end), valid=kept[None])
+    valid = jnp.ones(tokens.shape, bool)
+    inputs = Inputs.build(config, tokens, valid, start=reused)
+    return _start(config, dtype, False, None, params, inputs, cache, jnp.zeros(1, bool), jnp.zeros(1, jnp.int32),
+                  rules, top_n, None)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "shard", "top_n"),

@@ -29,10 +29,11 @@ class Inputs:
 
     @classmethod
     def build(cls, config: ModelConfig, tokens: jax.Array, valid: jax.Array, prefix: jax.Array | None = None,
-              pixels: jax.Array | None = None) -> "Inputs":
-        """The inputs of whole prompts: positions from `valid`; blocks from a prefix-LM's `prefix` bool[B, T]
-        (PaliGemma: block 0), else each image's run of placeholder tokens (Gemma 3), else none."""
-        positions = token_positions(valid) + config.position_offset
+              pixels: jax.Array | None = None, start: jax.Array | int = 0) -> "Inputs":
+        """The inputs of whole prompts, or of their ends after `start` tokens already run: positions from
+        `valid`; blocks from a prefix-LM's `prefix` bool[B, T] (PaliGemma: block 0), else each image's run of
+        placeholder tokens (Gemma 3), else none."""
+        positions = token_positions(valid) + config.position_offset + start
         blocks = None
         if prefix is not None:
             blocks = blocks_of_prefix(prefix & valid)

@@ -34,12 +34,16 @@ class KVCache:
     valid: jax.Array  # bool[B, S]: the slot holds a real (non-padding) token
 
     @classmethod
-    def init(cls, config: DecoderConfig, batch: int, size: int, dtype, stacked: bool = False) -> "KVCache":
+    def init(cls, config: DecoderConfig, batch: int, size: int, dtype, stacked: bool = False,
+             rings: bool = True) -> "KVCache":
+        """Zeros, nothing valid. `rings=False` keeps every layer full length (a prompt whose keys and values
+        are kept for reuse: a later prompt may need a sliding-window layer's keys from before its window)."""
         shape = lambda slots: (batch, slots, config.num_kv_heads, config.head_dim)
         if stacked:
             zeros = jnp.zeros((config.depth, *shape(size)), dtype)
         else:
-            zeros = tuple(jnp.zeros(shape(layer_slots(config, i, size)), dtype) for i in range(config.depth))
+            zeros = tuple(jnp.zeros(shape(layer_slots(config, i, size) if rings else size), dtype)
+                          for i in range(config.depth))
         return cls(k=zeros, v=zeros, end=jnp.zeros((), jnp.int32), valid=jnp.zeros((batch, size), bool))
 
     @property

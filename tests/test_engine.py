@@ -189,3 +189,41 @@ def test_a_request_that_fails_ends_alone(text_family):
     done = engine.run()
     assert done[bad].finish_reason == "error" and done[bad].error
     assert done[good].tokens == alone(jx, rows[1], 6)
+
+
+def test_prompts_that_begin_alike_reuse_the_cache_and_change_nothing(text_family):
+    """A shared 40-token system prompt, a second turn that begins with the first, the same prompt twice:
+    with the prefix cache each runs only its end, and every request's tokens and log-probabilities are
+    those without it (gemma2's sliding-window layers take keys from before their window)."""
+    _, _, jx, rows = text_family
+    system = np.concatenate(hf_models.prompts(9, [40]))
+    first = np.concatenate([system, rows[0]])
+    prompts = [first, np.concatenate([system, rows[1]]), np.concatenate([first, rows[2], rows[3]]), first,
+               rows[4]]
+    requests = [Request(tokens=p, max_tokens=8) for p in prompts]
+    arrivals = [0, 2, 4, 4, 6]
+    cached = Engine(jx, slots=2, cache_size=128, chunk=4)
+    plain = Engine(jx, slots=2, cache_size=128, chunk=4, prefix_cache_bytes=0)
+    got = staggered(cached, requests, arrivals, logprobs=True)
+    want = staggered(plain, requests, arrivals, logprobs=True)
+    assert [t for t, _ in got] == [t for t, _ in want] == [alone(jx, p, 8) for p in prompts]
+    for (_, a), (_, b) in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # each runs its last 16 tokens (the bucket of what it does not share): 53 - 16, 57 - 16, 45 - 16
+    assert cached.prefix_cache.hits == 3 and cached.prefix_cache.reused == 37 + 41 + 29
+    assert plain.prefix_cache is None
+
+
+def test_the_prefix_cache_keeps_to_its_budget(text_family):
+    _, _, jx, rows = text_family
+    """Prompts of one bucket (16 tokens): room for two caches keeps the last two."""
+    engine = Engine(jx, slots=1, cache_size=64, chunk=4)
+    engine.submit(Request(tokens=rows[0], max_tokens=2))
+    engine.run()
+    size = engine.prefix_cache.nbytes  # one prompt's cache
+    engine = Engine(jx, slots=1, cache_size=64, chunk=4, prefix_cache_bytes=2 * size + size // 2)
+    for row in rows[:4]:
+        engine.submit(Request(tokens=row, max_tokens=2))
+        engine.run()
+        assert engine.prefix_cache.nbytes <= 2 * size + size // 2
+    assert [list(e.tokens) for e in engine.prefix_cache.entries.values()] == [list(r) for r in rows[2:4]]

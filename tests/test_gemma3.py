@@ -299,3 +299,28 @@ def test_the_engine_answers_rows_of_one_and_two_images(gemma3):
     for i, request_id in enumerate(submitted):
         tokens = done[request_id].tokens
         np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
+
+
+def test_the_same_image_asked_again_reuses_its_cache(gemma3):
+    """A second question about the same image runs only its end (no image encoded again); its tokens are
+    those without the prefix cache. Another image with the same question shares nothing past the text."""
+    from jaxvlm.engine import Engine, Request
+    _, jx, rows, pixels = gemma3
+    ids, mask = hf_models.left_pad(rows)
+    _, _, _, by_row = jx._inputs(ids, mask, pixels)
+    row, image = rows[0], by_row[0][:1]  # row 0 has one image, row 1 two others
+    again = np.concatenate([row, row[-5:][::-1], row[-5:]])  # the same image, a longer question
+    requests = [Request(tokens=row, pixels=image, max_tokens=8), Request(tokens=again, pixels=image, max_tokens=8),
+                Request(tokens=row, pixels=by_row[1][:1], max_tokens=8)]
+    answers = []
+    for budget in (1 << 30, 0):
+        engine = Engine(jx, slots=2, cache_size=128, chunk=4, prefix_cache_bytes=budget)
+        done = {}
+        for request in requests:  # one after another: each finds the ones before it kept
+            submitted = engine.submit(request)
+            done[submitted] = engine.run()[submitted]
+        answers.append([out.tokens for out in done.values()])
+        if budget:
+            assert engine.prefix_cache.hits == 1 and engine.prefix_cache.reused == len(again) - 16
+    assert answers[0] == answers[1]
+    assert answers[0][0] == list(jx.generate_ids(row[None], pixel_values=image, max_new_tokens=8)[0][:len(answers[0][0])])
