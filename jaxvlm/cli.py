@@ -49,7 +49,8 @@ def _serve(args) -> None:
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                       else "jaxvlm-shapes")
     serve(model, name, host=args.host, port=args.port, slots=args.slots, cache_size=args.cache_size,
-          chunk=args.chunk, max_queue=args.max_queue, allowed_local_media=args.allowed_local_media)
+          chunk=args.chunk, max_queue=args.max_queue, allowed_local_media=args.allowed_local_media,
+          prefix_cache_bytes=args.prefix_cache_mib << 20)
 
 
 def _train(args) -> None:
@@ -207,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=8, help="decode steps a device call")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; past it, 503 with Retry-After")
+    p.add_argument("--prefix-cache-mib", type=int, default=1024,
+                   help="memory kept for the caches of recent prompts, which prompts that begin alike reuse "
+                        "(0: none)")
     p.add_argument("--allowed-local-media", default=None,
                    help="a folder whose image files requests may name by path (file://...); default: none, "
                         "images come as data: URLs")

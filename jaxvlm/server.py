@@ -31,7 +31,7 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from jaxvlm.engine import MAX_TOP_LOGPROBS, Engine, Event, Output, Request
+from jaxvlm.engine import DEFAULT_PREFIX_CACHE_BYTES, MAX_TOP_LOGPROBS, Engine, Event, Output, Request
 from jaxvlm.images import load_image
 
 log = logging.getLogger("jaxvlm.server")
@@ -322,10 +322,10 @@ def completion_logprobs(tokenizer, tokens, logprobs, tops, offset: int) -> dict:
 
 
 def create_app(model, name: str, slots: int = 8, cache_size: int | None = None, chunk: int = 8, max_queue: int = 64,
-               allowed_local_media: str | None = None):
+               allowed_local_media: str | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
     """The FastAPI app serving `model` as `name`; its engine loop starts and stops with the app."""
     from jaxvlm import checks
-    engine = Engine(model, slots=slots, cache_size=cache_size, chunk=chunk)
+    engine = Engine(model, slots=slots, cache_size=cache_size, chunk=chunk, prefix_cache_bytes=prefix_cache_bytes)
     metrics = Metrics()
     runner = EngineLoop(engine, metrics, checks.integer("max_queue", max_queue, 0))
     allowed = None if allowed_local_media is None else os.path.realpath(allowed_local_media)
