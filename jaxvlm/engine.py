@@ -126,6 +126,28 @@ def insert(state: DecodeState, prefilled: DecodeState, slot) -> DecodeState:
     return DecodeState(cache=cache, token=row("token"), position=row("position"), done=row("done"), step=row("step"))
 
 
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "steps", "rows", "top_n"), donate_argnames=("state",))
+def decode_rows(config, dtype, steps: int, rows: int, params, state: DecodeState, rules, top_n: int):
+    """`generate.decode` of the first `rows` rows of `state` (the others kept as they are)."""
+    if rows == state.token.shape[0]:
+        return decode(config, dtype, False, steps, None, params, state, rules, top_n=top_n)
+    kv_axis = lambda x: x.ndim - 4  # [..., B, S, K, H]
+    head = lambda x, axis=0: jax.lax.slice_in_dim(x, 0, rows, axis=axis)
+    cache = state.cache
+    part = DecodeState(cache=KVCache(k=jax.tree.map(lambda x: head(x, kv_axis(x)), cache.k),
+                                     v=jax.tree.map(lambda x: head(x, kv_axis(x)), cache.v), end=cache.end,
+                                     valid=head(cache.valid)),
+                       token=head(state.token), position=head(state.position), done=head(state.done),
+                       step=head(state.step))
+    part, tokens, logprobs, top = decode(config, dtype, False, steps, None, params, part, rules, top_n=top_n)
+    back = lambda x, y, axis=0: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=axis)
+    cache = KVCache(k=jax.tree.map(lambda x, y: back(x, y, kv_axis(x)), cache.k, part.cache.k),
+                    v=jax.tree.map(lambda x, y: back(x, y, kv_axis(x)), cache.v, part.cache.v), end=part.cache.end,
+                    valid=back(cache.valid, part.cache.valid))
+    return DecodeState(cache=cache, token=back(state.token, part.token), position=back(state.position, part.position),
+                       done=back(state.done, part.done), step=back(state.step, part.step)), tokens, logprobs, top
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _empty_state(decoder, slots: int, size: int, dtype, stacked: bool) -> DecodeState:
     """Every slot free: nothing valid, done. (Made by one program, so that no two leaves share a buffer: the
@@ -327,10 +349,13 @@ class Engine:
         return entry, reused
 
     def _dispatch(self):
-        rules = {k: np.array(v) for k, v in self.rules.items()}  # a copy: the host changes its own while this runs
+        # Only the first rows up to the highest running slot are decoded, rounded up to a power of two (requests
+        # take the lowest free slot): few requests decode at the cost of few rows.
+        rows = min(self.slots, 1 << max(self.running).bit_length())
+        rules = {k: v if k in ("eos_ids", "pad_id") else np.array(v[:rows]) for k, v in self.rules.items()}
         top_n = MAX_TOP_LOGPROBS if any(self.live[r].request.top_logprobs for r in self.running.values()) else 0
-        self.state, tokens, logprobs, top = decode(self.config, self.model.dtype, False, self.chunk, None,
-                                                   self.model.params, self.state, rules, top_n=top_n)
+        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, self.chunk, rows,
+                                                        self.model.params, self.state, rules, top_n)
         return tokens, logprobs, top
 
     def _read(self, chunk) -> None:
