@@ -45,7 +45,14 @@ def _serve(args) -> None:
     from jaxvlm.server import serve
     if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):
         raise ValueError(f"--allowed-local-media {args.allowed_local_media}: not a folder")
-    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+    if args.prefix_cache_mib < 0:
+        raise ValueError(f"--prefix-cache-mib must be >= 0, got {args.prefix_cache_mib}")
+    mesh = None
+    if args.mesh is not None:
+        from jaxvlm.sharding import parse_mesh
+        mesh = parse_mesh(args.mesh)
+    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                        mesh=mesh)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                       else "jaxvlm-shapes")
     serve(model, name, host=args.host, port=args.port, slots=args.slots, cache_size=args.cache_size,
@@ -208,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk", type=int, default=8, help="decode steps a device call")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests that may wait for a slot; past it, 503 with Retry-After")
+    p.add_argument("--mesh", default=None,
+                   help="split the model over this host's devices, e.g. data=2,model=4 (axes data, fsdp, model, "
+                        "expert; sizes multiplying to the device count); default: one device")
     p.add_argument("--prefix-cache-mib", type=int, default=1024,
                    help="memory kept for the caches of recent prompts, which prompts that begin alike reuse "
                         "(0: none)")

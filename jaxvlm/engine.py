@@ -30,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checks
-from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, prefill, prefill_after,
-                             prompt_bucket, right_align, sampling_rules)
+from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, pad_rows, place_cache, prefill,
+                             prefill_after, prompt_bucket, right_align, sampling_rules)
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
 from jaxvlm.prefix_cache import PrefixCache, images_digest
 from jaxvlm.processor import TextStream, check_stop
 from jaxvlm.sampling import check_sampling_args
+from jaxvlm.sharding import place
 
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
@@ -126,11 +127,12 @@ def insert(state: DecodeState, prefilled: DecodeState, slot) -> DecodeState:
     return DecodeState(cache=cache, token=row("token"), position=row("position"), done=row("done"), step=row("step"))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "steps", "rows", "top_n"), donate_argnames=("state",))
-def decode_rows(config, dtype, steps: int, rows: int, params, state: DecodeState, rules, top_n: int):
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "steps", "rows", "shard", "top_n"),
+                   donate_argnames=("state",))
+def decode_rows(config, dtype, steps: int, rows: int, shard, params, state: DecodeState, rules, top_n: int):
     """`generate.decode` of the first `rows` rows of `state` (the others kept as they are)."""
     if rows == state.token.shape[0]:
-        return decode(config, dtype, False, steps, None, params, state, rules, top_n=top_n)
+        return decode(config, dtype, False, steps, shard, params, state, rules, top_n=top_n)
     kv_axis = lambda x: x.ndim - 4  # [..., B, S, K, H]
     head = lambda x, axis=0: jax.lax.slice_in_dim(x, 0, rows, axis=axis)
     cache = state.cache
@@ -148,11 +150,11 @@ def decode_rows(config, dtype, steps: int, rows: int, params, state: DecodeState
                        done=back(state.done, part.done), step=back(state.step, part.step)), tokens, logprobs, top
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _empty_state(decoder, slots: int, size: int, dtype, stacked: bool) -> DecodeState:
-    """Every slot free: nothing valid, done. (Made by one program, so that no two leaves share a buffer: the
-    state is donated.)"""
-    cache = KVCache.init(decoder, slots, size, dtype, stacked)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _empty_state(decoder, slots: int, size: int, dtype, stacked: bool, shard) -> DecodeState:
+    """Every slot free: nothing valid, done; on `shard`'s mesh, split as decoding splits it. (Made by one
+    program, so that no two leaves share a buffer: the state is donated.)"""
+    cache = place_cache(KVCache.init(decoder, slots, size, dtype, stacked), shard)
     # The cursor starts one round in: a request's prompt, written to end at the cursor, then lies at sequence
     # slots >= 0 (a ring's negative slots mean "never written").
     cache = cache.replace(end=jnp.int32(size))
@@ -166,14 +168,26 @@ class Engine:
     cache holds `cache_size` slots a row (a request's prompt bucket plus its max_tokens must fit); decoding
     runs `chunk` steps a call. A request may ask for up to `MAX_TOP_LOGPROBS` top tokens a step; the chunks
     that serve such a request compute them (a second compiled program). Prompts' caches are kept for reuse
-    by later prompts that begin alike, up to `prefix_cache_bytes` (0: none; see `jaxvlm.prefix_cache`)."""
+    by later prompts that begin alike, up to `prefix_cache_bytes` (0: none; see `jaxvlm.prefix_cache`). A step
+    admits requests until their prompts (bucketed) pass `prefill_tokens` (one at least), so that a crowd
+    arriving at once neither stalls the running requests nor waits for the last prefill to see its first
+    token."""
 
     def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefill_tokens: int = 512):
         model._require_lm_head()
-        if model.shard is not None:
-            raise ValueError("the engine runs on one device for now; load the model without mesh=")
         self.model, self.slots, self.chunk = model, checks.integer("slots", slots, 1), checks.integer("chunk", chunk, 1)
+        self.shard = model.shard
+        self.prefill_tokens = checks.integer("prefill_tokens", prefill_tokens, 1)
+        if self.shard is not None:
+            if jax.process_count() > 1:
+                raise ValueError("the engine runs on one host (its devices may form a mesh); several hosts need "
+                                 "generate, which every host calls alike")
+            if slots % self.shard.batch_multiple:
+                raise ValueError(f"slots={slots}: the mesh splits the batch over {self.shard.batch_multiple} "
+                                 "devices; give a multiple of that")
+            prefix_cache_bytes = 0  # prefill_after runs on one device
+
         context = model.config.decoder.max_position_embeddings
         self.cache_size = cache_bucket(min(context, 2048) if cache_size is None else
                                        checks.integer("cache_size", cache_size, 1))
@@ -186,7 +200,8 @@ class Engine:
         tokens = model.config.tokens
         self.eos_ids, self.pad_id = set(tokens.eos_ids), tokens.pad_id
         self.rules = sampling_rules(self.slots, tokens.eos_ids, tokens.pad_id)  # each slot's, set on insert
-        self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.dtype, is_stacked(model.params))
+        self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.dtype, is_stacked(model.params),
+                                  self.shard)
         self.prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
         image_token = None if model.config.vision is None else model.config.image_token_id
         self.prefix_cache = PrefixCache(prefix_cache_bytes, image_token) if prefix_cache_bytes else None
@@ -286,8 +301,11 @@ class Engine:
 
     def _admit(self) -> None:
         free = [s for s in range(self.slots) if s not in self.running]
-        while free and self.queue:
+        admitted = 0  # prompt tokens prefilled this step
+        while free and self.queue and (not admitted or admitted + prompt_bucket(len(self.queue[0][1].tokens))
+                                       <= self.prefill_tokens):
             request_id, request = self.queue.popleft()
+            admitted += prompt_bucket(len(request.tokens))
             slot = free[0]
             try:
                 self._insert(slot, request_id, request)
@@ -317,12 +335,17 @@ class Engine:
                 np.int32(reused), request.tokens[None, reused:], one, top_n=top_n)
             self.prefix_cache.use(entry, reused)
         else:
+            # on a mesh the batch is padded to the devices it is split over (copies of the row, then dropped)
+            rows = 1 if self.shard is None else self.shard.batch_multiple
+            put = lambda x: place(self.shard, pad_rows(x, rows))
             prefilled, token, logprob, top = prefill(
-                self.config, self.model.dtype, False, length, None, self.model.params, tokens, valid, prefix, pixels,
-                np.zeros(1, bool), np.zeros(1, np.int32), one, top_n=top_n, rings=self.prefix_cache is None)
+                self.config, self.model.dtype, False, length, self.shard, self.model.params, put(tokens), put(valid),
+                put(prefix), put(pixels), put(np.zeros(1, bool)), np.zeros(rows, np.int32),
+                {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
+                rings=self.prefix_cache is None)
         if self.prefix_cache is not None and request.prefix is None:
             self.prefix_cache.add(request.tokens, images, prefilled.cache, length - len(request.tokens))
-        check_finite_tokens(np.asarray(token)[:, None], 0)
+        check_finite_tokens(np.asarray(token)[:1, None], 0)
         for key, value in one.items():
             if key not in ("eos_ids", "pad_id"):  # the row's settings become the slot's
                 self.rules[key][slot] = value[0]
@@ -352,9 +375,11 @@ class Engine:
         # Only the first rows up to the highest running slot are decoded, rounded up to a power of two (requests
         # take the lowest free slot): few requests decode at the cost of few rows.
         rows = min(self.slots, 1 << max(self.running).bit_length())
+        if self.shard is not None:  # rows split over devices: a part of them would move between devices
+            rows = self.slots
         rules = {k: v if k in ("eos_ids", "pad_id") else np.array(v[:rows]) for k, v in self.rules.items()}
         top_n = MAX_TOP_LOGPROBS if any(self.live[r].request.top_logprobs for r in self.running.values()) else 0
-        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, self.chunk, rows,
+        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, self.chunk, rows, self.shard,
                                                         self.model.params, self.state, rules, top_n)
         return tokens, logprobs, top
 

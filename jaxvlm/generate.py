@@ -136,7 +136,7 @@ def check_finite_tokens(tokens: np.ndarray, first_step: int) -> None:
                               "the checkpoint (or try float32)")
 
 
-def _place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
+def place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
     """The cache split on batch and kv heads over the mesh (a no-op on one device)."""
     if shard is None:
         return cache
@@ -167,7 +167,7 @@ def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: 
     B, T = tokens.shape
     inputs = Inputs.build(config, tokens, valid, prefix, pixels)
     stacked = is_stacked(params)
-    cache = _place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked, rings), shard)
+    cache = place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked, rings), shard)
     seen = None
     if penalize:  # the prompt's tokens (never its padding)
         seen = jnp.zeros((B, config.decoder.vocab_size), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
@@ -182,7 +182,7 @@ def _start(config: ModelConfig, dtype, penalize: bool, shard, params, inputs: In
             {"params": params}, inputs, cache, last_only=True)
     token, logprob, top = _choose(penalize, top_n, out.logits[:, -1], rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
-    state = DecodeState(cache=_place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
+    state = DecodeState(cache=place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
                         done=done, step=step + 1, seen=_mark_seen(seen, token))
     return state, *_everywhere((token, logprob, top), shard)
 
@@ -225,7 +225,7 @@ def decode(config: ModelConfig, dtype, penalize: bool, steps: int, shard: MeshRu
             out = model.apply({"params": params}, Inputs.next_tokens(state.token, state.position), state.cache)
         token, logprob, top = _choose(penalize, top_n, out.logits[:, 0], rules, state.step, state.seen)
         token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])
-        return DecodeState(cache=_place_cache(out.cache, shard), token=token, position=state.position + 1,
+        return DecodeState(cache=place_cache(out.cache, shard), token=token, position=state.position + 1,
                            done=done, step=state.step + 1, seen=_mark_seen(state.seen, token)), (token, logprob, top)
 
     state, chosen = jax.lax.scan(step, state, length=steps)

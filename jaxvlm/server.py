@@ -176,7 +176,8 @@ class EngineLoop:
 
     def _restart(self) -> list[Event]:
         old = self.engine
-        self.engine = Engine(old.model, old.slots, old.cache_size, old.chunk, old.prefix_cache_bytes)
+        self.engine = Engine(old.model, old.slots, old.cache_size, old.chunk, old.prefix_cache_bytes,
+                             old.prefill_tokens)
         ended = [Event(request_id, [], [], [], [], "error", "the server failed while running this request")
                  for request_id in list(old.running.values()) + [r for r, _ in old.queue]]
         self.engine._ids = old._ids  # ids stay unique across the restart

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
+import re
 import socket
+import subprocess
 import time
 
 import openai
@@ -171,3 +175,36 @@ def test_a_bad_request_is_named_and_the_server_goes_on(server, body, status, par
 def test_an_unknown_route_is_a_json_404(server):
     status, body = get(server.url + "/v1/engines")
     assert status == 404 and "error" in json.loads(body)
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = open("README.md").read()
+    section = text[text.index("## Serving: `jaxvlm serve`"):]
+    section = section[:section.index("\n## ", 5)]
+    return re.findall(rf"```{language}\n(.*?)```", section, re.S)
+
+
+def test_the_readme_snippets_run_as_written(server, model):
+    start, curl = readme_blocks("bash")
+    assert start.split("#")[0].split() == ["jaxvlm", "serve", "--port", "8000"]
+    out = subprocess.run(["bash", "-c", curl.replace("localhost:8000", f"127.0.0.1:{server.port}")],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["choices"][0]["message"]["content"] == model.generate(
+        "caption en", image=IMAGE, max_new_tokens=20)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(readme_blocks("python")[0].replace("http://localhost:8000", server.url), {})
+    assert printed.getvalue() == (model.generate("count shapes", image=IMAGE, max_new_tokens=20) + "\n" +
+                                  model.generate("where is the square?", image=IMAGE, max_new_tokens=20))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh", "wizard=2"], "give each axis once as name=size"),
+    (["--mesh", "data=3"], "3 devices, but there are 1"),
+    (["--prefix-cache-mib", "-1"], "--prefix-cache-mib must be >= 0"),
+    (["--allowed-local-media", "no/such/folder"], "not a folder"),
+])
+def test_bad_serve_flags_are_named(flags, message):
+    from jaxvlm.cli import main
+    with pytest.raises(SystemExit, match=message):
+        main(["serve", *flags])

@@ -84,6 +84,8 @@ def _check_mesh(family, mesh_name):
     diff = np.abs(model.logits(**inputs) - logits).max()
     assert diff <= 1e-4, f"{name} on {mesh_name}: max |logits diff| {diff}"
     np.testing.assert_array_equal(model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS), tokens)
+    if mesh_name == MESHES_OF[name][0] and name not in IMAGES_PER_ROW:
+        _check_engine(model, inputs, tokens)
     if model.shard.size.get("model", 1) > 1:
         leaves = jax.tree.leaves(model.params)
         split = sum(x.nbytes for x in leaves if not x.sharding.is_fully_replicated)
@@ -103,6 +105,24 @@ def _check_mesh(family, mesh_name):
                  if op == "all-gather" and dtype.startswith(("f", "bf")) and size(shape) in weights
                  and shape not in activations]
         assert not whole, f"{name} on {mesh_name}: the decode step gathers {whole}"
+
+
+def _check_engine(model, inputs, tokens):
+    """The engine on the mesh: rows arriving one a step into 8 slots get the one-device tokens."""
+    from jaxvlm.engine import Engine, Request
+    ids, mask, prefix, pixels = model._inputs(inputs["input_ids"], inputs["attention_mask"],
+                                              inputs.get("pixel_values"))
+    engine = Engine(model, slots=8, cache_size=64, chunk=4)
+    submitted = []
+    for i, keep in enumerate(mask):
+        submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=None if pixels is None else pixels[i],
+                                               prefix=None if prefix is None else prefix[i][keep],
+                                               max_tokens=NEW_TOKENS)))
+        engine.step()
+    done = engine.run()
+    for i, request_id in enumerate(submitted):
+        got = done[request_id].tokens
+        assert got == list(tokens[i][:len(got)]), f"row {i} on {model.shard.size}"
 
 
 def test_rules_split_what_divides_and_use_each_mesh_axis_once():
@@ -175,3 +195,22 @@ def test_experts_split_over_the_expert_axis(shape, axes, tmp_path):
     assert diff <= 1e-4, f"max |logits diff| {diff}"
     np.testing.assert_array_equal(model.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS),
                                   one.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS))
+
+
+def test_serve_on_a_mesh():
+    """`jaxvlm serve --mesh data=2,model=4`: the built-in model over the 8 devices answers as on one."""
+    import base64
+    import openai
+    from tests.servers import Server
+    server = Server("--mesh", "data=2,model=4", "--slots", "4")
+    try:
+        with open("examples/shapes.png", "rb") as f:
+            url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.create(model="jaxvlm-shapes", max_tokens=20, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "caption en"}]}])
+        assert answer.choices[0].message.content == jaxvlm.load().generate("caption en", image="examples/shapes.png",
+                                                                           max_new_tokens=20)
+    finally:
+        assert server.stop() == 0, server.log()
