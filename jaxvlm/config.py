@@ -68,6 +68,9 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     original_max_position: int | None = None
     attention_factor: float = 1.0
+    # LongRoPE's factors chosen for each row from its own longest position (rows that are unrelated requests,
+    # as the engine's), not for the batch from its longest (transformers' batches)
+    per_row: bool = False
 
     def __post_init__(self):
         _require(self.theta > 0, "RopeConfig", "theta", f"must be > 0, got {self.theta}")

@@ -197,6 +197,10 @@ class Engine:
         else:
             self.context = context
         self.config = model.config.computation
+        if rope.is_longrope:  # each request its own LongRoPE factors, as alone, whatever shares the batch
+            decoder = self.config.decoder
+            self.config = dataclasses.replace(self.config, decoder=dataclasses.replace(
+                decoder, rope=dataclasses.replace(rope, per_row=True)))
         tokens = model.config.tokens
         self.eos_ids, self.pad_id = set(tokens.eos_ids), tokens.pad_id
         self.rules = sampling_rules(self.slots, tokens.eos_ids, tokens.pad_id)  # each slot's, set on insert
@@ -240,8 +244,12 @@ class Engine:
             raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}")
         length = prompt_bucket(len(tokens)) + request.max_tokens
         if len(tokens) + request.max_tokens > self.context:
+            limit = (f"the model's context of {self.context} tokens"
+                     if self.context == self.model.config.decoder.max_position_embeddings else
+                     f"the {self.context} positions of the model's short LongRoPE factors, the engine's limit (it "
+                     "does not rebuild the cache with the long factors as generate does)")
             raise ValueError(f"the prompt ({len(tokens)} tokens) plus max_tokens={request.max_tokens} is longer than "
-                             f"the model's context of {self.context} tokens")
+                             f"{limit}")
         if length > self.cache_size:
             raise ValueError(f"the prompt's bucket ({prompt_bucket(len(tokens))} tokens) plus max_tokens="
                              f"{request.max_tokens} needs {length} cache slots; the engine has {self.cache_size}")

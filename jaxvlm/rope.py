@@ -21,13 +21,14 @@ def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[
     """cos and sin, float32[B, T, R], for int positions[B, T].
 
     LongRoPE picks its short or long factors from the longest position in this forward pass, as
-    transformers does on every call (`longrope_frequency_update`): `positions` must hold zeros (or any
-    smaller value) at padding slots.
+    transformers does on every call (`longrope_frequency_update`), or each row from its own with
+    `rope.per_row`: `positions` must hold zeros (or any smaller value) at padding slots.
     """
     powers = jnp.asarray(wavelength_powers(rope, head_dim))
     if rope.is_longrope:
-        use_long = jnp.max(positions) + 1 > rope.original_max_position
-        powers = powers * jnp.where(use_long, jnp.asarray(rope.long_factor, jnp.float32),
+        longest = jnp.max(positions, axis=-1, keepdims=True)[..., None] if rope.per_row else jnp.max(positions)
+        powers = powers * jnp.where(longest + 1 > rope.original_max_position,
+                                    jnp.asarray(rope.long_factor, jnp.float32),
                                     jnp.asarray(rope.short_factor, jnp.float32))
     inv_freq = 1.0 / powers
     if rope.linear_factor != 1.0:

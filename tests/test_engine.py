@@ -227,3 +227,22 @@ def test_the_prefix_cache_keeps_to_its_budget(text_family):
         engine.run()
         assert engine.prefix_cache.nbytes <= 2 * size + size // 2
     assert [list(e.tokens) for e in engine.prefix_cache.entries.values()] == [list(r) for r in rows[2:4]]
+
+
+def test_longrope_factors_are_each_requests_own(convert_and_load):
+    """LLaVA-style Phi-3 (LongRoPE, 32 positions on short factors): requests crossing them at different
+    steps, beside free slots whose positions run on, each get the tokens of generate alone."""
+    jx = convert_and_load(hf_models.build_vlm("llava_phi3", seed=4), "engine-llava")
+    rows = hf_models.vlm_prompts("llava_phi3", 1, [5, 9, 7])
+    pixels = hf_models.pixels(0, 3)
+    ids, mask = hf_models.left_pad(rows)
+    ids, mask, _, by_row = jx._inputs(ids, mask, pixels)
+    engine = Engine(jx, slots=4, cache_size=64, chunk=4)
+    submitted = []
+    for i, keep in enumerate(mask):
+        submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=by_row[i], max_tokens=12)))
+        engine.step()
+    done = engine.run()
+    for i, request_id in enumerate(submitted):
+        assert len(rows[i]) + 12 > 32
+        assert done[request_id].tokens == alone(jx, ids[i][mask[i]], 12, pixel_values=pixels[i:i + 1]), f"row {i}"

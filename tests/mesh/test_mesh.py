@@ -113,11 +113,15 @@ def _check_engine(model, inputs, tokens):
     ids, mask, prefix, pixels = model._inputs(inputs["input_ids"], inputs["attention_mask"],
                                               inputs.get("pixel_values"))
     engine = Engine(model, slots=8, cache_size=64, chunk=4)
+    # (each request its own LongRoPE factors, as alone; the batch here switches them together: compare the
+    # tokens before the longest row passes the short factors' positions)
+    rope = model.config.decoder.rope
+    max_tokens = NEW_TOKENS if not rope.is_longrope else rope.original_max_position - ids.shape[1]
     submitted = []
     for i, keep in enumerate(mask):
         submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=None if pixels is None else pixels[i],
                                                prefix=None if prefix is None else prefix[i][keep],
-                                               max_tokens=NEW_TOKENS)))
+                                               max_tokens=max_tokens)))
         engine.step()
     done = engine.run()
     for i, request_id in enumerate(submitted):
