@@ -9,7 +9,9 @@ output tokens/s over the whole run, time to first token and inter-token latency 
 cache: the time to first token of a request whose 2,000-token prompt begins like an earlier one's, with the
 cache and without (the engine in process).
 
-    python benchmarks/serve.py [--layers 4] [--clients 1,4,16,64] [--slots 32] [--skip-transformers]
+    python benchmarks/serve.py [--layers 4] [--clients 1,4,16,64] [--slots 64] [--skip-transformers]
+
+transformers serve needs `accelerate` (pip install accelerate) to load a model on a device.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -138,8 +139,16 @@ def served_model(url: str) -> str:
         return json.load(r)["data"][0]["id"]
 
 
+def warm_up() -> list[tuple[str, int]]:
+    """Prompts of every bucket's length (16 to 256 tokens), 64 of them: at 64 clients the running batch
+    passes through every size, so jaxvlm compiles all its programs here."""
+    lengths = [16, 32, 64, 128, 160, 192, 224, 256]
+    return [(" ".join(f"w{3 + (i * 7 + j) % (VOCAB - 3)}" for j in range(lengths[i % 8])), 16) for i in range(64)]
+
+
 def measure_server(name: str, server: Process, model: str, levels: list[int], per_client: int) -> dict:
-    asyncio.run(drive(server.url, model, requests(16, seed=99), 16))  # warm-up: compiles every prompt bucket
+    for clients in (1, 64):
+        asyncio.run(drive(server.url, model, warm_up()[:8] if clients == 1 else warm_up(), clients))
     out = {}
     for clients in levels:
         work = requests(max(8, per_client * clients), seed=clients)
@@ -194,7 +203,7 @@ def main():
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--clients", default="1,4,16,64")
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at each level")
-    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=8, help="the jaxvlm server's decode steps a call")
     parser.add_argument("--alone", type=int, default=8, help="requests timed one at a time through generate")
     parser.add_argument("--skip-transformers", action="store_true")

@@ -2,19 +2,22 @@
 
 The engine keeps a decode batch of a fixed number of slots on the device. A request (text, or text and
 images) is prefilled alone, into a cache of its prompt's bucket, and inserted into a free slot of the running
-batch by one jitted, donated call (`insert`); decoding runs in jitted scan chunks over every slot
+batch by one jitted, donated call (`insert`); decoding runs in jitted scan chunks over the slots in use
 (`generate.decode`, with each row's own sampling settings and key). A finished request frees its slot, which
 the next request takes at the next chunk while the others go on. The host reads each chunk's tokens one chunk
-late: it dispatches chunk n + 1 before it reads chunk n, so the device never waits for it.
+late: it dispatches chunk n + 1 before it reads chunk n, so the device never waits for it. The host also
+turns each request's tokens into text as they come (`processor.TextStream`) and ends it at a stop string.
 
 The cache is circular (`jaxvlm.kv_cache`): a request's prompt is written to end at the shared cursor, in
-whichever row is free, and the cursor never runs out. Shapes are fixed by the engine's slots, cache size and
-chunk, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles anything.
+whichever row is free, and the cursor never runs out. A prompt that begins like a recent one takes that
+one's keys and values and runs only its end (`jaxvlm.prefix_cache`). Shapes are fixed by the engine's slots,
+cache size and chunk, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles
+anything.
 
     engine = Engine(model, slots=8)
     request_id = engine.submit_text("caption en", image="cat.jpg", max_tokens=32)   # or submit(Request(...))
-    for event in engine.step(): ...  # new tokens of each request as they come; engine.cancel(request_id)
-    outputs = engine.run()  # {request id: Output(tokens, logprobs, finish_reason)} once all have ended
+    for event in engine.step(): ...  # each request's new tokens and text as they come; engine.cancel(request_id)
+    outputs = engine.run()  # {request id: Output(tokens, logprobs, text, ...)} once all have ended
 """
 
 from __future__ import annotations
