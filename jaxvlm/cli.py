@@ -11,7 +11,8 @@ import sys
 
 def _generate(args) -> None:
     import jaxvlm
-    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
+    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                        compute_dtype=args.compute_dtype, cache_dtype=args.cache_dtype)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                     min_new_tokens=args.min_new_tokens, stop=args.stop)
@@ -52,7 +53,7 @@ def _serve(args) -> None:
         from jaxvlm.sharding import parse_mesh
         mesh = parse_mesh(args.mesh)
     model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                        mesh=mesh)
+                        mesh=mesh, compute_dtype=args.compute_dtype, cache_dtype=args.cache_dtype)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                       else "jaxvlm-shapes")
     serve(model, name, host=args.host, port=args.port, slots=args.slots, cache_size=args.cache_size,
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the random seed for sampling")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="the params' dtype (default: as stored)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the computation's dtype (default: the params')")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the KV cache's dtype (default: the computation's)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
     p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
@@ -226,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "images come as data: URLs")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="the params' dtype (default: as stored)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the computation's dtype (default: the params')")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the KV cache's dtype (default: the computation's)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
     p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")

@@ -207,8 +207,8 @@ class Engine:
         tokens = model.config.tokens
         self.eos_ids, self.pad_id = set(tokens.eos_ids), tokens.pad_id
         self.rules = sampling_rules(self.slots, tokens.eos_ids, tokens.pad_id)  # each slot's, set on insert
-        self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.dtype, is_stacked(model.params),
-                                  self.shard)
+        self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.cache_dtype,
+                                  is_stacked(model.params), self.shard)
         self.prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
         image_token = None if model.config.vision is None else model.config.image_token_id
         self.prefix_cache = PrefixCache(prefix_cache_bytes, image_token) if prefix_cache_bytes else None
@@ -353,7 +353,7 @@ class Engine:
                 self.config, self.model.dtype, False, length, self.shard, self.model.params, put(tokens), put(valid),
                 put(prefix), put(pixels), put(np.zeros(1, bool)), np.zeros(rows, np.int32),
                 {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
-                rings=self.prefix_cache is None)
+                rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype)
         if self.prefix_cache is not None and request.prefix is None:
             self.prefix_cache.add(request.tokens, images, prefilled.cache, length - len(request.tokens))
         check_finite_tokens(np.asarray(token)[:1, None], 0)

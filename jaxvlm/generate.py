@@ -150,9 +150,10 @@ def _everywhere(x, shard: MeshRules | None):
     return x if shard is None else jax.tree.map(lambda a: shard.constrain(a, ()), x)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard", "top_n", "rings"))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard", "top_n", "rings",
+                                             "cache_dtype"))
 def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: MeshRules | None, params, tokens,
-            valid, prefix, pixels, done, step, rules, top_n: int = 0, rings: bool = True):
+            valid, prefix, pixels, done, step, rules, top_n: int = 0, rings: bool = True, cache_dtype=None):
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token; returns
     the decode state, the tokens int32[B], their log-probabilities float32[B], and with `top_n` the `top_n`
     likeliest tokens of each row (log-probabilities float32[B, n], ids int32[B, n]; else None).
@@ -162,12 +163,13 @@ def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: 
     counts the tokens each row has chosen before (0, or more when a cache is rebuilt). `rules`, arrays so
     that no value compiles anew: per row temperature, top_k (0: none), top_p, penalty, min_new and seed;
     eos_ids and pad_id. `penalize` keeps the [B, V] mask of seen tokens the repetition penalty needs.
-    `rings=False` keeps sliding-window layers' caches full length (see `KVCache.init`).
+    `rings=False` keeps sliding-window layers' caches full length (see `KVCache.init`). `dtype` is the
+    computation's; `cache_dtype` the cache's (default: `dtype`).
     """
     B, T = tokens.shape
     inputs = Inputs.build(config, tokens, valid, prefix, pixels)
     stacked = is_stacked(params)
-    cache = place_cache(KVCache.init(config.decoder, B, cache_size, dtype, stacked, rings), shard)
+    cache = place_cache(KVCache.init(config.decoder, B, cache_size, cache_dtype or dtype, stacked, rings), shard)
     seen = None
     if penalize:  # the prompt's tokens (never its padding)
         seen = jnp.zeros((B, config.decoder.vocab_size), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
@@ -202,7 +204,7 @@ def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVC
 
     def copy(held_kv):  # [..., 1, S_held, K, H] -> [..., 1, cache_size, K, H]
         taken = jnp.take(held_kv, jnp.mod(held_first + jnp.maximum(token_at, 0), held_kv.shape[-3]), axis=-3)
-        return jnp.where(kept[:, None, None], taken, 0).astype(dtype)
+        return jnp.where(kept[:, None, None], taken, 0).astype(held_kv.dtype)
 
     cache = KVCache(k=jax.tree.map(copy, held.k), v=jax.tree.map(copy, held.v), end=jnp.int32(end), valid=kept[None])
     valid = jnp.ones(tokens.shape, bool)
@@ -294,8 +296,8 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
                   eos_ids: Sequence[int], pad_id: int, temperature=0.0, top_k=None, top_p=None, seed=0,
                   repetition_penalty=1.0, min_new_tokens=0, pixels: np.ndarray | None = None,
                   prefix: np.ndarray | None = None, shard: MeshRules | None = None, programs: list[str] | None = None,
-                  chunk_size: int = MAX_CHUNK, stopped: Callable[[np.ndarray], np.ndarray] | None = None
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                  chunk_size: int = MAX_CHUNK, stopped: Callable[[np.ndarray], np.ndarray] | None = None,
+                  cache_dtype=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Generates for right-aligned prompts `tokens` int[B, T] (`valid` bool[B, T]: False at the padding before
     each row; `align_right` makes them so), yielding the new tokens int32[B, n] and their log-probabilities
     float32[B, n] as they are chosen: the first after prefill, then `chunk_size` per decode call (fewer at
@@ -308,6 +310,7 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
     copies of its last row to its bucket (`batch_bucket`), with `shard` (params already on its mesh) a
     multiple of the devices it is split over, and on the left to its length's bucket (`prompt_bucket`).
     Given a list, `programs` receives the optimised program (HLO text) of each decode call, for inspection.
+    `dtype` is the computation's, `cache_dtype` the KV cache's (default: `dtype`).
 
     Text-only LongRoPE models switch from short to long factors when the sequence first grows past
     `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
@@ -339,7 +342,7 @@ def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid:
         size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
         return prefill(config, dtype, penalize, size, shard, params, put(left(tokens, pad_id)), put(left(valid, False)),
                        put(left(prefix, False)), put(pixels), put(done), np.full(len(tokens), step, np.int32),
-                       rules)[:3]
+                       rules, cache_dtype=cache_dtype)[:3]
 
     state, first, first_logprob = start(tokens, valid, prefix, np.zeros(len(tokens), bool), 0, decode_steps)
     generated = [np.asarray(first)[:, None]]

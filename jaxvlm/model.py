@@ -87,13 +87,14 @@ def _vision(config, dtype, output, shard, params, pixels):
 
 class Model:
     """A loaded model: its config, params (on one device, or laid out on a mesh by `shard`, a `MeshRules`;
-    None on one device), its `processor` (tokenizer, prompt format, image processing, chat template) and
-    the compute dtype. It checks arguments and delegates: the network is `VisionLanguageModel`,
+    None on one device), its `processor` (tokenizer, prompt format, image processing, chat template), the
+    compute dtype `dtype` (the params' own may differ: they are cast where used) and the KV cache's. It checks arguments and delegates: the network is `VisionLanguageModel`,
     generation `jaxvlm.generate`, text and images `jaxvlm.processor.Processor`."""
 
     def __init__(self, config: ModelConfig, params, tokenizer: Tokenizer | None = None, dtype=jnp.float32,
-                 shard: MeshRules | None = None):
+                 shard: MeshRules | None = None, cache_dtype=None):
         self.config, self.params, self.dtype, self.shard = config, params, dtype, shard
+        self.cache_dtype = dtype if cache_dtype is None else cache_dtype  # the KV cache's
         self.processor = Processor(config, tokenizer)
 
     @property
@@ -116,7 +117,8 @@ class Model:
         if (d := self.config.decoder) is not None:
             parts.append(f"width={d.width}, depth={d.depth}, heads={d.num_heads}/{d.num_kv_heads}, "
                          f"vocab={d.vocab_size}")
-        return f"Model({', '.join(parts)}, dtype={jnp.dtype(self.dtype).name})"
+        cache = "" if self.cache_dtype == self.dtype else f", cache_dtype={jnp.dtype(self.cache_dtype).name}"
+        return f"Model({', '.join(parts)}, dtype={jnp.dtype(self.dtype).name}{cache})"
 
     # --- inputs -------------------------------------------------------------------------------------------
     def _require_decoder(self) -> None:
@@ -336,7 +338,8 @@ class Model:
         checks.flag("logprobs", logprobs)
         settings = self._settings(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens)
         generation = self._generation(input_ids, attention_mask, pixel_values, token_type_ids, settings)
-        tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation)
+        tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation,
+                                         cache_dtype=self.cache_dtype)
         return (tokens, scores) if logprobs else tokens
 
     def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> str:
@@ -345,7 +348,8 @@ class Model:
         programs = []
         settings = self._settings(max_new_tokens=2, temperature=0.0)
         generation = self._generation(input_ids, attention_mask, pixel_values, token_type_ids, settings)
-        generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs)
+        generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs,
+                        cache_dtype=self.cache_dtype)
         return programs[0]
 
     def check_generation(self, stop=None, logprobs: bool = False, **settings) -> None:
@@ -388,7 +392,7 @@ class Model:
         self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
         slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
         batch = batch_bucket(len(ids), 1 if self.shard is None else self.shard.batch_multiple)
-        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch, slots, self.dtype,
+        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch, slots, self.cache_dtype,
                                                     is_stacked(self.params)))
         cache_bytes = memory.tree_bytes(cache)
         memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(ids)} rows of "
@@ -443,7 +447,8 @@ class Model:
             generation = self._generation(*inputs, None, settings)
             stopped = None if not stops else (
                 lambda tokens: np.array([stop_at(self.tokenizer.decode(row), stops) is not None for row in tokens]))
-            tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation, stopped=stopped)
+            tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation, stopped=stopped,
+                                             cache_dtype=self.cache_dtype)
             for row, row_scores in zip(tokens, scores):
                 text, n = self.processor.answer(row, stops)
                 answers.append(Generated(text, [int(i) for i in row[:n]], [float(x) for x in row_scores[:n]])
@@ -471,7 +476,8 @@ class Model:
         stops = check_stop(stop)
         self._require_lm_head()
         generation = self._generation(*self.processor.encode(prompt, image, add_bos), None, settings)
-        chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK)
+        chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK,
+                               cache_dtype=self.cache_dtype)
         # a token at a time: each chunk's tokens become pieces of their own as soon as the chunk is read
         return self.processor.text_pieces(([token] for chunk in chunks for token in chunk[0][0]), stops)
 
@@ -511,7 +517,7 @@ class Model:
             raise ValueError("this model holds no LoRA adapters")
         config = dataclasses.replace(self.config, lora=None)
         params = lora.merge(self.params, checkpoint.contracted_axes(config))
-        return Model(config, params, self.tokenizer, self.dtype, self.shard)
+        return Model(config, params, self.tokenizer, self.dtype, self.shard, self.cache_dtype)
 
     # --- saving -------------------------------------------------------------------------------------------
     def export_hf(self, directory: str | os.PathLike, max_shard_bytes: int | None = None) -> str:
@@ -578,12 +584,16 @@ BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True,
          mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None,
-         quantize: str | None = None, group_size: int | None = None) -> Model:
+         quantize: str | None = None, group_size: int | None = None, compute_dtype: str | None = None,
+         cache_dtype: str | None = None) -> Model:
     """Loads a checkpoint folder: a converted jaxvlm one, or a Hugging Face one (config.json and its weights),
     or a hub id ('org/name') already in the local Hugging Face cache (`resolve_checkpoint`),
     converted in memory with the same checks as `jaxvlm convert` (which saves the converted folder once,
     for faster loads). With no path, the built-in shapes model (see `jaxvlm.shapes`).
-    `dtype` ('float32' or 'bfloat16') defaults to the stored one. With `verify`, every file of a converted
+    `dtype` ('float32' or 'bfloat16'), the params', defaults to the stored one; `compute_dtype`, the
+    computation's, to the params' (int8 weights: float32), and `cache_dtype`, the KV cache's, to the
+    computation's (e.g. bfloat16 weights computed in float32, or a bfloat16 cache for a float32 model,
+    halving its memory). With `verify`, every file of a converted
     folder is first checked against its `checksums.json`, so a missing, truncated or altered file is named.
 
     With `mesh` (axes named from `data`, `fsdp`, `model`), each param is read straight into its shards
@@ -605,8 +615,10 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     """
     compile_cache.enable()
     path = BUILTIN_MODEL if path is None else resolve_checkpoint(path)
-    if dtype is not None and str(dtype) not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype), ("cache_dtype", cache_dtype)):
+        if value is not None and str(value) not in DTYPES:
+            raise ValueError(f"{name} must be one of {sorted(DTYPES)}, got {value!r}")
+    dtypes = lambda model: _with_dtypes(model, compute_dtype, cache_dtype)
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)} or None, got {quantize!r}")
     if group_size is not None:
@@ -622,7 +634,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     from convert.core import is_hf_folder
     if is_hf_folder(path):
-        return _load_hf(path, dtype, quantize, group_size, shard, scan_layers)
+        return dtypes(_load_hf(path, dtype, quantize, group_size, shard, scan_layers))
     if verify and not files.verify_checksums(path):
         log.warning("%s has no %s (written by an older jaxvlm): its files cannot be verified", path,
                     files.CHECKSUMS_FILE)
@@ -638,7 +650,16 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
         log.info("%s holds int8 weights (%s); loaded as they are", path, stored)
     if quantize is not None and stored is None:
         config, params = checkpoint.quantize_params(config, params, group_size, shard)
-    return Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard)
+    return dtypes(Model(config, params, Tokenizer.from_dir(path, config.tokens), jdtype, shard))
+
+
+def _with_dtypes(model: Model, compute_dtype: str | None, cache_dtype: str | None) -> Model:
+    """`model` computing in `compute_dtype` with a cache of `cache_dtype` (each None: as it is)."""
+    if compute_dtype is not None:
+        model.dtype = model.cache_dtype = DTYPES[str(compute_dtype)]
+    if cache_dtype is not None:
+        model.cache_dtype = DTYPES[str(cache_dtype)]
+    return model
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

@@ -73,3 +73,34 @@ def test_bfloat16_matches_transformers_bfloat16(name, convert_and_load):
     assert kl(reference, ours) <= 1.5 * gap, (kl(reference, ours), gap)
     assert agreement(reference, ours) >= agreement(reference, theirs) - 0.03
     assert kl(theirs, ours) <= 2 * gap, (kl(theirs, ours), gap)
+
+
+def test_compute_and_cache_dtypes_apart_from_the_params(tmp_path, convert_command):
+    """bfloat16 weights computed in float32 are the float32 computation of those rounded weights; a bfloat16
+    cache under a float32 computation halves the cache and stays close to the float32 answer."""
+    import jax
+    import jax.numpy as jnp
+    import jaxvlm
+    hf = hf_models.build("gemma2", seed=1)
+    folder = convert_command(hf_models.save(hf, str(tmp_path / "hf")), str(tmp_path / "jax"))
+    ids, mask = hf_models.left_pad(hf_models.prompts(2, [6, 11]))
+    wide = jaxvlm.load(folder, dtype="bfloat16", compute_dtype="float32")
+    assert wide.dtype == jnp.float32 and wide.cache_dtype == jnp.float32
+    assert {x.dtype for x in jax.tree.leaves(wide.params)} == {jnp.dtype(jnp.bfloat16)}
+    upcast = jaxvlm.Model(wide.config, jax.tree.map(lambda x: x.astype(jnp.float32), wide.params), wide.tokenizer)
+    np.testing.assert_allclose(wide.logits(ids, mask), upcast.logits(ids, mask), atol=1e-5)
+    narrow = jaxvlm.load(folder, dtype="bfloat16")
+    assert np.abs(narrow.logits(ids, mask) - upcast.logits(ids, mask)).max() > 1e-3  # computed in bfloat16
+
+    full = jaxvlm.load(folder)
+    half = jaxvlm.load(folder, cache_dtype="bfloat16")
+    assert half.dtype == jnp.float32 and half.cache_dtype == jnp.bfloat16 and "cache_dtype=bfloat16" in repr(half)
+    tokens, scores = full.generate_ids(ids, mask, max_new_tokens=6, logprobs=True)
+    half_tokens, half_scores = half.generate_ids(ids, mask, max_new_tokens=6, logprobs=True)
+    np.testing.assert_array_equal(half_tokens[:, 0], tokens[:, 0])
+    np.testing.assert_allclose(half_scores, scores, atol=0.05)
+    from jaxvlm.engine import Engine
+    assert {x.dtype for x in jax.tree.leaves(Engine(half, slots=2, cache_size=64).state.cache.k)} == {
+        jnp.dtype(jnp.bfloat16)}
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        jaxvlm.load(folder, cache_dtype="float16")
