@@ -10,9 +10,7 @@ import sys
 
 
 def _generate(args) -> None:
-    import jaxvlm
-    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                        compute_dtype=args.compute_dtype, cache_dtype=args.cache_dtype)
+    model = _load(args)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                     min_new_tokens=args.min_new_tokens, stop=args.stop)
@@ -42,7 +40,6 @@ def _generate(args) -> None:
 
 
 def _serve(args) -> None:
-    import jaxvlm
     from jaxvlm.server import serve
     if args.allowed_local_media is not None and not os.path.isdir(args.allowed_local_media):
         raise ValueError(f"--allowed-local-media {args.allowed_local_media}: not a folder")
@@ -52,8 +49,7 @@ def _serve(args) -> None:
     if args.mesh is not None:
         from jaxvlm.sharding import parse_mesh
         mesh = parse_mesh(args.mesh)
-    model = jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
-                        mesh=mesh, compute_dtype=args.compute_dtype, cache_dtype=args.cache_dtype)
+    model = _load(args, mesh)
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.checkpoint)) if args.checkpoint
                                       else "jaxvlm-shapes")
     serve(model, name, host=args.host, port=args.port, slots=args.slots, cache_size=args.cache_size,
@@ -136,6 +132,25 @@ class HelpWithDefaults(argparse.HelpFormatter):
         return help
 
 
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    """How a command that runs a model loads it: dtypes and int8 (`_load`)."""
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the params' dtype (default: as stored)")
+    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the computation's dtype (default: the params')")
+    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the KV cache's dtype (default: the computation's)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
+    p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
+
+
+def _load(args, mesh=None):
+    import jaxvlm
+    return jaxvlm.load(args.checkpoint, dtype=args.dtype, quantize=args.quantize, group_size=args.group_size,
+                       mesh=mesh, compute_dtype=args.compute_dtype, cache_dtype=args.cache_dtype)
+
+
 def _command(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     return sub.add_parser(name, formatter_class=HelpWithDefaults, **kwargs)
 
@@ -193,15 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None,
                    help="sample among the most likely tokens whose probabilities add up to p")
     p.add_argument("--seed", type=int, default=0, help="the random seed for sampling")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the params' dtype (default: as stored)")
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the computation's dtype (default: the params')")
-    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the KV cache's dtype (default: the computation's)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
-    p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
+    _model_arguments(p)
     p.set_defaults(run=_generate)
 
     p = _command(sub, "serve", help="serve a model over HTTP with OpenAI's API (/v1/completions, "
@@ -229,15 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-local-media", default=None,
                    help="a folder whose image files requests may name by path (file://...); default: none, "
                         "images come as data: URLs")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the params' dtype (default: as stored)")
-    p.add_argument("--compute-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the computation's dtype (default: the params')")
-    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="the KV cache's dtype (default: the computation's)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weights with float32 scales (a folder converted with --quantize int8 is int8 already)")
-    p.add_argument("--group-size", type=int, default=None, help="with --quantize: one scale per this many inputs")
+    _model_arguments(p)
     p.set_defaults(run=_serve)
 
     p = _command(sub, "train", help="fine-tune a model on a JSONL file of {\"image\", \"prompt\", \"answer\"} rows, "
