@@ -31,8 +31,10 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from jaxvlm import checks
+from jaxvlm.chat import ROLES
 from jaxvlm.engine import DEFAULT_PREFIX_CACHE_BYTES, MAX_TOP_LOGPROBS, Engine, Event, Output, Request
-from jaxvlm.images import load_image
+from jaxvlm.images import ImageError, load_image
 
 log = logging.getLogger("jaxvlm.server")
 
@@ -236,7 +238,6 @@ def settings_of(body: dict, model, chat: bool) -> dict:
 
 def _image(url: Any, where: str, allowed_media: str | None):
     """The PIL image an image_url part's url names: a data: URL, or a local file under `allowed_media`."""
-    from jaxvlm.images import ImageError
     if not isinstance(url, str) or not url:
         raise APIError(400, f"{where} must be a non-empty string (a data: URL)", where)
     if url.startswith(("http://", "https://")):
@@ -269,7 +270,6 @@ def _image(url: Any, where: str, allowed_media: str | None):
 
 def parse_messages(messages: Any, allowed_media: str | None) -> list[dict]:
     """OpenAI's chat messages as `Model.chat` takes them: text parts kept, each image_url part a loaded image."""
-    from jaxvlm.chat import ROLES
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list of {\"role\", \"content\"} objects", "messages")
     out = []
@@ -325,7 +325,6 @@ def completion_logprobs(tokenizer, tokens, logprobs, tops, offset: int) -> dict:
 def create_app(model, name: str, slots: int = 8, cache_size: int | None = None, chunk: int = 8, max_queue: int = 64,
                allowed_local_media: str | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
     """The FastAPI app serving `model` as `name`; its engine loop starts and stops with the app."""
-    from jaxvlm import checks
     engine = Engine(model, slots=slots, cache_size=cache_size, chunk=chunk, prefix_cache_bytes=prefix_cache_bytes)
     metrics = Metrics()
     runner = EngineLoop(engine, metrics, checks.integer("max_queue", max_queue, 0))
