@@ -59,6 +59,7 @@ class Request:
     top_p: float | None = None
     seed: int = 0
     min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
     stop: Sequence[str] = ()  # strings that end the answer (the text ends before the first)
     stop_token_ids: Sequence[int] = ()  # tokens that end it too, besides the model's end-of-sequence ids
     top_logprobs: int = 0  # the likeliest tokens to report at each step, with their log-probabilities
@@ -127,30 +128,25 @@ def insert(state: DecodeState, prefilled: DecodeState, slot) -> DecodeState:
                     v=jax.tree.map(place, state.cache.v, prefilled.cache.v), end=end,
                     valid=state.cache.valid.at[slot].set(valid_row))
     row = lambda field: getattr(state, field).at[slot].set(getattr(prefilled, field)[0])
-    return DecodeState(cache=cache, token=row("token"), position=row("position"), done=row("done"), step=row("step"))
+    return DecodeState(cache=cache, token=row("token"), position=row("position"), done=row("done"), step=row("step"),
+                       seen=row("seen"))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "steps", "rows", "shard", "top_n"),
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "rows", "shard", "top_n"),
                    donate_argnames=("state",))
-def decode_rows(config, dtype, steps: int, rows: int, shard, params, state: DecodeState, rules, top_n: int):
+def decode_rows(config, dtype, penalize: bool, steps: int, rows: int, shard, params, state: DecodeState, rules,
+                top_n: int):
     """`generate.decode` of the first `rows` rows of `state` (the others kept as they are)."""
     if rows == state.token.shape[0]:
-        return decode(config, dtype, False, steps, shard, params, state, rules, top_n=top_n)
-    kv_axis = lambda x: x.ndim - 4  # [..., B, S, K, H]
-    head = lambda x, axis=0: jax.lax.slice_in_dim(x, 0, rows, axis=axis)
-    cache = state.cache
-    part = DecodeState(cache=KVCache(k=jax.tree.map(lambda x: head(x, kv_axis(x)), cache.k),
-                                     v=jax.tree.map(lambda x: head(x, kv_axis(x)), cache.v), end=cache.end,
-                                     valid=head(cache.valid)),
-                       token=head(state.token), position=head(state.position), done=head(state.done),
-                       step=head(state.step))
-    part, tokens, logprobs, top = decode(config, dtype, False, steps, None, params, part, rules, top_n=top_n)
-    back = lambda x, y, axis=0: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=axis)
-    cache = KVCache(k=jax.tree.map(lambda x, y: back(x, y, kv_axis(x)), cache.k, part.cache.k),
-                    v=jax.tree.map(lambda x, y: back(x, y, kv_axis(x)), cache.v, part.cache.v), end=part.cache.end,
-                    valid=back(cache.valid, part.cache.valid))
-    return DecodeState(cache=cache, token=back(state.token, part.token), position=back(state.position, part.position),
-                       done=back(state.done, part.done), step=back(state.step, part.step)), tokens, logprobs, top
+        return decode(config, dtype, penalize, steps, shard, params, state, rules, top_n=top_n)
+    batch_axis = lambda x: x.ndim - 4 if x.ndim >= 4 else 0  # cache entries [..., B, S, K, H]; the rest [B, ...]
+    rows_of = lambda tree: jax.tree.map(lambda x: x if x.ndim == 0 else jax.lax.slice_in_dim(x, 0, rows,
+                                                                                           axis=batch_axis(x)), tree)
+    part, tokens, logprobs, top = decode(config, dtype, penalize, steps, None, params, rows_of(state), rules,
+                                         top_n=top_n)
+    state = jax.tree.map(lambda x, y: y if x.ndim == 0 else jax.lax.dynamic_update_slice_in_dim(x, y, 0, batch_axis(x)),
+                         state, part)
+    return state, tokens, logprobs, top
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -163,7 +159,7 @@ def _empty_state(decoder, slots: int, size: int, dtype, stacked: bool, shard) ->
     cache = cache.replace(end=jnp.int32(size))
     return DecodeState(cache=cache, token=jnp.zeros(slots, jnp.int32),
                        position=jnp.zeros(slots, jnp.int32), done=jnp.ones(slots, bool),
-                       step=jnp.zeros(slots, jnp.int32))
+                       step=jnp.zeros(slots, jnp.int32), seen=jnp.zeros((slots, decoder.vocab_size), bool))
 
 
 class Engine:
@@ -235,7 +231,7 @@ class Engine:
         if tokens.ndim != 1 or not len(tokens):
             raise ValueError("tokens: a request's prompt must be a non-empty int array [T]")
         checks.integer("max_tokens", request.max_tokens, 1)
-        check_sampling_args(request.temperature, request.top_k, request.top_p)
+        check_sampling_args(request.temperature, request.top_k, request.top_p, request.repetition_penalty)
         checks.seed(request.seed)
         checks.integer("min_new_tokens", request.min_new_tokens, 0)
         stop = check_stop(request.stop)
@@ -335,22 +331,24 @@ class Engine:
         pixels = None if request.pixels is None else np.asarray(request.pixels, np.float32)[None]
         one = sampling_rules(1, self.model.config.tokens.eos_ids, self.pad_id, temperature=request.temperature,
                              top_k=request.top_k, top_p=request.top_p, seed=request.seed,
-                             min_new_tokens=request.min_new_tokens)
+                             min_new_tokens=request.min_new_tokens, repetition_penalty=request.repetition_penalty)
         top_n = MAX_TOP_LOGPROBS if request.top_logprobs else 0
         images = images_digest(request.pixels)
         reuse = self._reusable(request, images)
         if reuse is not None:
             entry, reused = reuse
+            seen = np.zeros((1, self.config.decoder.vocab_size), bool)
+            seen[0, request.tokens[(request.tokens >= 0) & (request.tokens < seen.shape[1])]] = True
             prefilled, token, logprob, top = prefill_after(
                 self.config, self.model.dtype, length, self.model.params, entry.cache, np.int32(entry.first),
-                np.int32(reused), request.tokens[None, reused:], one, top_n=top_n)
+                np.int32(reused), request.tokens[None, reused:], seen, one, top_n=top_n)
             self.prefix_cache.use(entry, reused)
         else:
             # on a mesh the batch is padded to the devices it is split over (copies of the row, then dropped)
             rows = 1 if self.shard is None else self.shard.batch_multiple
             put = lambda x: place(self.shard, pad_rows(x, rows))
-            prefilled, token, logprob, top = prefill(
-                self.config, self.model.dtype, False, length, self.shard, self.model.params, put(tokens), put(valid),
+            prefilled, token, logprob, top = prefill(  # (penalize: its `seen` row, the repetition penalty's)
+                self.config, self.model.dtype, True, length, self.shard, self.model.params, put(tokens), put(valid),
                 put(prefix), put(pixels), put(np.zeros(1, bool)), np.zeros(rows, np.int32),
                 {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
                 rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype)
@@ -389,9 +387,11 @@ class Engine:
         if self.shard is not None:  # rows split over devices: a part of them would move between devices
             rows = self.slots
         rules = {k: v if k in ("eos_ids", "pad_id") else np.array(v[:rows]) for k, v in self.rules.items()}
-        top_n = MAX_TOP_LOGPROBS if any(self.live[r].request.top_logprobs for r in self.running.values()) else 0
-        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, self.chunk, rows, self.shard,
-                                                        self.model.params, self.state, rules, top_n)
+        running = [self.live[r].request for r in self.running.values()]
+        top_n = MAX_TOP_LOGPROBS if any(r.top_logprobs for r in running) else 0
+        penalize = any(r.repetition_penalty != 1 for r in running)
+        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, penalize, self.chunk, rows,
+                                                        self.shard, self.model.params, self.state, rules, top_n)
         return tokens, logprobs, top
 
     def _read(self, chunk) -> None:

@@ -191,12 +191,13 @@ def _start(config: ModelConfig, dtype, penalize: bool, shard, params, inputs: In
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "cache_size", "top_n"))
 def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVCache, held_first, reused, tokens,
-                  rules, top_n: int = 0):
-    """`prefill` (one row, one device, no penalty) of a prompt whose first `reused` tokens were run before:
-    their keys and values are copied from `held`, a one-row cache of full-length layers in which that
-    earlier prompt's token i sits at sequence slot `held_first + i`, and only the prompt's last tokens,
-    `tokens` int32[1, T] (no padding), are run. The state is laid out as `prefill`'s, in `cache_size` slots
-    with the prompt ending at the last (so `reused + T <= cache_size`), every layer full length."""
+                  seen, rules, top_n: int = 0):
+    """`prefill` (one row, one device) of a prompt whose first `reused` tokens were run before: their keys
+    and values are copied from `held`, a one-row cache of full-length layers in which that earlier prompt's
+    token i sits at sequence slot `held_first + i`, and only the prompt's last tokens, `tokens` int32[1, T]
+    (no padding), are run. `seen` bool[1, V] marks the whole prompt's tokens (the repetition penalty's). The
+    state is laid out as `prefill`'s, in `cache_size` slots with the prompt ending at the last (so
+    `reused + T <= cache_size`), every layer full length."""
     T = tokens.shape[1]
     end = cache_size - T
     token_at = jnp.arange(cache_size) - (end - reused)  # the prompt's token each slot holds
@@ -209,8 +210,8 @@ def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVC
     cache = KVCache(k=jax.tree.map(copy, held.k), v=jax.tree.map(copy, held.v), end=jnp.int32(end), valid=kept[None])
     valid = jnp.ones(tokens.shape, bool)
     inputs = Inputs.build(config, tokens, valid, start=reused)
-    return _start(config, dtype, False, None, params, inputs, cache, jnp.zeros(1, bool), jnp.zeros(1, jnp.int32),
-                  rules, top_n, None)
+    return _start(config, dtype, True, None, params, inputs, cache, jnp.zeros(1, bool), jnp.zeros(1, jnp.int32),
+                  rules, top_n, seen)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "shard", "top_n"),

@@ -200,8 +200,8 @@ def _field(body: dict, name: str, kinds: tuple, default=None, check: Callable[[A
 
 
 def settings_of(body: dict, model, chat: bool) -> dict:
-    """The engine's settings of a request body (OpenAI's fields; top_k and min_tokens as vLLM takes them), the
-    checkpoint's generation defaults where the body says nothing."""
+    """The engine's settings of a request body (OpenAI's fields; top_k, min_tokens and repetition_penalty as
+    vLLM takes them), the checkpoint's generation defaults where the body says nothing."""
     n = body.get("n", 1)
     if n != 1 or isinstance(n, bool):
         raise APIError(400, f"n must be 1 (one choice a request), got {json.dumps(n)[:40]}; send the request again "
@@ -216,6 +216,7 @@ def settings_of(body: dict, model, chat: bool) -> dict:
     top_k = _field(body, "top_k", (int,), None, lambda v: v >= -1, "an integer (-1 or 0: all tokens)")
     seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2**32)")
     min_tokens = _field(body, "min_tokens", (int,), None, lambda v: v >= 0, "an integer >= 0")
+    penalty = _field(body, "repetition_penalty", (int, float), None, lambda v: v > 0, "a number > 0")
     stop = _field(body, "stop", (str, list), [], lambda v: v != "" if isinstance(v, str) else all(
         isinstance(s, str) and s for s in v), "a non-empty string or a list of them")
     if chat:
@@ -229,10 +230,12 @@ def settings_of(body: dict, model, chat: bool) -> dict:
                      f"an integer in [0, {MAX_COMPLETION_LOGPROBS}]")
         logprobs, top = top is not None, top or 0
     defaults = model._settings(max_new_tokens=max_tokens, temperature=temperature,
-                               top_k=top_k if top_k and top_k > 0 else None, top_p=top_p, min_new_tokens=min_tokens)
+                               top_k=top_k if top_k and top_k > 0 else None, top_p=top_p, min_new_tokens=min_tokens,
+                               repetition_penalty=penalty)
     return dict(max_tokens=defaults["max_new_tokens"], temperature=defaults["temperature"], top_k=defaults["top_k"],
                 top_p=defaults["top_p"], seed=secrets.randbelow(2 ** 31) if seed is None else seed,
-                min_new_tokens=defaults["min_new_tokens"], stop=[stop] if isinstance(stop, str) else stop,
+                min_new_tokens=defaults["min_new_tokens"], repetition_penalty=defaults["repetition_penalty"],
+                stop=[stop] if isinstance(stop, str) else stop,
                 top_logprobs=top, logprobs=logprobs)
 
 

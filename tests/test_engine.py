@@ -77,10 +77,11 @@ def test_staggered_requests_get_the_tokens_of_each_alone(text_family):
 
 
 def test_sampled_requests_get_the_tokens_of_each_alone(text_family):
-    """A request's sampled tokens come from its own seed and step: the same in the engine as alone."""
+    """A request's sampled tokens come from its own seed and step, and its repetition penalty from its own
+    prompt and tokens: the same in the engine as alone."""
     _, _, jx, rows = text_family
-    settings = [dict(temperature=1.0, seed=3), dict(temperature=0.7, top_k=5, seed=4), dict(),
-                dict(temperature=1.2, top_p=0.8, seed=5)]
+    settings = [dict(temperature=1.0, seed=3), dict(temperature=0.7, top_k=5, seed=4), dict(repetition_penalty=1.5),
+                dict(temperature=1.2, top_p=0.8, seed=5, repetition_penalty=0.8)]
     engine = Engine(jx, slots=3, cache_size=64, chunk=4)
     got = staggered(engine, [Request(tokens=r, max_tokens=8, **s) for r, s in zip(rows, settings)], [0, 1, 1, 2])
     assert got == [alone(jx, r, 8, **s) for r, s in zip(rows, settings)]
@@ -200,13 +201,15 @@ def test_prompts_that_begin_alike_reuse_the_cache_and_change_nothing(text_family
     first = np.concatenate([system, rows[0]])
     prompts = [first, np.concatenate([system, rows[1]]), np.concatenate([first, rows[2], rows[3]]), first,
                rows[4]]
-    requests = [Request(tokens=p, max_tokens=8) for p in prompts]
+    penalties = [1.0, 1.0, 1.0, 1.3, 1.0]  # a reused prompt's penalty counts all of its tokens
+    requests = [Request(tokens=p, max_tokens=8, repetition_penalty=r) for p, r in zip(prompts, penalties)]
     arrivals = [0, 2, 4, 4, 6]
     cached = Engine(jx, slots=2, cache_size=128, chunk=4)
     plain = Engine(jx, slots=2, cache_size=128, chunk=4, prefix_cache_bytes=0)
     got = staggered(cached, requests, arrivals, logprobs=True)
     want = staggered(plain, requests, arrivals, logprobs=True)
-    assert [t for t, _ in got] == [t for t, _ in want] == [alone(jx, p, 8) for p in prompts]
+    assert [t for t, _ in got] == [t for t, _ in want] == [alone(jx, p, 8, repetition_penalty=r)
+                                                           for p, r in zip(prompts, penalties)]
     for (_, a), (_, b) in zip(got, want):
         np.testing.assert_allclose(a, b, atol=1e-5)
     # each runs its last 16 tokens (the bucket of what it does not share): 53 - 16, 57 - 16, 45 - 16

@@ -65,7 +65,7 @@ def test_a_chat_is_model_chat(client, model):
     assert answer.choices[0].message.content == model.chat(CONVERSATION, max_new_tokens=12)
 
 
-def test_streaming_stop_strings_and_seeds(client, model):
+def test_streaming_stop_strings_seeds_and_the_repetition_penalty(client, model):
     prompt = PROMPTS[0]
     plain = model.generate(prompt, max_new_tokens=16)
     stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stream=True)
@@ -74,6 +74,9 @@ def test_streaming_stop_strings_and_seeds(client, model):
     answer = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, stop=[stop])
     assert answer.choices[0].text == model.generate(prompt, max_new_tokens=16, stop=stop)
     assert answer.choices[0].finish_reason == "stop"
+    penalized = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0,
+                                          extra_body={"repetition_penalty": 1.4})
+    assert penalized.choices[0].text == model.generate(prompt, max_new_tokens=12, repetition_penalty=1.4)
     sampled = [client.completions.create(model=NAME, prompt=prompt, max_tokens=10, temperature=1.0, seed=7)
                .choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1] == model.generate(prompt, max_new_tokens=10, temperature=1.0, seed=7)
