@@ -307,6 +307,15 @@ class Engine:
         return out
 
     def _admit(self) -> None:
+        if self.queue and self._in_flight is not None:
+            # A request whose last tokens are all in the chunk in flight (its max_tokens) gives up its slot now:
+            # the device runs that chunk before the next insert, and its tokens are read as any other's.
+            in_flight = self._in_flight[-1]
+            for slot, request_id in list(self.running.items()):
+                live = self.live[request_id]
+                if in_flight.get(slot) == request_id and \
+                        len(live.output.tokens) + self.chunk >= live.request.max_tokens:
+                    del self.running[slot]
         free = [s for s in range(self.slots) if s not in self.running]
         admitted = 0  # prompt tokens prefilled this step
         while free and self.queue and (not admitted or admitted + prompt_bucket(len(self.queue[0][1].tokens))
@@ -399,7 +408,7 @@ class Engine:
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         top = None if top is None else tuple(map(np.asarray, top))
         for slot, request_id in owners.items():
-            if self.running.get(slot) != request_id:  # it ended (or was cancelled) before this chunk was read
+            if request_id not in self.live:  # it ended (or was cancelled) before this chunk was read
                 continue
             try:
                 check_finite_tokens(tokens[slot:slot + 1], len(self.live[request_id].output.tokens))
@@ -436,7 +445,9 @@ class Engine:
     def _end(self, request_id: int, reason: str, error: str | None = None, event: Event | None = None) -> None:
         """Ends a running request: its slot is free; the event (or an empty one) says why."""
         live = self.live.pop(request_id)
-        del self.running[next(s for s, r in self.running.items() if r == request_id)]
+        slot = next((s for s, r in self.running.items() if r == request_id), None)
+        if slot is not None:  # (None: it gave up its slot to the next request, its last chunk in flight)
+            del self.running[slot]
         event = event or Event(request_id, [], [], [], [])
         event.finish_reason, event.error = reason, error
         if live.text is not None and reason in ("stop", "length"):  # text held back for a stop string that never came

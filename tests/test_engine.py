@@ -249,3 +249,20 @@ def test_longrope_factors_are_each_requests_own(convert_and_load):
     for i, request_id in enumerate(submitted):
         assert len(rows[i]) + 12 > 32
         assert done[request_id].tokens == alone(jx, ids[i][mask[i]], 12, pixel_values=pixels[i:i + 1]), f"row {i}"
+
+
+def test_a_request_ending_in_the_chunk_in_flight_hands_its_slot_on(text_family):
+    """One slot, chunks of 4: the first request's last tokens (max_tokens 5: its prefill's and one chunk's)
+    are in flight at the second step, so the waiting request takes the slot then, not a chunk later."""
+    _, _, jx, rows = text_family
+    engine = Engine(jx, slots=1, cache_size=64, chunk=4)
+    first = engine.submit(Request(tokens=rows[0], max_tokens=5))
+    second = engine.submit(Request(tokens=rows[1], max_tokens=6))
+    seen = {first: [], second: []}
+    for _ in range(2):
+        for event in engine.step():
+            seen[event.request_id] += event.tokens
+    assert len(seen[first]) == 5 and len(seen[second]) == 1
+    done = engine.run()
+    assert seen[first] == done[first].tokens[:5] and done[first].finish_reason == "length"
+    assert done[second].tokens == alone(jx, rows[1], 6) and done[first].tokens == alone(jx, rows[0], 5)
