@@ -22,6 +22,18 @@ def jaxvlm_command(*args: str, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), **kwargs)
 
 
+def catches_sigint(pid: int, timeout: float = 60) -> None:
+    """Waits until process `pid` has a handler for SIGINT (Linux: its SigCgt mask in /proc)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        if caught & (1 << (signal.SIGINT - 1)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} never caught SIGINT")
+
+
 def test_version():
     out = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "--version"], capture_output=True, text=True)
     from importlib import metadata
@@ -55,6 +67,7 @@ def test_generate_prints_as_it_streams():
 ])
 def test_ctrl_c_ends_with_one_line(tmp_path, command, wait):
     process = jaxvlm_command(*(a.format(tmp=tmp_path) for a in command))
+    catches_sigint(process.pid)  # Python is up (a SIGINT before that, on a loaded machine, kills it outright)
     time.sleep(wait)
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
