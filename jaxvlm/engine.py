@@ -78,6 +78,13 @@ class Output:
     finish_reason: str | None = None
     error: str | None = None
 
+    def add(self, event: "Event") -> None:
+        """Appends what `event` brought (its tokens, their scores and text)."""
+        self.tokens += event.tokens
+        self.logprobs += event.logprobs
+        self.top_logprobs += event.top_logprobs
+        self.text += event.text
+
 
 @dataclasses.dataclass
 class Event:
@@ -436,7 +443,7 @@ class Engine:
                 event.finish_reason = "length"
             if event.finish_reason is not None:
                 break
-        self._record(out, event)
+        out.add(event)
         if event.finish_reason is not None:
             self._end(request_id, event.finish_reason, event=event)
         else:
@@ -458,10 +465,3 @@ class Engine:
         live.output.finish_reason, live.output.error = reason, error
         self.finished[request_id] = live.output
         self._events.append(event)
-
-    @staticmethod
-    def _record(out: Output, event: Event) -> None:
-        out.tokens += event.tokens
-        out.logprobs += event.logprobs
-        out.top_logprobs += event.top_logprobs
-        out.text += event.text

@@ -463,7 +463,7 @@ def create_app(model, name: str, slots: int = 8, cache_size: int | None = None, 
                 timed(event)
                 if event.finish_reason == "error":
                     raise failed(event)
-                Engine._record(out, event)
+                out.add(event)
                 if event.finish_reason is not None:
                     out.finish_reason = event.finish_reason
                     break
