@@ -106,10 +106,37 @@ class Event:
 
 @dataclasses.dataclass
 class _Live:
-    """A running request: its settings, its output so far, its text stream (None without a tokenizer)."""
+    """A running request: its settings, its output so far, its text stream (None without a tokenizer), and
+    the count of its tokens at which its whole sequence is run again (LongRoPE's switch; else None)."""
     request: Request
     output: Output
     text: TextStream | None
+    rerun_at: int | None = None
+    phase: int = 0  # times run again: a chunk dispatched before that holds no tokens of it
+
+    @property
+    def phase_end(self) -> int:
+        """The count of tokens at which this request leaves its slot (ending, or to be run again)."""
+        return self.request.max_tokens if self.rerun_at is None else self.rerun_at
+
+
+def rerun_at(config, length: int, max_tokens: int) -> int | None:
+    """For a text-only LongRoPE model, the count of new tokens after which a prompt of `length` tokens
+    crosses the model's original length, where transformers' Phi-3 drops its cache and runs the whole
+    sequence again with the long factors (and so does the engine); None where it does not cross."""
+    rope = config.decoder.rope
+    if not rope.is_longrope or config.vision is not None:
+        return None
+    original = rope.original_max_position
+    return original - length + 1 if length <= original < length + max_tokens - 1 else None
+
+
+def cache_slots(config, length: int, max_tokens: int) -> int:
+    """The cache slots a row needs for a prompt of `length` tokens and `max_tokens` new ones: the prompt's
+    bucket and the new tokens, or, where it is run again (`rerun_at`), the larger of its two phases'."""
+    need = prompt_bucket(length) + max_tokens
+    again = rerun_at(config, length, max_tokens)
+    return need if again is None else max(need, prompt_bucket(length + again) + max_tokens - again)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -177,31 +204,35 @@ class Engine:
     by later prompts that begin alike, up to `prefix_cache_bytes` (0: none; see `jaxvlm.prefix_cache`). A step
     admits requests until their prompts (bucketed) pass `prefill_tokens` (one at least), so that a crowd
     arriving at once neither stalls the running requests nor waits for the last prefill to see its first
-    token."""
+    token. `compact`: decode only the slots up to the highest one in use (rounded up to a power of two; a
+    program each); else every slot, always (one program). `fail_alone=False`: a request that fails raises
+    from `step` (as `Model.generate`'s batch does) rather than ending alone.
+
+    On several hosts (a mesh across processes) every host must submit the same requests in the same order
+    and step alike, as `Model.generate` does: the engine's choices depend only on its requests and the
+    tokens read, which every host reads alike."""
 
     def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8,
-                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefill_tokens: int = 512):
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefill_tokens: int = 512,
+                 compact: bool = True, fail_alone: bool = True):
         model._require_lm_head()
         self.model, self.slots, self.chunk = model, checks.integer("slots", slots, 1), checks.integer("chunk", chunk, 1)
         self.shard = model.shard
         self.prefill_tokens = checks.integer("prefill_tokens", prefill_tokens, 1)
+        self.compact, self.fail_alone = checks.flag("compact", compact), checks.flag("fail_alone", fail_alone)
         if self.shard is not None:
-            if jax.process_count() > 1:
-                raise ValueError("the engine runs on one host (its devices may form a mesh); several hosts need "
-                                 "generate, which every host calls alike")
             if slots % self.shard.batch_multiple:
                 raise ValueError(f"slots={slots}: the mesh splits the batch over {self.shard.batch_multiple} "
                                  "devices; give a multiple of that")
             prefix_cache_bytes = 0  # prefill_after runs on one device
 
-        context = model.config.decoder.max_position_embeddings
-        self.cache_size = cache_bucket(min(context, 2048) if cache_size is None else
+        self.context = model.config.decoder.max_position_embeddings
+        self.cache_size = cache_bucket(min(self.context, 2048) if cache_size is None else
                                        checks.integer("cache_size", cache_size, 1))
         rope = model.config.decoder.rope
-        if rope.is_longrope and model.config.vision is None:
-            self.context = min(context, rope.original_max_position)  # past it, Phi-3 rebuilds its cache
-        else:
-            self.context = context
+        # A LongRoPE model's prompts past its original length run with the long factors: their caches are
+        # kept and reused only for prompts within it, all of whose keys have the short ones.
+        self.short_factors_up_to = rope.original_max_position if rope.is_longrope else None
         self.config = model.config.computation
         if rope.is_longrope:  # each request its own LongRoPE factors, as alone, whatever shares the batch
             decoder = self.config.decoder
@@ -219,7 +250,7 @@ class Engine:
         self.running: dict[int, int] = {}  # slot -> request id
         self.live: dict[int, _Live] = {}  # the running requests, by id
         self.finished: dict[int, Output] = {}  # not yet handed out by `run`
-        self._in_flight = None  # (tokens, logprobs, top, {slot: request id}) of the chunk dispatched last
+        self._in_flight = None  # (tokens, logprobs, top, {slot: (request id, its phase)}) of the chunk dispatched last
         self._ids = itertools.count()
         self._events: list[Event] = []
 
@@ -248,17 +279,13 @@ class Engine:
         top = checks.integer("top_logprobs", request.top_logprobs, 0)
         if top > MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {top}")
-        length = prompt_bucket(len(tokens)) + request.max_tokens
         if len(tokens) + request.max_tokens > self.context:
-            limit = (f"the model's context of {self.context} tokens"
-                     if self.context == self.model.config.decoder.max_position_embeddings else
-                     f"the {self.context} positions of the model's short LongRoPE factors, the engine's limit (it "
-                     "does not rebuild the cache with the long factors as generate does)")
             raise ValueError(f"the prompt ({len(tokens)} tokens) plus max_tokens={request.max_tokens} is longer than "
-                             f"{limit}")
-        if length > self.cache_size:
-            raise ValueError(f"the prompt's bucket ({prompt_bucket(len(tokens))} tokens) plus max_tokens="
-                             f"{request.max_tokens} needs {length} cache slots; the engine has {self.cache_size}")
+                             f"the model's context of {self.context} tokens")
+        need = cache_slots(self.model.config, len(tokens), request.max_tokens)
+        if need > self.cache_size:
+            raise ValueError(f"the prompt ({len(tokens)} tokens, bucket {prompt_bucket(len(tokens))}) plus max_tokens="
+                             f"{request.max_tokens} needs {need} cache slots; the engine has {self.cache_size}")
         return dataclasses.replace(request, tokens=tokens, stop=stop, stop_token_ids=stop_ids)
 
     def submit_text(self, prompt: str, image=None, add_bos: bool | None = None, **settings: Any) -> int:
@@ -266,14 +293,8 @@ class Engine:
         return self.submit(self.request(prompt, image, add_bos, **settings))
 
     def request(self, prompt: str, image=None, add_bos: bool | None = None, **settings: Any) -> Request:
-        """The `Request` for a plain-text prompt (and its images), laid out by the model's processor."""
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt: a request takes one prompt (a string), got {type(prompt).__name__}")
-        encoded = self.model.processor.encode(prompt, image, add_bos=add_bos)
-        ids, mask, prefix, pixels = self.model._inputs(*encoded)
-        keep = mask[0]
-        return Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels[0],
-                       prefix=None if prefix is None else prefix[0][keep], **settings)
+        """`Model.request`: the `Request` for a plain-text prompt (and its images)."""
+        return self.model.request(prompt, image, add_bos, **settings)
 
     @property
     def idle(self) -> bool:
@@ -289,7 +310,7 @@ class Engine:
         self._admit()
         previous, self._in_flight = self._in_flight, None
         if self.running:
-            self._in_flight = (*self._dispatch(), dict(self.running))
+            self._in_flight = (*self._dispatch(), {s: (r, self.live[r].phase) for s, r in self.running.items()})
         if previous is not None:
             self._read(previous)
         return self._events
@@ -300,6 +321,8 @@ class Engine:
         for i, (queued, _) in enumerate(self.queue):
             if queued == request_id:
                 del self.queue[i]
+                if request_id in self.live:  # waiting to be run again (`rerun_at`)
+                    self._end(request_id, "cancelled")
                 return True
         if request_id not in self.live:
             return False
@@ -313,6 +336,12 @@ class Engine:
         out, self.finished = self.finished, {}
         return out
 
+    def decode_program(self) -> str:
+        """The optimised program (XLA's HLO text) of a decode chunk over every slot: where a sharded model's
+        collectives, or a stacked model's copies, show."""
+        return decode_rows.lower(self.config, self.model.dtype, False, self.chunk, self.slots, self.shard,
+                                 self.model.params, self.state, self.rules, 0).compile().as_text()
+
     def _admit(self) -> None:
         if self.queue and self._in_flight is not None:
             # A request whose last tokens are all in the chunk in flight (its max_tokens) gives up its slot now:
@@ -320,8 +349,8 @@ class Engine:
             in_flight = self._in_flight[-1]
             for slot, request_id in list(self.running.items()):
                 live = self.live[request_id]
-                if in_flight.get(slot) == request_id and \
-                        len(live.output.tokens) + self.chunk >= live.request.max_tokens:
+                if in_flight.get(slot) == (request_id, live.phase) and \
+                        len(live.output.tokens) + self.chunk >= live.phase_end:
                     del self.running[slot]
         free = [s for s in range(self.slots) if s not in self.running]
         admitted = 0  # prompt tokens prefilled this step
@@ -333,6 +362,8 @@ class Engine:
             try:
                 self._insert(slot, request_id, request)
             except Exception as e:  # noqa: BLE001 - the request fails alone; the others go on
+                if not self.fail_alone:
+                    raise
                 self.live.pop(request_id, None)
                 self.running.pop(slot, None)
                 self.finished[request_id] = Output(finish_reason="error", error=str(e))
@@ -341,6 +372,8 @@ class Engine:
             free.pop(0)
 
     def _insert(self, slot: int, request_id: int, request: Request) -> None:
+        """Prefills `request` (or, for a request that is run again, its sequence so far) into `slot`."""
+        again = self.live.get(request_id)  # (its tokens so far count as steps taken)
         length = prompt_bucket(len(request.tokens))
         tokens, valid = right_align([request.tokens], length, self.pad_id)
         prefix = None if request.prefix is None else right_align([request.prefix], length, False, bool)[0]
@@ -351,6 +384,7 @@ class Engine:
         top_n = MAX_TOP_LOGPROBS if request.top_logprobs else 0
         images = images_digest(request.pixels)
         reuse = self._reusable(request, images)
+        steps = 0 if again is None else len(again.output.tokens)
         if reuse is not None:
             entry, reused = reuse
             seen = np.zeros((1, self.config.decoder.vocab_size), bool)
@@ -365,27 +399,29 @@ class Engine:
             put = lambda x: place(self.shard, pad_rows(x, rows))
             prefilled, token, logprob, top = prefill(  # (penalize: its `seen` row, the repetition penalty's)
                 self.config, self.model.dtype, True, length, self.shard, self.model.params, put(tokens), put(valid),
-                put(prefix), put(pixels), put(np.zeros(1, bool)), np.zeros(rows, np.int32),
+                put(prefix), put(pixels), put(np.zeros(1, bool)), np.full(rows, steps, np.int32),
                 {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
                 rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype)
-        if self.prefix_cache is not None and request.prefix is None:
+        if self._cacheable(request):
             self.prefix_cache.add(request.tokens, images, prefilled.cache, length - len(request.tokens))
-        check_finite_tokens(np.asarray(token)[:1, None], 0)
+        check_finite_tokens(np.asarray(token)[:1, None], steps, names=[self._name(request_id)])
         for key, value in one.items():
             if key not in ("eos_ids", "pad_id"):  # the row's settings become the slot's
                 self.rules[key][slot] = value[0]
         self.state = insert(self.state, prefilled, np.int32(slot))
         self.running[slot] = request_id
-        tokenizer = self.model.tokenizer
-        self.live[request_id] = _Live(request, Output(),
-                                      None if tokenizer is None else TextStream(tokenizer, request.stop))
+        if again is None:
+            tokenizer = self.model.tokenizer
+            self.live[request_id] = _Live(request, Output(),
+                                          None if tokenizer is None else TextStream(tokenizer, request.stop),
+                                          rerun_at(self.model.config, len(request.tokens), request.max_tokens))
         top = None if top is None else tuple(np.asarray(x)[:, None] for x in top)
         self._append(request_id, np.asarray(token)[:1], np.asarray(logprob)[:1], top and (top[0][0], top[1][0]))
 
     def _reusable(self, request: Request, images: str | None):
         """(the kept entry, how many of the prompt's first tokens to take from it) where one serves, else
         None. The prompt's end that is run is a bucket's length, so that few programs serve every reuse."""
-        if self.prefix_cache is None or request.prefix is not None:
+        if not self._cacheable(request):
             return None
         tokens = request.tokens
         entry, shared = self.prefix_cache.longest(tokens, images)
@@ -400,7 +436,7 @@ class Engine:
         # Only the first rows up to the highest running slot are decoded, rounded up to a power of two (requests
         # take the lowest free slot): few requests decode at the cost of few rows.
         rows = min(self.slots, 1 << max(self.running).bit_length())
-        if self.shard is not None:  # rows split over devices: a part of them would move between devices
+        if self.shard is not None or not self.compact:  # on a mesh, a part of the rows would move between devices
             rows = self.slots
         rules = {k: v if k in ("eos_ids", "pad_id") else np.array(v[:rows]) for k, v in self.rules.items()}
         running = [self.live[r].request for r in self.running.values()]
@@ -414,12 +450,15 @@ class Engine:
         tokens, logprobs, top, owners = chunk
         tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
         top = None if top is None else tuple(map(np.asarray, top))
-        for slot, request_id in owners.items():
-            if request_id not in self.live:  # it ended (or was cancelled) before this chunk was read
-                continue
+        for slot, (request_id, phase) in owners.items():
+            if request_id not in self.live or self.live[request_id].phase != phase:
+                continue  # it ended (or was cancelled, or left to be run again) before this chunk was read
             try:
-                check_finite_tokens(tokens[slot:slot + 1], len(self.live[request_id].output.tokens))
+                check_finite_tokens(tokens[slot:slot + 1], len(self.live[request_id].output.tokens),
+                                    names=[self._name(request_id)])
             except FloatingPointError as e:
+                if not self.fail_alone:
+                    raise
                 self._end(request_id, "error", str(e))
                 continue
             self._append(request_id, tokens[slot], logprobs[slot], top and (top[0][slot], top[1][slot]))
@@ -441,13 +480,40 @@ class Engine:
                 event.finish_reason = "stop"
             elif len(out.tokens) + len(event.tokens) >= request.max_tokens:
                 event.finish_reason = "length"
-            if event.finish_reason is not None:
+            if event.finish_reason is not None or len(out.tokens) + len(event.tokens) == live.rerun_at:
                 break
         out.add(event)
         if event.finish_reason is not None:
             self._end(request_id, event.finish_reason, event=event)
-        else:
-            self._events.append(event)
+            return
+        self._events.append(event)
+        if len(out.tokens) == live.rerun_at:
+            self._run_again(request_id)
+
+    def _run_again(self, request_id: int) -> None:
+        """Leaves the slot of a request that crosses its LongRoPE model's original length, and queues it first
+        to be prefilled again, whole (prompt and tokens so far), with the long factors, as transformers'
+        Phi-3 does (`rerun_at`)."""
+        live = self.live[request_id]
+        live.rerun_at, live.phase = None, live.phase + 1
+        slot = next((s for s, r in self.running.items() if r == request_id), None)
+        if slot is not None:
+            del self.running[slot]
+        request, so_far = live.request, np.asarray(live.output.tokens, np.int32)
+        prefix = None if request.prefix is None else np.concatenate([request.prefix, np.zeros(len(so_far), bool)])
+        self.queue.appendleft((request_id, dataclasses.replace(
+            request, tokens=np.concatenate([request.tokens, so_far]), prefix=prefix,
+            max_tokens=request.max_tokens - len(so_far))))
+
+    def _cacheable(self, request: Request) -> bool:
+        """Whether the prefix cache may keep or serve `request`'s prompt (not a prefix-LM's, nor one whose
+        LongRoPE factors are the long ones)."""
+        return self.prefix_cache is not None and request.prefix is None and (
+            self.short_factors_up_to is None or len(request.tokens) <= self.short_factors_up_to)
+
+    def _name(self, request_id: int) -> str:
+        """How an error names a request: generate's requests are its rows, in order."""
+        return "the request" if self.fail_alone else f"row {request_id}"
 
     def _end(self, request_id: int, reason: str, error: str | None = None, event: Event | None = None) -> None:
         """Ends a running request: its slot is free; the event (or an empty one) says why."""

@@ -1,15 +1,16 @@
-"""Generation: one jit-compiled prefill, then a jit-compiled `lax.scan` over a pure decode step.
+"""Generation's programs: a jit-compiled prefill, then a jit-compiled `lax.scan` over a pure decode step.
 
 The decode state (cache, last token, positions, done flags, step counter) is a pytree donated to each
 scan call. The scan runs in chunks so the host can stop once every row has finished. Prompt lengths and
 cache sizes are rounded up to a few buckets so that new prompt lengths rarely trigger a compilation.
+`jaxvlm.engine` runs them: every generation, `Model.generate`'s included, goes through it.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,7 @@ from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import is_stacked
 from jaxvlm.inputs import Inputs
 from jaxvlm.sampling import sample
-from jaxvlm.sharding import MeshRules, place
+from jaxvlm.sharding import MeshRules
 from jaxvlm.vlm import VisionLanguageModel
 
 MIN_PROMPT_BUCKET = 16
@@ -126,12 +127,13 @@ def _finish(token, done, eos_ids, pad_id):
     return token, done | jnp.isin(token, eos_ids) | (token == NOT_FINITE)
 
 
-def check_finite_tokens(tokens: np.ndarray, first_step: int) -> None:
-    """Raises NonFiniteLogits naming the first row whose chosen tokens [B, n] hold NOT_FINITE."""
+def check_finite_tokens(tokens: np.ndarray, first_step: int, names: Sequence[str] | None = None) -> None:
+    """Raises NonFiniteLogits naming the first row whose chosen tokens [B, n] hold NOT_FINITE (by `names`,
+    else "row i")."""
     bad = np.argwhere(tokens == NOT_FINITE)
     if len(bad):
         row, step = map(int, bad[0])
-        raise NonFiniteLogits(f"row {row}: the logits for generated token {first_step + step + 1} are not finite "
+        raise NonFiniteLogits(f"{names[row] if names else f'row {row}'}: the logits for generated token {first_step + step + 1} are not finite "
                               "(inf or NaN): the model's weights or int8 scales overflow the computation; check "
                               "the checkpoint (or try float32)")
 
@@ -245,19 +247,6 @@ def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32)
     return tokens, valid
 
 
-def align_right(tokens: np.ndarray, valid: np.ndarray, pad_id: int, prefix: np.ndarray | None = None):
-    """(tokens, valid, prefix) with each row's tokens at its end (padding first) and no wider than the longest
-    row: rows given right-aligned, left-aligned or with gaps alike. Right-aligned rows are only trimmed."""
-    lengths = valid.sum(axis=1)
-    T = int(lengths.max())
-    if all(valid[i, valid.shape[1] - n:].all() for i, n in enumerate(lengths)):
-        trim = lambda x: None if x is None else x[:, x.shape[1] - T:]
-        return trim(tokens), trim(valid), trim(prefix)
-    out_tokens, out_valid = right_align([row[keep] for row, keep in zip(tokens, valid)], T, pad_id, tokens.dtype)
-    out_prefix = None if prefix is None else right_align([p[keep] for p, keep in zip(prefix, valid)], T, False, bool)[0]
-    return out_tokens, out_valid, out_prefix
-
-
 def sampling_rules(batch: int, eos_ids: Sequence[int], pad_id: int, temperature=0.0, top_k=None, top_p=None,
                    seed=0, repetition_penalty=1.0, min_new_tokens=0) -> dict[str, np.ndarray]:
     """The `rules` of `prefill` and `decode` for `batch` rows: each setting one value for every row or a
@@ -272,107 +261,3 @@ def sampling_rules(batch: int, eos_ids: Sequence[int], pad_id: int, temperature=
                 top_p=per_row(top_p, 1.0, np.float32), penalty=per_row(repetition_penalty, 1.0, np.float32),
                 min_new=per_row(min_new_tokens, 0, np.int32), seed=per_row(seed, 0, np.uint32),
                 eos_ids=np.asarray(list(eos_ids) + [-1] * (slots - len(eos_ids)), np.int32), pad_id=np.int32(pad_id))
-
-
-def generate_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid: np.ndarray, *,
-                    max_new_tokens: int, pad_id: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """Generates for right-aligned prompts; returns (int32[B, max_new_tokens], the pad id after a row's end;
-    their log-probabilities float32[B, max_new_tokens], 0 after the end). See `stream_tokens` for the
-    arguments."""
-    chunks = list(stream_tokens(config, dtype, params, tokens, valid, max_new_tokens=max_new_tokens, pad_id=pad_id,
-                                **kwargs))
-    tokens, logprobs = (np.concatenate([c[i] for c in chunks], axis=1) for i in (0, 1))
-    pad = ((0, 0), (0, max_new_tokens - tokens.shape[1]))
-    tokens, logprobs = np.pad(tokens, pad, constant_values=pad_id), np.pad(logprobs, pad)
-    return tokens, np.where(_after_end(tokens, kwargs["eos_ids"]), 0, logprobs)
-
-
-def _after_end(tokens: np.ndarray, eos_ids: Sequence[int]) -> np.ndarray:
-    """bool[B, n]: the places after each row's first end-of-sequence token."""
-    ended = np.isin(tokens, list(eos_ids))
-    return np.cumsum(ended, axis=1) - ended > 0
-
-
-def stream_tokens(config: ModelConfig, dtype, params, tokens: np.ndarray, valid: np.ndarray, *, max_new_tokens: int,
-                  eos_ids: Sequence[int], pad_id: int, temperature=0.0, top_k=None, top_p=None, seed=0,
-                  repetition_penalty=1.0, min_new_tokens=0, pixels: np.ndarray | None = None,
-                  prefix: np.ndarray | None = None, shard: MeshRules | None = None, programs: list[str] | None = None,
-                  chunk_size: int = MAX_CHUNK, stopped: Callable[[np.ndarray], np.ndarray] | None = None,
-                  cache_dtype=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Generates for right-aligned prompts `tokens` int[B, T] (`valid` bool[B, T]: False at the padding before
-    each row; `align_right` makes them so), yielding the new tokens int32[B, n] and their log-probabilities
-    float32[B, n] as they are chosen: the first after prefill, then `chunk_size` per decode call (fewer at
-    the end), until every row has ended (an end-of-sequence token, or `stopped`, given the tokens so far
-    [B, n], says bool[B]) or `max_new_tokens` are out.
-
-    The sampling settings (temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens) are one
-    value for every row or a sequence with one per row; None means none (greedy, no limit). `pixels` hold
-    the rows' images; `prefix` bool[B, T] marks each prompt's bidirectional prefix. The batch is padded with
-    copies of its last row to its bucket (`batch_bucket`), with `shard` (params already on its mesh) a
-    multiple of the devices it is split over, and on the left to its length's bucket (`prompt_bucket`).
-    Given a list, `programs` receives the optimised program (HLO text) of each decode call, for inspection.
-    `dtype` is the computation's, `cache_dtype` the KV cache's (default: `dtype`).
-
-    Text-only LongRoPE models switch from short to long factors when the sequence first grows past
-    `original_max_position`; as transformers' Phi-3 does, the cache is then rebuilt by re-running the
-    whole sequence (prompt and tokens so far) with the long factors. transformers' vision-language
-    models do not rebuild (new tokens get the long factors, the cache keeps the short ones): nor does this.
-    """
-    config = config.computation  # the jit key: host-only settings never recompile
-    batch = len(tokens)
-    size = batch_bucket(batch, 1 if shard is None else shard.batch_multiple)
-    tokens, valid, prefix, pixels = (pad_rows(x, size) for x in (tokens, valid, prefix, pixels))
-    rules = sampling_rules(batch, eos_ids, pad_id, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens)
-    rules.update({k: pad_rows(v, size) for k, v in rules.items() if k not in ("eos_ids", "pad_id")})
-    penalize = bool((rules["penalty"] != 1).any())
-    put = functools.partial(place, shard)
-    decode_steps = max_new_tokens - 1
-    chunk = min(chunk_size, 1 << math.ceil(math.log2(decode_steps))) if decode_steps else 0
-    longest = tokens.shape[1]
-    rebuild_at = None  # tokens generated when the sequence crosses LongRoPE's original length
-    rope = config.decoder.rope
-    if (rope.is_longrope and config.vision is None
-            and longest <= rope.original_max_position < longest + decode_steps):
-        rebuild_at = rope.original_max_position - longest + 1
-
-    def start(tokens, valid, prefix, done, step, steps_after):
-        length = prompt_bucket(tokens.shape[1])
-        left = lambda x, value: None if x is None else np.pad(x, ((0, 0), (length - x.shape[1], 0)),
-                                                              constant_values=value)
-        size = cache_bucket(length + -(-steps_after // chunk) * chunk if chunk else length)
-        return prefill(config, dtype, penalize, size, shard, params, put(left(tokens, pad_id)), put(left(valid, False)),
-                       put(left(prefix, False)), put(pixels), put(done), np.full(len(tokens), step, np.int32),
-                       rules, cache_dtype=cache_dtype)[:3]
-
-    state, first, first_logprob = start(tokens, valid, prefix, np.zeros(len(tokens), bool), 0, decode_steps)
-    generated = [np.asarray(first)[:, None]]
-    check_finite_tokens(generated[-1][:batch], 0)
-    yield generated[-1][:batch], np.asarray(first_logprob)[:batch, None]
-    # Which rows have finished, read from the chosen tokens (on every host) rather than the device state.
-    finished = lambda: np.isin(np.concatenate(generated, axis=1), eos_ids).any(axis=1)
-    ended = lambda: finished()[:batch] | (False if stopped is None else
-                                          stopped(np.concatenate(generated, axis=1)[:batch]))
-    count = 1
-    while count < max_new_tokens and not ended().all():
-        if count == rebuild_at:
-            sofar = np.concatenate(generated, axis=1)  # appended after each row's end, as real tokens
-            tokens = np.concatenate([tokens, sofar], axis=1)
-            valid = np.concatenate([valid, np.ones(sofar.shape, bool)], axis=1)
-            prefix = None if prefix is None else np.concatenate([prefix, np.zeros(sofar.shape, bool)], axis=1)
-            state, token, logprob = start(tokens, valid, prefix, finished(), count, max_new_tokens - count - 1)
-            generated.append(np.asarray(token)[:, None])
-            check_finite_tokens(generated[-1][:batch], count)
-            count += 1
-            yield generated[-1][:batch], np.asarray(logprob)[:batch, None]
-            continue
-        steps = chunk if rebuild_at is None or count > rebuild_at else min(chunk, rebuild_at - count)
-        if programs is not None:
-            programs.append(decode.lower(config, dtype, penalize, steps, shard, params, state, rules)
-                            .compile().as_text())
-        state, chosen, logprobs, _ = decode(config, dtype, penalize, steps, shard, params, state, rules)
-        generated.append(np.asarray(chosen))
-        keep = max_new_tokens - count
-        check_finite_tokens(generated[-1][:batch, :keep], count)
-        yield generated[-1][:batch, :keep], np.asarray(logprobs)[:batch, :keep]
-        count += steps

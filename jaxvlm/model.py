@@ -17,12 +17,12 @@ import numpy as np
 from jaxvlm import checkpoint, checks, compile_cache, files, lora, matvec, memory
 from jaxvlm.chat import images_in, plain_prompt
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
-from jaxvlm.generate import (MAX_CHUNK, align_right, batch_bucket, cache_bucket, generate_tokens, pad_rows,
-                             prompt_bucket, stream_tokens)
+from jaxvlm.engine import Engine, Output, Request, cache_slots
+from jaxvlm.generate import MAX_CHUNK, batch_bucket, cache_bucket, pad_rows, prompt_bucket
 from jaxvlm.inputs import Inputs
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
-from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision, stop_at
+from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision
 from jaxvlm.sampling import check_sampling_args
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
 from jaxvlm.tokenizer import Tokenizer
@@ -333,24 +333,26 @@ class Model:
         model's logits at each chosen token, 0 after the end). Settings left None come from the checkpoint's
         generation_config.json (see `generate`).
 
-        The images in `pixel_values` are encoded once, at prefill.
+        Each row is a request of an `Engine` whose slots hold the whole batch; its tokens are what it would
+        get alone. The images in `pixel_values` are encoded once, at prefill.
         """
         checks.flag("logprobs", logprobs)
         settings = self._settings(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens)
-        generation = self._generation(input_ids, attention_mask, pixel_values, token_type_ids, settings)
-        tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation,
-                                         cache_dtype=self.cache_dtype)
+        outputs = self._answers(self._requests(self._inputs(input_ids, attention_mask, pixel_values, token_type_ids),
+                                               settings))
+        n = settings["max_new_tokens"]
+        tokens = np.full((len(outputs), n), self.config.tokens.pad_id, np.int32)
+        scores = np.zeros((len(outputs), n), np.float32)
+        for row, out in enumerate(outputs):
+            tokens[row, :len(out.tokens)], scores[row, :len(out.logprobs)] = out.tokens, out.logprobs
         return (tokens, scores) if logprobs else tokens
 
     def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> str:
         """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
         where a sharded model's collectives, or a stacked model's copies, show."""
-        programs = []
         settings = self._settings(max_new_tokens=2, temperature=0.0)
-        generation = self._generation(input_ids, attention_mask, pixel_values, token_type_ids, settings)
-        generate_tokens(self.config, self.dtype, self.params, **generation, programs=programs,
-                        cache_dtype=self.cache_dtype)
-        return programs[0]
+        requests = self._requests(self._inputs(input_ids, attention_mask, pixel_values, token_type_ids), settings)
+        return self._engine(requests, chunk=1).decode_program()
 
     def check_generation(self, stop=None, logprobs: bool = False, **settings) -> None:
         """Checks `generate`'s keyword arguments (a one-line error naming the first bad one), before any work."""
@@ -381,27 +383,51 @@ class Model:
                     top_k=top_k, top_p=top_p, seed=checks.seed(seed), repetition_penalty=float(repetition_penalty),
                     min_new_tokens=checks.integer("min_new_tokens", min_new_tokens, 0))
 
-    def _generation(self, input_ids, attention_mask, pixel_values, token_type_ids, settings: dict) -> dict[str, Any]:
-        """The checked arguments of `generate.stream_tokens` for these inputs and `_settings`."""
+    def request(self, prompt: str, image=None, add_bos: bool | None = None, **settings: Any) -> Request:
+        """The engine's `Request` for a plain-text prompt (and its images), laid out by the processor;
+        `settings` are `Request`'s fields (max_tokens, temperature, stop, ...)."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt: a request takes one prompt (a string), got {type(prompt).__name__}")
+        ids, mask, prefix, pixels = self._inputs(*self.processor.encode(prompt, image, add_bos=add_bos))
+        keep = mask[0]
+        return Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels[0],
+                       prefix=None if prefix is None else prefix[0][keep], **settings)
+
+    def _requests(self, inputs, settings: dict, stops: Sequence[str] = ()) -> list[Request]:
+        """A `Request` for each row of `_inputs`' arrays, with `_settings`."""
         self._require_lm_head()
-        max_new_tokens = settings["max_new_tokens"]
-        ids, mask, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
-        ids, mask, prefix = align_right(ids.astype(np.int32), mask, self.config.tokens.pad_id, prefix)
-        longest = ids.shape[1]
+        ids, mask, prefix, pixels = inputs
+        longest, new = int(mask.sum(axis=1).max()), settings["max_new_tokens"]
         self._check_length(longest, "the prompt")
-        self._check_length(longest + max_new_tokens, f"the prompt plus max_new_tokens={max_new_tokens}")
-        slots = cache_bucket(prompt_bucket(longest) + max_new_tokens + MAX_CHUNK)  # at most what decoding uses
-        batch = batch_bucket(len(ids), 1 if self.shard is None else self.shard.batch_multiple)
-        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, batch, slots, self.cache_dtype,
+        self._check_length(longest + new, f"the prompt plus max_new_tokens={new}")
+        return [Request(tokens=row[keep].astype(np.int32), prefix=None if prefix is None else prefix[i][keep],
+                        pixels=None if pixels is None else pixels[i], max_tokens=new,
+                        temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
+                        seed=settings["seed"], repetition_penalty=settings["repetition_penalty"],
+                        min_new_tokens=settings["min_new_tokens"], stop=stops)
+                for i, (row, keep) in enumerate(zip(ids, mask))]
+
+    def _engine(self, requests: Sequence[Request], chunk: int) -> Engine:
+        """An engine with a slot for each of `requests` (the batch padded to its bucket, as a mesh splits it)
+        and a cache that fits the longest, checked to fit in memory; every slot decodes (one program), and a
+        failure raises."""
+        slots = batch_bucket(len(requests), 1 if self.shard is None else self.shard.batch_multiple)
+        size = cache_bucket(max(cache_slots(self.config, len(r.tokens), r.max_tokens) for r in requests))
+        cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, slots, size, self.cache_dtype,
                                                     is_stacked(self.params)))
-        cache_bytes = memory.tree_bytes(cache)
-        memory.check_fits(cache_bytes, f"max_new_tokens={max_new_tokens}: the KV cache for {len(ids)} rows of "
-                                       f"{slots} tokens")
-        tokens = self.config.tokens
-        return dict(tokens=ids, valid=mask, max_new_tokens=max_new_tokens, temperature=settings["temperature"],
-                    top_k=settings["top_k"], top_p=settings["top_p"], seed=settings["seed"],
-                    repetition_penalty=settings["repetition_penalty"], min_new_tokens=settings["min_new_tokens"],
-                    eos_ids=tokens.eos_ids, pad_id=tokens.pad_id, pixels=pixels, prefix=prefix, shard=self.shard)
+        memory.check_fits(memory.tree_bytes(cache), f"max_new_tokens={requests[0].max_tokens}: the KV cache for "
+                                                    f"{len(requests)} rows of {size} tokens")
+        return Engine(self, slots=slots, cache_size=size, chunk=chunk, prefix_cache_bytes=0, compact=False,
+                      fail_alone=False)
+
+    def _answers(self, requests: Sequence[Request]) -> list[Output]:
+        """The engine's outputs for `requests`, all decoding together, in order. Decode calls take up to
+        `MAX_CHUNK` steps (fewer for short answers, so that little is computed past the end)."""
+        new = max(r.max_tokens for r in requests)
+        engine = self._engine(requests, min(MAX_CHUNK, 1 << math.ceil(math.log2(new - 1))) if new > 1 else 1)
+        ids = [engine.submit(r) for r in requests]
+        outputs = engine.run()
+        return [outputs[i] for i in ids]
 
     # --- text in, text out --------------------------------------------------------------------------------
     def generate(self, prompt_or_prompts: str | Sequence[str], image=None, max_new_tokens: int | None = None,
@@ -444,15 +470,8 @@ class Model:
             part = slice(start, start + GENERATE_BATCH)
             batch_images = image if single or image is None or not isinstance(image, (list, tuple)) else image[part]
             inputs = self.processor.encode(prompt_or_prompts if single else prompts[part], batch_images, add_bos, start)
-            generation = self._generation(*inputs, None, settings)
-            stopped = None if not stops else (
-                lambda tokens: np.array([stop_at(self.tokenizer.decode(row), stops) is not None for row in tokens]))
-            tokens, scores = generate_tokens(self.config, self.dtype, self.params, **generation, stopped=stopped,
-                                             cache_dtype=self.cache_dtype)
-            for row, row_scores in zip(tokens, scores):
-                text, n = self.processor.answer(row, stops)
-                answers.append(Generated(text, [int(i) for i in row[:n]], [float(x) for x in row_scores[:n]])
-                               if logprobs else text)
+            for out in self._answers(self._requests(self._inputs(*inputs), settings, stops)):
+                answers.append(Generated(out.text, out.tokens, out.logprobs) if logprobs else out.text)
         return answers[0] if single else answers
 
     def stream(self, prompt: str, image=None, max_new_tokens: int | None = None, temperature: float | None = None,
@@ -475,11 +494,16 @@ class Model:
         settings = self._settings(**settings)
         stops = check_stop(stop)
         self._require_lm_head()
-        generation = self._generation(*self.processor.encode(prompt, image, add_bos), None, settings)
-        chunks = stream_tokens(self.config, self.dtype, self.params, **generation, chunk_size=STREAM_CHUNK,
-                               cache_dtype=self.cache_dtype)
-        # a token at a time: each chunk's tokens become pieces of their own as soon as the chunk is read
-        return self.processor.text_pieces(([token] for chunk in chunks for token in chunk[0][0]), stops)
+        requests = self._requests(self._inputs(*self.processor.encode(prompt, image, add_bos)), settings, stops)
+        engine = self._engine(requests, STREAM_CHUNK)
+        engine.submit(requests[0])
+
+        def pieces() -> Iterator[str]:  # a token's text as soon as its chunk is read
+            while not engine.idle:
+                for event in engine.step():
+                    yield from filter(None, event.pieces)
+
+        return pieces()
 
     # --- chat ---------------------------------------------------------------------------------------------
     def chat(self, messages: Sequence[dict[str, Any]], image=None, stream: bool = False,

@@ -27,6 +27,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import jax
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -328,6 +329,9 @@ def completion_logprobs(tokenizer, tokens, logprobs, tops, offset: int) -> dict:
 def create_app(model, name: str, slots: int = 8, cache_size: int | None = None, chunk: int = 8, max_queue: int = 64,
                allowed_local_media: str | None = None, prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
     """The FastAPI app serving `model` as `name`; its engine loop starts and stops with the app."""
+    if jax.process_count() > 1:  # requests reach one process; every host would have to submit them alike
+        raise ValueError("the server runs on one host (its devices may form a mesh, --mesh); it cannot serve a "
+                         "model spread over several hosts")
     engine = Engine(model, slots=slots, cache_size=cache_size, chunk=chunk, prefix_cache_bytes=prefix_cache_bytes)
     metrics = Metrics()
     runner = EngineLoop(engine, metrics, checks.integer("max_queue", max_queue, 0))

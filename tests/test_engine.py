@@ -251,6 +251,24 @@ def test_longrope_factors_are_each_requests_own(convert_and_load):
         assert done[request_id].tokens == alone(jx, ids[i][mask[i]], 12, pixel_values=pixels[i:i + 1]), f"row {i}"
 
 
+def test_text_longrope_requests_run_again_when_they_cross(convert_and_load):
+    """Phi-3 text (LongRoPE, 32 positions on short factors): a request that crosses them leaves its slot and
+    is prefilled again, whole, with the long factors (as transformers does); arriving at different times,
+    two slots for three requests, each crossing at its own step, each gets the tokens of generate alone
+    (which `test_parity` holds to transformers' for that row alone)."""
+    jx = convert_and_load(hf_models.build("phi3_longrope", seed=3), "engine-longrope")
+    rows = hf_models.prompts(5, [20, 14, 26])
+    engine = Engine(jx, slots=2, cache_size=128, chunk=4)
+    submitted = []
+    for row in rows:
+        submitted.append(engine.submit(Request(tokens=row, max_tokens=24)))
+        engine.step()
+    done = engine.run()
+    for i, request_id in enumerate(submitted):
+        assert len(rows[i]) <= 32 < len(rows[i]) + 23
+        assert done[request_id].tokens == alone(jx, rows[i], 24), f"row {i}"
+
+
 def test_a_request_ending_in_the_chunk_in_flight_hands_its_slot_on(text_family):
     """One slot, chunks of 4: the first request's last tokens (max_tokens 5: its prefill's and one chunk's)
     are in flight at the second step, so the waiting request takes the slot then, not a chunk later."""

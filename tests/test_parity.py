@@ -96,18 +96,24 @@ def test_top_k_one_is_greedy_and_seed_repeats(family):
 
 @pytest.mark.parametrize("family", ["gemma3_text", "qwen3_moe"], indirect=True)
 def test_streamed_tokens_are_the_generated_ones(family):
-    """`Model.stream`'s chunks (its decode calls of STREAM_CHUNK steps, a sliding window's ring crossing
-    them) joined are `generate_ids`'s tokens."""
-    from jaxvlm.generate import stream_tokens
+    """An engine's events (decode calls of STREAM_CHUNK steps, as `Model.stream` runs them, a sliding
+    window's ring crossing them) joined are `generate_ids`'s tokens."""
+    from jaxvlm.engine import Engine, Request
     from jaxvlm.model import STREAM_CHUNK
     name, _, jx, rows = family
     ids, mask = hf_models.left_pad(rows)
-    generation = jx._generation(ids, mask, None, None, jx._settings(max_new_tokens=NEW_TOKENS))
-    chunks = [tokens for tokens, _ in stream_tokens(jx.config, jx.dtype, jx.params, **generation,
-                                                    chunk_size=STREAM_CHUNK)]
-    streamed = np.concatenate(chunks, axis=1)
-    assert len(chunks) > 2 and all(c.shape[1] <= STREAM_CHUNK for c in chunks)
-    np.testing.assert_array_equal(streamed, jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)[:, :streamed.shape[1]])
+    want = jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS)
+    engine = Engine(jx, slots=len(rows), cache_size=128, chunk=STREAM_CHUNK, compact=False)
+    requests = [engine.submit(Request(tokens=row, max_tokens=NEW_TOKENS)) for row in rows]
+    chunks = {r: [] for r in requests}
+    while not engine.idle:
+        for event in engine.step():
+            chunks[event.request_id].append(event.tokens)
+    assert max(map(len, chunks.values())) > 2  # (a row may end at its first token)
+    for row, r in enumerate(requests):
+        assert all(len(c) <= STREAM_CHUNK for c in chunks[r])
+        streamed = sum(chunks[r], [])
+        np.testing.assert_array_equal(streamed, want[row, :len(streamed)])
 
 
 # --- LongRoPE: long prompts use the long factors; crossing the original length rebuilds the cache ---------
@@ -128,10 +134,13 @@ def test_longrope_logits_short_and_long_prompt(longrope, length):
 
 @pytest.mark.parametrize("lengths", [[40, 35, 37], [20, 14, 26]], ids=["long_prompts", "crossing"])
 def test_longrope_greedy_tokens(longrope, lengths):
+    """Each row's tokens are transformers' for that row alone: a row that crosses the original length reruns
+    its own sequence with the long factors when it crosses (transformers' batch would switch every row when
+    the padded batch crosses, and a row's tokens would depend on the others')."""
     hf, jx = longrope
     rows = hf_models.prompts(5, lengths)
     ids, mask = hf_models.left_pad(rows)
-    want = hf_models.hf_generate(hf, rows, NEW_TOKENS, do_sample=False)
+    want = np.concatenate([hf_models.hf_generate(hf, [row], NEW_TOKENS, do_sample=False) for row in rows])
     np.testing.assert_array_equal(jx.generate_ids(ids, mask, max_new_tokens=NEW_TOKENS), want)
 
 

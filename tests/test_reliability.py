@@ -383,9 +383,9 @@ def test_a_long_list_of_prompts_runs_in_bounded_batches(model, monkeypatch):
     from jaxvlm import model as model_module
     monkeypatch.setattr(model_module, "GENERATE_BATCH", 2)
     sizes = []
-    generate_tokens = model_module.generate_tokens
-    monkeypatch.setattr(model_module, "generate_tokens", lambda *a, **k: sizes.append(len(k["tokens"])) or
-                        generate_tokens(*a, **k))
+    answers_of = model_module.Model._answers
+    monkeypatch.setattr(model_module.Model, "_answers", lambda self, requests: sizes.append(len(requests)) or
+                        answers_of(self, requests))
     prompts = ["count shapes", "caption en", "count shapes", "caption en", "count shapes"]
     answers = model.generate(prompts, image=[IMAGE] * 5, max_new_tokens=8)
     assert sizes == [2, 2, 1]

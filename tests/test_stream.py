@@ -7,6 +7,7 @@ import pytest
 
 import jaxvlm
 from jaxvlm import generate as gen
+from jaxvlm.engine import Engine
 from jaxvlm.processor import text_pieces
 
 IMAGE = "examples/shapes.png"
@@ -28,14 +29,13 @@ def test_pieces_join_to_generate_and_come_early(model):
 
 
 def test_tokens_arrive_a_chunk_at_a_time(model):
-    inputs = model.encode("caption en", image=IMAGE)
-    generation = model._generation(*inputs, None, model._settings(max_new_tokens=20))
-    chunks = [tokens for tokens, _ in gen.stream_tokens(model.config, model.dtype, model.params, **generation,
-                                                        chunk_size=4)]
-    assert chunks[0].shape == (1, 1) and all(c.shape[1] <= 4 for c in chunks[1:])
-    whole = model.generate_ids(*inputs, max_new_tokens=20)
-    streamed = np.concatenate(chunks, axis=1)
-    assert (streamed == whole[:, :streamed.shape[1]]).all()
+    engine = Engine(model, slots=1, cache_size=320, chunk=4)
+    engine.submit_text("caption en", IMAGE, max_tokens=20)
+    chunks = [event.tokens for _ in range(100) if not engine.idle for event in engine.step()]
+    assert len(chunks[0]) == 1 and all(len(c) <= 4 for c in chunks[1:])
+    whole = model.generate_ids(*model.encode("caption en", image=IMAGE), max_new_tokens=20)[0]
+    streamed = sum(chunks, [])
+    assert streamed == list(whole[:len(streamed)])
 
 
 def test_multi_byte_characters_are_never_split(qwen_tokenizer, tmp_path):
