@@ -35,6 +35,7 @@ import numpy as np
 from jaxvlm import checks
 from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, pad_rows, place_cache, prefill,
                              prefill_after, prompt_bucket, right_align, sampling_rules)
+from jaxvlm.inputs import Images
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
 from jaxvlm.prefix_cache import PrefixCache, images_digest
@@ -51,7 +52,7 @@ DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 class Request:
     """One prompt as the network takes it and how to answer it."""
     tokens: np.ndarray  # int32[T]: the prompt, image placeholders included
-    pixels: np.ndarray | None = None  # its images, as the network takes one row's: [H, W, C] or [M, H, W, C]
+    pixels: np.ndarray | None = None  # its images, float[N, H, W, C], in the order of its placeholders
     prefix: np.ndarray | None = None  # bool[T]: a prefix-LM's bidirectional prefix
     max_tokens: int = 32
     temperature: float = 0.0
@@ -377,7 +378,7 @@ class Engine:
         length = prompt_bucket(len(request.tokens))
         tokens, valid = right_align([request.tokens], length, self.pad_id)
         prefix = None if request.prefix is None else right_align([request.prefix], length, False, bool)[0]
-        pixels = None if request.pixels is None else np.asarray(request.pixels, np.float32)[None]
+
         one = sampling_rules(1, self.model.config.tokens.eos_ids, self.pad_id, temperature=request.temperature,
                              top_k=request.top_k, top_p=request.top_p, seed=request.seed,
                              min_new_tokens=request.min_new_tokens, repetition_penalty=request.repetition_penalty)
@@ -397,9 +398,11 @@ class Engine:
             # on a mesh the batch is padded to the devices it is split over (copies of the row, then dropped)
             rows = 1 if self.shard is None else self.shard.batch_multiple
             put = lambda x: place(self.shard, pad_rows(x, rows))
+            pixels, image_rows = (None, None) if request.pixels is None else \
+                Images.of_rows([request.pixels] * rows).bucketed()
             prefilled, token, logprob, top = prefill(  # (penalize: its `seen` row, the repetition penalty's)
                 self.config, self.model.dtype, True, length, self.shard, self.model.params, put(tokens), put(valid),
-                put(prefix), put(pixels), put(np.zeros(1, bool)), np.full(rows, steps, np.int32),
+                put(prefix), place(self.shard, pixels), place(self.shard, image_rows), put(np.zeros(1, bool)), np.full(rows, steps, np.int32),
                 {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
                 rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype)
         if self._cacheable(request):

@@ -155,12 +155,13 @@ def _everywhere(x, shard: MeshRules | None):
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "cache_size", "shard", "top_n", "rings",
                                              "cache_dtype"))
 def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: MeshRules | None, params, tokens,
-            valid, prefix, pixels, done, step, rules, top_n: int = 0, rings: bool = True, cache_dtype=None):
+            valid, prefix, pixels, image_rows, done, step, rules, top_n: int = 0, rings: bool = True, cache_dtype=None):
     """Runs right-aligned prompts tokens[B, T] (valid: bool[B, T]) and chooses each row's next token; returns
     the decode state, the tokens int32[B], their log-probabilities float32[B], and with `top_n` the `top_n`
     likeliest tokens of each row (log-probabilities float32[B, n], ids int32[B, n]; else None).
 
-    `pixels` [B, H, W, C] (or None) are encoded here, once; `prefix` bool[B, T] (or None) marks the
+    `pixels` [N, H, W, C] (or None), in the rows `image_rows` int32[N] (see `Inputs`), are encoded here, once;
+    `prefix` bool[B, T] (or None) marks the
     tokens that attend to each other in both directions. `shard` places the cache on a mesh. `step` int32[B]
     counts the tokens each row has chosen before (0, or more when a cache is rebuilt). `rules`, arrays so
     that no value compiles anew: per row temperature, top_k (0: none), top_p, penalty, min_new and seed;
@@ -169,7 +170,7 @@ def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: 
     computation's; `cache_dtype` the cache's (default: `dtype`).
     """
     B, T = tokens.shape
-    inputs = Inputs.build(config, tokens, valid, prefix, pixels)
+    inputs = Inputs.build(config, tokens, valid, prefix, pixels, image_rows)
     stacked = is_stacked(params)
     cache = place_cache(KVCache.init(config.decoder, B, cache_size, cache_dtype or dtype, stacked, rings), shard)
     seen = None

@@ -19,7 +19,7 @@ from jaxvlm.chat import images_in, plain_prompt
 from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.engine import Engine, Output, Request, cache_slots
 from jaxvlm.generate import MAX_CHUNK, batch_bucket, cache_bucket, pad_rows, prompt_bucket
-from jaxvlm.inputs import Inputs
+from jaxvlm.inputs import Images, Inputs
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
 from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision
@@ -39,11 +39,11 @@ def _everywhere(tree, shard: MeshRules | None):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "shard", "inspect"))
-def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels, inspect: bool = False):
+def _forward(config, dtype, shard, params, tokens, valid, prefix, pixels, image_rows, inspect: bool = False):
     """Logits (or a head's); with `inspect`, also the decoder's hidden states [L + 1, B, T, D] (as transformers
     lists them: the embeddings, each layer's output, the last one after the final norm) and attention
     weights [L, B, N, T, T]."""
-    inputs = Inputs.build(config, tokens, valid, prefix, pixels)
+    inputs = Inputs.build(config, tokens, valid, prefix, pixels, image_rows)
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
     with matvec.allowed(shard is None):
         if config.head is not None:
@@ -151,7 +151,7 @@ class Model:
         return self.processor.apply_chat_template(messages, add_generation_prompt, tools, documents, **variables)
 
     def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None):
-        """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, pixels or None)."""
+        """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, `Images` or None)."""
         self._require_decoder()
         ids = _array("input_ids", input_ids)
         ids = ids[None] if ids.ndim == 1 else ids
@@ -182,8 +182,11 @@ class Model:
                 raise ValueError(f"input_ids row {i} holds {images} image tokens but no pixel_values were given")
             if pixels is not None:
                 counts.append(self._images_in_row(i, images))
-        if pixels is not None and several:
-            pixels = self._images_by_row(pixels, counts)
+        if pixels is not None:
+            if len(pixels) != sum(counts):
+                raise ValueError(f"pixel_values hold {len(pixels)} images; the rows' image tokens ask for "
+                                 f"{sum(counts)}")
+            pixels = Images(pixels, np.repeat(np.arange(len(counts), dtype=np.int32), counts))
         if token_type_ids is not None and not (self.config.prefix_lm or self.config.image_blocks):
             raise ValueError("token_type_ids mark a prefix-LM's prefix; this model has none")
         types = None if token_type_ids is None else _token_types(token_type_ids, ids.shape)
@@ -208,19 +211,6 @@ class Model:
             raise ValueError(f"input_ids row {row} holds {image_tokens // P} images; this model takes at most "
                              f"{most} per prompt (max_images)")
         return image_tokens // P
-
-    @staticmethod
-    def _images_by_row(pixels: np.ndarray, counts: list[int]) -> np.ndarray:
-        """The images of all rows, in order ([N, H, W, 3], as transformers takes them) -> [B, M, H, W, 3], each
-        row's first, then blank images up to M (a power of two, so few image counts compile)."""
-        if len(pixels) != sum(counts):
-            raise ValueError(f"pixel_values hold {len(pixels)} images; the rows' image tokens ask for {sum(counts)}")
-        M = 1 << math.ceil(math.log2(max(1, *counts)))
-        out = np.zeros((len(counts), M, *pixels.shape[1:]), pixels.dtype)
-        starts = np.cumsum([0] + counts)
-        for i, n in enumerate(counts):
-            out[i, :n] = pixels[starts[i]:starts[i] + n]
-        return out
 
     def _pixels(self, pixel_values, batch: int | None = None) -> np.ndarray:
         self._require_vision("pixel_values")
@@ -313,11 +303,13 @@ class Model:
         outputs = self.config.head.num_labels if self.config.head is not None else self.config.decoder.vocab_size
         memory.check_fits(B * length * outputs * 4, f"the logits of {B} rows of {length} tokens")
         pad = lambda x, value: None if x is None else np.pad(x, ((0, 0), (0, length - T)), constant_values=value)
-        ids, valid, prefix, pixels = self._pad_batch(pad(ids, 0).astype(np.int32), pad(valid, False),
-                                                     pad(prefix, False), pixels)
+        ids, valid, prefix = self._pad_batch(pad(ids, 0).astype(np.int32), pad(valid, False), pad(prefix, False))
+        if pixels is not None:  # the rows repeated at the end bring their images
+            pixels = Images.of_rows([pixels.of_row(min(i, B - 1)) for i in range(len(ids))])
         put = functools.partial(place, self.shard)
+        pixels, image_rows = (None, None) if pixels is None else pixels.bucketed()
         out = _forward(self.config.computation, self.dtype, self.shard, self.params, put(ids), put(valid), put(prefix),
-                       put(pixels), inspect)
+                       put(pixels), put(image_rows), inspect)
         if inspect:
             logits, hidden, weights = (np.asarray(x, np.float32) for x in out)
             return logits[:B, :T], hidden[:, :B, :T], weights[:, :B, :, :T, :T]
@@ -390,7 +382,7 @@ class Model:
             raise ValueError(f"prompt: a request takes one prompt (a string), got {type(prompt).__name__}")
         ids, mask, prefix, pixels = self._inputs(*self.processor.encode(prompt, image, add_bos=add_bos))
         keep = mask[0]
-        return Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels[0],
+        return Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels.of_row(0),
                        prefix=None if prefix is None else prefix[0][keep], **settings)
 
     def _requests(self, inputs, settings: dict, stops: Sequence[str] = ()) -> list[Request]:
@@ -401,7 +393,7 @@ class Model:
         self._check_length(longest, "the prompt")
         self._check_length(longest + new, f"the prompt plus max_new_tokens={new}")
         return [Request(tokens=row[keep].astype(np.int32), prefix=None if prefix is None else prefix[i][keep],
-                        pixels=None if pixels is None else pixels[i], max_tokens=new,
+                        pixels=None if pixels is None else pixels.of_row(i), max_tokens=new,
                         temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
                         seed=settings["seed"], repetition_penalty=settings["repetition_penalty"],
                         min_new_tokens=settings["min_new_tokens"], stop=stops)

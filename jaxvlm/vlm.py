@@ -1,8 +1,8 @@
 """The whole model: a decoder, optionally fed by an image encoder through a projector; or an encoder alone.
 
 Image features replace the placeholder tokens' embeddings, in order: the i-th placeholder of a row gets
-the i-th feature of that row's images (pixels [B, H, W, C], one image a row, or [B, M, H, W, C], up to M:
-their features one after the other). Text embeddings are scaled as the decoder scales them (Gemma's
+the i-th feature of that row's images (`Inputs.pixels`, the batch's images as segments, each with its row:
+a row's features one image after the other). Text embeddings are scaled as the decoder scales them (Gemma's
 sqrt(D)); image features enter unscaled, as transformers 5 and big_vision do.
 """
 
@@ -48,10 +48,15 @@ class Projector(nn.Module):
                       name="linear")(x)
 
 
-def merge_image_features(text: jax.Array, features: jax.Array, is_image: jax.Array) -> jax.Array:
-    """text: [B, T, D]; features: [B, P, D]; is_image: bool[B, T] with P placeholders per row -> [B, T, D]."""
-    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
-    placed = jnp.take_along_axis(features, index[:, :, None], axis=1)
+def merge_image_features(text: jax.Array, features: jax.Array, image_rows: jax.Array, is_image: jax.Array):
+    """text: [B, T, D]; features: [N, P, D] of images in row order, image_rows: int32[N] (-1: none);
+    is_image: bool[B, T] -> [B, T, D], each row's placeholders holding its images' features in order."""
+    N, P, D = features.shape
+    rows = jnp.arange(text.shape[0])[:, None]
+    # the features of the images of earlier rows come first in the flattened [N * P, D]
+    before = jnp.sum((image_rows[None, :] >= 0) & (image_rows[None, :] < rows), axis=1) * P
+    index = jnp.clip(before[:, None] + jnp.cumsum(is_image, axis=1) - 1, 0, N * P - 1)
+    placed = jnp.take(features.reshape(N * P, D), index, axis=0)
     return jnp.where(is_image[:, :, None], placed.astype(text.dtype), text)
 
 
@@ -79,32 +84,27 @@ class VisionLanguageModel(nn.Module):
             self.head = ClassificationHead(c.head, self.dtype)
 
     def encode_image(self, pixels: jax.Array) -> jax.Array:
-        """pixels float[B, H, W, C] -> the features placed in the prompt, [B, P, D_decoder]; [B, M, H, W, C]
-        (M images a row) -> [B, M * P, D_decoder]."""
-        if pixels.ndim == 5:
-            B, M = pixels.shape[:2]
-            features = self.encode_image(pixels.reshape(B * M, *pixels.shape[2:]))
-            return features.reshape(B, M * features.shape[1], features.shape[2])
+        """pixels float[N, H, W, C] -> the features placed in the prompt, [N, P, D_decoder]."""
         return self.projector(self.vision.features(pixels))
 
-    def _embeddings(self, tokens: jax.Array, pixels: jax.Array | None) -> jax.Array | None:
+    def _embeddings(self, inputs: Inputs) -> jax.Array | None:
         """The prompt's embeddings with the images' features at the placeholders (None without images)."""
-        if pixels is None:
+        if inputs.pixels is None:
             return None
-        is_image = tokens == self.config.image_token_id
-        text = self.decoder.embed(jnp.where(is_image, 0, tokens))
-        return merge_image_features(text, self.encode_image(pixels), is_image)
+        is_image = inputs.tokens == self.config.image_token_id
+        text = self.decoder.embed(jnp.where(is_image, 0, inputs.tokens))
+        return merge_image_features(text, self.encode_image(inputs.pixels), inputs.image_rows, is_image)
 
     def __call__(self, inputs: Inputs, cache: KVCache | None = None, last_only: bool = False) -> DecoderOutput:
         """The decoder over `inputs` (`jaxvlm.inputs.Inputs`), the images' features at the placeholder tokens
         (whose ids may lie outside the vocabulary). See `Decoder.__call__` for `cache` and `last_only`."""
         return self.decoder(inputs.tokens, inputs.positions, inputs.valid, cache,
-                            self._embeddings(inputs.tokens, inputs.pixels), inputs.blocks, last_only)
+                            self._embeddings(inputs), inputs.blocks, last_only)
 
     def classify(self, inputs: Inputs) -> jax.Array:
         """The classification head's float32 logits: [B, labels] or, per token, [B, T, labels]."""
         hidden, _ = self.decoder.hidden_states(inputs.tokens, inputs.positions, inputs.valid, None,
-                                               self._embeddings(inputs.tokens, inputs.pixels), inputs.blocks)
+                                               self._embeddings(inputs), inputs.blocks)
         return self.head(hidden, inputs.valid)
 
     def initialize(self, tokens: jax.Array, pixels: jax.Array):

@@ -239,11 +239,11 @@ def test_longrope_factors_are_each_requests_own(convert_and_load):
     rows = hf_models.vlm_prompts("llava_phi3", 1, [5, 9, 7])
     pixels = hf_models.pixels(0, 3)
     ids, mask = hf_models.left_pad(rows)
-    ids, mask, _, by_row = jx._inputs(ids, mask, pixels)
+    ids, mask, _, images = jx._inputs(ids, mask, pixels)
     engine = Engine(jx, slots=4, cache_size=64, chunk=4)
     submitted = []
     for i, keep in enumerate(mask):
-        submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=by_row[i], max_tokens=12)))
+        submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=images.of_row(i), max_tokens=12)))
         engine.step()
     done = engine.run()
     for i, request_id in enumerate(submitted):

@@ -287,13 +287,11 @@ def test_the_engine_answers_rows_of_one_and_two_images(gemma3):
     _, jx, rows, pixels = gemma3
     ids, mask = hf_models.left_pad(rows)
     want = jx.generate_ids(ids, mask, pixels, max_new_tokens=8)
-    _, _, _, by_row = jx._inputs(ids, mask, pixels)
+    _, _, _, images = jx._inputs(ids, mask, pixels)
     engine = Engine(jx, slots=2, cache_size=128, chunk=4)
     submitted = []
     for i, row in enumerate(rows):
-        count = int((row == jx.config.image_token_id).sum()) // jx.config.tokens_per_image
-        submitted.append(engine.submit(Request(tokens=row, pixels=by_row[i][:max(1, 1 << (count - 1).bit_length())],
-                                               max_tokens=8)))
+        submitted.append(engine.submit(Request(tokens=row, pixels=images.of_row(i), max_tokens=8)))
         engine.step()
     done = engine.run()
     for i, request_id in enumerate(submitted):
@@ -307,11 +305,11 @@ def test_the_same_image_asked_again_reuses_its_cache(gemma3):
     from jaxvlm.engine import Engine, Request
     _, jx, rows, pixels = gemma3
     ids, mask = hf_models.left_pad(rows)
-    _, _, _, by_row = jx._inputs(ids, mask, pixels)
-    row, image = rows[0], by_row[0][:1]  # row 0 has one image, row 1 two others
+    _, _, _, images = jx._inputs(ids, mask, pixels)
+    row, image = rows[0], images.of_row(0)  # row 0 has one image, row 1 two others
     again = np.concatenate([row, row[-5:][::-1], row[-5:]])  # the same image, a longer question
     requests = [Request(tokens=row, pixels=image, max_tokens=8), Request(tokens=again, pixels=image, max_tokens=8),
-                Request(tokens=row, pixels=by_row[1][:1], max_tokens=8)]
+                Request(tokens=row, pixels=images.of_row(1)[:1], max_tokens=8)]
     answers = []
     for budget in (1 << 30, 0):
         engine = Engine(jx, slots=2, cache_size=128, chunk=4, prefix_cache_bytes=budget)

@@ -11,6 +11,7 @@ import pytest
 
 import jaxvlm
 from jaxvlm import generate as generate_module
+from jaxvlm import engine as engine_module
 from jaxvlm.vision import VisionEncoder
 from tests import hf_models
 
@@ -71,16 +72,18 @@ def test_padded_rows_match_each_prompt_alone(vlm):
 
 
 def test_image_is_encoded_once_at_prefill(vlm, monkeypatch):
-    """Tracing prefill and decode afresh calls the image encoder once: in prefill, never in the decode step."""
+    """Tracing prefill and decode afresh calls the image encoder once: in the prefill that every request of
+    the batch runs (one image each), never in the decode step."""
     name, _, jx, rows, pixels = vlm
     calls = []
     features = VisionEncoder.features
     monkeypatch.setattr(VisionEncoder, "features", lambda self, x: calls.append(x.shape) or features(self, x))
     generate_module.prefill.clear_cache()
     generate_module.decode.clear_cache()
+    engine_module.decode_rows.clear_cache()
     ids, mask = hf_models.left_pad(rows)
     jx.generate_ids(ids, mask, pixels, max_new_tokens=NEW_TOKENS)
-    assert calls == [(2, 32, 32, 3)], name
+    assert calls == [(1, 32, 32, 3)], name
 
 
 # --- PaliGemma's prefix-LM mask ---------------------------------------------------------------------------

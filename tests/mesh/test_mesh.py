@@ -119,7 +119,7 @@ def _check_engine(model, inputs, tokens):
     max_tokens = NEW_TOKENS if not rope.is_longrope else rope.original_max_position - ids.shape[1]
     submitted = []
     for i, keep in enumerate(mask):
-        submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=None if pixels is None else pixels[i],
+        submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=None if pixels is None else pixels.of_row(i),
                                                prefix=None if prefix is None else prefix[i][keep],
                                                max_tokens=max_tokens)))
         engine.step()
