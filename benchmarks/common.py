@@ -76,7 +76,7 @@ def bench_jaxvlm(model, prompt: np.ndarray, new: int, repeats: int, pixels: np.n
 
     def run_prefill():
         state, token, _, _ = generate.prefill(c, model.dtype, False, size, model.shard, model.params, tokens, valid,
-                                           prefix, pixels, jnp.zeros(B, bool), np.zeros(B, np.int32), rules)
+                                           prefix, pixels, None, jnp.zeros(B, bool), np.zeros(B, np.int32), rules)
         return jax.block_until_ready((state, token))
 
     def run_decode(state):

@@ -330,8 +330,8 @@ class Model:
         """
         checks.flag("logprobs", logprobs)
         settings = self._settings(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens)
-        outputs = self._answers(self._requests(self._inputs(input_ids, attention_mask, pixel_values, token_type_ids),
-                                               settings))
+        inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
+        outputs = self._answers(self._requests(self._rows(inputs), **self._fields(settings)))
         n = settings["max_new_tokens"]
         tokens = np.full((len(outputs), n), self.config.tokens.pad_id, np.int32)
         scores = np.zeros((len(outputs), n), np.float32)
@@ -343,7 +343,8 @@ class Model:
         """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
         where a sharded model's collectives, or a stacked model's copies, show."""
         settings = self._settings(max_new_tokens=2, temperature=0.0)
-        requests = self._requests(self._inputs(input_ids, attention_mask, pixel_values, token_type_ids), settings)
+        inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
+        requests = self._requests(self._rows(inputs), **self._fields(settings))
         return self._engine(requests, chunk=1).decode_program()
 
     def check_generation(self, stop=None, logprobs: bool = False, **settings) -> None:
@@ -380,24 +381,41 @@ class Model:
         `settings` are `Request`'s fields (max_tokens, temperature, stop, ...)."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: a request takes one prompt (a string), got {type(prompt).__name__}")
-        ids, mask, prefix, pixels = self._inputs(*self.processor.encode(prompt, image, add_bos=add_bos))
-        keep = mask[0]
-        return Request(tokens=ids[0][keep], pixels=None if pixels is None else pixels.of_row(0),
-                       prefix=None if prefix is None else prefix[0][keep], **settings)
-
-    def _requests(self, inputs, settings: dict, stops: Sequence[str] = ()) -> list[Request]:
-        """A `Request` for each row of `_inputs`' arrays, with `_settings`."""
         self._require_lm_head()
-        ids, mask, prefix, pixels = inputs
-        longest, new = int(mask.sum(axis=1).max()), settings["max_new_tokens"]
+        tokens, prefix, pixels = self._prompts(prompt, image, add_bos)[0]
+        return Request(tokens=tokens, prefix=prefix, pixels=pixels, **settings)  # (`Engine.check` checks it)
+
+    def _prompts(self, prompt_or_prompts, image, add_bos: bool | None, offset: int = 0) -> list[tuple]:
+        """Each plain-text prompt as a request takes it (tokens, prefix or None, images or None), laid out by
+        the processor: a prompt is never padded on its way to prefill, where it is right-aligned once."""
+        rows, pixels, counts = self.processor.prompt_rows(prompt_or_prompts, image, add_bos, offset)
+        starts = np.cumsum([0] + counts)
+        return [(row, np.ones(len(row), bool) if self.config.prefix_lm else None,
+                 None if pixels is None else pixels[starts[i]:starts[i + 1]]) for i, row in enumerate(rows)]
+
+    @staticmethod
+    def _rows(inputs) -> list[tuple]:
+        """`_inputs`' padded arrays as `_prompts` gives prompts: each row's tokens under its mask."""
+        ids, mask, prefix, images = inputs
+        return [(row[keep].astype(np.int32), None if prefix is None else prefix[i][keep],
+                 None if images is None else images.of_row(i)) for i, (row, keep) in enumerate(zip(ids, mask))]
+
+    def _requests(self, prompts: Sequence[tuple], **fields: Any) -> list[Request]:
+        """A `Request` for each of `prompts` (`_prompts`' or `_rows`' tuples) with `fields`, the prompts'
+        lengths checked against the model's context."""
+        self._require_lm_head()
+        longest, new = max(len(tokens) for tokens, _, _ in prompts), fields.get("max_tokens", Request.max_tokens)
         self._check_length(longest, "the prompt")
         self._check_length(longest + new, f"the prompt plus max_new_tokens={new}")
-        return [Request(tokens=row[keep].astype(np.int32), prefix=None if prefix is None else prefix[i][keep],
-                        pixels=None if pixels is None else pixels.of_row(i), max_tokens=new,
-                        temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
-                        seed=settings["seed"], repetition_penalty=settings["repetition_penalty"],
-                        min_new_tokens=settings["min_new_tokens"], stop=stops)
-                for i, (row, keep) in enumerate(zip(ids, mask))]
+        return [Request(tokens=tokens, prefix=prefix, pixels=pixels, **fields) for tokens, prefix, pixels in prompts]
+
+    @staticmethod
+    def _fields(settings: dict, stops: Sequence[str] = ()) -> dict[str, Any]:
+        """`_settings` as `Request`'s fields."""
+        return dict(max_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
+                    top_k=settings["top_k"], top_p=settings["top_p"], seed=settings["seed"],
+                    repetition_penalty=settings["repetition_penalty"], min_new_tokens=settings["min_new_tokens"],
+                    stop=stops)
 
     def _engine(self, requests: Sequence[Request], chunk: int) -> Engine:
         """An engine with a slot for each of `requests` (the batch padded to its bucket, as a mesh splits it)
@@ -461,8 +479,8 @@ class Model:
         for start in range(0, max(1, len(prompts)), GENERATE_BATCH):
             part = slice(start, start + GENERATE_BATCH)
             batch_images = image if single or image is None or not isinstance(image, (list, tuple)) else image[part]
-            inputs = self.processor.encode(prompt_or_prompts if single else prompts[part], batch_images, add_bos, start)
-            for out in self._answers(self._requests(self._inputs(*inputs), settings, stops)):
+            batch = self._prompts(prompt_or_prompts if single else prompts[part], batch_images, add_bos, start)
+            for out in self._answers(self._requests(batch, **self._fields(settings, stops))):
                 answers.append(Generated(out.text, out.tokens, out.logprobs) if logprobs else out.text)
         return answers[0] if single else answers
 
@@ -486,7 +504,7 @@ class Model:
         settings = self._settings(**settings)
         stops = check_stop(stop)
         self._require_lm_head()
-        requests = self._requests(self._inputs(*self.processor.encode(prompt, image, add_bos)), settings, stops)
+        requests = self._requests(self._prompts(prompt, image, add_bos), **self._fields(settings, stops))
         engine = self._engine(requests, STREAM_CHUNK)
         engine.submit(requests[0])
 

@@ -64,6 +64,14 @@ class Processor:
         out: `Encoded(input_ids int32[B, T], attention_mask bool[B, T], pixel_values float32[N, H, W, 3] or
         None)`, rows right-aligned. `add_bos=False` leaves out the BOS the tokenizer would put first (a chat
         template writes its own); errors name the prompts counting from `offset` (a batch of a longer list)."""
+        rows, pixels, _ = self.prompt_rows(prompt_or_prompts, image, add_bos, offset)
+        ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
+        return Encoded(ids, mask, pixels)
+
+    def prompt_rows(self, prompt_or_prompts: str | Sequence[str], image=None, add_bos: bool | None = None,
+                    offset: int = 0) -> tuple[list[np.ndarray], np.ndarray | None, list[int]]:
+        """`encode` without the padding: (each prompt's tokens int32[T_i], the images float32[N, H, W, 3] of
+        all prompts in order or None, how many images each prompt holds)."""
         require_decoder(self.config)
         single = isinstance(prompt_or_prompts, str)
         if not single and not isinstance(prompt_or_prompts, (list, tuple)):
@@ -117,8 +125,8 @@ class Processor:
                 text = self.tokenizer.single_token_text(self.config.image_token_id)
                 raise ValueError(f"{name} holds the image token{f' {text!r}' if text else ''} as text "
                                  f"({found - want} extra); images are placed by the model, not typed into the prompt")
-        ids, mask = right_align(rows, max(len(r) for r in rows), self.config.tokens.pad_id)
-        return Encoded(ids, mask, pixels)
+        return [np.asarray(r, np.int32) for r in rows], pixels, [p // self.config.tokens_per_image if p else 0
+                                                                for p in placed]
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,
