@@ -207,7 +207,9 @@ class Engine:
     arriving at once neither stalls the running requests nor waits for the last prefill to see its first
     token. `compact`: decode only the slots up to the highest one in use (rounded up to a power of two; a
     program each); else every slot, always (one program). `fail_alone=False`: a request that fails raises
-    from `step` (as `Model.generate`'s batch does) rather than ending alone.
+    from `step` (as `Model.generate`'s batch does) rather than ending alone. `overlap=False`: each chunk is read
+    as soon as it is done rather than a chunk late, so that no chunk runs past the end of the last request
+    (a batch whose rows end at an end-of-sequence token, all submitted at once: `Model.generate`'s case).
 
     On several hosts (a mesh across processes) every host must submit the same requests in the same order
     and step alike, as `Model.generate` does: the engine's choices depend only on its requests and the
@@ -215,12 +217,13 @@ class Engine:
 
     def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefill_tokens: int = 512,
-                 compact: bool = True, fail_alone: bool = True):
+                 compact: bool = True, fail_alone: bool = True, overlap: bool = True):
         model._require_lm_head()
         self.model, self.slots, self.chunk = model, checks.integer("slots", slots, 1), checks.integer("chunk", chunk, 1)
         self.shard = model.shard
         self.prefill_tokens = checks.integer("prefill_tokens", prefill_tokens, 1)
         self.compact, self.fail_alone = checks.flag("compact", compact), checks.flag("fail_alone", fail_alone)
+        self.overlap = checks.flag("overlap", overlap)
         if self.shard is not None:
             if slots % self.shard.batch_multiple:
                 raise ValueError(f"slots={slots}: the mesh splits the batch over {self.shard.batch_multiple} "
@@ -314,6 +317,9 @@ class Engine:
             self._in_flight = (*self._dispatch(), {s: (r, self.live[r].phase) for s, r in self.running.items()})
         if previous is not None:
             self._read(previous)
+        if not self.overlap and self._in_flight is not None:
+            current, self._in_flight = self._in_flight, None
+            self._read(current)
         return self._events
 
     def cancel(self, request_id: int) -> bool:
@@ -344,9 +350,10 @@ class Engine:
                                  self.model.params, self.state, self.rules, 0).compile().as_text()
 
     def _admit(self) -> None:
-        if self.queue and self._in_flight is not None:
+        if self._in_flight is not None:
             # A request whose last tokens are all in the chunk in flight (its max_tokens) gives up its slot now:
-            # the device runs that chunk before the next insert, and its tokens are read as any other's.
+            # the device runs that chunk before the next insert, its tokens are read as any other's, and no
+            # chunk is run for it past its end.
             in_flight = self._in_flight[-1]
             for slot, request_id in list(self.running.items()):
                 live = self.live[request_id]
