@@ -417,10 +417,11 @@ class Model:
                     repetition_penalty=settings["repetition_penalty"], min_new_tokens=settings["min_new_tokens"],
                     stop=stops)
 
-    def _engine(self, requests: Sequence[Request], chunk: int) -> Engine:
+    def _engine(self, requests: Sequence[Request], chunk: int, overlap: bool = False) -> Engine:
         """An engine with a slot for each of `requests` (the batch padded to its bucket, as a mesh splits it)
-        and a cache that fits the longest, checked to fit in memory; every slot decodes (one program), each
-        chunk is read as soon as it is done (none runs past the last row's end), and a failure raises."""
+        and a cache that fits the longest, checked to fit in memory; every slot decodes (one program), and a
+        failure raises. Each chunk is read as soon as it is done (none runs past the last row's end), or with
+        `overlap` a chunk late (a stream's first token comes out while the first chunk runs)."""
         slots = batch_bucket(len(requests), 1 if self.shard is None else self.shard.batch_multiple)
         size = cache_bucket(max(cache_slots(self.config, len(r.tokens), r.max_tokens) for r in requests))
         cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, slots, size, self.cache_dtype,
@@ -428,7 +429,7 @@ class Model:
         memory.check_fits(memory.tree_bytes(cache), f"max_new_tokens={requests[0].max_tokens}: the KV cache for "
                                                     f"{len(requests)} rows of {size} tokens")
         return Engine(self, slots=slots, cache_size=size, chunk=chunk, prefix_cache_bytes=0, compact=False,
-                      fail_alone=False, overlap=False)
+                      fail_alone=False, overlap=overlap)
 
     def _answers(self, requests: Sequence[Request]) -> list[Output]:
         """The engine's outputs for `requests`, all decoding together, in order. Decode calls take up to
@@ -505,7 +506,7 @@ class Model:
         stops = check_stop(stop)
         self._require_lm_head()
         requests = self._requests(self._prompts(prompt, image, add_bos), **self._fields(settings, stops))
-        engine = self._engine(requests, STREAM_CHUNK)
+        engine = self._engine(requests, STREAM_CHUNK, overlap=True)
         engine.submit(requests[0])
 
         def pieces() -> Iterator[str]:  # a token's text as soon as its chunk is read

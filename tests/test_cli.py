@@ -55,8 +55,9 @@ def test_generate_prints_as_it_streams():
     process = jaxvlm_command("generate", "--prompt", "caption en", "--image", "examples/shapes.png")
     first = process.stdout.read(1)
     assert process.poll() is None or first  # the first character came while decoding went on, or at once
-    rest, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    rest = process.stdout.read()  # (through the same buffer: `communicate` would miss what it holds already)
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 0, err
     assert first + rest == "a red circle left of a blue square above a green triangle\n"
 
 
