@@ -133,20 +133,26 @@ def check_distributed(where: str) -> None:
                            "jax.distributed.initialize() has not been called; call it first, in every process")
 
 
-def parse_mesh(text: str, what: str = "--mesh") -> jax.sharding.Mesh:
-    """A mesh over this host's devices from text such as "data=2,model=4" (axes named from MESH_AXES, sizes
-    multiplying to the device count)."""
-    axes, shape = [], []
+def mesh_shape(text: str, what: str = "--mesh") -> dict[str, int]:
+    """{axis: size} from text such as "data=2,model=4" (axes named from MESH_AXES, each once)."""
+    shape: dict[str, int] = {}
     for part in text.split(","):
         name, equals, size = part.strip().partition("=")
-        if not equals or name not in MESH_AXES or not size.isdigit() or int(size) < 1 or name in axes:
+        if not equals or name not in MESH_AXES or not size.isdigit() or int(size) < 1 or name in shape:
             raise ValueError(f"{what} {text!r}: give each axis once as name=size, comma-separated, the names from "
                              f"{', '.join(MESH_AXES)} (e.g. data=2,model=4)")
-        axes.append(name)
-        shape.append(int(size))
-    if int(np.prod(shape)) != jax.device_count():
-        raise ValueError(f"{what} {text!r}: {int(np.prod(shape))} devices, but there are {jax.device_count()}")
-    return jax.make_mesh(tuple(shape), tuple(axes))
+        shape[name] = int(size)
+    return shape
+
+
+def parse_mesh(text: str, what: str = "--mesh") -> jax.sharding.Mesh:
+    """A mesh over this host's devices from text such as "data=2,model=4" (`mesh_shape`; sizes multiplying to
+    the device count)."""
+    shape = mesh_shape(text, what)
+    if int(np.prod(list(shape.values()))) != jax.device_count():
+        raise ValueError(f"{what} {text!r}: {int(np.prod(list(shape.values())))} devices, but there are "
+                         f"{jax.device_count()}")
+    return jax.make_mesh(tuple(shape.values()), tuple(shape))
 
 
 def mesh_rules(mesh, rules: Rules | None) -> MeshRules | None:

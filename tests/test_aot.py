@@ -1,0 +1,108 @@
+"""Compiling for TPU slices on this CPU (`jaxvlm.aot`, `jaxvlm compile-report`): libtpu describes the slice,
+nothing runs; the memory figures are the TPU compiler's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxvlm import aot
+from jaxvlm.config import DecoderConfig, ModelConfig
+
+pytest.importorskip("libtpu", reason="compiling for TPU needs the tpu-compile extra (libtpu)")
+
+# weights dominate its decode's arguments (2.4M params; the cache of one row of 128 slots is small)
+TINY = ModelConfig(decoder=DecoderConfig(vocab_size=1024, width=256, depth=2, num_heads=4, num_kv_heads=1,
+                                         head_dim=64, mlp_dim=1024, max_position_embeddings=1 << 20))
+KEYS = {"arguments_bytes", "outputs_bytes", "temporaries_bytes", "code_bytes", "total_bytes", "fits",
+        "compile_seconds", "flops", "bytes_accessed"}
+
+
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_a_tiny_model_fits_a_slice(topology):
+    report = aot.report(TINY, topology, batch=8, cache=256, prompt=64)
+    assert report["topology"] == topology and report["devices"] == 4 and report["hbm_bytes"] > 8 << 30
+    assert set(report["programs"]) == {"prefill", "decode"}
+    for name, program in report["programs"].items():
+        assert KEYS <= set(program), name
+        assert program["fits"] and 0 < program["total_bytes"] < report["hbm_bytes"], name
+        assert program["flops"] > 0 and program["bytes_accessed"] > 0, name
+
+
+def test_int8_weights_are_held_as_int8():
+    """A decode step's arguments (weights, and a small cache) with int8 weights: at most 0.3x float32's."""
+    full, int8 = (aot.report(TINY, "v5e:2x2", batch=1, cache=128, prompt=16, dtype="float32", quantize=q)
+                  for q in (None, "int8"))
+    ratio = int8["programs"]["decode"]["arguments_bytes"] / full["programs"]["decode"]["arguments_bytes"]
+    assert ratio <= 0.3, ratio
+
+
+def test_a_configuration_far_beyond_the_slice_is_reported_as_not_fitting():
+    report = aot.report(TINY, "v5e:2x2", batch=4096, cache=65536, prompt=16)
+    for name, program in report["programs"].items():
+        assert program["fits"] is False and "memory" in program["error"].lower(), (name, program)
+
+
+def test_the_command_prints_a_table(tmp_path):
+    """A checkpoint folder's config alone (no weights there) compiled from the command line."""
+    TINY.save(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "compile-report", str(tmp_path), "--batch", "2",
+                          "--cache", "64", "--prompt", "16", "--mesh", "data=2,model=2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith(f"{tmp_path} on v5e:2x2 (4 devices")
+    assert [line.split()[0] for line in lines[2:4]] == ["prefill", "decode"]
+    assert all(" yes " in line for line in lines[2:4]), out.stdout
+
+
+def test_the_largest_batch_is_found_in_few_compilations(monkeypatch):
+    """The search doubles, then halves the gap (the compiler's answer stood in for by a limit of 37 rows)."""
+    asked = []
+
+    def fits_up_to_37(model, topology, batch, **settings):
+        asked.append(batch)
+        return {"programs": {"prefill": {"fits": batch <= 37}, "decode": {"fits": True}}}
+    monkeypatch.setattr(aot, "report", fits_up_to_37)
+    assert aot.largest_batch(TINY, "v5e:2x2", cache=64) == 37 and len(asked) <= 12
+    assert aot.largest_batch(TINY, "v5e:2x2", most=16) == 16
+
+
+def test_a_vision_language_model_prefills_its_images():
+    import jaxvlm
+    builtin = jaxvlm.load().config
+    with_images = aot.report(builtin, "v5e:2x2", batch=2, cache=320, prompt=272, dtype="float32")
+    prefill = with_images["programs"]["prefill"]
+    assert prefill["fits"] and prefill["arguments_bytes"] > 2 * 3 * builtin.vision.image_size ** 2 * 4 / 2
+
+
+# --- bad input: one line naming it -------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(topology="v9z:2x2"), "topology 'v9z:2x2': unknown; give a chip and its layout, one of v4, v5e"),
+    (dict(topology="v5e"), "topology 'v5e': unknown"),
+    (dict(topology="v5e:3x7"), "topology 'v5e:3x7': libtpu cannot lay it out"),
+    (dict(mesh="data=2,model=4"), "mesh {'data': 2, 'model': 4} holds 8 devices; the topology has 4"),
+    (dict(mesh="rows=4"), "--mesh 'rows=4': give each axis once as name=size"),
+    (dict(batch=0), "batch must be an int >= 1, got 0"),
+    (dict(cache="4k"), "cache must be an int, got '4k'"),
+    (dict(prompt=512, cache=256), "prompt=512 is longer than cache=256"),
+    (dict(dtype="float16"), "dtype must be one of bfloat16, float32"),
+])
+def test_bad_settings_are_named(kwargs, message):
+    settings = dict(topology="v5e:2x2", batch=1, cache=64, prompt=16) | kwargs
+    with pytest.raises(ValueError) as e:
+        aot.report(TINY, **settings)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_an_unknown_preset_is_named():
+    with pytest.raises(ValueError, match="unknown preset 'gemma-99b'"):
+        aot.report("gemma-99b")
+
+
+def test_libtpu_missing_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now raises ImportError
+    with pytest.raises(ValueError, match=r"compiling for TPU needs libtpu: pip install 'libtpu==0\.0\.42\.\*'"):
+        aot.report(TINY)
