@@ -114,13 +114,14 @@ def _measure(lowered_fn, hbm: int) -> dict[str, Any]:
 def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", batch: int = 8, cache: int = 4096,
            prompt: int = 1024, dtype: str = "bfloat16", quantize: str | None = None,
            mesh: str | dict[str, int] | None = None, rules=None, scan_layers: bool = False, steps: int = 1) -> dict:
-    """Compiles prefill (`prompt` tokens a row, and an image a row for a vision-language model) and a decode chunk (`steps` steps) of `model` for `batch`
-    rows and a `cache`-slot KV cache on `topology`, params in `dtype` (or int8 with `quantize="int8"`), split
-    over `mesh` ("data=2,model=2" or {axis: size}; default every device on 'model') by `rules`; returns
-    {"topology", "devices", "hbm_bytes", "programs": {"prefill": {...}, "decode": {...}}}, each program with
-    its per-device `arguments_bytes`, `outputs_bytes`, `temporaries_bytes`, `code_bytes`, `total_bytes`,
-    `fits` (total within the chip's memory), `compile_seconds`, `flops` and `bytes_accessed` (or, where
-    the compiler ran out of the chip's memory, `fits` False and its `error`)."""
+    """Compiles prefill (`prompt` tokens a row, and an image a row for a vision-language model) and a decode
+    chunk (`steps` steps) of `model` for `batch` rows and a `cache`-slot KV cache on `topology`, params in
+    `dtype` (or int8 with `quantize="int8"`), split over `mesh` ("data=2,model=2" or {axis: size}; default
+    every device on 'model') by `rules`; returns {"topology", "devices", "hbm_bytes", "programs": {"prefill":
+    {...}, "decode": {...}}}, each program with its per-device `arguments_bytes`, `outputs_bytes`,
+    `temporaries_bytes`, `code_bytes`, `total_bytes`, `fits` (total within the chip's memory),
+    `compile_seconds`, `flops` and `bytes_accessed` (or, where the compiler ran out of the chip's memory,
+    `fits` False and its `error`)."""
     config = model_config(model)
     if config.decoder is None:
         raise ValueError("model: an image encoder alone has no generation programs to compile")
@@ -170,7 +171,8 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     return dict(topology=topology, devices=len(found), hbm_bytes=hbm, programs=programs)
 
 
-def largest_batch(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", most: int = 4096, **settings) -> int:
+def largest_batch(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", most: int = 4096,
+                  **settings) -> int:
     """The largest batch (a multiple of the devices the batch is split over, at most `most`) whose prefill
     and decode both fit (`report`'s `settings` otherwise); 0 where not even the smallest does. Doubles, then
     halves the gap: a few compilations."""

@@ -254,7 +254,8 @@ class Engine:
         self.running: dict[int, int] = {}  # slot -> request id
         self.live: dict[int, _Live] = {}  # the running requests, by id
         self.finished: dict[int, Output] = {}  # not yet handed out by `run`
-        self._in_flight = None  # (tokens, logprobs, top, {slot: (request id, its phase)}) of the chunk dispatched last
+        # (tokens, logprobs, top, {slot: (request id, its phase)}) of the chunk dispatched last
+        self._in_flight = None
         self._ids = itertools.count()
         self._events: list[Event] = []
 
@@ -385,7 +386,6 @@ class Engine:
         length = prompt_bucket(len(request.tokens))
         tokens, valid = right_align([request.tokens], length, self.pad_id)
         prefix = None if request.prefix is None else right_align([request.prefix], length, False, bool)[0]
-
         one = sampling_rules(1, self.model.config.tokens.eos_ids, self.pad_id, temperature=request.temperature,
                              top_k=request.top_k, top_p=request.top_p, seed=request.seed,
                              min_new_tokens=request.min_new_tokens, repetition_penalty=request.repetition_penalty)
@@ -409,7 +409,8 @@ class Engine:
                 Images.of_rows([request.pixels] * rows).bucketed()
             prefilled, token, logprob, top = prefill(  # (penalize: its `seen` row, the repetition penalty's)
                 self.config, self.model.dtype, True, length, self.shard, self.model.params, put(tokens), put(valid),
-                put(prefix), place(self.shard, pixels), place(self.shard, image_rows), put(np.zeros(1, bool)), np.full(rows, steps, np.int32),
+                put(prefix), place(self.shard, pixels), place(self.shard, image_rows), put(np.zeros(1, bool)),
+                np.full(rows, steps, np.int32),
                 {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
                 rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype)
         if self._cacheable(request):
