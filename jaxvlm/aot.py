@@ -28,9 +28,9 @@ from jax.sharding import Mesh
 from jaxvlm import checks, presets
 from jaxvlm.checkpoint import abstract_params, param_axes
 from jaxvlm.config import ModelConfig, QuantizationConfig
-from jaxvlm.generate import DecodeState, decode, prefill, sampling_rules
+from jaxvlm.generate import DecodeState, cache_axes, decode, prefill, sampling_rules
 from jaxvlm.kv_cache import KVCache
-from jaxvlm.sharding import MESH_AXES, MeshRules, mesh_shape
+from jaxvlm.sharding import MeshRules, mesh_shape
 
 LIBTPU = "libtpu==0.0.42.*"  # the version jax 0.10.2 pins (what `pip install "jax[tpu]==0.10.2"` picks)
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip
@@ -68,10 +68,7 @@ def model_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
 
 def mesh_of(topology_devices: list, mesh: dict[str, int] | None) -> Mesh:
     """The devices as a mesh of `mesh`'s axes and sizes (default: every device on 'model')."""
-    shape = {"model": len(topology_devices)} if mesh is None else dict(mesh)
-    unknown = [a for a in shape if a not in MESH_AXES]
-    if unknown:
-        raise ValueError(f"mesh: unknown axis {unknown[0]!r}; jaxvlm's mesh axes are {', '.join(MESH_AXES)}")
+    shape = {"model": len(topology_devices)} if mesh is None else dict(mesh)  # (axis names: MeshRules.create)
     for axis, size in shape.items():
         checks.integer(f"mesh {axis}", size, 1)
     if math.prod(shape.values()) != len(topology_devices):
@@ -149,7 +146,7 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     put = lambda shape, dtype_, names: jax.ShapeDtypeStruct(shape, dtype_, sharding=shard.sharding(names, shape))
 
     cache_tree = jax.eval_shape(lambda: KVCache.init(config.decoder, rows, cache, compute, scan_layers))
-    kv = lambda x: spec(x, ("layers",) * (x.ndim - 4) + ("batch", None, "kv_heads", "head_dim"))
+    kv = lambda x: spec(x, cache_axes(x))
     cache_tree = KVCache(k=jax.tree.map(kv, cache_tree.k), v=jax.tree.map(kv, cache_tree.v),
                          end=spec(cache_tree.end, ()), valid=spec(cache_tree.valid, ("batch", None)))
     state = DecodeState(cache=cache_tree, token=put((rows,), jnp.int32, ("batch",)),

@@ -138,11 +138,16 @@ def check_finite_tokens(tokens: np.ndarray, first_step: int, names: Sequence[str
                               "the checkpoint (or try float32)")
 
 
+def cache_axes(entry) -> tuple[str | None, ...]:
+    """The logical names of a cache entry's axes ([..., B, S, K, H]; a stack's leading 'layers')."""
+    return ("layers",) * (entry.ndim - 4) + ("batch", None, "kv_heads", "head_dim")
+
+
 def place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
     """The cache split on batch and kv heads over the mesh (a no-op on one device)."""
     if shard is None:
         return cache
-    kv = lambda x: shard.constrain(x, ("layers",) * (x.ndim - 4) + ("batch", None, "kv_heads", "head_dim"))
+    kv = lambda x: shard.constrain(x, cache_axes(x))
     return KVCache(k=jax.tree.map(kv, cache.k), v=jax.tree.map(kv, cache.v), end=cache.end,
                    valid=shard.constrain(cache.valid, ("batch", None)))
 
