@@ -15,8 +15,11 @@ a program's bytes accessed against a minimal reference compiled the same way, no
 from __future__ import annotations
 
 import dataclasses
+import glob
 import math
 import os
+import re
+import tempfile
 import time
 from typing import Any
 
@@ -25,12 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxvlm import checks, presets
+from jaxvlm import checks, files, presets
 from jaxvlm.checkpoint import abstract_params, param_axes
-from jaxvlm.config import ModelConfig, QuantizationConfig
-from jaxvlm.generate import DecodeState, cache_axes, decode, prefill, sampling_rules
+from jaxvlm.config import CONFIG_FILE, ModelConfig, QuantizationConfig
+from jaxvlm.engine import decode_rows, insert
+from jaxvlm.generate import DecodeState, cache_axes, decode, prefill, prompt_bucket, sampling_rules
 from jaxvlm.kv_cache import KVCache
+from jaxvlm.minimal_step import minimal_decode
 from jaxvlm.sharding import MeshRules, mesh_shape
+from jaxvlm.train import TrainConfig, Trainer, TrainState
 
 LIBTPU = "libtpu==0.0.42.*"  # the version jax 0.10.2 pins (what `pip install "jax[tpu]==0.10.2"` picks)
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip
@@ -55,14 +61,18 @@ def devices(topology: str) -> list:
 
 
 def model_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
-    """A preset's name (`jaxvlm.presets`), a converted checkpoint folder (its config.json only: no weight is
-    read) or a `ModelConfig`, as the config to compile."""
+    """A preset's name (`jaxvlm.presets`), a checkpoint folder, converted or Hugging Face's (its config.json
+    only: no weight is read), or a `ModelConfig`, as the config to compile."""
     if isinstance(model, ModelConfig):
         return model
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
+        path = os.path.join(model, CONFIG_FILE)
+        if os.path.isfile(path) and "model_type" in files.read_json(path):  # transformers' config, not jaxvlm's
+            from convert.hf_config import model_config as hf_model_config  # (convert imports jaxvlm)
+            return hf_model_config(os.fspath(model))[0]
         return ModelConfig.load(model)
     if isinstance(model, str):
-        return ModelConfig(decoder=presets.get(model))
+        return presets.get(model)
     raise ValueError(f"model must be a preset name, a checkpoint folder or a ModelConfig, got {type(model).__name__}")
 
 
@@ -81,19 +91,41 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def largest_temporary(dump: str) -> tuple[int, str] | None:
+    """(bytes, shape) of the largest value among a program's temporaries in HBM, from the compiler's buffer
+    assignment dumped into `dump` (its "preallocated-temp" allocations of the default memory space; the
+    other colours are on-chip memories); None where the dump holds none."""
+    paths = glob.glob(os.path.join(dump, "*buffer-assignment.txt"))
+    if not paths:
+        return None
+    largest, temporary = (0, ""), False
+    with open(max(paths, key=os.path.getmtime)) as f:
+        for line in f:
+            if line.startswith("allocation"):
+                temporary = "preallocated-temp" in line and ", color " not in line
+            elif temporary and (found := _VALUE.match(line)):
+                largest = max(largest, (int(found.group(1)), found.group(2)))
+    return largest
+
+
+_VALUE = re.compile(r" value: <\d+ .+? @\d+> \(size=(\d+),offset=\d+\): (\S+)")
+
+
 def _measure(lowered_fn, hbm: int) -> dict[str, Any]:
-    """Compiles; the per-device memory and the cost model's counts. A program the chip cannot hold is
-    reported as not fitting, with the compiler's words, rather than raised."""
+    """Compiles; the per-device memory, the largest temporary and the cost model's counts. A program the
+    chip cannot hold is reported as not fitting, with the compiler's words, rather than raised."""
     start = time.perf_counter()
-    try:
-        compiled = lowered_fn().compile()
-    except Exception as e:  # noqa: BLE001 - only running out of memory is an answer; the rest is raised
-        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
-            raise
-        return dict(fits=False, compile_seconds=round(time.perf_counter() - start, 2),
-                    error=next((line.strip() for line in str(e).splitlines() if "memory" in line.lower()),
-                               str(e).splitlines()[0]))
-    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            compiled = lowered_fn().compile(compiler_options={"xla_dump_to": dump})
+        except Exception as e:  # noqa: BLE001 - only running out of memory is an answer; the rest is raised
+            if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+                raise
+            return dict(fits=False, compile_seconds=round(time.perf_counter() - start, 2),
+                        error=next((line.strip() for line in str(e).splitlines() if "memory" in line.lower()),
+                                   str(e).splitlines()[0]))
+        seconds = time.perf_counter() - start
+        largest = largest_temporary(dump)
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -105,20 +137,34 @@ def _measure(lowered_fn, hbm: int) -> dict[str, Any]:
                           + out["temporaries_bytes"] + out["code_bytes"])
     out.update(fits=out["total_bytes"] <= hbm, compile_seconds=round(seconds, 2), flops=float(cost.get("flops", 0.0)),
                bytes_accessed=float(cost.get("bytes accessed", 0.0)))
+    if largest is not None:
+        out.update(largest_temporary_bytes=largest[0], largest_temporary=largest[1])
     return out
+
+
+PROGRAMS = ("prefill", "decode", "minimal_decode", "engine_insert", "engine_step", "train_step")
+ENGINE_CHUNK = 8  # the engine's decode steps a call (Engine's default chunk)
 
 
 def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", batch: int = 8, cache: int = 4096,
            prompt: int = 1024, dtype: str = "bfloat16", quantize: str | None = None,
-           mesh: str | dict[str, int] | None = None, rules=None, scan_layers: bool = False, steps: int = 1) -> dict:
-    """Compiles prefill (`prompt` tokens a row, and an image a row for a vision-language model) and a decode
-    chunk (`steps` steps) of `model` for `batch` rows and a `cache`-slot KV cache on `topology`, params in
-    `dtype` (or int8 with `quantize="int8"`), split over `mesh` ("data=2,model=2" or {axis: size}; default
-    every device on 'model') by `rules`; returns {"topology", "devices", "hbm_bytes", "programs": {"prefill":
-    {...}, "decode": {...}}}, each program with its per-device `arguments_bytes`, `outputs_bytes`,
-    `temporaries_bytes`, `code_bytes`, `total_bytes`, `fits` (total within the chip's memory),
-    `compile_seconds`, `flops` and `bytes_accessed` (or, where the compiler ran out of the chip's memory,
-    `fits` False and its `error`)."""
+           mesh: str | dict[str, int] | None = None, rules=None, scan_layers: bool = False, steps: int = 1,
+           programs: tuple[str, ...] = PROGRAMS) -> dict:
+    """Compiles jaxvlm's programs for `model` on `topology`, with `batch` rows, a `cache`-slot KV cache and
+    `prompt`-token prompts, params in `dtype` (or int8 with `quantize="int8"`) split over `mesh`
+    ("data=2,model=2" or {axis: size}; default every device on 'model') by `rules`:
+    - prefill: the prompts (and an image a row for a vision-language model) into a fresh cache;
+    - decode: a chunk of `steps` decode steps (`generate.decode`);
+    - minimal_decode: the yardstick for decode (`jaxvlm.minimal_step`): each weight and cache entry read once;
+    - engine_insert, engine_step: the serving engine writing one prefilled request into its running batch
+      of `batch` slots, and decoding a chunk of all of them;
+    - train_step: one training step over `batch` sequences of `prompt` tokens (float32 params and AdamW's
+      moments, `dtype` activations; not with int8 weights, which are for inference).
+    `programs` picks some. Returns {"topology", "devices", "hbm_bytes", "programs": {name: {...}}}, each
+    program with its per-device `arguments_bytes`, `outputs_bytes`, `temporaries_bytes`, `code_bytes`,
+    `total_bytes`, `fits` (total within the chip's memory), `compile_seconds`, `flops`, `bytes_accessed`
+    and its `largest_temporary_bytes` (and that value's shape, `largest_temporary`); or, where the compiler
+    ran out of the chip's memory, `fits` False and its `error`."""
     config = model_config(model)
     if config.decoder is None:
         raise ValueError("model: an image encoder alone has no generation programs to compile")
@@ -131,41 +177,79 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     if prompt > cache:
         raise ValueError(f"prompt={prompt} is longer than cache={cache}")
+    unknown = [p for p in programs if p not in PROGRAMS]
+    if unknown:
+        raise ValueError(f"programs: unknown {unknown[0]!r} (known: {', '.join(PROGRAMS)})")
     found = devices(topology)
     shard = MeshRules.create(mesh_of(found, mesh_shape(mesh) if isinstance(mesh, str) else mesh), rules)
     hbm = HBM_BYTES[topology.split(":")[0]]
+    compute = DTYPES[dtype]
+    float_config = config
     if quantize:
         config = dataclasses.replace(config, quantization=QuantizationConfig())
-    compute = DTYPES[dtype]
     params = abstract_params(config, compute, scan_layers)
     params = _abstract(params, shard.params(param_axes(config, scan_layers), params))
     config = config.computation
     rows = -(-batch // shard.batch_multiple) * shard.batch_multiple
     rules_ = sampling_rules(rows, [1], 0)
-    spec = lambda x, names: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard.sharding(names, x.shape))
     put = lambda shape, dtype_, names: jax.ShapeDtypeStruct(shape, dtype_, sharding=shard.sharding(names, shape))
+    row_flags = lambda n: put((n,), jnp.bool_, ("batch",))
+    row_ints = lambda n: put((n,), jnp.int32, ("batch",))
 
-    cache_tree = jax.eval_shape(lambda: KVCache.init(config.decoder, rows, cache, compute, scan_layers))
-    kv = lambda x: spec(x, cache_axes(x))
-    cache_tree = KVCache(k=jax.tree.map(kv, cache_tree.k), v=jax.tree.map(kv, cache_tree.v),
-                         end=spec(cache_tree.end, ()), valid=spec(cache_tree.valid, ("batch", None)))
-    state = DecodeState(cache=cache_tree, token=put((rows,), jnp.int32, ("batch",)),
-                        position=put((rows,), jnp.int32, ("batch",)), done=put((rows,), jnp.bool_, ("batch",)),
-                        step=put((rows,), jnp.int32, ("batch",)))
-    tokens = put((rows, prompt), jnp.int32, ("batch", None))
-    valid = put((rows, prompt), jnp.bool_, ("batch", None))
-    row_flags = put((rows,), jnp.bool_, ("batch",))
-    row_steps = put((rows,), jnp.int32, ("batch",))
-    pixels = None
-    if config.is_vlm:
-        size = config.vision.image_size
-        pixels = put((rows, size, size, 3), jnp.float32, ("batch", None, None, None))
-    programs = {
-        "prefill": _measure(lambda: prefill.lower(config, compute, False, cache, shard, params, tokens, valid, None,
-                                                  pixels, None, row_flags, row_steps, rules_), hbm),
-        "decode": _measure(lambda: decode.lower(config, compute, False, steps, shard, params, state, rules_), hbm),
+    def cache_of(n: int, size: int) -> KVCache:
+        tree = jax.eval_shape(lambda: KVCache.init(config.decoder, n, size, compute, scan_layers))
+        kv = lambda x: put(x.shape, x.dtype, cache_axes(x))
+        return KVCache(k=jax.tree.map(kv, tree.k), v=jax.tree.map(kv, tree.v), end=put((), jnp.int32, ()),
+                       valid=put((n, size), jnp.bool_, ("batch", None)))
+
+    def state_of(n: int, size: int, seen: bool) -> DecodeState:
+        return DecodeState(cache=cache_of(n, size), token=row_ints(n), position=row_ints(n), done=row_flags(n),
+                           step=row_ints(n),
+                           seen=put((n, config.decoder.vocab_size), jnp.bool_, ("batch", None)) if seen else None)
+
+    def prefill_of(n: int, length: int, size: int, penalize: bool):
+        pixels = image_rows = None
+        if config.is_vlm:
+            size_ = config.vision.image_size
+            pixels = put((n, size_, size_, 3), jnp.float32, ("batch", None, None, None))
+        return prefill.lower(config, compute, penalize, size, shard, params, put((n, length), jnp.int32, ("batch", None)),
+                             put((n, length), jnp.bool_, ("batch", None)), None, pixels, image_rows, row_flags(n),
+                             row_ints(n), sampling_rules(n, [1], 0))
+
+    def train_step():
+        trainer = Trainer(float_config, TrainConfig(steps=1, compute_dtype=dtype), mesh=shard.mesh, rules=rules)
+        master = abstract_params(float_config, jnp.float32, scan_layers)
+        shardings = trainer.state_shardings(master)
+        opt_state = jax.eval_shape(trainer.optimizer.init, master)
+        state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=shardings.step),
+                           params=_abstract(master, shardings.params),
+                           opt_state=_abstract(opt_state, shardings.opt_state))
+        tokens = lambda dtype_: put((rows, prompt), dtype_, ("batch", None))
+        batch_ = {"tokens": tokens(jnp.int32), "valid": tokens(jnp.bool_), "loss_mask": tokens(jnp.bool_)}
+        if float_config.prefix_lm:
+            batch_["prefix"] = tokens(jnp.bool_)
+        if float_config.is_vlm:
+            size_ = float_config.vision.image_size
+            batch_["pixels"] = put((rows, size_, size_, 3), jnp.float32, ("batch", None, None, None))
+        return trainer.compile_step(state).lower(state, batch_, None, jax.ShapeDtypeStruct((), jnp.float32))
+
+    engine_state = lambda: state_of(rows, cache, seen=True)
+    one = shard.batch_multiple  # the engine prefills one request, padded to the devices the batch is split over
+    lowerings = {
+        "prefill": lambda: prefill_of(rows, prompt, cache, False),
+        "decode": lambda: decode.lower(config, compute, False, steps, shard, params, state_of(rows, cache, False),
+                                       rules_),
+        "minimal_decode": lambda: jax.jit(minimal_decode, static_argnums=(0, 1), donate_argnums=(3,)).lower(
+            config.decoder, compute, params, cache_of(rows, cache), row_ints(rows)),
+        "engine_insert": lambda: insert.lower(engine_state(), state_of(one, prompt_bucket(prompt), seen=True),
+                                              jax.ShapeDtypeStruct((), jnp.int32)),
+        "engine_step": lambda: decode_rows.lower(config, compute, False, ENGINE_CHUNK, rows, shard, params,
+                                                 engine_state(), rules_, 0),
+        "train_step": train_step,
     }
-    return dict(topology=topology, devices=len(found), hbm_bytes=hbm, programs=programs)
+    chosen = [p for p in programs if not (p == "train_step" and quantize)]
+    return dict(topology=topology, devices=len(found), hbm_bytes=hbm,
+                programs={name: _measure(lowerings[name], hbm) for name in chosen})
 
 
 def largest_batch(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", most: int = 4096,

@@ -270,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the adapters beside their kernels instead of merged into them")
     p.set_defaults(run=_train)
 
-    p = _command(sub, "compile-report", help="compile a model's prefill and decode for a TPU slice on this machine "
-                                              "(needs libtpu) and report each program's memory per device")
-    p.add_argument("model", help="a preset name (jaxvlm.presets: gemma-2-2b, qwen3-0.6b, ...)")
+    p = _command(sub, "compile-report", help="compile a model's programs (prefill, decode, the engine's, training) for "
+                                              "a TPU slice on this machine (needs libtpu) and report each program's "
+                                              "memory per device")
+    p.add_argument("model", help="a preset name (jaxvlm.presets: gemma-2-9b, paligemma2-3b-pt-224, qwen3-30b-a3b, ...)")
     p.add_argument("--topology", default="v5e:2x2", help="the TPU slice: chip and layout (v5e:2x2, v6e:4x4, ...)")
     p.add_argument("--batch", type=int, default=8, help="rows decoded at once")
     p.add_argument("--cache", type=int, default=4096, help="KV cache slots a row")
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="the slice's devices as a mesh, e.g. data=2,model=2 "
                                                 "(default: all on model)")
     p.add_argument("--scan-layers", action="store_true", help="each stack of layers as one scanned [L, ...] array")
+    p.add_argument("--programs", default=None,
+                   help="comma-separated program names (default: all of jaxvlm.aot.PROGRAMS: prefill, decode, "
+                        "minimal_decode, engine_insert, engine_step, train_step)")
     p.add_argument("--largest-batch", action="store_true", help="also search for the largest batch that fits")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(run=_compile_report)
@@ -298,7 +302,8 @@ def _compile_report(args) -> None:
     from jaxvlm import aot
     settings = dict(cache=args.cache, prompt=args.prompt, dtype=args.dtype, quantize=args.quantize,
                     mesh=args.mesh, scan_layers=args.scan_layers)
-    report = aot.report(args.model, args.topology, batch=args.batch, **settings)
+    programs = aot.PROGRAMS if args.programs is None else tuple(p.strip() for p in args.programs.split(","))
+    report = aot.report(args.model, args.topology, batch=args.batch, programs=programs, **settings)
     if args.largest_batch:
         report["largest_batch"] = aot.largest_batch(args.model, args.topology, **settings)
     if args.json:
@@ -308,11 +313,14 @@ def _compile_report(args) -> None:
     print(f"{args.model} on {report['topology']} ({report['devices']} devices, {report['hbm_bytes'] / (1 << 30):.1f} "
           f"GiB each), batch {args.batch}, cache {args.cache}, {args.quantize or args.dtype}: GiB per device, "
           "the compiler's figures")
-    print(f"{'program':10}{'arguments':>11}{'outputs':>9}{'temps':>8}{'code':>7}{'total':>8}  fits  compile s")
+    print(f"{'program':15}{'arguments':>10}{'outputs':>9}{'temps':>8}{'largest':>9}{'code':>7}{'total':>8}  fits"
+          f"{'compile s':>11}{'GB read':>9}")
     for name, p in report["programs"].items():
-        print(f"{name:10}{gib('arguments_bytes', p):>11}{gib('outputs_bytes', p):>9}{gib('temporaries_bytes', p):>8}"
-              f"{gib('code_bytes', p):>7}{gib('total_bytes', p):>8}  {'yes' if p['fits'] else 'no ':4}"
-              f"{p['compile_seconds']:>10.1f}" + (f"  ({p['error']})" if "error" in p else ""))
+        read = f"{p['bytes_accessed'] / 1e9:9.2f}" if "bytes_accessed" in p else f"{'-':>9}"
+        print(f"{name:15}{gib('arguments_bytes', p):>10}{gib('outputs_bytes', p):>9}{gib('temporaries_bytes', p):>8}"
+              f"{gib('largest_temporary_bytes', p):>9}{gib('code_bytes', p):>7}{gib('total_bytes', p):>8}  "
+              f"{'yes' if p['fits'] else 'no ':4}{p['compile_seconds']:>10.1f}{read}"
+              + (f"  ({p['error']})" if "error" in p else ""))
     if "largest_batch" in report:
         print(f"largest batch that fits: {report['largest_batch']}")
 

@@ -168,13 +168,18 @@ class MLP(nn.Module):
 
 
 def take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
-    """table[index] along axis 0. A bfloat16 table's rows are taken as their 16-bit patterns: XLA:CPU
-    gathers bfloat16 through float32, and inside the decode loop it would hoist that conversion, a
-    float32 copy of the whole table, out of the loop."""
-    if table.dtype == jnp.bfloat16:
+    """table[index] along axis 0. On CPU a bfloat16 table's rows are taken as their 16-bit patterns: XLA:CPU
+    gathers bfloat16 through float32, and inside the decode loop it would hoist that conversion, a float32
+    copy of the whole table, out of the loop. Elsewhere a plain gather: on TPU the bitcast is itself a copy
+    of the table (16-bit integers are tiled unlike bfloat16 there)."""
+    if table.dtype != jnp.bfloat16:
+        return jnp.take(table, index, axis=0)
+
+    def as_bits(table, index):
         bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), index, axis=0)
         return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
-    return jnp.take(table, index, axis=0)
+
+    return jax.lax.platform_dependent(table, index, cpu=as_bits, default=lambda t, i: jnp.take(t, i, axis=0))
 
 
 class Embedder(nn.Module):

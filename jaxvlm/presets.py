@@ -1,39 +1,114 @@
-"""Named configs of released models, for shape checks, benchmarks and random-init experiments.
+"""Released models by name, from their published `config.json` files (tokenizers and weights left out), for
+compile reports, shape checks, benchmarks and random-init experiments.
 
-Converted checkpoints carry their own config; these are for when no checkpoint is at hand. LongRoPE
-models (Phi-3 128k) are left out: their per-frequency factors belong to the checkpoint's config.json.
+Each is read by the same code as a checkpoint folder's config (`convert.hf_config`), so a preset is exactly
+the `ModelConfig` that converting the released checkpoint gives. Converted checkpoints carry their own
+config; these are for when none is at hand. LongRoPE models (Phi-3 128k) are left out: their
+per-frequency factors are long lists better read from the checkpoint.
 """
 
 from __future__ import annotations
 
-from jaxvlm.config import DecoderConfig, RopeConfig
+import functools
+import json
+import os
+import tempfile
 
-PRESETS: dict[str, DecoderConfig] = {
-    "gemma-2b": DecoderConfig(
-        vocab_size=256_000, width=2048, depth=18, num_heads=8, num_kv_heads=1, head_dim=256, mlp_dim=16_384,
-        mlp_activation="gelu_tanh", norm_scale_offset=1.0, embed_scale=True, tie_embeddings=True,
-        max_position_embeddings=8192),
-    "gemma-2-2b": DecoderConfig(
-        vocab_size=256_000, width=2304, depth=26, num_heads=8, num_kv_heads=4, head_dim=256, mlp_dim=9216,
-        mlp_activation="gelu_tanh", norm_scale_offset=1.0, embed_scale=True, tie_embeddings=True,
-        use_post_norms=True, query_pre_attn_scalar=256, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-        sliding_window=4096, layer_types=("local", "global") * 13, max_position_embeddings=8192),
-    "gemma-3-1b": DecoderConfig(
-        vocab_size=262_144, width=1152, depth=26, num_heads=4, num_kv_heads=1, head_dim=256, mlp_dim=6912,
-        mlp_activation="gelu_tanh", norm_scale_offset=1.0, embed_scale=True, tie_embeddings=True,
-        use_post_norms=True, use_qk_norm=True, query_pre_attn_scalar=256, sliding_window=512,
-        layer_types=tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(26)),
-        rope=RopeConfig(theta=1_000_000.0), local_rope=RopeConfig(theta=10_000.0), max_position_embeddings=32_768),
-    "phi-3-mini-4k": DecoderConfig(
-        vocab_size=32_064, width=3072, depth=32, num_heads=32, num_kv_heads=32, head_dim=96, mlp_dim=8192,
-        norm_eps=1e-5, sliding_window=2047, layer_types=("local",) * 32, max_position_embeddings=4096),
-    "qwen3-0.6b": DecoderConfig(
-        vocab_size=151_936, width=1024, depth=28, num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=3072,
-        use_qk_norm=True, tie_embeddings=True, rope=RopeConfig(theta=1_000_000.0), max_position_embeddings=40_960),
+from jaxvlm.config import ModelConfig
+
+_GEMMA_TOKENS = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)
+_QWEN3_TOKENS = dict(bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=False, rope_theta=1_000_000.0,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, hidden_act="silu", use_sliding_window=False,
+                     head_dim=128)
+_PHI3 = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=32064, max_position_embeddings=4096,
+             original_max_position_embeddings=4096, sliding_window=2047, rms_norm_eps=1e-5, rope_theta=10000.0,
+             rope_scaling=None, hidden_act="silu", tie_word_embeddings=False, bos_token_id=1, eos_token_id=32000,
+             pad_token_id=32000)
+
+
+def _gemma2(hidden, mlp, depth, heads, kv_heads, head_dim, scalar, **extra):
+    return dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=depth,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                query_pre_attn_scalar=scalar, hidden_activation="gelu_pytorch_tanh", sliding_window=4096,
+                attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,
+                rms_norm_eps=1e-6, rope_theta=10000.0, cache_implementation="hybrid", **extra)
+
+
+def _qwen3(hidden, mlp, depth, heads, kv_heads, **extra):
+    return {**dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=hidden,
+                   intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=heads,
+                   num_key_value_heads=kv_heads, max_window_layers=depth), **_QWEN3_TOKENS, **extra}
+
+
+_SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                      num_attention_heads=16, patch_size=14, vision_use_head=False)
+
+
+def _paligemma(text: dict, projection: int) -> dict:
+    return dict(model_type="paligemma", architectures=["PaliGemmaForConditionalGeneration"], hidden_size=projection,
+                projection_dim=projection, image_token_index=257152, vocab_size=257216, **_GEMMA_TOKENS,
+                text_config=dict(text, vocab_size=257216, num_image_tokens=256),
+                vision_config=dict(_SIGLIP_SO400M, image_size=224, num_image_tokens=256, projection_dim=projection))
+
+
+def _gemma3(hidden, mlp, depth, heads, kv_heads, head_dim=256, scalar=256) -> dict:
+    return dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"], boi_token_index=255999,
+                eoi_token_index=256000, image_token_index=262144, mm_tokens_per_image=256, bos_token_id=2,
+                eos_token_id=[1, 106], pad_token_id=0,
+                text_config=dict(model_type="gemma3_text", hidden_size=hidden, intermediate_size=mlp,
+                                 num_hidden_layers=depth, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                 head_dim=head_dim, query_pre_attn_scalar=scalar, sliding_window=1024,
+                                 rope_scaling=dict(factor=8.0, rope_type="linear"), rope_theta=1_000_000.0,
+                                 rope_local_base_freq=10_000.0, max_position_embeddings=131072, vocab_size=262208,
+                                 hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6),
+                vision_config=dict(_SIGLIP_SO400M, image_size=896))
+
+
+# Each released model's config.json (the fields that shape it; transformers' defaults for the rest).
+CONFIGS: dict[str, dict] = {
+    "gemma-2b": dict(model_type="gemma", architectures=["GemmaForCausalLM"], vocab_size=256000, hidden_size=2048,
+                     intermediate_size=16384, num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                     head_dim=256, hidden_act="gelu", hidden_activation=None, max_position_embeddings=8192,
+                     rms_norm_eps=1e-6, rope_theta=10000.0, **_GEMMA_TOKENS),
+    "gemma-2-2b": _gemma2(2304, 9216, 26, 8, 4, 256, 256, vocab_size=256000, **_GEMMA_TOKENS),
+    "gemma-2-9b": _gemma2(3584, 14336, 42, 16, 8, 256, 256, vocab_size=256000, **_GEMMA_TOKENS),
+    "gemma-2-27b": _gemma2(4608, 36864, 46, 32, 16, 128, 144, vocab_size=256000, **_GEMMA_TOKENS),
+    "gemma-3-1b": dict(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], vocab_size=262144,
+                       hidden_size=1152, intermediate_size=6912, num_hidden_layers=26, num_attention_heads=4,
+                       num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+                       sliding_window_pattern=6, rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                       rope_scaling=None, max_position_embeddings=32768, hidden_activation="gelu_pytorch_tanh",
+                       rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=[1, 106], pad_token_id=0),
+    "gemma-3-4b-it": _gemma3(2560, 10240, 34, 8, 4),
+    "gemma-3-12b-it": _gemma3(3840, 15360, 48, 16, 8),
+    "gemma-3-27b-it": _gemma3(5376, 21504, 62, 32, 16, head_dim=128, scalar=168),
+    "paligemma-3b-pt-224": _paligemma(dict(model_type="gemma", hidden_size=2048, intermediate_size=16384,
+                                           num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1,
+                                           head_dim=256), 2048),
+    "paligemma2-3b-pt-224": _paligemma(_gemma2(2304, 9216, 26, 8, 4, 256, 256), 2304),
+    "paligemma2-10b-pt-224": _paligemma(_gemma2(3584, 14336, 42, 16, 8, 256, 256), 3584),
+    "paligemma2-28b-pt-224": _paligemma(_gemma2(4608, 36864, 46, 32, 16, 128, 144), 4608),
+    "phi-3-mini-4k": dict(_PHI3, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                          num_attention_heads=32, num_key_value_heads=32),
+    "phi-3-medium-4k-instruct": dict(_PHI3, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                                     num_attention_heads=40, num_key_value_heads=10),
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, tie_word_embeddings=True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, 8),
+    "qwen3-30b-a3b": _qwen3(2048, 6144, 48, 32, 4, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
+                            moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
+                            mlp_only_layers=[], norm_topk_prob=True),
 }
+PRESETS = tuple(CONFIGS)
 
 
-def get(name: str) -> DecoderConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    return PRESETS[name]
+@functools.cache
+def get(name: str) -> ModelConfig:
+    """The released model `name`'s config, as converting its checkpoint would give it."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown preset {name!r} (known: {', '.join(CONFIGS)})")
+    from convert.hf_config import model_config  # the checkpoint folders' reader; it imports jaxvlm
+    with tempfile.TemporaryDirectory() as folder:
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(CONFIGS[name], f)
+        return model_config(folder)[0]

@@ -206,20 +206,20 @@ class Trainer:
         # process), each process placing its own shards.
         params = jax.tree.map(lambda p: p if isinstance(p, jax.Array) and p.sharding.device_set == devices
                               else np.asarray(p), params)
-        return jax.jit(fresh, out_shardings=self._state_shardings(params))(params)
+        return jax.jit(fresh, out_shardings=self.state_shardings(params))(params)
 
-    def _state_shardings(self, params) -> TrainState:
+    def state_shardings(self, params) -> TrainState:
         """Where each part of the state lives: params by their axes' names, the optimizer's moments as
         their params, step counts everywhere."""
         shard = self.shard
         shapes = jax.eval_shape(lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p), params)
-        param_shardings = shard.params(param_axes(self.config), shapes)
+        param_shardings = shard.params(param_axes(self.config, is_stacked(params)), shapes)
         opt_state = jax.eval_shape(self.optimizer.init, shapes)
         opt_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_state, param_shardings,
                                               transform_non_params=lambda _: shard.replicated)
         return TrainState(step=shard.replicated, params=param_shardings, opt_state=opt_shardings)
 
-    def _compile_step(self, state: TrainState):
+    def compile_step(self, state: TrainState):
         # The layers run as the params hold them: unrolled, or stacked and scanned (see jaxvlm.layout).
         self.model = self.model.clone(scan_layers=is_stacked(state.params))
         scale = None if self.config.lora is None else self.config.lora.scale
@@ -382,7 +382,7 @@ class Trainer:
         try:
             state = self.restore(params)  # first: a checkpoint of another shape is named to the param
             self._check_run(batches)
-            train_step = self._compile_step(state)
+            train_step = self.compile_step(state)
             start = int(state.step)
             if start > self.tc.steps:
                 raise ValueError(f"{self.workdir}: holds a run at step {start}, past steps={self.tc.steps}; give "

@@ -27,7 +27,7 @@ def test_ring_slots_and_writes():
 def test_sliding_window_layers_keep_a_window_of_cache():
     """Gemma 2 2B's cache for 8192 tokens, computed without allocating: its 13 local layers keep 4096
     slots each, its 13 global layers 8192 (stacked layers keep one size for all)."""
-    config = presets.get("gemma-2-2b")
+    config = presets.get("gemma-2-2b").decoder
     ring = jax.eval_shape(lambda: KVCache.init(config, 1, 8192, jnp.bfloat16))
     full = jax.eval_shape(lambda: KVCache.init(config, 1, 8192, jnp.bfloat16, stacked=True))
     assert [k.shape[1] for k in ring.k] == [4096, 8192] * 13

@@ -1,4 +1,5 @@
-"""Every preset builds (abstractly) and has the parameter count of the released model."""
+"""Every preset builds (abstractly) and has the parameter count of the released model, which transformers
+gives its config too."""
 
 import jax
 import numpy as np
@@ -6,17 +7,41 @@ import pytest
 
 from jaxvlm import presets
 from jaxvlm.checkpoint import abstract_params
-from jaxvlm.config import ModelConfig
 
-# Parameter counts transformers reports (`num_parameters()`) for the released checkpoints.
-RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952,
-            "phi-3-mini-4k": 3_821_079_552, "qwen3-0.6b": 596_049_920}
+# Parameter counts of the released checkpoints (transformers' `num_parameters()`).
+RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984,
+            "gemma-2-27b": 27_227_128_320, "gemma-3-1b": 999_885_952, "gemma-3-4b-it": 4_300_079_472,
+            "gemma-3-12b-it": 12_187_325_040, "gemma-3-27b-it": 27_432_406_640,
+            "paligemma-3b-pt-224": 2_923_466_480, "paligemma2-3b-pt-224": 3_032_242_416,
+            "paligemma2-10b-pt-224": 9_662_638_832, "paligemma2-28b-pt-224": 27_650_487_024,
+            "phi-3-mini-4k": 3_821_079_552, "phi-3-medium-4k-instruct": 13_960_238_080, "qwen3-0.6b": 596_049_920,
+            "qwen3-8b": 8_190_735_360, "qwen3-32b": 32_762_123_264, "qwen3-30b-a3b": 30_532_122_624}
 
 
-@pytest.mark.parametrize("name", list(presets.PRESETS))
+def count(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name", presets.PRESETS)
 def test_preset_shapes(name):
-    tree = abstract_params(ModelConfig(decoder=presets.get(name)))
-    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree)) == RELEASED[name]
+    assert count(abstract_params(presets.get(name))) == RELEASED[name]
+
+
+@pytest.mark.parametrize("name", presets.PRESETS)
+def test_transformers_counts_the_same_parameters_for_the_config(name):
+    """transformers' model for the same config.json, built on the meta device (nothing allocated)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    published = presets.CONFIGS[name]
+    with torch.device("meta"):
+        model = getattr(transformers, published["architectures"][0])(transformers.AutoConfig.for_model(**published))
+    assert sum(p.numel() for p in model.parameters()) == count(abstract_params(presets.get(name)))
+
+
+def test_a_vision_language_preset_has_its_encoder():
+    config = presets.get("paligemma2-10b-pt-224")
+    assert config.is_vlm and config.vision.image_size == 224 and config.decoder.width == 3584
+    assert presets.get("gemma-3-27b-it").vision.image_size == 896
 
 
 def test_unknown_preset():
@@ -24,14 +49,15 @@ def test_unknown_preset():
         presets.get("gpt-5")
 
 
-AXIS_NAMES = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "labels", "image_tokens", "patch", "channels"}
+AXIS_NAMES = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "labels", "image_tokens", "patch", "channels",
+              "experts"}
 
 
-@pytest.mark.parametrize("name", list(presets.PRESETS))
+@pytest.mark.parametrize("name", presets.PRESETS)
 def test_every_param_names_each_of_its_axes(name):
     """Sharding rules (and everything else keyed on a weight's layout) read these names."""
     from jaxvlm.checkpoint import param_axes
-    config = ModelConfig(decoder=presets.get(name))
+    config = presets.get(name)
     shapes = jax.tree.leaves(abstract_params(config))
     axes = jax.tree.leaves(param_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert len(shapes) == len(axes)
