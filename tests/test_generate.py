@@ -167,6 +167,22 @@ def test_top_k_and_top_p_match_transformers_warpers():
     np.testing.assert_array_equal(np.asarray(sampling.filtered(jnp.asarray(logits), ones, k, p)), want)
 
 
+def test_top_p_keeps_as_many_tokens_tied_at_its_edge_as_a_sort_does():
+    """Tokens tied at the nucleus' edge: a descending sort (ties in index order) keeps the first of them
+    until the probability ranked above reaches p; the bisection keeps the same ones."""
+    logits = np.log(np.asarray([[0.1, 0.3, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]] * 4, np.float32))
+    top_p = np.asarray([0.35, 0.45, 0.65, 0.99], np.float32)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    order = np.argsort(-logits, axis=-1, kind="stable")
+    ranked = np.take_along_axis(probs, order, axis=-1)
+    drop_ranked = (np.cumsum(ranked, axis=-1) - ranked) >= top_p[:, None]
+    want = np.where(np.take_along_axis(drop_ranked, np.argsort(order, axis=-1), axis=-1), -np.inf, logits)
+    ones = np.ones(4, np.float32)
+    got = np.asarray(sampling.filtered(jnp.asarray(logits), ones, np.zeros(4, np.int32), top_p))
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    assert [int(np.isfinite(row).sum()) for row in got] == [2, 3, 5, 8]
+
+
 def test_sampling_follows_the_filtered_distribution_with_a_key_per_row():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2))
     draw = jax.jit(jax.vmap(lambda seed: sampling.sample(logits, jnp.stack([seed, seed + 1]), jnp.zeros(2, jnp.int32),
