@@ -17,7 +17,7 @@ pytest.importorskip("libtpu", reason="compiling for TPU needs the tpu-compile ex
 TINY = ModelConfig(decoder=DecoderConfig(vocab_size=1024, width=256, depth=2, num_heads=4, num_kv_heads=1,
                                          head_dim=64, mlp_dim=1024, max_position_embeddings=1 << 20))
 KEYS = {"arguments_bytes", "outputs_bytes", "temporaries_bytes", "code_bytes", "total_bytes", "fits",
-        "compile_seconds", "flops", "bytes_accessed"}
+        "compile_seconds", "flops", "bytes_accessed", "largest_temporary_bytes", "largest_temporary"}
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
@@ -37,6 +37,18 @@ def test_int8_weights_are_held_as_int8():
                   for q in (None, "int8"))
     ratio = int8["programs"]["decode"]["arguments_bytes"] / full["programs"]["decode"]["arguments_bytes"]
     assert ratio <= 0.3, ratio
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_the_decode_step_holds_no_weight_sized_temporary(batch, quantize):
+    """No temporary of the decode step (the compiler's buffer assignment) above 5% of a device's weights:
+    no copy of a weight (a dequantized or relaid one), int8 weights read as int8."""
+    report = aot.report(TINY, "v5e:2x2", batch=batch, cache=256, prompt=16, quantize=quantize,
+                        programs=("decode", "minimal_decode"))
+    decode, minimal = report["programs"]["decode"], report["programs"]["minimal_decode"]
+    weights = decode["arguments_bytes"] - minimal["outputs_bytes"]  # less the cache (and the token)
+    assert decode["largest_temporary_bytes"] <= 0.05 * weights, (decode["largest_temporary"], weights)
 
 
 def test_a_configuration_far_beyond_the_slice_is_reported_as_not_fitting():
