@@ -212,7 +212,8 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
         if config.is_vlm:
             size_ = config.vision.image_size
             pixels = put((n, size_, size_, 3), jnp.float32, ("batch", None, None, None))
-        return prefill.lower(config, compute, penalize, size, shard, params, put((n, length), jnp.int32, ("batch", None)),
+        tokens = put((n, length), jnp.int32, ("batch", None))
+        return prefill.lower(config, compute, penalize, size, shard, params, tokens,
                              put((n, length), jnp.bool_, ("batch", None)), None, pixels, image_rows, row_flags(n),
                              row_ints(n), sampling_rules(n, [1], 0))
 
@@ -255,8 +256,9 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
 def largest_batch(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", most: int = 4096,
                   **settings) -> int:
     """The largest batch (a multiple of the devices the batch is split over, at most `most`) whose prefill
-    and decode both fit (`report`'s `settings` otherwise); 0 where not even the smallest does. Doubles, then
-    halves the gap: a few compilations."""
+    and decode both fit (or the `programs` given; `report`'s `settings` otherwise); 0 where not even the
+    smallest does. Doubles, then halves the gap: a few compilations."""
+    settings.setdefault("programs", ("prefill", "decode"))
     fits = lambda b: all(p["fits"] for p in report(model, topology, batch=b, **settings)["programs"].values())
     low, high = 0, 1
     while high <= most and fits(high):

@@ -27,7 +27,8 @@ _PHI3 = dict(model_type="phi3", architectures=["Phi3ForCausalLM"], vocab_size=32
 
 
 def _gemma2(hidden, mlp, depth, heads, kv_heads, head_dim, scalar, **extra):
-    return dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=depth,
+    return dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"], hidden_size=hidden, intermediate_size=mlp,
+                num_hidden_layers=depth,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
                 query_pre_attn_scalar=scalar, hidden_activation="gelu_pytorch_tanh", sliding_window=4096,
                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0, max_position_embeddings=8192,

@@ -63,7 +63,8 @@ def test_the_command_prints_a_table(tmp_path):
     """A checkpoint folder's config alone (no weights there) compiled from the command line."""
     TINY.save(tmp_path)
     out = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "compile-report", str(tmp_path), "--batch", "2",
-                          "--cache", "64", "--prompt", "16", "--mesh", "data=2,model=2", "--programs", "prefill,decode"],
+                          "--cache", "64", "--prompt", "16", "--mesh", "data=2,model=2",
+                          "--programs", "prefill,decode"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
