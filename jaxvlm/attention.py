@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from jaxvlm import splash
 from jaxvlm.config import DecoderConfig
 from jaxvlm.kv_cache import ring_write, write
 from jaxvlm.layers import Dtype, Einsum, RMSNorm, softcap
@@ -51,14 +52,16 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None,
                  cache_kv: tuple[jax.Array, jax.Array] | None = None, end: jax.Array | int = 0,
-                 kv_input: jax.Array | None = None, ring: bool = False):
+                 kv_input: jax.Array | None = None, ring: bool = False, prompt=None):
         """x: [B, T, D]; rope: (cos, sin), float32[B, T, R]; mask: bool[B, T, S], None for full attention.
 
         Keys and values come from `kv_input` [B, S, D] when given, else from x. With `cache_kv` ([B, S, K, H]
         each) the new keys and values are written at slots end .. end + T - 1 and attention runs over the
         whole cache. A `ring` cache ([B, W, K, H], see `jaxvlm.kv_cache`) takes them at their slots modulo
         W; one new token attends over the ring after the write, several over the ring before it and
-        themselves (the mask is laid out accordingly). Returns (out [B, T, D], the updated (k, v)).
+        themselves (the mask is laid out accordingly). `prompt` (valid bool[B, T], the layer's window, whether
+        it is local: a bool, or traced in a scan) says that the tokens are a prompt run into a fresh cache with
+        no bidirectional blocks, which `jaxvlm.splash` may serve. Returns (out [B, T, D], the updated (k, v)).
         """
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         D = x.shape[-1]
@@ -72,7 +75,7 @@ class Attention(nn.Module):
             q, k = qk_norm("q_norm")(q), qk_norm("k_norm")(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        new_kv = (k, v)
+        new_kv = prompt_kv = (k, v)
         if cache_kv is not None and ring:
             new_kv = ring_write(cache_kv[0], k, end), ring_write(cache_kv[1], v, end)
             if k.shape[1] == 1:
@@ -82,10 +85,16 @@ class Attention(nn.Module):
         elif cache_kv is not None:
             k, v = new_kv = write(cache_kv[0], k, end), write(cache_kv[1], v, end)
 
-        if self.logit_softcap is None and not self.is_mutable_collection("intermediates"):
-            out = fused_attention(q, k, v, mask, self.query_scale)
+        inspect = self.is_mutable_collection("intermediates")
+        dense = lambda: fused_attention(q, k, v, mask, self.query_scale) \
+            if self.logit_softcap is None and not inspect else self._grouped_einsum(q, k, v, mask)
+        if prompt is not None and not inspect and splash.supported(q, prompt_kv[0]):
+            valid, window, local = prompt  # a fresh cache holds the prompt's keys alone
+            run = lambda w: splash.attention(q, *prompt_kv, valid, w, self.query_scale, self.logit_softcap, dense)
+            out = run(window if local else None) if isinstance(local, bool) else \
+                jax.lax.cond(local, lambda: run(window), lambda: run(None))
         else:
-            out = self._grouped_einsum(q, k, v, mask)
+            out = dense()
         out = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), self.out_bias, dtype=self.dtype,
                      name="o")(out)
         return out, new_kv

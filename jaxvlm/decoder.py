@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
+from jaxvlm import splash
 from jaxvlm.attention import Attention
 from jaxvlm.config import DecoderConfig
 from jaxvlm.kv_cache import KVCache, ring_slots, write
@@ -51,7 +52,8 @@ def _ring_keys(kv_valid, kv_blocks, valid, blocks, end, size: int):
 class Block(nn.Module):
     """Pre-norm attention and gated MLP, with Gemma 2's extra norms on each branch's output.
 
-    `masks` is (global mask, sliding-window mask or None), each bool[B, T, S], and `ropes` (global
+    `masks` is (global mask, sliding-window mask or None, each bool[B, T, S]; the prompt's valid flags where
+    `jaxvlm.splash` may serve its attention, else None), and `ropes` (global
     (cos, sin), the local layers' own or None); `local` (a bool, traced when the layers are scanned) says
     which this layer uses. Returns (x, (k, v)): the scan's carry and this layer's keys and values.
     """
@@ -70,8 +72,9 @@ class Block(nn.Module):
             mask = masks[0] if masks[1] is None else jnp.where(local, masks[1], masks[0])
             rope = ropes[0] if ropes[1] is None else jax.tree.map(lambda l, g: jnp.where(local, l, g), *ropes[::-1])
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name=name)
+        prompt = None if masks[2] is None else (masks[2], c.sliding_window, local)
         h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end,
-                                                             ring=ring)
+                                                             ring=ring, prompt=prompt)
         if c.use_post_norms:
             h = norm("post_attn_norm")(h)
         x = x + h
@@ -155,7 +158,10 @@ class Decoder(nn.Module):
         else:
             windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_blocks, slots, bounded) \
                 if any(local) else None
-        masks = (decoder_mask(kv_valid, end, T, None, key_blocks, slots) if not all(local) else windowed, windowed)
+        # a prompt run into a fresh cache (as `prefill` runs one) with no blocks: jaxvlm.splash may serve it
+        prompt_valid = valid if splash.active() and blocks is None and T > 1 else None
+        masks = (decoder_mask(kv_valid, end, T, None, key_blocks, slots) if not all(local) else windowed, windowed,
+                 prompt_valid)
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxvlm import matvec
+from jaxvlm import matvec, splash
 from jaxvlm.config import ModelConfig
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import is_stacked
@@ -181,7 +181,8 @@ def prefill(config: ModelConfig, dtype, penalize: bool, cache_size: int, shard: 
     seen = None
     if penalize:  # the prompt's tokens (never its padding)
         seen = jnp.zeros((B, config.decoder.vocab_size), bool).at[jnp.arange(B)[:, None], tokens].max(valid)
-    return _start(config, dtype, penalize, shard, params, inputs, cache, done, step, rules, top_n, seen)
+    with splash.use(shard):  # the cache is fresh: the prompt's attention may take TPU's splash kernel
+        return _start(config, dtype, penalize, shard, params, inputs, cache, done, step, rules, top_n, seen)
 
 
 def _start(config: ModelConfig, dtype, penalize: bool, shard, params, inputs: Inputs, cache: KVCache, done, step,

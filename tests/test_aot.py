@@ -121,3 +121,13 @@ def test_libtpu_missing_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu now raises ImportError
     with pytest.raises(ValueError, match=r"compiling for TPU needs libtpu: pip install 'libtpu==0\.0\.42\.\*'"):
         aot.report(TINY)
+
+
+def test_an_8k_prompt_prefills_without_holding_its_scores():
+    """TPU's splash attention kernel serves the prompt: no [B, N, T, S] float32 scores (2 GiB a device
+    here, where the einsum path holds them)."""
+    report = aot.report(TINY, "v5e:2x2", batch=8, cache=8192, prompt=8192, programs=("prefill",))
+    prefill = report["programs"]["prefill"]
+    assert prefill["fits"], prefill
+    scores = 8 * TINY.decoder.num_heads * 8192 * 8192 * 4 // 4
+    assert prefill["largest_temporary_bytes"] < scores / 16, prefill["largest_temporary"]  # [B, T, D] activations

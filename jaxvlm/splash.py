@@ -1,0 +1,124 @@
+"""Prefill's attention on TPU through jax's splash attention kernel (Pallas), which never holds the [B, N, T, S]
+scores: a prompt of 8k tokens at batch 8 would need 8k x 8k float32 scores a head and a row otherwise.
+
+It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own) with no bidirectional
+blocks: causal attention, a sliding window where the layer has one, the padding kept apart by segment ids
+(a padding token attends only to padding, and no real token to it), Gemma 2's soft-cap. Everything else
+(a cache holding earlier tokens, PaliGemma's prefix, Gemma 3's image blocks, prompts whose length is no
+multiple of 128, the attention weights asked for inspection) keeps the einsum path. On other platforms the
+einsum path is compiled (`jax.lax.platform_dependent`); `use(interpret=True)` runs the kernel in Pallas'
+interpret mode on any platform, which is how its numerics are checked against the einsum path on CPU.
+
+On a mesh the kernel runs per device (`shard_map`) over the batch and heads the device holds; where the
+query heads a device holds do not line up with its key/value heads (kv heads that the mesh cannot split,
+more than one of them), the einsum path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxvlm.sharding import MeshRules
+
+BLOCK = 128  # the kernel's smallest tile: the prompt's length must be a multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Use:
+    shard: MeshRules | None  # the mesh the batch and heads are split over (None: one device)
+    interpret: bool  # Pallas' interpret mode, on any platform (numerics checks)
+
+
+_use = contextvars.ContextVar("jaxvlm_splash", default=None)
+
+
+@contextlib.contextmanager
+def use(shard: MeshRules | None = None, interpret: bool = False):
+    """Within this block (while a function is traced), the prompt's attention into a fresh cache may take
+    the kernel (`prefill` sets it)."""
+    token = _use.set(Use(shard, interpret))
+    try:
+        yield
+    finally:
+        _use.reset(token)
+
+
+def active() -> bool:
+    return _use.get() is not None
+
+
+def _blocks(T: int) -> tuple[int, int]:
+    block = 512 if T % 512 == 0 else BLOCK
+    return block, block
+
+
+@functools.cache
+def _kernel(T: int, groups: int, window: int | None, softcap: float | None, interpret: bool):
+    """The kernel for one row and one kv head: q [G, T, H] and k, v [T, H] -> [G, T, H]."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    # key visible iff q - window < k <= q (transformers' sliding window), else causal
+    one = sa.LocalMask((T, T), (None if window is None else window - 1, 0), offset=0)
+    block_q, block_kv = _blocks(T)
+    with jax.ensure_compile_time_eval():  # its mask tables concrete, so that one kernel serves every trace
+        return sa.make_splash_mqa_single_device(
+            sa.MultiHeadMask([one] * groups), block_sizes=sa.BlockSizes(block_q=block_q, block_kv=block_kv),
+            attn_logits_soft_cap=softcap, interpret=interpret)
+
+
+def _local(q, k, v, valid, window, softcap, interpret):
+    """q [b, T, n, H], k, v [b, T, k, H], valid bool[b, T] (the device's part) -> [b, T, n, H]."""
+    b, T, n, H = q.shape
+    K = k.shape[2]
+    kernel = _kernel(T, n // K, window, softcap, interpret)
+    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
+    segments = valid.astype(jnp.int32)
+    q = q.reshape(b, T, K, n // K, H).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, K, T, H]
+    per_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, SegmentIds(s, s)), in_axes=(0, 0, 0, None))
+    out = jax.vmap(per_head)(q, k, v, segments)  # [b, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, T, n, H)
+
+
+def supported(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the kernel serves these queries and keys (q [B, T, N, H], k [B, T, K, H]) as placed."""
+    setting = _use.get()
+    T = q.shape[1]
+    if setting is None or T % BLOCK or q.shape[2] % k.shape[2]:
+        return False
+    if setting.shard is None:
+        return True
+    heads, kv_heads = (setting.shard.spec(names, x.shape)[2] for names, x in
+                       ((("batch", None, "heads", "head_dim"), q), (("batch", None, "kv_heads", "head_dim"), k)))
+    # each device's query heads must be served by its own kv heads: both split alike, or one kv head for all
+    return heads == kv_heads or k.shape[2] == 1
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, window: int | None, scale: float,
+              softcap: float | None, dense) -> jax.Array:
+    """softmax(scale * q k^T, causal within `window`, padding apart) v for a prompt run into a fresh cache:
+    q [B, T, N, H], k, v [B, T, K, H] (the prompt's own keys), valid bool[B, T] -> [B, T, N, H], through the
+    kernel on TPU (or in interpret mode where `use` asks), else `dense()`. Check `supported` first."""
+    setting = _use.get()
+    q = (q * jnp.asarray(scale, q.dtype)).astype(k.dtype)
+
+    def kernel(q, k, v, valid):
+        run = functools.partial(_local, window=window, softcap=softcap, interpret=setting.interpret)
+        if setting.shard is None:
+            return run(q, k, v, valid)
+        shard = setting.shard
+        spec = lambda names, x: shard.spec(names, x.shape)
+        q_spec, kv_spec = spec(("batch", None, "heads", "head_dim"), q), spec(("batch", None, "kv_heads", "head_dim"), k)
+        return jax.shard_map(run, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
+                             out_specs=q_spec, check_vma=False)(q, k, v, valid)
+
+    if setting.interpret:
+        return kernel(q, k, v, valid)
+    return jax.lax.platform_dependent(q, k, v, valid, tpu=kernel, default=lambda *_: dense().astype(k.dtype))
+
