@@ -78,12 +78,3 @@ def layer_stack(block: type[nn.Module], depth: int, scan: bool, remat: bool, in_
     scanned = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                       in_axes=in_axes, length=depth, metadata_params={nn.PARTITION_NAME: "layers"})
     return scanned(**kwargs, name=STACKED)
-
-
-def default_scan_layers(config=None) -> bool:
-    """The layout `jaxvlm.load` picks when not asked: unrolled on CPU, where it decodes faster (the
-    figures are in the README, from `benchmarks/layers.py`); stacked on TPU, where it is the norm, unless
-    the `ModelConfig`'s layers differ in their params (dense and mixture-of-experts MLPs)."""
-    d = None if config is None else config.decoder
-    alike = d is None or len({d.is_moe(i) for i in range(d.depth)}) == 1
-    return jax.default_backend() == "tpu" and alike

@@ -21,7 +21,7 @@ from jaxvlm.engine import Engine, Output, Request, cache_slots
 from jaxvlm.generate import MAX_CHUNK, batch_bucket, cache_bucket, pad_rows, prompt_bucket
 from jaxvlm.inputs import Images, Inputs
 from jaxvlm.kv_cache import KVCache
-from jaxvlm.layout import STACKED, default_scan_layers, is_stacked
+from jaxvlm.layout import STACKED, is_stacked
 from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision
 from jaxvlm.sampling import check_sampling_args
 from jaxvlm.sharding import MeshRules, Rules, check_distributed, mesh_rules, place
@@ -618,7 +618,7 @@ BUILTIN_MODEL = os.path.join(os.path.dirname(__file__), "shapes", "model")
 
 
 def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify: bool = True,
-         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool | None = None,
+         mesh: jax.sharding.Mesh | None = None, rules: Rules | None = None, scan_layers: bool = False,
          quantize: str | None = None, group_size: int | None = None, compute_dtype: str | None = None,
          cache_dtype: str | None = None) -> Model:
     """Loads a checkpoint folder: a converted jaxvlm one, or a Hugging Face one (config.json and its weights),
@@ -637,8 +637,8 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
     `jax.distributed.initialize`.
 
     `scan_layers` holds each stack of layers as [L, ...] arrays run by a scan (True) or as separate
-    layers (False), whichever layout the folder stores; None picks the backend's default
-    (`jaxvlm.layout.default_scan_layers`).
+    layers (False, the default on every backend: see "Stacked layers" in the README), whichever layout the
+    folder stores.
 
     `quantize='int8'` holds every projection, the embedding and the output head as int8 with float32
     scales, one per output channel or, with `group_size`, per that many inputs (see `jaxvlm.quantize`).
@@ -661,8 +661,7 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
             raise ValueError("group_size is the int8 scales' group: give it with quantize='int8'")
         group_size = checks.integer("group_size", group_size, 1)
     checks.flag("verify", verify)
-    if scan_layers is not None:
-        checks.flag("scan_layers", scan_layers)
+    checks.flag("scan_layers", scan_layers)
     check_distributed("load")
     shard = mesh_rules(mesh, rules)
     if not os.path.isdir(path):
@@ -679,7 +678,6 @@ def load(path: str | os.PathLike | None = None, dtype: str | None = None, verify
         raise ValueError(f"{path} holds int8 weights quantized with group_size={stored.group_size}; "
                          f"group_size={group_size} would need the float weights")
     jdtype = checkpoint.stored_dtype(path) if dtype is None else DTYPES[str(dtype)]
-    scan_layers = default_scan_layers(config) if scan_layers is None else scan_layers
     params = checkpoint.load_params(path, config, jdtype, shard, scan_layers)
     if stored is not None and quantize is None:
         log.info("%s holds int8 weights (%s); loaded as they are", path, stored)
@@ -726,13 +724,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
 
 
 def _load_hf(path: str, dtype: str | None, quantize: str | None, group_size: int | None, shard: MeshRules | None,
-             scan_layers: bool | None) -> Model:
+             scan_layers: bool) -> Model:
     """An unconverted Hugging Face folder, converted in memory with `jaxvlm convert`'s reader and checks: each
     part of the params goes to the device (or its shards) as it is read."""
     from convert.core import HFCheckpoint
     with HFCheckpoint(path, None if dtype is None else str(dtype), quantize, group_size) as source:
         jdtype = jnp.dtype(source.target)
-        scan_layers = default_scan_layers(source.config) if scan_layers is None else scan_layers
         params = checkpoint.place_params((part for _, part, _ in source.parts()), source.config, jdtype, shard,
                                          scan_layers)
     return Model(source.config, params, Tokenizer.from_dir(path, source.config.tokens), jdtype, shard)

@@ -59,12 +59,13 @@ def test_bad_moe_settings_are_named(hf_checkpoint, tmp_path):
 
 
 def test_dense_and_mixture_layers_are_never_stacked():
-    from jaxvlm import checkpoint, layout
+    from jaxvlm import checkpoint
     from jaxvlm.config import DecoderConfig, ModelConfig
     moe = MoeConfig(num_experts=4, top_k=2, mlp_dim=8, layers=(True, False))
     config = ModelConfig(decoder=DecoderConfig(vocab_size=32, width=16, depth=2, num_heads=2, num_kv_heads=1,
                                                head_dim=8, mlp_dim=24, moe=moe))
-    assert not layout.default_scan_layers(config)
+    with pytest.raises(ValueError, match="cannot be stacked"):
+        checkpoint.abstract_params(config, scan_layers=True)
     tree = checkpoint.abstract_params(config)
     assert tree["decoder"]["layer_0"]["mlp"]["gate"].shape == (4, 16, 8)
     assert tree["decoder"]["layer_1"]["mlp"]["gate"]["kernel"].shape == (16, 24)
