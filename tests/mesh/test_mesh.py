@@ -218,3 +218,38 @@ def test_serve_on_a_mesh():
                                                                            max_new_tokens=20)
     finally:
         assert server.stop() == 0, server.log()
+
+
+@pytest.mark.parametrize("name", ["windowed", "causal"])  # kv heads split over 'model', and one kv head for all
+def test_splash_attention_per_device_on_a_mesh(name):
+    """The kernel under shard_map (Pallas' interpret mode) on a data=4, model=2 mesh: the one-device
+    einsum path's logits."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from jaxvlm import splash
+    from jaxvlm.checkpoint import param_axes
+    from jaxvlm.config import ModelConfig
+    from jaxvlm.generate import right_align
+    from jaxvlm.inputs import Inputs
+    from jaxvlm.kv_cache import KVCache
+    from jaxvlm.sharding import MeshRules
+    from jaxvlm.vlm import VisionLanguageModel
+    from tests.test_splash import CONFIGS
+
+    config = ModelConfig(decoder=CONFIGS[name])
+    rng = np.random.default_rng(0)
+    tokens, valid = right_align([rng.integers(1, 128, size=n) for n in (128, 75, 100, 128)], 128, 0)
+    model = VisionLanguageModel(config, jnp.float32)
+    params = nn.meta.unbox(model.init(jax.random.key(1), Inputs.build(config, tokens, valid))["params"])
+    cache = KVCache.init(config.decoder, 4, 256, jnp.float32)
+    run = lambda params, tokens, valid: model.apply({"params": params}, Inputs.build(config, tokens, valid),
+                                                    cache).logits
+    want = np.asarray(jax.jit(run)(params, tokens, valid))
+    shard = MeshRules.create(jax.make_mesh((4, 2), ("data", "model")))
+    placed = jax.device_put(params, shard.params(param_axes(config), params))
+    q = jax.ShapeDtypeStruct((4, 128, CONFIGS[name].num_heads, 32), jnp.float32)
+    k = jax.ShapeDtypeStruct((4, 128, CONFIGS[name].num_kv_heads, 32), jnp.float32)
+    with splash.use(shard, interpret=True):
+        assert splash.supported(q, k)
+        got = np.asarray(jax.jit(run)(placed, shard.put(tokens, ("batch",)), shard.put(valid, ("batch",))))
+    np.testing.assert_allclose(got[valid], want[valid], rtol=2e-5, atol=2e-5)
