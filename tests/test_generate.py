@@ -183,6 +183,15 @@ def test_top_p_keeps_as_many_tokens_tied_at_its_edge_as_a_sort_does():
     assert [int(np.isfinite(row).sum()) for row in got] == [2, 3, 5, 8]
 
 
+def test_top_k_ties_negative_and_positive_zero():
+    """-0.0 and 0.0 are one value: tied at the k-th, both kept (the thresholds are searched over the
+    floats' bit patterns, where they differ)."""
+    logits = np.asarray([[1.0, -0.0, 0.0, -1.0]], np.float32)
+    got = np.asarray(sampling.filtered(jnp.asarray(logits), np.ones(1, np.float32), np.full(1, 2, np.int32),
+                                       np.ones(1, np.float32)))
+    assert np.isfinite(got).tolist() == [[True, True, True, False]]
+
+
 def test_sampling_follows_the_filtered_distribution_with_a_key_per_row():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 2))
     draw = jax.jit(jax.vmap(lambda seed: sampling.sample(logits, jnp.stack([seed, seed + 1]), jnp.zeros(2, jnp.int32),
