@@ -77,8 +77,10 @@ def smallest_slice(name: str, chip: str, quantize: str | None) -> dict:
 
 
 def largest_batch(name: str, chip: str, quantize: str | None) -> dict:
-    """The largest decode batch on chip:2x4, from two compiles (memory is affine in the batch) and checked."""
+    """The largest decode batch on chip:2x4 over the meshes tried, from two compiles a mesh (memory is affine
+    in the batch), then checked."""
     topology, hbm = f"{chip}:2x4", aot.HBM_BYTES[chip]
+    best = dict(batch=0, mesh=None)
     for mesh in meshes(name, 8):
         multiple = mesh.get("data", 1)
         total = lambda b: fits(name, topology, quantize, mesh, ("decode",), b)[1]["programs"]["decode"]
@@ -87,16 +89,17 @@ def largest_batch(name: str, chip: str, quantize: str | None) -> dict:
             continue
         high = total(16)
         if not high["fits"]:
-            best = 8
+            batch = 8
         else:
             per_row = (high["total_bytes"] - low["total_bytes"]) / 8
-            best = 16 if per_row <= 0 else int(8 + (hbm - low["total_bytes"]) / per_row) // multiple * multiple
-            while best > 16 and not total(best)["fits"]:
-                best -= multiple
-            while total(best + multiple)["fits"]:
-                best += multiple
-        return dict(batch=best, mesh=mesh)
-    return dict(batch=0, mesh=None)
+            batch = 4096 if per_row <= 0 else int(8 + (hbm - low["total_bytes"]) / per_row) // multiple * multiple
+            while batch > 16 and not total(batch)["fits"]:
+                batch -= multiple
+            while total(batch + multiple)["fits"]:
+                batch += multiple
+        if batch > best["batch"]:
+            best = dict(batch=batch, mesh=mesh)
+    return best
 
 
 def main():
