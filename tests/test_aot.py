@@ -88,7 +88,8 @@ def test_the_largest_batch_is_found_in_few_compilations(monkeypatch):
 def test_a_vision_language_model_prefills_its_images():
     import jaxvlm
     builtin = jaxvlm.load().config
-    with_images = aot.report(builtin, "v5e:2x2", batch=2, cache=320, prompt=272, dtype="float32")
+    with_images = aot.report(builtin, "v5e:2x2", batch=2, cache=320, prompt=272, dtype="float32",
+                             programs=("prefill",))
     prefill = with_images["programs"]["prefill"]
     assert prefill["fits"] and prefill["arguments_bytes"] > 2 * 3 * builtin.vision.image_size ** 2 * 4 / 2
 
@@ -104,12 +105,23 @@ def test_a_vision_language_model_prefills_its_images():
     (dict(cache="4k"), "cache must be an int, got '4k'"),
     (dict(prompt=512, cache=256), "prompt=512 is longer than cache=256"),
     (dict(dtype="float16"), "dtype must be one of bfloat16, float32"),
+    (dict(programs=("prefill", "sample")), "programs: unknown 'sample' (known: prefill, decode, minimal_decode"),
 ])
 def test_bad_settings_are_named(kwargs, message):
     settings = dict(topology="v5e:2x2", batch=1, cache=64, prompt=16) | kwargs
     with pytest.raises(ValueError) as e:
         aot.report(TINY, **settings)
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_hugging_face_folder_is_read_by_its_config_alone(tmp_path):
+    """transformers' config.json and nothing else (no weights, no tokenizer): the checkpoint reader's config."""
+    transformers = pytest.importorskip("transformers")
+    transformers.Qwen3Config(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64).save_pretrained(tmp_path)
+    report = aot.report(tmp_path, "v6e:2x2", batch=2, cache=128, prompt=16, programs=("decode",))
+    assert report["programs"]["decode"]["fits"]
+    assert aot.model_config(tmp_path).decoder.num_kv_heads == 2
 
 
 def test_an_unknown_preset_is_named():
