@@ -114,7 +114,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, window
             return run(q, k, v, valid)
         shard = setting.shard
         spec = lambda names, x: shard.spec(names, x.shape)
-        q_spec, kv_spec = spec(("batch", None, "heads", "head_dim"), q), spec(("batch", None, "kv_heads", "head_dim"), k)
+        q_spec = spec(("batch", None, "heads", "head_dim"), q)
+        kv_spec = spec(("batch", None, "kv_heads", "head_dim"), k)
         return jax.shard_map(run, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
                              out_specs=q_spec, check_vma=False)(q, k, v, valid)
 
