@@ -27,12 +27,24 @@ class MoeMLP(nn.Module):
     activation: str
     dtype: Dtype = jnp.float32
 
-    def expert_kernel(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]) -> jax.Array:
-        """An [E, in, out] stack in the compute dtype (an int8 one dequantized over its input axis)."""
+    def expert_kernel(self, name: str, shape: tuple[int, ...], axes: tuple[str, ...]):
+        """An [E, in, out] stack as stored, and its int8 scale (None for a float stack)."""
         kernel = self.param(name, named(nn.initializers.lecun_normal(batch_axis=(0,)), axes, contracted=(1,)),
                             shape, self.dtype)
-        scale = stored_scale(self, name)
-        return kernel.astype(self.dtype) if scale is None else dequantize(kernel, scale, (-2,), self.dtype)
+        return kernel, stored_scale(self, name)
+
+    def grouped(self, rows: jax.Array, stack, group_sizes: jax.Array, experts: jax.Array) -> jax.Array:
+        """rows [N, in] (grouped by expert; `experts` [N] says whose) times their experts' [E, in, out] `stack`.
+        An int8 stack scaled per output channel goes into `ragged_dot` as int8 (float32 accumulation) and its
+        scales are applied to the products, row by row: dequantized first, it was a copy of the whole stack
+        (the compiler fuses no conversion into a grouped product): for Qwen3-30B-A3B's layers on v5e:2x2,
+        134 MB a device, and 2.7x the bytes a decode step reads, against 1.2x now."""
+        kernel, scale = stack
+        if scale is not None and scale.shape[1] == 1:
+            out = jax.lax.ragged_dot(rows, kernel, group_sizes, preferred_element_type=jnp.float32)
+            return (out * scale[experts, 0].astype(jnp.float32)).astype(self.dtype)
+        w = kernel.astype(self.dtype) if scale is None else dequantize(kernel, scale, (-2,), self.dtype)
+        return jax.lax.ragged_dot(rows, w, group_sizes)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -56,9 +68,10 @@ class MoeMLP(nn.Module):
             token = order // k
             rows = x.reshape(B * T, D).astype(self.dtype)[token]  # [B*T*k, D], grouped by expert
             group_sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
-        h = ACTIVATIONS[self.activation](jax.lax.ragged_dot(rows, gate, group_sizes)) \
-            * jax.lax.ragged_dot(rows, up, group_sizes)
-        out = jax.lax.ragged_dot(h, down, group_sizes) * weights.reshape(-1)[order][:, None]
+            experts = flat[order]
+        h = ACTIVATIONS[self.activation](self.grouped(rows, gate, group_sizes, experts)) \
+            * self.grouped(rows, up, group_sizes, experts)
+        out = self.grouped(h, down, group_sizes, experts) * weights.reshape(-1)[order][:, None]
         with jax.named_scope("combine"):
             y = jnp.zeros((B * T, D), out.dtype).at[token].add(out)
         return y.reshape(B, T, D)

@@ -42,6 +42,24 @@ def test_sorted_ragged_products_equal_a_loop_over_tokens(normalize):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_int8_experts_equal_their_dequantized_stacks(group_size):
+    """int8 stacks (per output channel: the products taken in int8, scaled after; per group: dequantized)
+    give what the float layer gives with the dequantized weights."""
+    from jaxvlm.quantize import dequantize, quantize
+    config = MoeConfig(num_experts=8, top_k=2, mlp_dim=12)
+    layer = MoeMLP(config, "silu")
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16), jnp.float32)
+    params = nn.meta.unbox(layer.init(jax.random.key(1), x))["params"]
+    int8, dequantized = dict(params), dict(params)
+    for name in ("gate", "up", "down"):
+        q, scale = quantize(params[name], (-2,), group_size)
+        int8[name], int8[name + "_scale"] = q, scale
+        dequantized[name] = dequantize(q, scale, (-2,), jnp.float32)
+    want = jax.jit(layer.apply)({"params": dequantized}, x)
+    np.testing.assert_allclose(jax.jit(layer.apply)({"params": int8}, x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_moe_settings_are_named(hf_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="MoeConfig.top_k: 9 is more than num_experts=8"):
         MoeConfig(num_experts=8, top_k=9, mlp_dim=4)
