@@ -77,28 +77,38 @@ def smallest_slice(name: str, chip: str, quantize: str | None) -> dict:
 
 
 def largest_batch(name: str, chip: str, quantize: str | None) -> dict:
-    """The largest decode batch on chip:2x4 over the meshes tried, from two compiles a mesh (memory is affine
-    in the batch), then checked."""
+    """The largest decode batch on chip:2x4 over the meshes tried: memory is about affine in the batch, so
+    two compiles give a guess, then the largest that fits is bracketed around it and halved down to the
+    batch's multiple (a few more compiles)."""
     topology, hbm = f"{chip}:2x4", aot.HBM_BYTES[chip]
     best = dict(batch=0, mesh=None)
     for mesh in meshes(name, 8):
         multiple = mesh.get("data", 1)
         total = lambda b: fits(name, topology, quantize, mesh, ("decode",), b)[1]["programs"]["decode"]
-        low = total(8)
-        if not low["fits"]:
+        at8 = total(8)
+        if not at8["fits"]:
             continue
-        high = total(16)
-        if not high["fits"]:
-            batch = 8
+        at16 = total(16)
+        if not at16["fits"]:
+            low, high = 8, 16
         else:
-            per_row = (high["total_bytes"] - low["total_bytes"]) / 8
-            batch = 4096 if per_row <= 0 else int(8 + (hbm - low["total_bytes"]) / per_row) // multiple * multiple
-            while batch > 16 and not total(batch)["fits"]:
-                batch -= multiple
-            while total(batch + multiple)["fits"]:
-                batch += multiple
-        if batch > best["batch"]:
-            best = dict(batch=batch, mesh=mesh)
+            per_row = max(1.0, (at16["total_bytes"] - at8["total_bytes"]) / 8)
+            guess = max(16, int(8 + (hbm - at8["total_bytes"]) / per_row) // multiple * multiple)
+            step = max(multiple, guess // 16 // multiple * multiple)
+            low, high = 16, None
+            while high is None:  # bracket: [low fits, high does not]
+                if total(guess)["fits"]:
+                    low, guess = guess, guess + step
+                else:
+                    high, guess = guess, max(low, guess - step)
+                    if guess > low and total(guess)["fits"]:
+                        low = guess
+                step *= 2
+        while high - low > multiple:
+            middle = (low + high) // 2 // multiple * multiple
+            low, high = (middle, high) if total(middle)["fits"] else (low, middle)
+        if low > best["batch"]:
+            best = dict(batch=low, mesh=mesh)
     return best
 
 
