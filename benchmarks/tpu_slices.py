@@ -31,6 +31,7 @@ PRESETS = ["paligemma-3b-pt-224", "paligemma2-3b-pt-224", "gemma-3-4b-it", "qwen
 LAYOUTS = ["2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"]
 CACHE = PROMPT = 8192
 BATCH = 8
+MOST = 4096  # the largest batch looked for
 
 
 def meshes(name: str, devices: int) -> list[dict[str, int]]:
@@ -92,12 +93,16 @@ def largest_batch(name: str, chip: str, quantize: str | None) -> dict:
         if not at16["fits"]:
             low, high = 8, 16
         else:
-            per_row = max(1.0, (at16["total_bytes"] - at8["total_bytes"]) / 8)
-            guess = max(16, int(8 + (hbm - at8["total_bytes"]) / per_row) // multiple * multiple)
+            d = presets.get(name).decoder  # at least a row's cache, split over the 8 devices at best
+            per_row = max(2 * d.depth * d.num_kv_heads * d.head_dim * CACHE * 2 / 8,
+                          (at16["total_bytes"] - at8["total_bytes"]) / 8)
+            guess = min(MOST, max(16, int(8 + (hbm - at8["total_bytes"]) / per_row) // multiple * multiple))
             step = max(multiple, guess // 16 // multiple * multiple)
             low, high = 16, None
             while high is None:  # bracket: [low fits, high does not]
-                if total(guess)["fits"]:
+                if guess >= MOST:  # (4096 rows fitting is reported as 4096)
+                    low, high = (MOST, MOST) if total(MOST)["fits"] else (low, MOST)
+                elif total(guess)["fits"]:
                     low, guess = guess, guess + step
                 else:
                     high, guess = guess, max(low, guess - step)
