@@ -23,6 +23,9 @@ if OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xla-cache-")
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the default keeps only programs over 1 s
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    # A size limit turns on jax's file lock around each read and write of the cache: without it a worker can
+    # read an entry another is still writing (jax writes in place), and deserializing that crashed a worker.
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 import jaxvlm
 from tests import hf_models
