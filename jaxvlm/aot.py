@@ -31,7 +31,7 @@ from jax.sharding import Mesh
 from jaxvlm import checks, files, presets
 from jaxvlm.checkpoint import abstract_params, param_axes
 from jaxvlm.config import CONFIG_FILE, ModelConfig, QuantizationConfig
-from jaxvlm.engine import decode_rows, insert
+from jaxvlm.engine import DEFAULT_CHUNK, decode_rows, insert
 from jaxvlm.generate import DecodeState, cache_axes, decode, prefill, prompt_bucket, sampling_rules
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.minimal_step import minimal_decode
@@ -111,13 +111,14 @@ def largest_temporary(dump: str) -> tuple[int, str] | None:
 _VALUE = re.compile(r" value: <\d+ .+? @\d+> \(size=(\d+),offset=\d+\): (\S+)")
 
 
-def _measure(lowered_fn, hbm: int) -> dict[str, Any]:
-    """Compiles; the per-device memory, the largest temporary and the cost model's counts. A program the
-    chip cannot hold is reported as not fitting, with the compiler's words, rather than raised."""
+def _measure(lowered_fn, hbm: int, find_largest: bool) -> dict[str, Any]:
+    """Compiles; the per-device memory, the cost model's counts and, if `find_largest`, the largest
+    temporary (from the compiler's dump: seconds more for a large model). A program the chip cannot hold is
+    reported as not fitting, with the compiler's words, rather than raised."""
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as dump:
         try:
-            compiled = lowered_fn().compile(compiler_options={"xla_dump_to": dump})
+            compiled = lowered_fn().compile(compiler_options={"xla_dump_to": dump} if find_largest else None)
         except Exception as e:  # noqa: BLE001 - only running out of memory is an answer; the rest is raised
             if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
                 raise
@@ -125,7 +126,7 @@ def _measure(lowered_fn, hbm: int) -> dict[str, Any]:
                         error=next((line.strip() for line in str(e).splitlines() if "memory" in line.lower()),
                                    str(e).splitlines()[0]))
         seconds = time.perf_counter() - start
-        largest = largest_temporary(dump)
+        largest = largest_temporary(dump) if find_largest else None
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -143,13 +144,12 @@ def _measure(lowered_fn, hbm: int) -> dict[str, Any]:
 
 
 PROGRAMS = ("prefill", "decode", "minimal_decode", "engine_insert", "engine_step", "train_step")
-ENGINE_CHUNK = 8  # the engine's decode steps a call (Engine's default chunk)
 
 
 def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", batch: int = 8, cache: int = 4096,
            prompt: int = 1024, dtype: str = "bfloat16", quantize: str | None = None,
            mesh: str | dict[str, int] | None = None, rules=None, scan_layers: bool = False, steps: int = 1,
-           programs: tuple[str, ...] = PROGRAMS) -> dict:
+           programs: tuple[str, ...] = PROGRAMS, find_largest: bool = True) -> dict:
     """Compiles jaxvlm's programs for `model` on `topology`, with `batch` rows, a `cache`-slot KV cache and
     `prompt`-token prompts, params in `dtype` (or int8 with `quantize="int8"`) split over `mesh`
     ("data=2,model=2" or {axis: size}; default every device on 'model') by `rules`:
@@ -163,8 +163,9 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     `programs` picks some. Returns {"topology", "devices", "hbm_bytes", "programs": {name: {...}}}, each
     program with its per-device `arguments_bytes`, `outputs_bytes`, `temporaries_bytes`, `code_bytes`,
     `total_bytes`, `fits` (total within the chip's memory), `compile_seconds`, `flops`, `bytes_accessed`
-    and its `largest_temporary_bytes` (and that value's shape, `largest_temporary`); or, where the compiler
-    ran out of the chip's memory, `fits` False and its `error`."""
+    and, unless `find_largest=False` (quicker: no dump of the compiled program is read), its
+    `largest_temporary_bytes` (and that value's shape, `largest_temporary`); or, where the compiler ran out
+    of the chip's memory, `fits` False and its `error`."""
     config = model_config(model)
     if config.decoder is None:
         raise ValueError("model: an image encoder alone has no generation programs to compile")
@@ -207,11 +208,13 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
                            step=row_ints(n),
                            seen=put((n, config.decoder.vocab_size), jnp.bool_, ("batch", None)) if seen else None)
 
+    def pixels_of(n: int):  # an image a row
+        size_ = config.vision.image_size
+        return put((n, size_, size_, 3), jnp.float32, ("batch", None, None, None))
+
     def prefill_of(n: int, length: int, size: int, penalize: bool):
-        pixels = image_rows = None
-        if config.is_vlm:
-            size_ = config.vision.image_size
-            pixels = put((n, size_, size_, 3), jnp.float32, ("batch", None, None, None))
+        pixels = pixels_of(n) if config.is_vlm else None
+        image_rows = None
         tokens = put((n, length), jnp.int32, ("batch", None))
         return prefill.lower(config, compute, penalize, size, shard, params, tokens,
                              put((n, length), jnp.bool_, ("batch", None)), None, pixels, image_rows, row_flags(n),
@@ -230,8 +233,7 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
         if float_config.prefix_lm:
             batch_["prefix"] = tokens(jnp.bool_)
         if float_config.is_vlm:
-            size_ = float_config.vision.image_size
-            batch_["pixels"] = put((rows, size_, size_, 3), jnp.float32, ("batch", None, None, None))
+            batch_["pixels"] = pixels_of(rows)
         return trainer.compile_step(state).lower(state, batch_, None, jax.ShapeDtypeStruct((), jnp.float32))
 
     engine_state = lambda: state_of(rows, cache, seen=True)
@@ -244,13 +246,13 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
             config.decoder, compute, params, cache_of(rows, cache), row_ints(rows)),
         "engine_insert": lambda: insert.lower(engine_state(), state_of(one, prompt_bucket(prompt), seen=True),
                                               jax.ShapeDtypeStruct((), jnp.int32)),
-        "engine_step": lambda: decode_rows.lower(config, compute, False, ENGINE_CHUNK, rows, shard, params,
+        "engine_step": lambda: decode_rows.lower(config, compute, False, DEFAULT_CHUNK, rows, shard, params,
                                                  engine_state(), rules_, 0),
         "train_step": train_step,
     }
     chosen = [p for p in programs if not (p == "train_step" and quantize)]
     return dict(topology=topology, devices=len(found), hbm_bytes=hbm,
-                programs={name: _measure(lowerings[name], hbm) for name in chosen})
+                programs={name: _measure(lowerings[name], hbm, find_largest) for name in chosen})
 
 
 def largest_batch(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", most: int = 4096,
@@ -259,6 +261,7 @@ def largest_batch(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2
     and decode both fit (or the `programs` given; `report`'s `settings` otherwise); 0 where not even the
     smallest does. Doubles, then halves the gap: a few compilations."""
     settings.setdefault("programs", ("prefill", "decode"))
+    settings.setdefault("find_largest", False)
     fits = lambda b: all(p["fits"] for p in report(model, topology, batch=b, **settings)["programs"].values())
     low, high = 0, 1
     while high <= most and fits(high):

@@ -46,6 +46,7 @@ from jaxvlm.sharding import place
 
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API allows
 DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
+DEFAULT_CHUNK = 8  # decode steps a call: few enough that a request waits little to join
 
 
 @dataclasses.dataclass
@@ -215,7 +216,7 @@ class Engine:
     and step alike, as `Model.generate` does: the engine's choices depend only on its requests and the
     tokens read, which every host reads alike."""
 
-    def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = 8,
+    def __init__(self, model, slots: int = 8, cache_size: int | None = None, chunk: int = DEFAULT_CHUNK,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES, prefill_tokens: int = 512,
                  compact: bool = True, fail_alone: bool = True, overlap: bool = True):
         model._require_lm_head()
