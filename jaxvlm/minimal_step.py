@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxvlm.config import DecoderConfig
 from jaxvlm.kv_cache import KVCache
+from jaxvlm.layers import take_rows
 from jaxvlm.layout import is_stacked
 from jaxvlm.quantize import SCALE_SUFFIX
 
@@ -82,7 +83,7 @@ def minimal_decode(config: DecoderConfig, dtype, params, cache: KVCache, token: 
     the model holds them; stacked or not): the next token int32[B] and the cache."""
     decoder = params["decoder"]
     embedder = decoder["embedder"]
-    x = jnp.take(embedder["embedding"], token, axis=0).astype(dtype)
+    x = take_rows(embedder["embedding"], token).astype(dtype)  # (in place on TPU: see take_rows)
     if "embedding" + SCALE_SUFFIX in embedder:
         x = x * jnp.take(embedder["embedding" + SCALE_SUFFIX], token, axis=0).astype(dtype)
     end, valid = cache.end, cache.valid
