@@ -6,10 +6,10 @@ The tensors come from the converter's own tables run backwards. Every table tran
 several params (Phi-3's fused qkv) is the sum of its pieces' transposes, each zero outside its rows. So no
 inverse is written by hand, and a table that converts is a table that exports.
 
-The Hugging Face family is the record (`convert.families`) whose fixed behaviours the config has: the
-decoder's norms, embedding scale, post-norms and q/k norms name its text family; a vision-language
-model's wiring (projector, prefix attention, positions, prompt format) names PaliGemma or LLaVA. A
-behaviour the family cannot express is refused, naming it.
+The Hugging Face family is the record (`convert.families`) the config was read as (its `model_type`s);
+for a config made in code, the one family whose fixed behaviours it has (the decoder's norms, embedding
+scale, post-norms and q/k norms; a vision-language model's wiring). A behaviour the family cannot
+express is refused, naming it.
 """
 
 from __future__ import annotations

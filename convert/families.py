@@ -3,8 +3,10 @@ how its fields map onto jaxvlm's behaviours, its tensor table, its tokenizer's B
 vision-language model, how encoder, projector and decoder are wired.
 
 Reading (`convert.hf_config`) and writing (`convert.export`) both go through these records; model code
-sees only the behaviours. A family is found by its `model_type` when reading, and by the behaviours a
-config has when writing (`text_family_of`, `vision_family_of`, `vision_language_family_of`).
+sees only the behaviours. A family is found by its `model_type` when reading, and the config records it
+(`model_type` of the decoder, the encoder and a vision-language model), so that writing finds the same
+record (`text_family_of`, `vision_family_of`, `vision_language_family_of`); a config made in code names
+none, and writing takes the one family whose behaviours it has.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class TextFamily:
     model_type: str
     architecture: str  # transformers' class-name stem: `Gemma2` for Gemma2ForCausalLM
     table: tuple[tables.Rule, ...]  # its tensors (convert.tables)
-    behaviours: Mapping[str, Any]  # DecoderConfig fields the family fixes; export finds the family by them
+    behaviours: Mapping[str, Any]  # DecoderConfig fields the family fixes (a config made in code is matched by them)
     defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # transformers' class defaults
     numbers: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config.json number -> DecoderConfig field
     window: Window = lambda cfg: cfg.integer("sliding_window", None)
@@ -163,13 +165,35 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
 ]}
 
 
+def _named(kind: str, families: Mapping[str, Any], model_type: str):
+    if model_type not in families:
+        raise ConfigError(f"{kind}.model_type {model_type!r}: no such Hugging Face family "
+                          f"(known: {', '.join(families)})")
+    return families[model_type]
+
+
+def _the_one(kind: str, found: list, what: str):
+    """The family a config made in code (no model_type) has the behaviours of: it must be one."""
+    if not found:
+        raise ConfigError(f"no Hugging Face family has this {kind}'s {what}")
+    if len(found) > 1:
+        raise ConfigError(f"this {kind}'s {what} fit several Hugging Face families "
+                          f"({', '.join(f.model_type for f in found)}): set {kind}.model_type to one")
+    return found[0]
+
+
 def text_family_of(d: DecoderConfig) -> TextFamily:
-    """The family whose fixed behaviours this decoder has (with experts or without)."""
-    for family in TEXT_FAMILIES.values():
-        if all(getattr(d, k) == v for k, v in family.behaviours.items()) and (family.moe is None) == (d.moe is None):
-            return family
-    raise ConfigError("no Hugging Face family has this decoder's norms and embedding scale "
-                      f"({', '.join(f'{k}={getattr(d, k)}' for k in _NORMS)})")
+    """The family the decoder was read as (`model_type`), or for a config made in code the one family whose
+    fixed behaviours it has (with experts or without); its behaviours must be the family's."""
+    fits = lambda family: (all(getattr(d, k) == v for k, v in family.behaviours.items())
+                           and (family.moe is None) == (d.moe is None))
+    shown = ", ".join(f"{k}={getattr(d, k)}" for k in _NORMS)
+    what = f"norms and embedding scale ({shown}, experts: {d.moe is not None})"
+    if d.model_type is None:
+        return _the_one("decoder", [f for f in TEXT_FAMILIES.values() if fits(f)], what)
+    family = _named("decoder", TEXT_FAMILIES, d.model_type)
+    _refuse(fits(family), family.model_type, f"this decoder's {what}")
+    return family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,9 +227,14 @@ VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
 
 
 def vision_family_of(v: VisionConfig) -> VisionFamily:
-    """The family this encoder's class token says it is; its other fixed behaviours must agree."""
-    family = VISION_FAMILIES["clip_vision_model" if v.class_token else "siglip_vision_model"]
-    _refuse(all(getattr(v, k) == x for k, x in family.behaviours.items()), family.name, "this encoder's norms and biases")
+    """The family the encoder was read as (`model_type`), or for a config made in code the one whose fixed
+    behaviours it has; its behaviours must be the family's."""
+    fits = lambda family: all(getattr(v, k) == x for k, x in family.behaviours.items())
+    what = "class token, norms and biases"
+    if v.model_type is None:
+        return _the_one("vision", [f for f in VISION_FAMILIES.values() if fits(f)], what)
+    family = _named("vision", VISION_FAMILIES, v.model_type)
+    _refuse(fits(family), family.name, f"this encoder's {what}")
     return family
 
 
@@ -215,7 +244,7 @@ class VisionLanguageFamily:
 
     model_type: str
     architecture: str
-    wiring: Mapping[str, Any]  # ModelConfig fields the family fixes; export finds the family by them
+    wiring: Mapping[str, Any]  # ModelConfig fields the family fixes (a config made in code is matched by them)
     default_text_type: str  # text_config's model_type when it has none
     default_vision_type: str  # vision_config's model_type when it has none
     default_image_token: int
@@ -318,9 +347,13 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
 
 
 def vision_language_family_of(config: ModelConfig) -> VisionLanguageFamily:
-    """The family whose wiring this vision-language config has."""
-    for family in VISION_LANGUAGE_FAMILIES.values():
-        if all(getattr(config, k) == v for k, v in family.wiring.items()):
-            return family
-    raise ConfigError("no Hugging Face vision-language family wires its encoder, projector and decoder as this "
-                      f"model does ({', '.join(f'{k}={getattr(config, k)!r}' for k in VISION_LANGUAGE_FAMILIES['llava'].wiring)})")
+    """The family the model was read as (`model_type`), or for a config made in code the one whose wiring
+    it has; its wiring must be the family's."""
+    fits = lambda family: all(getattr(config, k) == v for k, v in family.wiring.items())
+    wiring = dict.fromkeys(k for family in VISION_LANGUAGE_FAMILIES.values() for k in family.wiring)
+    what = f"wiring of encoder, projector and decoder ({', '.join(f'{k}={getattr(config, k)!r}' for k in wiring)})"
+    if config.model_type is None:
+        return _the_one("model", [f for f in VISION_LANGUAGE_FAMILIES.values() if fits(f)], what)
+    family = _named("model", VISION_LANGUAGE_FAMILIES, config.model_type)
+    _refuse(fits(family), family.model_type, f"this model's {what}")
+    return family

@@ -129,6 +129,7 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
         max_position_embeddings=cfg.integer("max_position_embeddings", 8192),
         tie_embeddings=cfg.flag("tie_word_embeddings", False),
         moe=None if family.moe is None else family.moe(cfg, depth),
+        model_type=family.model_type,
         **family.behaviours,
         **{field: cfg.number(name, None) for name, field in family.numbers.items()},
     )
@@ -189,7 +190,7 @@ def vision_config(cfg: Fields | dict, **composition) -> VisionConfig:
         image_size=cfg.integer("image_size"), patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
         depth=cfg.integer("num_hidden_layers"), num_heads=cfg.integer("num_attention_heads"),
         mlp_dim=cfg.integer("intermediate_size"), activation=_ACTIVATIONS[act], norm_eps=cfg.number("layer_norm_eps"),
-        **family.behaviours, **composition)
+        model_type=t, **family.behaviours, **composition)
 
 
 def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
@@ -296,7 +297,8 @@ def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, TextFamily]:
                                   family.image_processor)
     config = ModelConfig(decoder=decoder_config(text), tokens=tokens_config(hf_dir, text), vision=vision,
                          image_processing=processing, image_token_id=_image_token(cfg, family.default_image_token),
-                         generation=generation_defaults(hf_dir), **family.wiring, **extra)
+                         generation=generation_defaults(hf_dir), model_type=family.model_type, **family.wiring,
+                         **extra)
     return config, TEXT_FAMILIES[text.raw("model_type")]
 
 

@@ -142,6 +142,9 @@ class DecoderConfig:
     max_position_embeddings: int = 8192
     tie_embeddings: bool = False
     moe: MoeConfig | None = None  # mixture-of-experts MLPs (Qwen3-MoE)
+    # the Hugging Face family it was read as (config.json's model_type: convert.families), which export writes
+    # back; None for a config made in code (export then takes the one family with its behaviours)
+    model_type: str | None = None
 
     def __post_init__(self):
         name = "DecoderConfig"
@@ -236,6 +239,7 @@ class VisionConfig:
     # an int indexes the hidden states as transformers does (0 = embeddings, -2 = LLaVA's second-to-last).
     feature_layer: int | None = None
     keep_class_token: bool = False  # in the features (LLaVA's "full" strategy) rather than dropped
+    model_type: str | None = None  # the Hugging Face encoder family it was read as (as DecoderConfig's)
 
     def __post_init__(self):
         name = "VisionConfig"
@@ -452,6 +456,7 @@ class ModelConfig:
     generation: GenerationDefaults | None = None  # the checkpoint's generation_config.json, if it has one
     quantization: QuantizationConfig | None = None  # None: the weights are floats
     lora: LoraConfig | None = None  # adapters held beside their projections (not merged into them)
+    model_type: str | None = None  # a vision-language model's Hugging Face family (as DecoderConfig's)
 
     def __post_init__(self):
         name = "ModelConfig"
@@ -487,11 +492,14 @@ class ModelConfig:
     @property
     def computation(self) -> "ModelConfig":
         """This config less what only the host reads (special tokens, prompt format, image processing, the
-        labels' names, generation defaults): the static argument of the jit-compiled functions, so that none of those settings
-        causes a compilation. (Token ids the computation needs, such as EOS, are passed as arrays.)"""
+        labels' names, generation defaults, the families' names): the static argument of the jit-compiled
+        functions, so that none of those settings causes a compilation. (Token ids the computation needs,
+        such as EOS, are passed as arrays.)"""
         head = None if self.head is None else dataclasses.replace(self.head, labels=("",) * self.head.num_labels)
+        unnamed = lambda part: part and dataclasses.replace(part, model_type=None)  # (export reads them)
         return dataclasses.replace(self, tokens=TokensConfig(), image_processing=None, prompt_format="plain",
-                                   image_frame=None, max_images=1, head=head, generation=None)
+                                   image_frame=None, max_images=1, head=head, generation=None, model_type=None,
+                                   decoder=unnamed(self.decoder), vision=unnamed(self.vision))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

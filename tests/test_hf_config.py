@@ -1,5 +1,7 @@
 """Config translation, including older config.json layouts that real checkpoints still carry."""
 
+import dataclasses
+
 import pytest
 import transformers
 
@@ -139,16 +141,45 @@ def test_published_gemma3_config(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3", "qwen3_moe"])
-def test_a_family_is_found_again_by_its_behaviours(name, tmp_path):
-    """Reading picks a family's record by model_type; writing finds the same record by the behaviours read."""
+def test_a_family_is_recorded_and_found_again(name, tmp_path):
+    """Reading picks a family's record by model_type and the config records it (through a save and a load);
+    writing takes the record named, and for a config made in code the one whose behaviours it has."""
     from convert.families import TEXT_FAMILIES, text_family_of
     from convert.hf_config import model_config
+    from jaxvlm.config import ModelConfig
     from tests import hf_models
     config_class, kwargs = hf_models.CONFIGS[name]
     getattr(transformers, config_class)(**kwargs, vocab_size=64).to_json_file(tmp_path / "config.json")
     config, family, layout = model_config(str(tmp_path))
     assert family is TEXT_FAMILIES[name] and layout == "text"
+    (tmp_path / "converted").mkdir()
+    config.save(tmp_path / "converted")
+    assert ModelConfig.load(tmp_path / "converted").decoder.model_type == name
     assert text_family_of(config.decoder) is family
+    assert text_family_of(dataclasses.replace(config.decoder, model_type=None)) is family
+    assert config.computation.decoder.model_type is None  # no compilation of its own
+
+
+def test_a_recorded_family_is_checked_against_the_config(tmp_path):
+    from convert.families import ConfigError, text_family_of, vision_family_of, vision_language_family_of
+    from convert.hf_config import model_config
+    from tests import hf_models
+    config_class, kwargs = hf_models.CONFIGS["gemma2"]
+    getattr(transformers, config_class)(**kwargs, vocab_size=64).to_json_file(tmp_path / "config.json")
+    decoder = model_config(str(tmp_path))[0].decoder
+    with pytest.raises(ConfigError, match=r"decoder.model_type 'llama9': no such Hugging Face family \(known: gemma,"):
+        text_family_of(dataclasses.replace(decoder, model_type="llama9"))
+    with pytest.raises(ConfigError, match="a phi3 checkpoint cannot hold this decoder's norms and embedding scale "
+                                          r"\(norm_scale_offset=1.0, embed_scale=True"):
+        text_family_of(dataclasses.replace(decoder, model_type="phi3"))
+    from jaxvlm import presets
+    vlm = presets.get("paligemma-3b-pt-224")
+    assert (vlm.model_type, vlm.vision.model_type) == ("paligemma", "siglip_vision_model")
+    assert vision_language_family_of(vlm).model_type == "paligemma"
+    with pytest.raises(ConfigError, match="a llava checkpoint cannot hold this model's wiring .*projector='linear'"):
+        vision_language_family_of(dataclasses.replace(vlm, model_type="llava"))
+    with pytest.raises(ConfigError, match="a CLIP checkpoint cannot hold this encoder's class token"):
+        vision_family_of(dataclasses.replace(vlm.vision, model_type="clip_vision_model"))
 
 
 def test_gemma3_rope_per_layer_type_in_either_layout():
