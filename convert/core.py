@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import tables
+from convert.families import tensor_rules
 from convert.hf_config import model_config
 from convert.readers import FLOAT_DTYPES, WEIGHT_FILES, CheckpointError, TensorReader
 from jaxvlm import checkpoint
@@ -102,7 +103,7 @@ class HFCheckpoint:
         before_reading()
         self.hf_dir, self.dtype, self.group_size = hf_dir, dtype, group_size
         config, self.text_family, self.layout = model_config(hf_dir)
-        self.rules = tables.expand(config, self.text_family.table if self.text_family else None)
+        self.rules = tensor_rules(config)
         self.contracted = {}
         if quantize is not None:
             self.contracted = checkpoint.contracted_axes(config)

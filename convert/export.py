@@ -21,11 +21,10 @@ import jax
 import numpy as np
 
 from convert import tables
-from convert.families import (ConfigError, TextFamily, text_family_of, vision_family_of,
+from convert.families import (ConfigError, TextFamily, tensor_rules, text_family_of, vision_family_of,
                               vision_language_family_of)
 from jaxvlm import checkpoint, files, layout
 from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, RopeConfig, VisionConfig
-from jaxvlm.images import PROCESSOR_FILES
 
 MAX_SHARD_BYTES = 5 * 2 ** 30  # past this, the weights are split into shards with an index
 HEAD_SUFFIXES = {"sequence_classification": "ForSequenceClassification",
@@ -173,10 +172,10 @@ def _file_name(canonical: str, layout_kind: str) -> str:
     return canonical
 
 
-def hf_tensors(config: ModelConfig, params, family: TextFamily | None, layout_kind: str):
+def hf_tensors(config: ModelConfig, params, layout_kind: str):
     """(file name, numpy tensor) for every tensor of the Hugging Face checkpoint, in the tables' order."""
     flat = {checkpoint.param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for name, rule in tables.expand(config, family.table if family else None).items():
+    for name, rule in tensor_rules(config).items():
         pieces = [(*tables.stacked_slice(path), transform) for path, transform in rule.targets]
         dtype = flat[pieces[0][0]].dtype
         source = jax.ShapeDtypeStruct(rule.shape, dtype)
@@ -209,7 +208,7 @@ def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_B
     data["dtype"] = np.dtype(model.dtype).name
     copies = {} if model.tokenizer is None else model.tokenizer.files  # as read when the model was loaded
     with files.writing(out_dir) as tmp:
-        _write_tensors(tmp, hf_tensors(config, params, family, layout_kind), max_shard_bytes)
+        _write_tensors(tmp, hf_tensors(config, params, layout_kind), max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(data, f, indent=2)
         for name, content in copies.items():

@@ -202,6 +202,7 @@ class VisionFamily:
 
     model_type: str
     name: str  # as errors name it
+    table: tuple[tables.Rule, ...]  # its tensors (convert.tables)
     behaviours: Mapping[str, Any]  # VisionConfig fields the family fixes
     defaults: Mapping[str, Any]
     processor: str  # the image processor it comes with: "siglip" (a square) or "clip" (shortest edge, crop)
@@ -212,12 +213,12 @@ class VisionFamily:
 _VIT_DEFAULTS = dict(image_size=224, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                      num_attention_heads=12)
 VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
-    VisionFamily("siglip_vision_model", "SigLIP",
+    VisionFamily("siglip_vision_model", "SigLIP", tuple(tables.SIGLIP_VISION),
                  behaviours=dict(patch_bias=True, class_token=False, pre_norm=False, post_norm_class_only=False),
                  defaults=dict(_VIT_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
                  processor="siglip", attention_pool=lambda cfg: cfg.flag("vision_use_head", True),
                  architecture=lambda v: "SiglipVisionModel"),
-    VisionFamily("clip_vision_model", "CLIP",
+    VisionFamily("clip_vision_model", "CLIP", tuple(tables.CLIP_VISION),
                  behaviours=dict(patch_bias=False, class_token=True, pre_norm=True, post_norm_class_only=True),
                  defaults=dict(_VIT_DEFAULTS, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
                  processor="clip", attention_pool=lambda cfg: False,
@@ -236,6 +237,14 @@ def vision_family_of(v: VisionConfig) -> VisionFamily:
     family = _named("vision", VISION_FAMILIES, v.model_type)
     _refuse(fits(family), family.name, f"this encoder's {what}")
     return family
+
+
+def tensor_rules(config: ModelConfig) -> dict[str, tables.BoundRule]:
+    """Every tensor a model's checkpoint holds (canonical names, `convert.tables`): its families' tables
+    bound to its config, with its projector and head."""
+    decoder = None if config.decoder is None else text_family_of(config.decoder).table
+    vision = None if config.vision is None else vision_family_of(config.vision).table
+    return tables.expand(config, decoder, vision)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -210,27 +210,22 @@ def _packed(index: int, then: Transform) -> Transform:
     return lambda w, c: then(w[index * c.width:(index + 1) * c.width], c)
 
 
-VISION = [
+# What every ViT here holds; each encoder family's record (convert.families) adds its own.
+VIT_COMMON = [
     Rule(VIT + "embeddings.patch_embedding.weight", lambda c: (c.width, 3, c.patch_size, c.patch_size),
          (("vision/patch_embed/kernel", lambda w, c: w.transpose(2, 3, 1, 0)),)),  # to [h, w, C_in, C_out]
-    Rule(VIT + "embeddings.patch_embedding.bias", lambda c: (c.width,), (("vision/patch_embed/bias", keep),),
-         when=lambda c: c.patch_bias),
-    Rule(VIT + "embeddings.class_embedding", lambda c: (c.width,), (("vision/class_token", keep),),
-         when=lambda c: c.class_token),
     Rule(VIT + "embeddings.position_embedding.weight", lambda c: (c.num_tokens, c.width),
          (("vision/pos_embedding", keep),)),
-    *layer_norm(VIT + "pre_layrnorm", "vision/pre_norm", when=lambda c: c.pre_norm),  # sic: transformers' name
     *layer_norm(VLAYER + "layer_norm1", VOUT + "pre_attn_norm"),
     *vit_attention(VLAYER + "self_attn.", VOUT + "attn"),
     *layer_norm(VLAYER + "layer_norm2", VOUT + "pre_mlp_norm"),
     *linear(VLAYER + "mlp.fc1", VOUT + "mlp/fc1", F, D),
     *linear(VLAYER + "mlp.fc2", VOUT + "mlp/fc2", D, F),
     *layer_norm(VIT + "post_layernorm", "vision/post_norm"),
-    Rule("visual_projection.weight", lambda c: (c.projection_dim, c.width), (("vision/projection/kernel", transpose),),
-         when=lambda c: c.projection_dim is not None),
 ]
 
 POOL = VIT + "head."
+# SigLIP's optional pooling head: torch.nn.MultiheadAttention over a learned probe, then an MLP
 ATTENTION_POOL = [
     Rule(POOL + "probe", lambda c: (1, 1, c.width), (("vision/attention_pool/probe", lambda w, c: w.reshape(-1)),)),
     Rule(POOL + "attention.in_proj_weight", lambda c: (3 * c.width, c.width), tuple(
@@ -243,6 +238,18 @@ ATTENTION_POOL = [
     *layer_norm(POOL + "layernorm", "vision/attention_pool/norm"),
     *linear(POOL + "mlp.fc1", "vision/attention_pool/mlp/fc1", F, D),
     *linear(POOL + "mlp.fc2", "vision/attention_pool/mlp/fc2", D, F),
+]
+
+SIGLIP_VISION = VIT_COMMON + [
+    Rule(VIT + "embeddings.patch_embedding.bias", lambda c: (c.width,), (("vision/patch_embed/bias", keep),)),
+    *(dataclasses.replace(rule, when=lambda c: c.attention_pool) for rule in ATTENTION_POOL),
+]
+
+CLIP_VISION = VIT_COMMON + [
+    Rule(VIT + "embeddings.class_embedding", lambda c: (c.width,), (("vision/class_token", keep),)),
+    *layer_norm(VIT + "pre_layrnorm", "vision/pre_norm"),  # sic: transformers' name
+    Rule("visual_projection.weight", lambda c: (c.projection_dim, c.width), (("vision/projection/kernel", transpose),),
+         when=lambda c: c.projection_dim is not None),
 ]
 
 # --- projectors: rules over the whole ModelConfig -------------------------------------------------------
@@ -330,14 +337,15 @@ def _bind(rules: list[Rule], config: Config) -> dict[str, BoundRule]:
     return bound
 
 
-def expand(config: ModelConfig, decoder_table: tuple[Rule, ...] | None) -> dict[str, BoundRule]:
-    """Every source tensor (canonical name) a model predicts: its decoder (`decoder_table`, its family's),
-    its image encoder and its projector."""
+def expand(config: ModelConfig, decoder_table: tuple[Rule, ...] | None,
+           vision_table: tuple[Rule, ...] | None) -> dict[str, BoundRule]:
+    """Every source tensor (canonical name) a model predicts: its decoder and its image encoder (the tables
+    of their families), its projector and its head."""
     rules = {}
     if config.decoder is not None:
         rules |= _bind(list(decoder_table), config.decoder)
     if config.vision is not None:
-        rules |= _bind(VISION + (ATTENTION_POOL if config.vision.attention_pool else []), config.vision)
+        rules |= _bind(list(vision_table), config.vision)
     if config.is_vlm:
         rules |= _bind(PROJECTORS[config.projector](config), config)
     if config.head is not None:

@@ -76,14 +76,14 @@ def _published(tmp_path, data: dict, stem: str):
     tensors must be transformers' own model's (`stem`ForConditionalGeneration, its head tied)."""
     import json
     import torch
-    from convert import tables
+    from convert.families import tensor_rules
     from convert.hf_config import model_config
     (tmp_path / "config.json").write_text(json.dumps(data))
     config, family, layout = model_config(str(tmp_path))
     with torch.device("meta"):  # shapes only, nothing allocated
         hf = getattr(transformers, f"{stem}ForConditionalGeneration")(getattr(transformers, f"{stem}Config")(**data))
     want = {n: tuple(t.shape) for n, t in hf.state_dict().items() if n != "lm_head.weight"}  # tied
-    got = {n: r.shape for n, r in tables.expand(config, family.table).items()}
+    got = {n: r.shape for n, r in tensor_rules(config).items()}
     assert len(got) == len(want) and sorted(got.values()) == sorted(want.values())
     return config, family, layout, got
 
