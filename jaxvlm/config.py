@@ -66,7 +66,7 @@ class RopeConfig:
     linear_factor: float = 1.0
     short_factor: tuple[float, ...] | None = None
     long_factor: tuple[float, ...] | None = None
-    original_max_position: int | None = None
+    original_max_position: int | None = None  # the pre-training context length the scaling extends
     attention_factor: float = 1.0
     # LongRoPE's factors chosen for each row from its own longest position (rows that are unrelated requests,
     # as the engine's), not for the batch from its longest (transformers' batches)
@@ -77,10 +77,11 @@ class RopeConfig:
         _require(0 < self.rotary_fraction <= 1, "RopeConfig", "rotary_fraction",
                  f"must be in (0, 1], got {self.rotary_fraction}")
         _require(self.linear_factor > 0, "RopeConfig", "linear_factor", f"must be > 0, got {self.linear_factor}")
-        longrope = (self.short_factor, self.long_factor, self.original_max_position)
-        _require(all(x is None for x in longrope) or all(x is not None for x in longrope), "RopeConfig",
-                 "long_factor", "LongRoPE needs short_factor, long_factor and original_max_position together")
+        _require((self.short_factor is None) == (self.long_factor is None), "RopeConfig", "long_factor",
+                 "LongRoPE needs short_factor and long_factor together")
         if self.is_longrope:
+            _require(self.original_max_position is not None, "RopeConfig", "original_max_position",
+                     "LongRoPE needs the pre-training length its factors switch at")
             _require(len(self.short_factor) == len(self.long_factor), "RopeConfig", "short_factor",
                      f"has {len(self.short_factor)} entries but long_factor has {len(self.long_factor)}")
 

@@ -73,3 +73,12 @@ def test_vision_language_model_needs_an_image_token():
     with pytest.raises(ValueError, match="ModelConfig.image_token_id: a vision-language model needs one"):
         ModelConfig(decoder=DecoderConfig(**BASE),
                     vision=VisionConfig(image_size=32, patch_size=8, width=8, depth=2, num_heads=2, mlp_dim=16))
+
+
+def test_the_pre_training_length_stands_without_longrope():
+    """Llama 3's frequency smoothing reads original_max_position alone; LongRoPE's factors need it."""
+    assert not RopeConfig(original_max_position=8192).is_longrope
+    with pytest.raises(ValueError, match="RopeConfig.original_max_position: LongRoPE needs the pre-training length"):
+        RopeConfig(short_factor=(1.0,), long_factor=(2.0,))
+    with pytest.raises(ValueError, match="RopeConfig.long_factor: LongRoPE needs short_factor and long_factor together"):
+        RopeConfig(short_factor=(1.0,), original_max_position=4096)
