@@ -167,23 +167,20 @@ class MLP(nn.Module):
         return fc2(ACTIVATIONS[self.activation](h))
 
 
-ROWS_A_TILE = 32  # TPU lays 8-bit arrays out in tiles 32 rows deep
-
-
 def take_rows(table: jax.Array, index: jax.Array) -> jax.Array:
     """table[index] along axis 0. On CPU a bfloat16 table's rows are taken as their 16-bit patterns: XLA:CPU
     gathers bfloat16 through float32, and inside the decode loop it would hoist that conversion, a float32
     copy of the whole table, out of the loop. Elsewhere a plain gather: on TPU the bitcast is itself a copy
     of the table (16-bit integers are tiled unlike bfloat16 there).
 
-    One row of an 8-bit table (a decode step at batch 1) is taken as the 32-row block that holds it, then
-    the row within: XLA:TPU turns a lone row's gather into a slice, which it serves by laying the whole
-    table out anew (Gemma 2's int8 embedding on v5e:2x2: a 147 MB copy a device, a step), while the
-    block's gather reads in place. More rows are gathered in place already."""
-    if table.dtype.itemsize == 1 and index.size == 1 and table.shape[0] % ROWS_A_TILE == 0:
-        vocab, width = table.shape
-        blocks = jnp.take(table.reshape(vocab // ROWS_A_TILE, ROWS_A_TILE, width), index // ROWS_A_TILE, axis=0)
-        return jnp.take_along_axis(blocks, (index % ROWS_A_TILE)[..., None, None], axis=-2)[..., 0, :]
+    One row of an 8-bit table (a decode step at batch 1) is gathered with a second, unused one: XLA:TPU
+    turns a lone row's gather into a slice, which it serves by laying the whole table out anew (Gemma 2's
+    int8 embedding on v5e:2x2: a 147 MB copy a device, a step), while a gather of two reads in place.
+    (Taking the 32-row tile that holds the row instead copies the table where a device's share of the
+    vocabulary is not whole tiles: PaliGemma's 257,216 rows over 4 devices.)"""
+    if table.dtype.itemsize == 1 and index.size == 1:
+        pair = jnp.concatenate([index.reshape(1), jnp.zeros(1, index.dtype)])
+        return jnp.take(table, pair, axis=0)[:1].reshape(*index.shape, table.shape[1])
     if table.dtype != jnp.bfloat16:
         return jnp.take(table, index, axis=0)
 
