@@ -50,6 +50,10 @@ def _rope(d: DecoderConfig, rope: RopeConfig) -> dict:
         params["partial_rotary_factor"] = rope.rotary_fraction
     if rope.linear_factor != 1.0:
         params.update(rope_type="linear", factor=rope.linear_factor)
+    if rope.smoothing is not None:
+        s = rope.smoothing
+        params.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
+                      high_freq_factor=s.high_freq_factor, original_max_position_embeddings=rope.original_max_position)
     if rope.is_longrope:
         params.update(rope_type="longrope", short_factor=list(rope.short_factor), long_factor=list(rope.long_factor),
                       original_max_position_embeddings=rope.original_max_position,
@@ -72,10 +76,11 @@ def decoder_config(config: ModelConfig, family: TextFamily) -> dict:
                tie_word_embeddings=d.tie_embeddings, rope_parameters=_rope(d, d.rope), bos_token_id=tokens.bos_id,
                eos_token_id=eos[0] if len(eos) == 1 else (eos or None), pad_token_id=tokens.pad_id)
     out[family.activation_field] = ACTIVATIONS[d.mlp_activation]
-    _refuse(d.qkv_bias == d.out_bias, name, "biases on q, k, v but not on the output, or the reverse")
-    _refuse(family.attention_bias or not d.qkv_bias, name, "attention biases")
-    if family.attention_bias:
-        out["attention_bias"] = d.qkv_bias
+    if "qkv_bias" not in family.behaviours:  # (a family that fixes its biases has them checked with the rest)
+        _refuse(d.qkv_bias == d.out_bias, name, "biases on q, k, v but not on the output, or the reverse")
+        _refuse(family.attention_bias or not d.qkv_bias, name, "attention biases")
+        if family.attention_bias:
+            out["attention_bias"] = d.qkv_bias
     for field, what in OPTIONAL_NUMBERS.items():
         _refuse(getattr(d, field) is None or field in family.numbers.values(), name, what)
     for hf_name, field in family.numbers.items():

@@ -69,17 +69,22 @@ def _gemma2_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
     return dict(sliding_window=d.sliding_window or d.max_position_embeddings, layer_types=_layer_type_names(local))
 
 
-def _phi3_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
-    _refuse(all(local) or not any(local), "phi3", "sliding windows on some layers only")
-    return dict(sliding_window=d.sliding_window if any(local) else None)
+def _qwen_window_fields(family: str) -> WindowFields:
+    """Qwen2's and Qwen3's window applies from `max_window_layers` on."""
+    def fields(d: DecoderConfig, local: list[bool]) -> dict:
+        first = local.index(True) if any(local) else d.depth
+        _refuse(all(local[first:]), family, "sliding windows on layers that are not the last ones")
+        return dict(use_sliding_window=any(local), sliding_window=d.sliding_window, max_window_layers=first,
+                    layer_types=_layer_type_names(local))
+    return fields
 
 
-def _qwen3_window_fields(d: DecoderConfig, local: list[bool]) -> dict:
-    """Qwen3's window applies from `max_window_layers` on."""
-    first = local.index(True) if any(local) else d.depth
-    _refuse(all(local[first:]), "qwen3", "sliding windows on layers that are not the last ones")
-    return dict(use_sliding_window=any(local), sliding_window=d.sliding_window, max_window_layers=first,
-                layer_types=_layer_type_names(local))
+def _every_layer_window_fields(family: str) -> WindowFields:
+    """Phi-3's and Mistral's window is every layer's, or none's."""
+    def fields(d: DecoderConfig, local: list[bool]) -> dict:
+        _refuse(all(local) or not any(local), family, "sliding windows on some layers only")
+        return dict(sliding_window=d.sliding_window if any(local) else None)
+    return fields
 
 
 def _qwen3_window(cfg: Fields) -> int | None:
@@ -120,6 +125,7 @@ _GEMMA2_NUMBERS = dict(query_pre_attn_scalar="query_pre_attn_scalar", attn_logit
                        final_logit_softcapping="final_logit_softcap")
 _t = tables
 _DECODER = _t.EMBEDDING + _t.ATTN_OUT + _t.MLP_DOWN
+_PLAIN_DECODER = tuple(_DECODER + _t.SEPARATE_QKV + _t.SEPARATE_MLP + _t.PRE_NORMS)  # Llama's names
 
 TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
     TextFamily("gemma", "Gemma", tuple(_DECODER + _t.SEPARATE_QKV + _t.SEPARATE_MLP + _t.PRE_NORMS),
@@ -151,17 +157,28 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                requires=dict(use_bidirectional_attention=False)),
     TextFamily("phi3", "Phi3", tuple(_DECODER + _t.FUSED_QKV + _t.FUSED_MLP + _t.PRE_NORMS),
                behaviours=_LLAMA, defaults=dict(hidden_act="silu", rms_norm_eps=1e-5),
-               window_fields=_phi3_window_fields, attention_bias=False),
+               window_fields=_every_layer_window_fields("phi3"), attention_bias=False),
     TextFamily("qwen3_moe", "Qwen3Moe", tuple(_t.EMBEDDING + _t.ATTN_OUT + _t.SEPARATE_QKV + _t.QK_NORM + _t.MOE_MLP
                                               + _t.PRE_NORMS),
                behaviours=dict(_LLAMA, use_qk_norm=True),
                defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, num_experts=128, num_experts_per_tok=8,
                              moe_intermediate_size=768, norm_topk_prob=False, decoder_sparse_step=1),
-               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen3_window_fields, add_bos=False,
-               moe=_qwen3_moe, moe_fields=_qwen3_moe_fields),
+               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen3_moe"),
+               add_bos=False, moe=_qwen3_moe, moe_fields=_qwen3_moe_fields),
     TextFamily("qwen3", "Qwen3", tuple(_DECODER + _t.SEPARATE_QKV + _t.QK_NORM + _t.SEPARATE_MLP + _t.PRE_NORMS),
                behaviours=dict(_LLAMA, use_qk_norm=True), defaults=dict(hidden_act="silu", rms_norm_eps=1e-6),
-               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen3_window_fields, add_bos=False),
+               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen3"), add_bos=False),
+    # Llama 1, 2 and 3 (Llama 3's "llama3" rope scaling is read with the other rope types)
+    TextFamily("llama", "Llama", _PLAIN_DECODER, behaviours=_LLAMA, defaults=dict(hidden_act="silu", rms_norm_eps=1e-6),
+               window=lambda cfg: None, window_fields=_no_window("llama"), requires=dict(mlp_bias=False)),
+    # Mistral: Llama's layer with a sliding window on every layer (none when config.json's is null)
+    TextFamily("mistral", "Mistral", _PLAIN_DECODER, behaviours=_LLAMA,
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, sliding_window=4096),
+               window_fields=_every_layer_window_fields("mistral"), attention_bias=False),
+    # Qwen2 and Qwen2.5: biases on q, k and v (never on the output), Qwen3's window fields
+    TextFamily("qwen2", "Qwen2", _PLAIN_DECODER, behaviours=dict(_LLAMA, qkv_bias=True, out_bias=False),
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6), window=_qwen3_window, pattern=_qwen3_pattern,
+               window_fields=_qwen_window_fields("qwen2"), add_bos=False),
 ]}
 
 

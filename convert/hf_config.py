@@ -14,8 +14,9 @@ from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, 
                               VisionFamily)
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
-from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, GenerationDefaults, HeadConfig, ImageProcessing,
-                           ModelConfig, PanAndScan, RopeConfig, TokensConfig, VisionConfig, longrope_attention_factor)
+from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, FrequencySmoothing, GenerationDefaults, HeadConfig,
+                           ImageProcessing, ModelConfig, PanAndScan, RopeConfig, TokensConfig, VisionConfig,
+                           longrope_attention_factor)
 
 SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
 
@@ -53,8 +54,14 @@ def _rope(params: Fields, cfg: Fields, theta: float) -> RopeConfig:
         return RopeConfig(theta=theta, rotary_fraction=fraction)
     if kind == "linear":
         return RopeConfig(theta=theta, rotary_fraction=fraction, linear_factor=params.number("factor"))
+    if kind == "llama3":  # every field required, as transformers requires them
+        smoothing = FrequencySmoothing(factor=params.number("factor"), low_freq_factor=params.number("low_freq_factor"),
+                                       high_freq_factor=params.number("high_freq_factor"))
+        return RopeConfig(theta=theta, rotary_fraction=fraction, smoothing=smoothing,
+                          original_max_position=params.integer("original_max_position_embeddings"))
     if kind not in ("longrope", "su"):  # "su" is LongRoPE's old name
-        raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} (supported: default, linear, longrope)")
+        raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} (supported: default, linear, llama3, "
+                          "longrope)")
     # Phi-3 keeps the pre-training length outside the rope dict, and it takes precedence there.
     original = cfg.integer("original_max_position_embeddings", None) \
         or params.integer("original_max_position_embeddings", None) or cfg.integer("max_position_embeddings")
@@ -110,6 +117,9 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
     sliding = family.window(cfg)
     bias = cfg.flag("attention_bias", False)
     rope, local_rope = _ropes(cfg)
+    fields = dict(qkv_bias=bias, out_bias=bias, model_type=family.model_type)
+    fields.update(family.behaviours)  # (Qwen2 fixes its biases: on q, k, v, never on the output)
+    fields.update({field: cfg.number(name, None) for name, field in family.numbers.items()})
     return DecoderConfig(
         vocab_size=cfg.integer("vocab_size"),
         width=width,
@@ -120,8 +130,6 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
         mlp_dim=cfg.integer("intermediate_size"),
         mlp_activation=_ACTIVATIONS[act],
         norm_eps=cfg.number("rms_norm_eps", 1e-6),
-        qkv_bias=bias,
-        out_bias=bias,
         sliding_window=sliding,
         layer_types=_layer_types(cfg, family, depth, sliding),
         rope=rope,
@@ -129,9 +137,7 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
         max_position_embeddings=cfg.integer("max_position_embeddings", 8192),
         tie_embeddings=cfg.flag("tie_word_embeddings", False),
         moe=None if family.moe is None else family.moe(cfg, depth),
-        model_type=family.model_type,
-        **family.behaviours,
-        **{field: cfg.number(name, None) for name, field in family.numbers.items()},
+        **fields,
     )
 
 

@@ -52,13 +52,31 @@ def _require(ok: bool, cls: str, field: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class FrequencySmoothing:
+    """Llama 3's rescaling of the rotary frequencies (transformers' "llama3" rope type): a frequency whose
+    wavelength passes the pre-training length / `low_freq_factor` is divided by `factor`, one whose
+    wavelength is under the pre-training length / `high_freq_factor` is kept, and those between are
+    blended from one to the other."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+
+    def __post_init__(self):
+        _require(self.factor > 0, "FrequencySmoothing", "factor", f"must be > 0, got {self.factor}")
+        _require(0 < self.low_freq_factor < self.high_freq_factor, "FrequencySmoothing", "high_freq_factor",
+                 f"must be above low_freq_factor > 0, got {self.high_freq_factor} and {self.low_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeConfig:
     """Rotary embedding: the default one, or LongRoPE when `long_factor` is set.
 
     LongRoPE divides each frequency by a per-frequency factor, `short_factor` while the longest position
     of a forward pass is within `original_max_position`, `long_factor` beyond it, and multiplies cos and
     sin by `attention_factor`. `linear_factor` divides every frequency by one factor (positions
-    interpolated, as transformers' "linear" rope type; Gemma 3's global layers).
+    interpolated, as transformers' "linear" rope type; Gemma 3's global layers). `smoothing` rescales the
+    frequencies as Llama 3 does, around `original_max_position`.
     """
 
     theta: float = 10_000.0
@@ -68,6 +86,7 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     original_max_position: int | None = None  # the pre-training context length the scaling extends
     attention_factor: float = 1.0
+    smoothing: FrequencySmoothing | None = None
     # LongRoPE's factors chosen for each row from its own longest position (rows that are unrelated requests,
     # as the engine's), not for the batch from its longest (transformers' batches)
     per_row: bool = False
@@ -84,6 +103,10 @@ class RopeConfig:
                      "LongRoPE needs the pre-training length its factors switch at")
             _require(len(self.short_factor) == len(self.long_factor), "RopeConfig", "short_factor",
                      f"has {len(self.short_factor)} entries but long_factor has {len(self.long_factor)}")
+        if self.smoothing is not None:
+            _require(self.original_max_position is not None, "RopeConfig", "original_max_position",
+                     "frequency smoothing needs the pre-training length it scales around")
+            _require(not self.is_longrope, "RopeConfig", "smoothing", "cannot join LongRoPE's factors")
 
     @property
     def is_longrope(self) -> bool:

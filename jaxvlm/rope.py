@@ -1,5 +1,5 @@
-"""Rotary position embeddings: the default tables, linear scaling, LongRoPE, and their application
-(rotate-half layout)."""
+"""Rotary position embeddings: the default tables, linear scaling, LongRoPE, Llama 3's smoothing, and
+their application (rotate-half layout)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,20 @@ def wavelength_powers(rope: RopeConfig, head_dim: int) -> np.ndarray:
     return (np.float32(rope.theta) ** exponents).astype(np.float32)
 
 
+def smoothed_frequencies(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
+    """Llama 3's rescaled frequencies (`RopeConfig.smoothing`), in float32 step by step as transformers
+    computes them."""
+    s, f32 = rope.smoothing, np.float32
+    old = rope.original_max_position
+    low_wavelength, high_wavelength = f32(old / s.low_freq_factor), f32(old / s.high_freq_factor)
+    wavelength = f32(2 * np.pi) / inv_freq
+    scaled = np.where(wavelength > low_wavelength, inv_freq / f32(s.factor), inv_freq)
+    blend = (f32(old) / wavelength - f32(s.low_freq_factor)) / f32(s.high_freq_factor - s.low_freq_factor)
+    blended = (f32(1) - blend) * scaled / f32(s.factor) + blend * scaled
+    between = ~(wavelength < high_wavelength) & ~(wavelength > low_wavelength)
+    return np.where(between, blended, scaled).astype(np.float32)
+
+
 def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
     """cos and sin, float32[B, T, R], for int positions[B, T].
 
@@ -31,6 +45,8 @@ def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[
                                     jnp.asarray(rope.long_factor, jnp.float32),
                                     jnp.asarray(rope.short_factor, jnp.float32))
     inv_freq = 1.0 / powers
+    if rope.smoothing is not None:
+        inv_freq = smoothed_frequencies(np.float32(1.0) / wavelength_powers(rope, head_dim), rope)
     if rope.linear_factor != 1.0:
         inv_freq = inv_freq / rope.linear_factor
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]

@@ -39,6 +39,19 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", dict(  # GQA, q/k norms, explicit head_dim != D / N, biases, tied head
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=32, attention_bias=True, tie_word_embeddings=True)),
+    "llama": ("LlamaConfig", dict(  # GQA, untied head, Llama 3's rope scaling over 32 original positions: each
+        # of its three kinds of frequency (kept, blended, divided) present at head_dim 16
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 32})),
+    "mistral": ("MistralConfig", dict(  # GQA, explicit head_dim, a sliding window on every layer shorter than
+        # the prompts
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=32, sliding_window=5, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", dict(  # biases on q, k, v but not the output, tied head
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True)),
 }
 
 CONFIGS["qwen3_moe"] = ("Qwen3MoeConfig", dict(  # 8 experts, top 2 renormalised, a dense layer between
@@ -48,7 +61,8 @@ CONFIGS["qwen3_moe"] = ("Qwen3MoeConfig", dict(  # 8 experts, top 2 renormalised
 
 CAUSAL_LM = {"GemmaConfig": "GemmaForCausalLM", "Gemma2Config": "Gemma2ForCausalLM",
              "Gemma3TextConfig": "Gemma3ForCausalLM", "Phi3Config": "Phi3ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM",
-             "Qwen3MoeConfig": "Qwen3MoeForCausalLM"}
+             "Qwen3MoeConfig": "Qwen3MoeForCausalLM", "LlamaConfig": "LlamaForCausalLM",
+             "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM"}
 
 
 def build(name: str, seed: int = 0, eos_token_id=None, architecture: str | None = None, **overrides):

@@ -140,11 +140,12 @@ def test_published_gemma3_config(tmp_path):
     assert p.size == (896, 896) and p.resample == 2 and p.pan_and_scan is None
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "qwen3", "qwen3_moe", "llama", "mistral",
+                                  "qwen2"])
 def test_a_family_is_recorded_and_found_again(name, tmp_path):
     """Reading picks a family's record by model_type and the config records it (through a save and a load);
     writing takes the record named, and for a config made in code the one whose behaviours it has."""
-    from convert.families import TEXT_FAMILIES, text_family_of
+    from convert.families import TEXT_FAMILIES, ConfigError, text_family_of
     from convert.hf_config import model_config
     from jaxvlm.config import ModelConfig
     from tests import hf_models
@@ -156,7 +157,13 @@ def test_a_family_is_recorded_and_found_again(name, tmp_path):
     config.save(tmp_path / "converted")
     assert ModelConfig.load(tmp_path / "converted").decoder.model_type == name
     assert text_family_of(config.decoder) is family
-    assert text_family_of(dataclasses.replace(config.decoder, model_type=None)) is family
+    unnamed = dataclasses.replace(config.decoder, model_type=None)
+    if name in ("phi3", "llama", "mistral", "qwen2"):  # Llama's layer, each: a config made in code names its family
+        with pytest.raises(ConfigError, match=r"fit several Hugging Face families \(phi3, llama, mistral, qwen2\): "
+                                              "set decoder.model_type to one"):
+            text_family_of(unnamed)
+    else:
+        assert text_family_of(unnamed) is family
     assert config.computation.decoder.model_type is None  # no compilation of its own
 
 

@@ -11,7 +11,8 @@ import jaxvlm
 from tests import hf_models
 
 
-FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen3", "qwen3_moe"]
+FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen3", "qwen3_moe", "llama", "mistral",
+            "qwen2"]
 NEW_TOKENS = 24
 # Batches of three prompts of different lengths. The LongRoPE model (32 original positions) keeps
 # prompt + generation within 32 here so it stays on its short factors; the long and crossing cases
