@@ -35,6 +35,17 @@ def _gemma2(hidden, mlp, depth, heads, kv_heads, head_dim, scalar, **extra):
                 rms_norm_eps=1e-6, rope_theta=10000.0, cache_implementation="hybrid", **extra)
 
 
+_LLAMA3_SCALING = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=8192)
+
+
+def _llama3(hidden, mlp, depth, heads, kv_heads, **extra):
+    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=hidden,
+                intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500_000.0, hidden_act="silu",
+                attention_bias=False, mlp_bias=False, bos_token_id=128000, eos_token_id=128001, **extra)
+
+
 def _qwen3(hidden, mlp, depth, heads, kv_heads, **extra):
     return {**dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=hidden,
                    intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=heads,
@@ -99,6 +110,20 @@ CONFIGS: dict[str, dict] = {
     "qwen3-30b-a3b": _qwen3(2048, 6144, 48, 32, 4, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"],
                             moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, decoder_sparse_step=1,
                             mlp_only_layers=[], norm_topk_prob=True),
+    "llama-3.1-8b": _llama3(4096, 14336, 32, 32, 8, rope_scaling=dict(_LLAMA3_SCALING, factor=8.0),
+                            tie_word_embeddings=False),
+    "llama-3.2-1b": _llama3(2048, 8192, 16, 32, 8, rope_scaling=dict(_LLAMA3_SCALING, factor=32.0), head_dim=64,
+                            tie_word_embeddings=True),
+    "mistral-7b-v0.3": dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32768,
+                            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                            rope_theta=1_000_000.0, sliding_window=None, hidden_act="silu", tie_word_embeddings=False,
+                            bos_token_id=1, eos_token_id=2),
+    "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=131072, max_window_layers=28, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                       sliding_window=131072, use_sliding_window=False, hidden_act="silu", tie_word_embeddings=False,
+                       bos_token_id=151643, eos_token_id=151643),
 }
 PRESETS = tuple(CONFIGS)
 

@@ -167,6 +167,10 @@ def test_converted_folder_file_linked_outside_is_refused_at_load(converted, tmp_
 
 
 # --- 2. wrong-typed JSON: one line naming the file and the field ---------------------------------------
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
 @pytest.mark.parametrize("name, edit, message", [
     ("config.json", lambda d: [d], r"config\.json: expected a JSON object at the top level, got a JSON array"),
     ("config.json", lambda d: "qwen3", r"config\.json: expected a JSON object at the top level, got a JSON string"),
@@ -183,6 +187,10 @@ def test_converted_folder_file_linked_outside_is_refused_at_load(converted, tmp_
     ("config.json", lambda d: {**d, "rope_parameters": [1]}, r"field 'rope_parameters' must be an object"),
     ("config.json", lambda d: {**d, "rope_parameters": {"rope_theta": "1e6"}},
      r"field 'rope_parameters\.rope_theta' must be a finite number"),
+    ("config.json", lambda d: {**d, "rope_parameters": {**LLAMA3, "high_freq_factor": None}},  # Llama 3's scaling
+     r"field 'rope_parameters\.high_freq_factor' must be a finite number, it is missing"),
+    ("config.json", lambda d: {**d, "rope_parameters": {**LLAMA3, "high_freq_factor": 1.0}},
+     r"config\.json: FrequencySmoothing\.high_freq_factor: must be above low_freq_factor > 0, got 1\.0 and 1\.0"),
     ("config.json", lambda d: {**d, "layer_types": "full_attention", "use_sliding_window": True, "sliding_window": 4},
      "field 'layer_types' must be a list of strings"),
     ("config.json", lambda d: {**d, "num_key_value_heads": 3}, r"config\.json: DecoderConfig\.num_kv_heads: 3 does not"),
