@@ -91,6 +91,12 @@ def _qwen3_window(cfg: Fields) -> int | None:
     return cfg.integer("sliding_window", None) if cfg.flag("use_sliding_window", False) else None
 
 
+def _mistral_window(cfg: Fields) -> int | None:
+    """A null sliding_window is none (as transformers keeps it); a missing one the class default."""
+    return None if "sliding_window" in cfg.data and cfg.data["sliding_window"] is None else \
+        cfg.integer("sliding_window", None)
+
+
 def _qwen3_pattern(cfg: Fields, depth: int) -> tuple[str, ...]:
     return tuple("local" if i >= cfg.integer("max_window_layers", 28) else "global" for i in range(depth))
 
@@ -169,16 +175,23 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                behaviours=dict(_LLAMA, use_qk_norm=True), defaults=dict(hidden_act="silu", rms_norm_eps=1e-6),
                window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen3"), add_bos=False),
     # Llama 1, 2 and 3 (Llama 3's "llama3" rope scaling is read with the other rope types)
-    TextFamily("llama", "Llama", _PLAIN_DECODER, behaviours=_LLAMA, defaults=dict(hidden_act="silu", rms_norm_eps=1e-6),
+    TextFamily("llama", "Llama", _PLAIN_DECODER, behaviours=_LLAMA,
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, vocab_size=32000, hidden_size=4096,
+                             intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                             max_position_embeddings=2048),
                window=lambda cfg: None, window_fields=_no_window("llama"), requires=dict(mlp_bias=False)),
     # Mistral: Llama's layer with a sliding window on every layer (none when config.json's is null)
     TextFamily("mistral", "Mistral", _PLAIN_DECODER, behaviours=_LLAMA,
-               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, sliding_window=4096),
-               window_fields=_every_layer_window_fields("mistral"), attention_bias=False),
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, sliding_window=4096, vocab_size=32000,
+                             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, max_position_embeddings=131072),
+               window=_mistral_window, window_fields=_every_layer_window_fields("mistral"), attention_bias=False),
     # Qwen2 and Qwen2.5: biases on q, k and v (never on the output), Qwen3's window fields
     TextFamily("qwen2", "Qwen2", _PLAIN_DECODER, behaviours=dict(_LLAMA, qkv_bias=True, out_bias=False),
-               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6), window=_qwen3_window, pattern=_qwen3_pattern,
-               window_fields=_qwen_window_fields("qwen2"), add_bos=False),
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, vocab_size=151936, hidden_size=4096,
+                             intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+                             max_position_embeddings=32768, max_window_layers=28),
+               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen2"), add_bos=False),
 ]}
 
 

@@ -154,6 +154,8 @@ VLMS = {
     "paligemma2": ("PaliGemmaConfig", "SiglipVisionConfig", "gemma2"),
     # CLIP + Phi-3 with LongRoPE: class token, second-to-last layer, two-layer GELU projector
     "llava_phi3": ("LlavaConfig", "CLIPVisionConfig", "phi3_longrope"),
+    # LLaVA-1.5: the same composition over a Llama decoder
+    "llava": ("LlavaConfig", "CLIPVisionConfig", "llama"),
 }
 # SigLIP + Gemma 3 (its own tests, several images a row): 64 patches pooled to 16 tokens per image, each framed
 # by begin/end-of-image tokens, a window of 4 shorter than an image

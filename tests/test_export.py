@@ -35,7 +35,7 @@ def test_text_families_export_to_identical_logits(name, tmp_path):
     np.testing.assert_array_equal(hf_models.hf_logits(back, ids), hf_models.hf_logits(model, ids))
 
 
-@pytest.mark.parametrize("name", ["paligemma", "paligemma2", "llava_phi3"])
+@pytest.mark.parametrize("name", ["paligemma", "paligemma2", "llava_phi3", "llava"])
 def test_vision_language_models_export_to_identical_logits(name, tmp_path):
     model = hf_models.build_vlm(name, seed=6)
     hf_dir = hf_models.save(model, str(tmp_path / "hf"))

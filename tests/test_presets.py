@@ -19,7 +19,7 @@ RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-2-9b"
             "phi-3-mini-4k": 3_821_079_552, "phi-3-medium-4k-instruct": 13_960_238_080, "qwen3-0.6b": 596_049_920,
             "qwen3-8b": 8_190_735_360, "qwen3-32b": 32_762_123_264, "qwen3-30b-a3b": 30_532_122_624,
             "llama-3.1-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400, "mistral-7b-v0.3": 7_248_023_552,
-            "qwen2.5-7b": 7_615_616_512}
+            "qwen2.5-7b": 7_615_616_512, "llava-1.5-7b": 7_063_427_072}
 
 
 @functools.cache
@@ -47,6 +47,11 @@ def test_a_vision_language_preset_has_its_encoder():
     config = presets.get("paligemma2-10b-pt-224")
     assert config.is_vlm and config.vision.image_size == 224 and config.decoder.width == 3584
     assert presets.get("gemma-3-27b-it").vision.image_size == 896
+
+
+def test_a_null_window_is_none():
+    """mistral-7b-v0.3 writes "sliding_window": null: no window, where a missing field is Mistral's 4096."""
+    assert presets.get("mistral-7b-v0.3").decoder.sliding_window is None
 
 
 def test_unknown_preset():

@@ -17,6 +17,7 @@ from tests import hf_models
 
 NEW_TOKENS = 24
 TEXT_LENGTHS = [5, 9]
+SEEDS = {"llava": 7}  # (seed 4's LLaVA-1.5 repeats one token from the start)
 
 
 @pytest.fixture(scope="module", params=list(hf_models.VLMS))
@@ -25,7 +26,7 @@ def vlm(request, convert_and_load):
     name = request.param
     rows = hf_models.vlm_prompts(name, 1, TEXT_LENGTHS)
     pixels = hf_models.pixels(0, 2)
-    model = hf_models.build_vlm(name, seed=4)
+    model = hf_models.build_vlm(name, seed=SEEDS.get(name, 4))
     free_run = hf_models.hf_vlm_generate(model, name, rows, pixels, NEW_TOKENS)
     eos = int(free_run[1, 6])
     model.config.eos_token_id = model.generation_config.eos_token_id = eos
