@@ -4,8 +4,8 @@ For each preset, in bfloat16 and int8: the smallest v5e and v6e slice (and mesh)
 of 8 prompts of 8192 tokens and a decode step of 8 rows with 8192-slot caches both fit, and the largest
 batch whose decode step (what the serving engine runs; it prefills one request at a time) fits v5e-8 and
 v6e-8 (2x4) with 8192-slot caches. Compiles a few programs a cell, minutes a model on a 2-core CPU;
-results are kept in a JSON file (one line a cell, done cells skipped when run again) and printed as the
-README's table.
+results are kept in a JSON file (one line a cell, done cells skipped when run again, so that runs over
+different presets can share it) and printed as the README's table.
 
     python benchmarks/tpu_slices.py [--presets gemma-2-9b qwen3-8b] [--out tpu_slices.jsonl] [--table]
 """
@@ -123,17 +123,22 @@ def main():
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "tpu_slices.jsonl"))
     parser.add_argument("--table", action="store_true", help="print the table of the results so far only")
     args = parser.parse_args()
-    done = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            for line in f:
-                row = json.loads(line)
-                done[(row["preset"], row["weights"], row["chip"])] = row
+    def read_done():  # read again before each cell, so that several runs can share the file
+        done = {}
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                for line in f:
+                    row = json.loads(line)
+                    done[(row["preset"], row["weights"], row["chip"])] = row
+        return done
+
+    done = read_done()
     if not args.table:
         for name in args.presets:
             for quantize in (None, "int8"):
                 for chip in ("v5e", "v6e"):
                     key = (name, quantize or "bfloat16", chip)
+                    done = read_done()
                     if key in done:
                         continue
                     row = dict(preset=name, weights=key[1], chip=chip, smallest=smallest_slice(name, chip, quantize),
