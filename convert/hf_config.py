@@ -15,7 +15,7 @@ from convert.families import (LAYER_TYPE_NAMES, TEXT_FAMILIES, VISION_FAMILIES, 
 from convert.fields import ConfigError, Fields
 from jaxvlm import files
 from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, FrequencySmoothing, GenerationDefaults, HeadConfig,
-                           ImageProcessing, ModelConfig, PanAndScan, RopeConfig, TokensConfig, VisionConfig,
+                           ImageProcessing, ModelConfig, PanAndScan, PatchGrid, RopeConfig, TokensConfig, VisionConfig,
                            longrope_attention_factor)
 
 SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
@@ -271,6 +271,18 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
     if why is not None:
         raise ConfigError(f"{p.path}: the image processing (size, crop_size) {why}")
     return processing
+
+
+def patch_grid(p: Fields) -> PatchGrid:
+    """Qwen2-VL's image processor settings (its preprocessor_config.json): the pixel range as `size`'s
+    shortest and longest edge (transformers 5), or as min_pixels and max_pixels (older files)."""
+    default = PatchGrid()
+    size = p.sub("size", {})
+    return PatchGrid(patch_size=p.integer("patch_size", default.patch_size),
+                     merge_size=p.integer("merge_size", default.merge_size),
+                     temporal_patch_size=p.integer("temporal_patch_size", default.temporal_patch_size),
+                     min_pixels=size.integer("shortest_edge", None) or p.integer("min_pixels", default.min_pixels),
+                     max_pixels=size.integer("longest_edge", None) or p.integer("max_pixels", default.max_pixels))
 
 
 def _pan_and_scan(p: Fields) -> PanAndScan:

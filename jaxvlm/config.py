@@ -322,11 +322,37 @@ class PanAndScan:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PatchGrid:
+    """Images of any size, as Qwen-VL's processor takes them: resized, the aspect ratio kept, to whole
+    merged patches (`patch_size` * `merge_size` pixels a side) of `min_pixels` to `max_pixels` pixels in
+    all, then cut into `patch_size` patches, each repeated `temporal_patch_size` times along time (an image
+    is a video of one frame) and ordered so that each `merge_size` x `merge_size` square is consecutive."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+
+    def __post_init__(self):
+        for field in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
+            _require_size("PatchGrid", field, getattr(self, field))
+        _require(self.min_pixels <= self.max_pixels, "PatchGrid", "max_pixels",
+                 f"must be at least min_pixels={self.min_pixels}, got {self.max_pixels}")
+
+    @property
+    def factor(self) -> int:
+        """Pixels a side of a merged patch: every resized side is a multiple of it."""
+        return self.patch_size * self.merge_size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageProcessing:
     """How an image becomes pixel values, as the checkpoint's `preprocessor_config.json` says.
 
     Resize to `size` (height, width) or so the shortest edge is `shortest_edge`, centre-crop to
-    `crop_size`, multiply by `rescale_factor`, then (x - mean) / std per channel.
+    `crop_size`, multiply by `rescale_factor`, then (x - mean) / std per channel. With `patches`, the size
+    is each image's own (`PatchGrid`) and the pixels come out as patches.
     """
 
     size: tuple[int, int] | None = None
@@ -337,10 +363,13 @@ class ImageProcessing:
     mean: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] | None = (0.5, 0.5, 0.5)
     pan_and_scan: PanAndScan | None = None  # None: images are taken whole
+    patches: PatchGrid | None = None  # images of any size, cut into patches (Qwen-VL), instead of a size
 
     def __post_init__(self):
         name = "ImageProcessing"
         _require(self.size is None or self.shortest_edge is None, name, "size", "give size or shortest_edge, not both")
+        _require(self.patches is None or self.size is self.shortest_edge is self.crop_size is None, name, "patches",
+                 "sets each image's size itself: give no size, shortest_edge or crop_size with it")
         _require((self.mean is None) == (self.std is None), name, "std", "mean and std go together")
         for field in ("size", "crop_size"):
             value = getattr(self, field)

@@ -4,10 +4,11 @@ Files are opened in the formats the image processors take, and only those: PNG, 
 TIFF (`FORMATS`); Pillow's other plugins are never asked, so a file cannot reach one that hands it to
 another program (EPS to Ghostscript). A file's EXIF orientation is applied, as transformers' `load_image`
 applies it. Any PIL mode becomes RGB (transparency composited onto white; 16-bit images reduced to 8 bits
-as Pillow converts them, values above 255 clipping to white, as transformers' processors do); then resize (to a fixed size, or so the
-shortest edge has a given length), centre-crop, rescale and normalise, each as the checkpoint's
-`preprocessor_config.json` asks; Gemma 3's pan and scan adds crops of a long image, each processed alike.
-The result is float32[H, W, 3] per image, batched as [B, H, W, 3].
+as Pillow converts them, values above 255 clipping to white, as transformers' processors do); then
+resize (to a fixed size, or so the shortest edge has a given length), centre-crop, rescale and normalise,
+each as the checkpoint's `preprocessor_config.json` asks; Gemma 3's pan and scan adds crops of a long
+image, each processed alike. The result is float32[H, W, 3] per image, batched as [B, H, W, 3]. Qwen-VL's
+processor instead keeps each image near its own size and cuts it into patches (`preprocess_patches`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
-from jaxvlm.config import ImageProcessing, PanAndScan
+from jaxvlm.config import ImageProcessing, PanAndScan, PatchGrid
 
 
 # A checkpoint's image processing configs, copied into converted and saved folders (their content is in
@@ -170,6 +171,47 @@ def _pixel_values(pixels: np.ndarray, p: ImageProcessing) -> np.ndarray:
     if p.mean is not None:
         pixels = (pixels - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
     return pixels
+
+
+MAX_ASPECT_RATIO = 200  # beyond it Qwen-VL's processor refuses an image (its patches would be one row)
+
+
+def smart_resize(height: int, width: int, grid: PatchGrid, what: str = "image") -> tuple[int, int]:
+    """The (height, width) Qwen-VL's processor resizes an image to: each side rounded to the nearest
+    multiple of `grid.factor`, then both scaled (rounding down, or up) into the pixel range, the aspect
+    ratio kept as near as whole merged patches allow; as transformers' `smart_resize`."""
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ImageError(f"{what}: aspect ratio {max(height, width) / min(height, width):.1f} is beyond "
+                         f"{MAX_ASPECT_RATIO} ({width}x{height} pixels): its patches would not make a grid")
+    factor = grid.factor
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > grid.max_pixels:
+        beta = math.sqrt(height * width / grid.max_pixels)
+        h, w = (max(factor, math.floor(side / beta / factor) * factor) for side in (height, width))
+    elif h * w < grid.min_pixels:
+        beta = math.sqrt(grid.min_pixels / (height * width))
+        h, w = (math.ceil(side * beta / factor) * factor for side in (height, width))
+    return h, w
+
+
+def to_patches(pixels: np.ndarray, grid: PatchGrid) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """float32[H, W, C] (sides multiples of `grid.factor`) -> (float32[h * w, C * T * P * P], (1, h, w)):
+    the patches in transformers' order (merged squares consecutive, each patch's values channel, time,
+    row, column) and the grid of patches, one frame in time."""
+    P, M, T = grid.patch_size, grid.merge_size, grid.temporal_patch_size
+    H, W, C = pixels.shape
+    h, w = H // P, W // P
+    x = pixels.reshape(h // M, M, P, w // M, M, P, C).transpose(0, 3, 1, 4, 6, 2, 5)  # [h/M, w/M, M, M, C, P, P]
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, P, P))  # the one frame, T times
+    return np.ascontiguousarray(x).reshape(h * w, C * T * P * P), (1, h, w)
+
+
+def preprocess_patches(image: Any, p: ImageProcessing, what: str = "image") -> tuple[np.ndarray, tuple[int, int, int]]:
+    """One image -> its patches and grid (`to_patches`), at the size `smart_resize` gives it."""
+    pixels = to_rgb(load_image(image, what))
+    height, width = smart_resize(*pixels.shape[:2], p.patches, what)
+    pixels = np.asarray(PIL.Image.fromarray(pixels).resize((width, height), resample=p.resample))
+    return to_patches(_pixel_values(pixels, p), p.patches)
 
 
 def preprocess_with_crops(image: Any, p: ImageProcessing, what: str = "image") -> list[np.ndarray]:

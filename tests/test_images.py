@@ -93,3 +93,49 @@ def test_truncated_file(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match=r"image 1: .*cut.png: cannot read the image"):
         preprocess_batch([str(tmp_path / "full.png"), str(tmp_path / "cut.png")], processors(tmp_path)["siglip"][1])
+
+
+@pytest.mark.parametrize("size", [(100, 60), (60, 100), (20, 30), (300, 90), (1000, 700)],
+                         ids=["wide", "tall", "below_min", "long", "beyond_max"])
+def test_patches_equal_qwen2_vl_processor(tmp_path, size):
+    """Images of any size as Qwen2-VL's processor cuts them: the resized size (rounded to whole 28-pixel
+    squares, scaled into the pixel range), the patch grid and each patch's values."""
+    import json
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from convert.fields import Fields
+    from convert.hf_config import patch_grid
+    from jaxvlm.config import ImageProcessing
+    from jaxvlm.images import preprocess_patches
+    hf = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    processing = ImageProcessing(patches=patch_grid(Fields(saved, "preprocessor_config.json")), resample=3,
+                                 mean=tuple(saved["image_mean"]), std=tuple(saved["image_std"]))
+    pixels = np.random.default_rng(0).integers(0, 256, (*size[::-1], 3), dtype=np.uint8)  # (height, width)
+    want = hf(images=PIL.Image.fromarray(pixels), return_tensors="np")
+    patches, grid = preprocess_patches(pixels, processing)
+    assert grid == tuple(want["image_grid_thw"][0])
+    assert patches.shape == want["pixel_values"].shape
+    assert np.abs(patches - want["pixel_values"]).max() <= 1e-6
+
+
+def test_an_image_too_long_for_a_patch_grid_is_named():
+    from jaxvlm.config import ImageProcessing, PatchGrid
+    from jaxvlm.images import ImageError, preprocess_patches
+    with pytest.raises(ImageError, match=r"image 3: aspect ratio 201.0 is beyond 200 \(402x2 pixels\)"):
+        preprocess_patches(np.zeros((2, 402, 3), np.uint8), ImageProcessing(patches=PatchGrid()), what="image 3")
+
+
+def test_patch_grid_settings_in_either_layout():
+    """transformers 5 writes the pixel range as size's shortest and longest edge; older files as
+    min_pixels and max_pixels. A grid sets each image's size itself, so no fixed size goes with it."""
+    from convert.fields import Fields
+    from convert.hf_config import patch_grid
+    from jaxvlm.config import ImageProcessing, PatchGrid
+    new = patch_grid(Fields({"size": {"shortest_edge": 3136, "longest_edge": 50176}, "merge_size": 2}, "p.json"))
+    old = patch_grid(Fields({"min_pixels": 3136, "max_pixels": 50176, "patch_size": 14}, "p.json"))
+    assert new == old == PatchGrid(min_pixels=3136, max_pixels=50176)
+    with pytest.raises(ValueError, match="ImageProcessing.patches: sets each image's size itself"):
+        ImageProcessing(patches=PatchGrid(), size=(224, 224))
+    with pytest.raises(ValueError, match="PatchGrid.max_pixels: must be at least min_pixels=3136, got 100"):
+        PatchGrid(min_pixels=3136, max_pixels=100)
