@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-# One XLA compilation cache for the whole run: this process, the mesh suite, notebooks and every command a
-# test starts read it from the environment. Tests build the same tiny models again and again, and each new
+# One XLA compilation cache for the whole run: this process, notebooks and every command a test starts read
+# it from the environment (processes with another count of host devices: `cache_of_its_own`). Tests build the same tiny models again and again, and each new
 # jit of the same program compiles it anew (a tiny training step: 4 s each time); with the cache a program
 # is compiled once a run. Fresh each run: nothing carries over from one run to the next.
 OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
@@ -26,6 +26,14 @@ if OWN_COMPILATION_CACHE:
     # A size limit turns on jax's file lock around each read and write of the cache: without it a worker can
     # read an entry another is still writing (jax writes in place), and deserializing that crashed a worker.
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
+
+
+def cache_of_its_own(env: dict, name: str) -> dict:
+    """`env` with a compilation cache of its own, beside the run's, for processes with another count of host
+    devices (the 8-device suite, the several-hosts test's 4-device workers): jax leaves the device count
+    out of a program's cache key, and a worker crashed deserializing an entry in a run where processes of
+    every device count shared one cache."""
+    return dict(env, JAX_COMPILATION_CACHE_DIR=f"{os.environ['JAX_COMPILATION_CACHE_DIR']}-{name}")
 
 import jaxvlm
 from tests import hf_models
@@ -154,8 +162,8 @@ def start_mesh_suite() -> subprocess.Popen:
     command = (f"{shlex.join(suite)} > {shlex.quote(os.path.join(folder, 'log'))} 2>&1; "
                f"echo $? > {shlex.quote(os.path.join(folder, 'status.tmp'))}; "
                f"mv {shlex.quote(os.path.join(folder, 'status.tmp'))} {shlex.quote(os.path.join(folder, 'status'))}")
-    return subprocess.Popen(["bash", "-c", command], cwd=root, env=dict(os.environ, JAXVLM_MESH_TESTS="1"),
-                            start_new_session=True)
+    return subprocess.Popen(["bash", "-c", command], cwd=root, start_new_session=True,
+                            env=cache_of_its_own(dict(os.environ, JAXVLM_MESH_TESTS="1"), "8-devices"))
 
 
 def mesh_suite_outcome(config) -> tuple[int, str]:
@@ -208,6 +216,7 @@ def pytest_sessionfinish(session):
     if started is not None and started.poll() is None:
         os.killpg(started.pid, signal.SIGKILL)
     if OWN_COMPILATION_CACHE:
-        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+        for suffix in ("", "-8-devices", "-4-devices"):
+            shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"] + suffix, ignore_errors=True)
     if OWN_MESH_SUITE_DIR:
         shutil.rmtree(os.environ["JAXVLM_MESH_SUITE_DIR"], ignore_errors=True)

@@ -13,6 +13,7 @@ import pytest
 
 import jaxvlm
 from jaxvlm.sharding import MeshRules
+from tests.conftest import cache_of_its_own
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,7 +71,8 @@ def test_two_hosts_generate_and_train_as_one(hf_checkpoint, tiny_tokenizer_dir, 
     outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port), folder,
                                tiny_tokenizer_dir, outs[i]], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                              stderr=subprocess.STDOUT, text=True, env=cache_of_its_own(os.environ, "4-devices"))
+             for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
 
