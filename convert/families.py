@@ -195,21 +195,22 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
 ]}
 
 
-def _named(kind: str, families: Mapping[str, Any], model_type: str):
+def _recorded(field: str, noun: str, families: Mapping[str, Any], model_type: str | None, fits, what: str):
+    """The family `model_type` names (the config's `field`), its fixed behaviours checked by `fits`; for a
+    config made in code (no model_type), the one family that fits: none or several is an error."""
+    if model_type is None:
+        found = [f for f in families.values() if fits(f)]
+        if not found:
+            raise ConfigError(f"no Hugging Face family has this {noun}'s {what}")
+        if len(found) > 1:
+            raise ConfigError(f"this {noun}'s {what} fit several Hugging Face families "
+                              f"({', '.join(f.model_type for f in found)}): set {field} to one")
+        return found[0]
     if model_type not in families:
-        raise ConfigError(f"{kind}.model_type {model_type!r}: no such Hugging Face family "
-                          f"(known: {', '.join(families)})")
-    return families[model_type]
-
-
-def _the_one(kind: str, found: list, what: str):
-    """The family a config made in code (no model_type) has the behaviours of: it must be one."""
-    if not found:
-        raise ConfigError(f"no Hugging Face family has this {kind}'s {what}")
-    if len(found) > 1:
-        raise ConfigError(f"this {kind}'s {what} fit several Hugging Face families "
-                          f"({', '.join(f.model_type for f in found)}): set {kind}.model_type to one")
-    return found[0]
+        raise ConfigError(f"{field} {model_type!r}: no such Hugging Face family (known: {', '.join(families)})")
+    family = families[model_type]
+    _refuse(fits(family), getattr(family, "name", family.model_type), f"this {noun}'s {what}")
+    return family
 
 
 def text_family_of(d: DecoderConfig) -> TextFamily:
@@ -219,11 +220,7 @@ def text_family_of(d: DecoderConfig) -> TextFamily:
                            and (family.moe is None) == (d.moe is None))
     shown = ", ".join(f"{k}={getattr(d, k)}" for k in _NORMS)
     what = f"norms and embedding scale ({shown}, experts: {d.moe is not None})"
-    if d.model_type is None:
-        return _the_one("decoder", [f for f in TEXT_FAMILIES.values() if fits(f)], what)
-    family = _named("decoder", TEXT_FAMILIES, d.model_type)
-    _refuse(fits(family), family.model_type, f"this decoder's {what}")
-    return family
+    return _recorded("decoder.model_type", "decoder", TEXT_FAMILIES, d.model_type, fits, what)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,12 +258,8 @@ def vision_family_of(v: VisionConfig) -> VisionFamily:
     """The family the encoder was read as (`model_type`), or for a config made in code the one whose fixed
     behaviours it has; its behaviours must be the family's."""
     fits = lambda family: all(getattr(v, k) == x for k, x in family.behaviours.items())
-    what = "class token, norms and biases"
-    if v.model_type is None:
-        return _the_one("vision", [f for f in VISION_FAMILIES.values() if fits(f)], what)
-    family = _named("vision", VISION_FAMILIES, v.model_type)
-    _refuse(fits(family), family.name, f"this encoder's {what}")
-    return family
+    return _recorded("vision.model_type", "encoder", VISION_FAMILIES, v.model_type, fits,
+                     "class token, norms and biases")
 
 
 def tensor_rules(config: ModelConfig) -> dict[str, tables.BoundRule]:
@@ -391,8 +384,4 @@ def vision_language_family_of(config: ModelConfig) -> VisionLanguageFamily:
     fits = lambda family: all(getattr(config, k) == v for k, v in family.wiring.items())
     wiring = dict.fromkeys(k for family in VISION_LANGUAGE_FAMILIES.values() for k in family.wiring)
     what = f"wiring of encoder, projector and decoder ({', '.join(f'{k}={getattr(config, k)!r}' for k in wiring)})"
-    if config.model_type is None:
-        return _the_one("model", [f for f in VISION_LANGUAGE_FAMILIES.values() if fits(f)], what)
-    family = _named("model", VISION_LANGUAGE_FAMILIES, config.model_type)
-    _refuse(fits(family), family.model_type, f"this model's {what}")
-    return family
+    return _recorded("model_type", "model", VISION_LANGUAGE_FAMILIES, config.model_type, fits, what)
