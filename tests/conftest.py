@@ -15,13 +15,18 @@ import time
 import pytest
 
 # One XLA compilation cache for the whole run: this process, notebooks and every command a test starts read
-# it from the environment (processes with another count of host devices: `cache_of_its_own`). Tests build the same tiny models again and again, and each new
-# jit of the same program compiles it anew (a tiny training step: 4 s each time); with the cache a program
-# is compiled once a run. Fresh each run: nothing carries over from one run to the next.
+# it from the environment (processes with another count of host devices: `cache_of_its_own`). Tests build
+# the same tiny models again and again, and each new jit of the same program compiles it anew (a tiny
+# training step: 4 s each time); with the cache a program is compiled once a run. Fresh each run: nothing
+# carries over from one run to the next.
 OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xla-cache-")
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the default keeps only programs over 1 s
+    # Only programs that take a second or more to compile are kept (jax's default): XLA:CPU crashed a worker
+    # now and then serializing or deserializing an executable (in 2 full runs of 5 with every program kept),
+    # and the programs under a second save little (test_train and test_lora: 60 s with every program kept,
+    # 73 s with these, 101 s with none).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     # A size limit turns on jax's file lock around each read and write of the cache: without it a worker can
     # read an entry another is still writing (jax writes in place), and deserializing that crashed a worker.
@@ -31,8 +36,7 @@ if OWN_COMPILATION_CACHE:
 def cache_of_its_own(env: dict, name: str) -> dict:
     """`env` with a compilation cache of its own, beside the run's, for processes with another count of host
     devices (the 8-device suite, the several-hosts test's 4-device workers): jax leaves the device count
-    out of a program's cache key, and a worker crashed deserializing an entry in a run where processes of
-    every device count shared one cache."""
+    out of a program's cache key, so no process should load a program compiled under another count."""
     return dict(env, JAX_COMPILATION_CACHE_DIR=f"{os.environ['JAX_COMPILATION_CACHE_DIR']}-{name}")
 
 import jaxvlm
