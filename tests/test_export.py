@@ -22,8 +22,8 @@ def reload(model_class, folder):
     return getattr(transformers, model_class).from_pretrained(folder, attn_implementation="eager").eval()
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen3", "qwen3_moe", "llama",
-                                  "mistral", "qwen2"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3_text", "phi3", "phi3_longrope", "qwen3", "qwen3_moe",
+                                  "llama", "mistral", "qwen2"])
 def test_text_families_export_to_identical_logits(name, tmp_path):
     model = hf_models.build(name, seed=6)
     hf_dir = hf_models.save(model, str(tmp_path / "hf"))
