@@ -67,7 +67,9 @@ def model_config(model: str | os.PathLike | ModelConfig) -> ModelConfig:
         return model
     if isinstance(model, (str, os.PathLike)) and os.path.isdir(model):
         path = os.path.join(model, CONFIG_FILE)
-        if os.path.isfile(path) and "model_type" in files.read_json(path):  # transformers' config, not jaxvlm's
+        # transformers' config.json, not jaxvlm's: jaxvlm's names its decoder (None or not), and since it
+        # records the family it was read as it has a model_type too
+        if os.path.isfile(path) and "decoder" not in files.read_json(path):
             from convert.hf_config import model_config as hf_model_config  # (convert imports jaxvlm)
             return hf_model_config(os.fspath(model))[0]
         return ModelConfig.load(model)
