@@ -3,6 +3,7 @@ tokenizer builders. Session-scoped where building is slow and the result is only
 
 from __future__ import annotations
 
+import gc
 import os
 import shlex
 import shutil
@@ -22,15 +23,12 @@ import pytest
 OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xla-cache-")
-    # Only programs that take 3 s or more to compile are kept (the training steps): XLA:CPU crashed a worker
-    # now and then serializing or deserializing an executable (in 2 full runs of 5 with every program kept,
-    # in 1 of 2 with programs of a second or more: each time an engine's decode step), and the small
-    # programs save little (test_train and test_lora: 60 s with every program kept, 73 s with those of a
-    # second or more, 101 s with none).
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "3"
+    # Every program is kept, however quick to compile (test_train and test_lora: 60 s so, 73 s keeping those
+    # of a second or more, jax's default, and 101 s with no cache).
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     # A size limit turns on jax's file lock around each read and write of the cache: without it a worker can
-    # read an entry another is still writing (jax writes in place), and deserializing that crashed a worker.
+    # read an entry another is still writing (jax writes in place).
     os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 
@@ -40,9 +38,23 @@ def cache_of_its_own(env: dict, name: str) -> dict:
     out of a program's cache key, so no process should load a program compiled under another count."""
     return dict(env, JAX_COMPILATION_CACHE_DIR=f"{os.environ['JAX_COMPILATION_CACHE_DIR']}-{name}")
 
+import jax
+
 import jaxvlm
 from tests import hf_models
 from tests import tiny_training as tiny
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compiled_programs_let_go():
+    """After each test file, the programs it compiled are let go (`jax.clear_caches`). XLA:CPU maps each
+    program's code into memory, a dozen to a few dozen maps a program, and jax keeps every program of a live
+    function; a worker that kept those of all its files crossed Linux's limit of 65530 maps a process
+    (vm.max_map_count) and crashed in whichever compile or cache load came next."""
+    yield
+    gc.collect()
+    jax.clear_caches()
+
 
 TEXT = ["the quick brown fox jumps over the lazy dog", "a red circle above a blue square",
         "jax compiles numpy programs", "hello world, hello jax"] * 20
