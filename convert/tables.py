@@ -252,9 +252,31 @@ CLIP_VISION = VIT_COMMON + [
          when=lambda c: c.projection_dim is not None),
 ]
 
+# Qwen2.5-VL's image encoder: patches embedded by a bias-free Conv3d whose kernel spans a whole patch (a
+# linear map of its C x T x P x P values), RMSNorms, q, k and v fused in one projection (rows [q | k | v]),
+# a gated MLP with biases.
+QV = "visual."
+QVLAYER = QV + "blocks.{i}."
+QWEN_VISION = [
+    Rule(QV + "patch_embed.proj.weight", lambda c: (c.width, 3, c.temporal_patch_size, c.patch_size, c.patch_size),
+         (("vision/patch_embed/kernel", lambda w, c: w.reshape(c.width, -1).T),)),
+    norm(QVLAYER + "norm1.weight", VOUT + "pre_attn_norm"),
+    norm(QVLAYER + "norm2.weight", VOUT + "pre_mlp_norm"),
+    Rule(QVLAYER + "attn.qkv.weight", lambda c: (3 * c.width, c.width), tuple(
+        (f"{VOUT}attn/{name}/kernel", _packed(i, to_heads(N))) for i, (name, _) in enumerate(QKV_NAMES))),
+    Rule(QVLAYER + "attn.qkv.bias", lambda c: (3 * c.width,), tuple(
+        (f"{VOUT}attn/{name}/bias", _packed(i, bias_to_heads(N))) for i, (name, _) in enumerate(QKV_NAMES))),
+    Rule(QVLAYER + "attn.proj.weight", lambda c: (c.width, c.width), ((VOUT + "attn/o/kernel", from_heads),)),
+    Rule(QVLAYER + "attn.proj.bias", lambda c: (c.width,), ((VOUT + "attn/o/bias", keep),)),
+    *linear(QVLAYER + "mlp.gate_proj", VOUT + "mlp/gate", F, D),
+    *linear(QVLAYER + "mlp.up_proj", VOUT + "mlp/up", F, D),
+    *linear(QVLAYER + "mlp.down_proj", VOUT + "mlp/down", D, F),
+]
+
 # --- projectors: rules over the whole ModelConfig -------------------------------------------------------
 TEXT_WIDTH = lambda m: m.decoder.width
 VISION_WIDTH = lambda m: m.vision.width
+MERGED_WIDTH = lambda m: m.vision.width * m.vision.merge_size ** 2
 PROJECTORS = {
     "linear": lambda m: linear("multi_modal_projector.linear", "projector/linear", TEXT_WIDTH, VISION_WIDTH,
                                m.projector_bias),
@@ -270,6 +292,13 @@ PROJECTORS = {
              (("projector/linear/kernel", keep),)),
     ],
 }
+
+# Qwen-VL's patch merger: an RMSNorm per patch, each square of patches concatenated, then an MLP
+PROJECTORS["merge"] = lambda m: [
+    Rule(QV + "merger.ln_q.weight", lambda m: (VISION_WIDTH(m),), (("projector/norm/scale", keep),)),
+    *linear(QV + "merger.mlp.0", "projector/mlp/fc1", MERGED_WIDTH, MERGED_WIDTH),
+    *linear(QV + "merger.mlp.2", "projector/mlp/fc2", TEXT_WIDTH, MERGED_WIDTH),
+]
 
 # A classification head (`...ForSequenceClassification`, `...ForTokenClassification`) replaces lm_head.
 LABELS = lambda m: m.head.num_labels
@@ -289,7 +318,7 @@ RENAMES = {
     "vlm": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
             ("model.language_model.", "model."), ("model.vision_tower.vision_model.", VIT),
             ("model.vision_tower.", VIT), ("vision_tower.vision_model.", VIT),
-            ("model.multi_modal_projector.", "multi_modal_projector.")),
+            ("model.multi_modal_projector.", "multi_modal_projector."), ("model.visual.", QV)),
     "vision": (("vision_model.", VIT), ("embeddings.", VIT + "embeddings."), ("encoder.", VIT + "encoder."),
                ("pre_layrnorm.", VIT + "pre_layrnorm."), ("post_layernorm.", VIT + "post_layernorm."),
                ("head.", VIT + "head.")),

@@ -14,12 +14,16 @@ import types
 import typing
 from typing import Any
 
+import numpy as np
+
 LAYER_TYPES = ("global", "local")  # local = sliding-window attention
 MLP_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu")
+VISION_ACTIVATIONS = ("gelu_tanh", "quick_gelu", "gelu", "silu")
+VISION_NORMS = ("layer", "rms")
 # PaliGemma: one Linear; LLaVA: Linear, exact GELU, Linear; Gemma 3: the patch grid average-pooled, an
-# RMSNorm, one Linear without bias
-PROJECTORS = ("linear", "mlp", "pooled")
+# RMSNorm, one Linear without bias; Qwen-VL: an RMSNorm, each square of merge_size x merge_size patches
+# concatenated, Linear, exact GELU, Linear
+PROJECTORS = ("linear", "mlp", "pooled", "merge")
 # How a prompt places its images' tokens (jaxvlm.prompts): none; before BOS and the text (PaliGemma's);
 # where the text's image marker stands (LLaVA's); at each image marker, framed by begin- and end-of-image
 # tokens and blank lines (Gemma 3's)
@@ -90,6 +94,11 @@ class RopeConfig:
     # LongRoPE's factors chosen for each row from its own longest position (rows that are unrelated requests,
     # as the engine's), not for the batch from its longest (transformers' batches)
     per_row: bool = False
+    # M-RoPE (Qwen-VL): positions come in three streams (time, height, width; text has the same in each), and
+    # each rotary frequency turns with one of them: runs of these many frequencies (Qwen2.5-VL), or, with
+    # `mrope_interleaved`, frequency i with stream i % 3 for the first 3 x section[s] frequencies (Qwen3-VL)
+    mrope_section: tuple[int, int, int] | None = None
+    mrope_interleaved: bool = False
 
     def __post_init__(self):
         _require(self.theta > 0, "RopeConfig", "theta", f"must be > 0, got {self.theta}")
@@ -107,6 +116,27 @@ class RopeConfig:
             _require(self.original_max_position is not None, "RopeConfig", "original_max_position",
                      "frequency smoothing needs the pre-training length it scales around")
             _require(not self.is_longrope, "RopeConfig", "smoothing", "cannot join LongRoPE's factors")
+        if self.mrope_section is not None:
+            _require(len(self.mrope_section) == 3 and all(isinstance(n, int) and n >= 0 for n in self.mrope_section),
+                     "RopeConfig", "mrope_section", f"must be three counts (time, height, width), "
+                                                    f"got {self.mrope_section!r}")
+            _require(not self.is_longrope, "RopeConfig", "mrope_section", "cannot join LongRoPE's factors")
+
+    def mrope_streams(self, head_dim: int) -> np.ndarray | None:
+        """M-RoPE: the position stream (0 time, 1 height, 2 width) each rotary frequency turns with."""
+        if self.mrope_section is None:
+            return None
+        n = self.rotary_dim(head_dim) // 2
+        if sum(self.mrope_section) != n:
+            raise ValueError(f"RopeConfig.mrope_section: {list(self.mrope_section)} adds up to "
+                             f"{sum(self.mrope_section)}, not {n} (half the rotary dimension)")
+        if not self.mrope_interleaved:
+            return np.repeat(np.arange(3, dtype=np.int32), self.mrope_section)
+        i = np.arange(n)
+        streams = np.zeros(n, np.int32)
+        for s in (1, 2):
+            streams[(i % 3 == s) & (i < 3 * self.mrope_section[s])] = s
+        return streams
 
     @property
     def is_longrope(self) -> bool:
@@ -200,6 +230,10 @@ class DecoderConfig:
                 _require(len(rope.short_factor) == rope.rotary_dim(self.head_dim) // 2, name, field,
                          f"LongRoPE factors need rotary_dim/2 = {rope.rotary_dim(self.head_dim) // 2} entries, "
                          f"got {len(rope.short_factor)}")
+            if rope.mrope_section is not None:
+                _require(sum(rope.mrope_section) == rope.rotary_dim(self.head_dim) // 2, name, f"{field}.mrope_section",
+                         f"{list(rope.mrope_section)} adds up to {sum(rope.mrope_section)}, not "
+                         f"{rope.rotary_dim(self.head_dim) // 2} (half the rotary dimension)")
 
     @property
     def group_size(self) -> int:  # G
@@ -239,13 +273,17 @@ class TokensConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class VisionConfig:
-    """A ViT image encoder; SigLIP and CLIP are two sets of these flags.
+    """A ViT image encoder; SigLIP, CLIP and Qwen-VL's are sets of these flags.
 
     SigLIP: no class token, post-norm on every token, optional attention-pool head. CLIP: a class token,
     a norm before the encoder, the post-norm on the pooled class token only, an optional projection.
+    Qwen2.5-VL: images of any size (`image_size` None) come as patches cut by the processor, each
+    `temporal_patch_size` frames deep; a 2-D rotary embedding over the patch rows and columns instead of
+    learned positions; RMSNorms and a gated MLP with biases; attention within windows of `window` x
+    `window` merged patches except in the `full_attention_layers`, and never across images.
     """
 
-    image_size: int
+    image_size: int | None  # None: any size, cut into patches by the processor (`PatchGrid`)
     patch_size: int
     width: int  # D
     depth: int  # L
@@ -263,15 +301,35 @@ class VisionConfig:
     # an int indexes the hidden states as transformers does (0 = embeddings, -2 = LLaVA's second-to-last).
     feature_layer: int | None = None
     keep_class_token: bool = False  # in the features (LLaVA's "full" strategy) rather than dropped
+    norm: str = "layer"  # "rms": RMSNorms (Qwen-VL)
+    gated_mlp: bool = False  # down(act(gate(x)) * up(x)), with biases (Qwen2.5-VL)
+    rope_theta: float | None = None  # set: a 2-D rotary embedding over patch rows and columns, no learned positions
+    temporal_patch_size: int = 1  # frames a patch spans (an image is repeated to fill them)
+    merge_size: int = 1  # patches a side of the square the projector merges into one token
+    window: int | None = None  # merged patches a side of an attention window; None: full attention everywhere
+    full_attention_layers: tuple[int, ...] = ()  # with `window`, the layers that attend over the whole image
     model_type: str | None = None  # the Hugging Face encoder family it was read as (as DecoderConfig's)
 
     def __post_init__(self):
         name = "VisionConfig"
-        for field in ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"):
+        for field in ("patch_size", "width", "depth", "num_heads", "mlp_dim", "temporal_patch_size", "merge_size"):
             value = getattr(self, field)
             _require_size(name, field, value)
-        _require(self.image_size % self.patch_size == 0, name, "patch_size",
-                 f"{self.patch_size} does not divide image_size={self.image_size}")
+        if self.image_size is None:
+            _require(self.rope_theta is not None, name, "image_size",
+                     "None (images of any size) needs rope_theta: learned positions are for one size")
+        else:
+            _require_size(name, "image_size", self.image_size)
+            _require(self.image_size % self.patch_size == 0, name, "patch_size",
+                     f"{self.patch_size} does not divide image_size={self.image_size}")
+        _require(self.norm in VISION_NORMS, name, "norm", f"must be one of {VISION_NORMS}, got {self.norm!r}")
+        _require(self.rope_theta is None or self.head_dim % 4 == 0, name, "rope_theta",
+                 f"a 2-D rotary embedding needs a head_dim divisible by 4, got {self.head_dim}")
+        _require(self.window is None or (isinstance(self.window, int) and self.window > 0), name, "window",
+                 f"must be a positive int or None, got {self.window!r}")
+        _require(all(isinstance(i, int) and 0 <= i < self.depth for i in self.full_attention_layers), name,
+                 "full_attention_layers", f"must be layer indices below depth={self.depth}, "
+                                          f"got {self.full_attention_layers!r}")
         _require(self.width % self.num_heads == 0, name, "num_heads",
                  f"{self.num_heads} does not divide width={self.width}")
         _require(self.activation in VISION_ACTIVATIONS, name, "activation",
@@ -283,6 +341,15 @@ class VisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values in one patch as the processor cuts it: channels x frames x patch_size x patch_size."""
+        return 3 * self.temporal_patch_size * self.patch_size ** 2
+
+    def windowed(self, layer: int) -> bool:
+        """Whether `layer` attends within windows rather than over the whole image."""
+        return self.window is not None and layer not in self.full_attention_layers
 
     @property
     def num_tokens(self) -> int:

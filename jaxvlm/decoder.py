@@ -122,17 +122,17 @@ class Decoder(nn.Module):
                       blocks: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final hidden states [B, T, D] (after the final norm) of T new tokens, and the updated cache.
 
-        tokens, positions: int[B, T]; valid: bool[B, T] (False at padding); embeddings: optional [B, T, D]
-        used instead of embedding `tokens`; blocks: optional int32[B, T], tokens of the same block (>= 0)
-        attend to each other in both directions (`masks.decoder_mask`). With a cache the tokens go to slots
-        cache.end .. cache.end + T - 1 and the updated cache is returned.
+        tokens, positions: int[B, T] (M-RoPE's positions: [B, T, 3]); valid: bool[B, T] (False at padding);
+        embeddings: optional [B, T, D] used instead of embedding `tokens`; blocks: optional int32[B, T], tokens
+        of the same block (>= 0) attend to each other in both directions (`masks.decoder_mask`). With a cache
+        the tokens go to slots cache.end .. cache.end + T - 1 and the updated cache is returned.
         """
         c = self.config
         x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
         self.sow("intermediates", "embeddings", x)
         T = x.shape[1]
         # Padding slots get position 0 so they never decide LongRoPE's short/long switch.
-        positions = jnp.where(valid, positions, 0)
+        positions = jnp.where(valid.reshape(valid.shape + (1,) * (positions.ndim - 2)), positions, 0)
         ropes = (rope_tables(positions, c.rope, c.head_dim),
                  None if c.local_rope is None else rope_tables(positions, c.local_rope, c.head_dim))
         if cache is None:

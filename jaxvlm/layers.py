@@ -139,14 +139,15 @@ class GatedMLP(nn.Module):
     width: int
     mlp_dim: int
     activation: str
+    use_bias: bool = False  # Qwen2.5-VL's image encoder has them
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        D, F = self.width, self.mlp_dim
-        gate = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
-        up = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), dtype=self.dtype, name="up")(x)
-        down = Einsum("BTF,FD->BTD", (F, D), ("mlp", "embed"), dtype=self.dtype, name="down")
+        D, F, bias = self.width, self.mlp_dim, self.use_bias
+        gate = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), bias, dtype=self.dtype, name="gate")(x)
+        up = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), bias, dtype=self.dtype, name="up")(x)
+        down = Einsum("BTF,FD->BTD", (F, D), ("mlp", "embed"), bias, dtype=self.dtype, name="down")
         return down(ACTIVATIONS[self.activation](gate) * up)
 
 

@@ -32,7 +32,8 @@ def smoothed_frequencies(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
 
 
 def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[jax.Array, jax.Array]:
-    """cos and sin, float32[B, T, R], for int positions[B, T].
+    """cos and sin, float32[B, T, R], for int positions[B, T] (M-RoPE: [B, T, 3], or [B, T] for text alone,
+    the same in each stream).
 
     LongRoPE picks its short or long factors from the longest position in this forward pass, as
     transformers does on every call (`longrope_frequency_update`), or each row from its own with
@@ -49,7 +50,13 @@ def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[
         inv_freq = smoothed_frequencies(np.float32(1.0) / wavelength_powers(rope, head_dim), rope)
     if rope.linear_factor != 1.0:
         inv_freq = inv_freq / rope.linear_factor
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    streams = rope.mrope_streams(head_dim)
+    if streams is None:
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    elif positions.ndim == 2:  # text: every stream at the same position
+        angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    else:  # each frequency at its stream's position
+        angles = jnp.take(positions, jnp.asarray(streams), axis=-1).astype(jnp.float32) * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles) * rope.attention_factor, jnp.sin(angles) * rope.attention_factor
 
@@ -63,3 +70,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     first, second = jnp.split(x_rot, 2, axis=-1)
     rotated = x_rot * cos + jnp.concatenate([-second, first], axis=-1) * sin
     return jnp.concatenate([rotated, x_pass], axis=-1)
+
+
+def grid_rope_tables(positions: jax.Array, theta: float, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """An image encoder's 2-D rotary embedding (Qwen-VL): cos and sin, float32[..., H], for int
+    positions[..., 2] (each patch's row and column). A quarter of the head's frequencies turn with the row
+    and a quarter with the column ([row, column] angles, then again for the rotate-half layout)."""
+    quarter = head_dim // 4
+    exponents = np.arange(quarter, dtype=np.int64).astype(np.float32) * np.float32(2) / np.float32(head_dim // 2)
+    inv_freq = jnp.asarray(np.float32(1.0) / (np.float32(theta) ** exponents))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., 2, H/4]
+    angles = angles.reshape(*angles.shape[:-2], head_dim // 2)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)

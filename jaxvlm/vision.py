@@ -1,7 +1,11 @@
-"""The ViT image encoder: SigLIP and CLIP from one module, driven by `VisionConfig` flags.
+"""The ViT image encoder: SigLIP, CLIP and Qwen-VL's from one module, driven by `VisionConfig` flags.
 
 pixels [B, H, W, C] -> patches (a conv with stride = patch) -> [class token] + learned positions ->
 [pre-norm] -> pre-LN blocks (the decoders' attention, with biases and no mask) -> post-norm.
+
+Images of any size (Qwen-VL) come as `jaxvlm.patches.Patches`, every image of a batch in one sequence:
+patches -> a linear embedding -> pre-norm blocks with a 2-D rotary embedding, attending within their
+image (or their window of it) -> the projector merges squares of patches into tokens.
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ import flax.linen as nn
 from jaxvlm.attention import Attention
 from jaxvlm.config import VisionConfig
 from jaxvlm.layout import layer_stack
-from jaxvlm.layers import MLP, Dtype, Einsum, named
+from jaxvlm.layers import MLP, Dtype, Einsum, GatedMLP, RMSNorm, named
+from jaxvlm.patches import Patches
+from jaxvlm.rope import grid_rope_tables
 
 
-def _layer_norm(c: VisionConfig, dtype: Dtype, name: str) -> nn.LayerNorm:
+def _layer_norm(c: VisionConfig, dtype: Dtype, name: str) -> nn.Module:
+    if c.norm == "rms":
+        return RMSNorm(c.norm_eps, dtype=dtype, name=name)
     return nn.LayerNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=dtype, name=name,
                         scale_init=named(nn.initializers.ones_init(), ("embed",)),
                         bias_init=named(nn.initializers.zeros_init(), ("embed",)))
@@ -28,17 +36,27 @@ def _attention(c: VisionConfig, dtype: Dtype, name: str) -> Attention:
 
 
 class EncoderBlock(nn.Module):
-    """Returns the new hidden state twice: as a scan's carry and as this layer's output."""
+    """Returns the new hidden state twice: as a scan's carry and as this layer's output. `rope` (cos, sin)
+    and `masks` (within the image, within the window: each bool[B, T, T]) are for patch sequences, with
+    `windowed` (a bool, traced when the layers are scanned) picking the mask; None: full attention."""
 
     config: VisionConfig
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, rope=None, masks=None, windowed=False) -> tuple[jax.Array, jax.Array]:
         c = self.config
-        x = x + _attention(c, self.dtype, "attn")(_layer_norm(c, self.dtype, "pre_attn_norm")(x))[0]
+        if masks is None:
+            mask = None
+        elif isinstance(windowed, bool):  # unrolled layers
+            mask = masks[1] if windowed else masks[0]
+        else:
+            mask = jnp.where(windowed, masks[1], masks[0])
+        x = x + _attention(c, self.dtype, "attn")(_layer_norm(c, self.dtype, "pre_attn_norm")(x), rope, mask)[0]
         h = _layer_norm(c, self.dtype, "pre_mlp_norm")(x)
-        x = x + MLP(c.mlp_dim, c.width, c.activation, dtype=self.dtype, name="mlp")(h)
+        mlp = GatedMLP(c.width, c.mlp_dim, c.activation, use_bias=True, dtype=self.dtype, name="mlp") if c.gated_mlp \
+            else MLP(c.mlp_dim, c.width, c.activation, dtype=self.dtype, name="mlp")
+        x = x + mlp(h)
         return x, x
 
 
@@ -74,6 +92,13 @@ class VisionEncoder(nn.Module):
     def setup(self):
         c = self.config
         p = c.patch_size
+        # Scanned, the arguments after x are: rope, masks (shared), windowed (per layer).
+        self.layers = layer_stack(EncoderBlock, c.depth, self.scan_layers, self.remat,
+                                  (nn.broadcast, nn.broadcast, 0), config=c, dtype=self.dtype)
+        if c.image_size is None:  # patches come cut: their embedding is a linear map of their values
+            self.patch_embed = Einsum("BLK,KD->BLD", (c.patch_dim, c.width), ("patch", "embed"), c.patch_bias,
+                                      dtype=self.dtype)
+            return
         self.patch_embed = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias,
                                    dtype=self.dtype, param_dtype=self.dtype,
                                    kernel_init=named(nn.initializers.lecun_normal(),
@@ -86,7 +111,6 @@ class VisionEncoder(nn.Module):
                                         (c.num_tokens, c.width), self.dtype)
         if c.pre_norm:
             self.pre_norm = _layer_norm(c, self.dtype, "pre_norm")
-        self.layers = layer_stack(EncoderBlock, c.depth, self.scan_layers, self.remat, (), config=c, dtype=self.dtype)
         self.post_norm = _layer_norm(c, self.dtype, "post_norm")
         if c.attention_pool:
             self.attention_pool = AttentionPool(c, self.dtype)
@@ -109,15 +133,28 @@ class VisionEncoder(nn.Module):
         x = x + self.pos_embedding.astype(self.dtype)
         if c.pre_norm:
             x = self.pre_norm(x)
+        return self._run_layers(x, depth)
+
+    def _run_layers(self, x: jax.Array, depth: int | None, rope=None, masks=None) -> list[jax.Array]:
+        c = self.config
         depth = c.depth if depth is None else depth
         if self.scan_layers:  # the scan runs every layer; the states past `depth` are dropped
-            _, states = self.layers(x)
+            windowed = jnp.asarray([c.windowed(i) for i in range(c.depth)])
+            _, states = self.layers(x, rope, masks, windowed)
             return [x] + [states[i] for i in range(depth)]
         states = [x]
         for i, layer in enumerate(self.layers[:depth]):
             with jax.named_scope(f"layer_{i}"):
-                states.append(layer(states[-1])[0])
+                states.append(layer(states[-1], rope, masks, c.windowed(i))[0])
         return states
+
+    def patch_features(self, patches: Patches) -> jax.Array:
+        """The last hidden state of a batch's images given as patches (`jaxvlm.patches`), [1, L, D]: what
+        the projector merges into tokens."""
+        c = self.config
+        x = self.patch_embed(patches.values[None].astype(self.dtype))
+        rope = tuple(t[None] for t in grid_rope_tables(patches.position, c.rope_theta, c.head_dim))
+        return self._run_layers(x, None, rope, patches.attention_masks())[-1]
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """The final output [B, P(+1), D]: the post-norm covers every token, except in CLIP (class token only)."""

@@ -24,8 +24,9 @@ from jaxvlm.vision import VisionEncoder
 
 
 class Projector(nn.Module):
-    """Vision width -> decoder width: one Linear (PaliGemma); Linear, exact GELU, Linear (LLaVA); or (Gemma 3)
-    the square patch grid average-pooled to `tokens` tokens, a Gemma RMSNorm, one Linear without bias."""
+    """Vision width -> decoder width: one Linear (PaliGemma); Linear, exact GELU, Linear (LLaVA); (Gemma 3)
+    the square patch grid average-pooled to `tokens` tokens, a Gemma RMSNorm, one Linear without bias; or
+    (Qwen-VL) an RMSNorm, each `merge` consecutive patches (a square) concatenated, Linear, GELU, Linear."""
 
     kind: str
     width: int
@@ -33,11 +34,16 @@ class Projector(nn.Module):
     dtype: Dtype = jnp.float32
     tokens: int | None = None
     norm_eps: float = 1e-6
+    merge: int = 1  # patches a merged token takes ("merge")
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kind == "mlp":
             return MLP(self.width, self.width, "gelu", self.use_bias, dtype=self.dtype, name="mlp")(x)
+        if self.kind == "merge":
+            B, L, C = x.shape
+            x = RMSNorm(self.norm_eps, dtype=self.dtype, name="norm")(x).reshape(B, L // self.merge, self.merge * C)
+            return MLP(self.merge * C, self.width, "gelu", dtype=self.dtype, name="mlp")(x)
         if self.kind == "pooled":
             B, P, C = x.shape
             side, window = math.isqrt(P), math.isqrt(P) // math.isqrt(self.tokens)

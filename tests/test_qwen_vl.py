@@ -1,0 +1,133 @@
+"""Qwen2.5-VL's image encoder against transformers': images of any size as one sequence of patches, the
+2-D rotary embedding, window attention with its full-attention layers, and the patch merger."""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert import tables
+from convert.core import _set
+from jaxvlm.config import VisionConfig
+from jaxvlm.patches import bucket, pack
+from jaxvlm.vision import VisionEncoder
+from jaxvlm.vlm import Projector
+
+WIDTH, OUT = 32, 40
+# two images of 12x20 and 8x8 patches (windows of 4x4 merged patches: 3 of a row over 2 rows, and one), and
+# one of 6x10 whose windows are cut at its edges
+GRIDS = [(1, 12, 20), (1, 8, 8), (1, 6, 10)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from transformers import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+    torch.manual_seed(0)
+    hf_config = Qwen2_5_VLVisionConfig(depth=4, hidden_size=WIDTH, num_heads=4, intermediate_size=48,
+                                       out_hidden_size=OUT, window_size=112, fullatt_block_indexes=[1, 3])
+    model = Qwen2_5_VisionTransformerPretrainedModel._from_config(hf_config, attn_implementation="eager").eval()
+    with torch.no_grad():  # RMSNorm scales start at one: make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    config = VisionConfig(image_size=None, patch_size=14, width=WIDTH, depth=4, num_heads=4, mlp_dim=48,
+                          activation="silu", norm="rms", gated_mlp=True, patch_bias=False, rope_theta=10000.0,
+                          temporal_patch_size=2, merge_size=2, window=4, full_attention_layers=(1, 3))
+    whole = types.SimpleNamespace(vision=config, decoder=types.SimpleNamespace(width=OUT))
+    rules = tables._bind(tables.QWEN_VISION, config) | tables._bind(tables.PROJECTORS["merge"](whole), whole)
+    state = {tables.canonical_name("model." + k if not k.startswith("model.") else k, "vlm")[0]: v.numpy()
+             for k, v in {f"model.visual.{k}": v for k, v in model.state_dict().items()}.items()}
+    assert set(rules) == set(state), set(rules) ^ set(state)
+    params = {}
+    for name, rule in rules.items():
+        assert state[name].shape == rule.shape, name
+        for path, relayout in rule.targets:
+            _set(params, path, jnp.asarray(relayout(state[name])))
+    return model, config, params
+
+
+def _patches(config, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((t * h * w, config.patch_dim)).astype(np.float32) for t, h, w in GRIDS]
+
+
+def _features(config, params, packed):
+    def run(params, packed):
+        hidden = VisionEncoder(config).apply({"params": params["vision"]}, packed, method=VisionEncoder.patch_features)
+        return Projector("merge", OUT, merge=config.merge_size ** 2).apply({"params": params["projector"]}, hidden)[0]
+    return jax.jit(run)(params, packed)
+
+
+def test_merged_features_match_transformers(encoder):
+    model, config, params = encoder
+    values = _patches(config)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.concatenate(values)), grid_thw=torch.tensor(GRIDS)).pooler_output.numpy()
+    packed = pack(values, GRIDS, config)
+    total = sum(t * h * w for t, h, w in GRIDS)
+    assert packed.values.shape[0] == bucket(total, 4) == 512
+    got = np.asarray(_features(config, params, packed))
+    np.testing.assert_allclose(got[:total // 4], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_an_image_alone_gives_its_features_in_a_batch(encoder):
+    """Patches attend within their own image: an image's tokens do not depend on its neighbours."""
+    model, config, params = encoder
+    values = _patches(config)
+    together = np.asarray(_features(config, params, pack(values, GRIDS, config)))
+    alone = np.asarray(_features(config, params, pack(values[1:2], GRIDS[1:2], config)))
+    start = GRIDS[0][1] * GRIDS[0][2] // 4
+    np.testing.assert_allclose(together[start:start + 16], alone[:16], atol=1e-5, rtol=1e-5)
+
+
+def test_windows_number_merged_squares_as_transformers_groups_them():
+    from transformers.vision_utils import get_vision_window_index
+    config = VisionConfig(image_size=None, patch_size=14, width=8, depth=1, num_heads=2, mlp_dim=8, rope_theta=1e4,
+                          temporal_patch_size=2, merge_size=2, window=4)
+    grids = [(1, 12, 20), (1, 6, 10), (2, 4, 4)]
+    packed = pack([np.zeros((t * h * w, config.patch_dim)) for t, h, w in grids], grids, config)
+    index, bounds = get_vision_window_index(torch.tensor(grids), 2, 112, 14)
+    window_of_square = np.empty(len(index), np.int64)
+    for w, (a, b) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        window_of_square[index[a // 4:b // 4].numpy()] = w
+    np.testing.assert_array_equal(packed.window[:4 * len(index):4], window_of_square)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_mrope_tables_match_transformers(family):
+    """Three position streams (time, height, width), each turning its share of the frequencies: in runs
+    (Qwen2.5-VL) or dealt out in turn (Qwen3-VL); text positions alike in every stream."""
+    from jaxvlm.config import RopeConfig
+    from jaxvlm.rope import rope_tables
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLTextConfig as Config
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding as Rotary
+        section, interleaved = [4, 6, 6], False
+    else:
+        from transformers import Qwen3VLTextConfig as Config
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding as Rotary
+        section, interleaved = [6, 5, 5], True
+    hf = Rotary(Config(hidden_size=128, num_attention_heads=4, head_dim=32, rope_parameters=dict(
+        rope_type="default", rope_theta=1e6, mrope_section=section)))
+    rope = RopeConfig(theta=1e6, mrope_section=tuple(section), mrope_interleaved=interleaved)
+    positions = np.random.default_rng(0).integers(0, 300, (2, 7, 3)).astype(np.int32)
+    cos, sin = hf(torch.zeros(1, dtype=torch.float32), torch.from_numpy(positions).permute(2, 0, 1).long())
+    got = rope_tables(jnp.asarray(positions), rope, 32)
+    np.testing.assert_allclose(np.asarray(got[0]), cos.numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got[1]), sin.numpy(), atol=1e-6)
+    text = positions[..., 0]
+    np.testing.assert_allclose(np.asarray(rope_tables(jnp.asarray(text), rope, 32)[0]),
+                               np.asarray(rope_tables(jnp.asarray(np.repeat(text[..., None], 3, -1)), rope, 32)[0]))
+
+
+def test_an_mrope_section_that_misses_half_the_head_is_named():
+    from jaxvlm.config import DecoderConfig, RopeConfig
+    with pytest.raises(ValueError, match=r"^DecoderConfig.rope.mrope_section: \[4, 6, 4\] adds up to 14, not 16"):
+        DecoderConfig(vocab_size=10, width=64, depth=1, num_heads=2, num_kv_heads=2, head_dim=32, mlp_dim=8,
+                      rope=RopeConfig(mrope_section=(4, 6, 4)))
