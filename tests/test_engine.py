@@ -90,13 +90,14 @@ def test_sampled_requests_get_the_tokens_of_each_alone(text_family):
 def test_a_new_mix_of_requests_compiles_nothing(text_family, caplog):
     _, _, jx, rows = text_family
     engine = Engine(jx, slots=2, cache_size=64, chunk=4)
-    staggered(engine, [Request(tokens=rows[0], max_tokens=6), Request(tokens=rows[1], max_tokens=9)], [0, 1])
+    prompts, lengths, arrivals = [rows[2], rows[0][:4], rows[1][:10]], [3, 11, 5], [0, 2, 2]
+    # the engine's programs, greedy: prompt buckets, and one or both slots decoding
+    staggered(engine, [Request(tokens=p, max_tokens=n) for p, n in zip(prompts, lengths)], arrivals)
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         caplog.clear()
-        mix = [Request(tokens=rows[2], max_tokens=3, temperature=0.9, seed=8),  # the same prompt buckets
-               Request(tokens=rows[0][:4], max_tokens=11, top_k=3, temperature=1.0),
-               Request(tokens=rows[1][:10], max_tokens=5, min_new_tokens=2)]
-        staggered(engine, mix, [0, 2, 2])
+        settings = [dict(temperature=0.9, seed=8), dict(top_k=3, temperature=1.0), dict(min_new_tokens=2)]
+        mix = [Request(tokens=p, max_tokens=n, **s) for p, n, s in zip(prompts, lengths, settings)]
+        staggered(engine, mix, arrivals)
         compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
     assert compiled == [], compiled
 
