@@ -82,3 +82,44 @@ def pack(values: Sequence[np.ndarray], grids: Sequence[tuple[int, int, int]], vi
     padded = np.zeros((length, vision.patch_dim), np.float32)
     padded[:total] = stacked
     return Patches(padded, position, image, window)
+
+
+def mrope_positions(tokens: np.ndarray, valid: np.ndarray, image_token_id: int,
+                    grids: Sequence[Sequence[tuple[int, int, int]]], merge: int) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE's positions of a batch of prompts, int32[B, T, 3] (time, height, width; 0 at padding), and
+    each row's next position, int32[B] (where decoding continues, in every stream).
+
+    Text counts up by one in every stream. An image's tokens (a run of `image_token_id`, one a merged
+    square of its (frames, rows, columns) patch grid, from `grids[row]` in order) all start where the text
+    stands: time by frame, height and width by the square's row and column; the text after it resumes past
+    the image's longer side. As transformers' `get_rope_index` numbers them, for images."""
+    B, T = tokens.shape
+    positions = np.zeros((B, T, 3), np.int32)
+    following = np.zeros((B,), np.int32)
+    for b in range(B):
+        at = np.flatnonzero(valid[b])
+        row = tokens[b, at]
+        out = np.zeros((len(row), 3), np.int64)
+        images = iter(grids[b])
+        i = current = 0
+        while i < len(row):
+            if row[i] != image_token_id:
+                out[i] = current
+                i, current = i + 1, current + 1
+                continue
+            grid = next(images, None)
+            if grid is None:
+                raise ValueError(f"row {b}: more runs of image tokens than the {len(grids[b])} images given")
+            t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+            n = t * h * w
+            if not np.all(row[i:i + n] == image_token_id) or (i + n < len(row) and row[i + n] == image_token_id):
+                raise ValueError(f"row {b}: an image of {t}x{grid[1]}x{grid[2]} patches needs a run of {n} image "
+                                 "tokens")
+            frame, down, across = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+            out[i:i + n] = current + np.stack([frame, down, across], axis=-1).reshape(n, 3)
+            i, current = i + n, current + max(h, w)
+        if next(images, None) is not None:
+            raise ValueError(f"row {b}: fewer runs of image tokens than the {len(grids[b])} images given")
+        positions[b, at] = out
+        following[b] = out.max() + 1 if len(out) else 0
+    return positions, following

@@ -131,3 +131,39 @@ def test_an_mrope_section_that_misses_half_the_head_is_named():
     with pytest.raises(ValueError, match=r"^DecoderConfig.rope.mrope_section: \[4, 6, 4\] adds up to 14, not 16"):
         DecoderConfig(vocab_size=10, width=64, depth=1, num_heads=2, num_kv_heads=2, head_dim=32, mlp_dim=8,
                       rope=RopeConfig(mrope_section=(4, 6, 4)))
+
+
+def test_mrope_positions_match_transformers_rope_index():
+    """Two rows, left-padded: one with two images (a wide one and a tall one) between text, one with text
+    alone; positions and where decoding continues (transformers' rope_deltas + the row's length)."""
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+    from jaxvlm.patches import mrope_positions
+    image = 9
+    hf = Qwen2_5_VLModel(Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=16, vocab_size=16, rope_parameters=dict(rope_type="default",
+                                                                                   mrope_section=[2, 3, 3])),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32),
+        image_token_id=image))
+    grids = [[(1, 4, 8), (1, 6, 2)], []]
+    first = [1, 2] + [image] * 8 + [3, 4, 5] + [image] * 3 + [6]
+    second = [1, 2, 3, 4, 5]
+    T = len(first) + 2
+    tokens = np.zeros((2, T), np.int64)
+    valid = np.zeros((2, T), bool)
+    for b, row in enumerate([first, second]):
+        tokens[b, T - len(row):], valid[b, T - len(row):] = row, True
+    got, following = mrope_positions(tokens, valid, image, grids, merge=2)
+    expected, deltas = hf.get_rope_index(torch.from_numpy(tokens), torch.from_numpy(tokens == image).int(),
+                                         image_grid_thw=torch.tensor([g for row in grids for g in row]),
+                                         attention_mask=torch.from_numpy(valid).long())
+    np.testing.assert_array_equal(np.where(valid[..., None], got, 0),
+                                  np.where(valid[..., None], expected.permute(1, 2, 0).numpy(), 0))
+    np.testing.assert_array_equal(following, deltas[:, 0].numpy() + valid.sum(1))
+    with pytest.raises(ValueError, match="row 0: fewer runs of image tokens than the 3 images"):
+        mrope_positions(tokens, valid, image, [grids[0] + [(1, 2, 2)], []], merge=2)
+    with pytest.raises(ValueError, match="row 0: more runs of image tokens than the 0 images"):
+        mrope_positions(tokens, valid, image, [[], []], merge=2)
+    with pytest.raises(ValueError, match="row 0: an image of 1x4x4 patches needs a run of 4 image tokens"):
+        mrope_positions(tokens, valid, image, [[(1, 4, 8), (1, 4, 4)], []], merge=2)
