@@ -23,14 +23,13 @@ import pytest
 OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xla-cache-")
-    # Programs of a second or more to compile are kept (jax's default). Keeping every program made
-    # test_train and test_lora faster (60 s against 73 s; 101 s with no cache) but the whole run slower
-    # (26 min on a fresh clone): thousands of small programs serialized and written under the file lock.
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
+    # Every program is kept, however quick to compile (test_train and test_lora: 60 s so, 73 s keeping those
+    # of a second or more, 101 s with no cache). No size limit: with one, jax locks the cache around every
+    # read and write and, at every write, reads the size and last use of every entry (a fresh-clone run took
+    # 25 to 26 minutes so, against 20.5 without). A worker that reads an entry another is still writing
+    # gets a truncated file, which jax reports in a warning and compiles anew.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    # A size limit turns on jax's file lock around each read and write of the cache: without it a worker can
-    # read an entry another is still writing (jax writes in place).
-    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(16 << 30)
 
 
 def cache_of_its_own(env: dict, name: str) -> dict:
