@@ -24,10 +24,10 @@ OWN_COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
 if OWN_COMPILATION_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvlm-tests-xla-cache-")
     # Every program is kept, however quick to compile (test_train and test_lora: 60 s so, 73 s keeping those
-    # of a second or more, 101 s with no cache). No size limit: with one, jax locks the cache around every
-    # read and write and, at every write, reads the size and last use of every entry (a fresh-clone run took
-    # 25 to 26 minutes so, against 20.5 without). A worker that reads an entry another is still writing
-    # gets a truncated file, which jax reports in a warning and compiles anew.
+    # of a second or more, 101 s with no cache). No size limit, so no lock: a worker that reads an entry
+    # another is still writing gets a truncated file, which jax reports in a warning and compiles anew. (With
+    # a limit jax locks the cache around each read and write and scans every entry at each write; a
+    # fresh-clone run took 25.5 minutes either way.)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
