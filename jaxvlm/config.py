@@ -123,13 +123,11 @@ class RopeConfig:
             _require(not self.is_longrope, "RopeConfig", "mrope_section", "cannot join LongRoPE's factors")
 
     def mrope_streams(self, head_dim: int) -> np.ndarray | None:
-        """M-RoPE: the position stream (0 time, 1 height, 2 width) each rotary frequency turns with."""
+        """M-RoPE: the position stream (0 time, 1 height, 2 width) each rotary frequency turns with (the
+        section's sum is checked against `head_dim` by `DecoderConfig`)."""
         if self.mrope_section is None:
             return None
         n = self.rotary_dim(head_dim) // 2
-        if sum(self.mrope_section) != n:
-            raise ValueError(f"RopeConfig.mrope_section: {list(self.mrope_section)} adds up to "
-                             f"{sum(self.mrope_section)}, not {n} (half the rotary dimension)")
         if not self.mrope_interleaved:
             return np.repeat(np.arange(3, dtype=np.int32), self.mrope_section)
         i = np.arange(n)

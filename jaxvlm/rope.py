@@ -51,10 +51,8 @@ def rope_tables(positions: jax.Array, rope: RopeConfig, head_dim: int) -> tuple[
     if rope.linear_factor != 1.0:
         inv_freq = inv_freq / rope.linear_factor
     streams = rope.mrope_streams(head_dim)
-    if streams is None:
+    if streams is None or positions.ndim == 2:  # M-RoPE's text: every stream at the same position
         angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
-    elif positions.ndim == 2:  # text: every stream at the same position
-        angles = positions.astype(jnp.float32)[..., None] * inv_freq
     else:  # each frequency at its stream's position
         angles = jnp.take(positions, jnp.asarray(streams), axis=-1).astype(jnp.float32) * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)
