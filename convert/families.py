@@ -56,6 +56,8 @@ class TextFamily:
     moe: Callable[[Fields, int], MoeConfig] | None = None
     moe_fields: Callable[[MoeConfig, int], dict] | None = None
     requires: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.json values read as given
+    # M-RoPE (Qwen-VL): the default mrope_section where config.json gives none; None for one position stream
+    mrope: tuple[int, ...] | None = None
 
 
 def _no_window(family: str) -> WindowFields:
@@ -192,6 +194,14 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                              intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
                              max_position_embeddings=32768, max_window_layers=28),
                window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen2"), add_bos=False),
+    # Qwen2.5-VL's decoder: Qwen2's, its rotary embedding turned by three position streams (M-RoPE)
+    TextFamily("qwen2_5_vl_text", "Qwen2_5_VL", _PLAIN_DECODER, behaviours=dict(_LLAMA, qkv_bias=True, out_bias=False),
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-5, vocab_size=152064, hidden_size=8192,
+                             intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                             num_key_value_heads=8, max_position_embeddings=32768, max_window_layers=80,
+                             rope_theta=1_000_000.0),
+               window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen2_5_vl_text"),
+               add_bos=False, mrope=(16, 24, 24)),
 ]}
 
 
@@ -217,9 +227,10 @@ def text_family_of(d: DecoderConfig) -> TextFamily:
     """The family the decoder was read as (`model_type`), or for a config made in code the one family whose
     fixed behaviours it has (with experts or without); its behaviours must be the family's."""
     fits = lambda family: (all(getattr(d, k) == v for k, v in family.behaviours.items())
-                           and (family.moe is None) == (d.moe is None))
+                           and (family.moe is None) == (d.moe is None)
+                           and (family.mrope is None) == (d.rope.mrope_section is None))
     shown = ", ".join(f"{k}={getattr(d, k)}" for k in _NORMS)
-    what = f"norms and embedding scale ({shown}, experts: {d.moe is not None})"
+    what = f"norms and embedding scale ({shown}, experts: {d.moe is not None}, M-RoPE: {d.rope.mrope_section})"
     return _recorded("decoder.model_type", "decoder", TEXT_FAMILIES, d.model_type, fits, what)
 
 
@@ -232,9 +243,46 @@ class VisionFamily:
     table: tuple[tables.Rule, ...]  # its tensors (convert.tables)
     behaviours: Mapping[str, Any]  # VisionConfig fields the family fixes
     defaults: Mapping[str, Any]
-    processor: str  # the image processor it comes with: "siglip" (a square) or "clip" (shortest edge, crop)
+    # the image processor it comes with: "siglip" (a square), "clip" (shortest edge, crop) or "patches"
+    # (any size, cut into patches: Qwen-VL's)
+    processor: str
     attention_pool: Callable[[Fields], bool]  # whether a standalone encoder has a pooling head
     architecture: Callable[[VisionConfig], str]  # a standalone encoder's transformers class
+    # config.json (its defaults filled in) -> the VisionConfig fields it sets (`activation` as config.json
+    # names it)
+    read: Callable[[Fields], dict] = lambda cfg: _vit_fields(cfg)
+    standalone: bool = True  # whether a config.json of the encoder alone is read
+
+
+def _vit_fields(cfg: Fields) -> dict:
+    return dict(image_size=cfg.integer("image_size"), patch_size=cfg.integer("patch_size"),
+                width=cfg.integer("hidden_size"), depth=cfg.integer("num_hidden_layers"),
+                num_heads=cfg.integer("num_attention_heads"), mlp_dim=cfg.integer("intermediate_size"),
+                activation=cfg.text("hidden_act"), norm_eps=cfg.number("layer_norm_eps"))
+
+
+def _qwen_vision_fields(cfg: Fields) -> dict:
+    """Qwen2.5-VL's encoder: its window in pixels becomes merged patches (rounded down, as transformers
+    does); full-attention layer indices past its depth are dropped, as transformers never reaches them."""
+    patch, merge, depth = cfg.integer("patch_size"), cfg.integer("spatial_merge_size"), cfg.integer("depth")
+    window = cfg.integer("window_size") // merge // patch
+    if window <= 0:
+        cfg.fail("window_size", f"at least one merged patch ({merge * patch} pixels)", cfg.integer("window_size"))
+    full = cfg.integers("fullatt_block_indexes")
+    rope = cfg.sub("rope_parameters", {})
+    return dict(image_size=None, patch_size=patch, width=cfg.integer("hidden_size"), depth=depth,
+                num_heads=cfg.integer("num_heads"), mlp_dim=cfg.integer("intermediate_size"),
+                activation=cfg.text("hidden_act"), norm_eps=1e-6, rope_theta=rope.number("rope_theta", 10_000.0),
+                temporal_patch_size=cfg.integer("temporal_patch_size"), merge_size=merge, window=window,
+                full_attention_layers=tuple(i for i in full if 0 <= i < depth))
+
+
+def _qwen_vision_write(v: VisionConfig) -> dict:
+    return dict(depth=v.depth, hidden_size=v.width, num_heads=v.num_heads, intermediate_size=v.mlp_dim,
+                hidden_act=v.activation, patch_size=v.patch_size, spatial_merge_size=v.merge_size,
+                temporal_patch_size=v.temporal_patch_size, window_size=v.window * v.merge_size * v.patch_size,
+                fullatt_block_indexes=list(v.full_attention_layers),
+                rope_parameters=dict(rope_type="axial", rope_theta=v.rope_theta))
 
 
 _VIT_DEFAULTS = dict(image_size=224, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -251,6 +299,14 @@ VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
                  processor="clip", attention_pool=lambda cfg: False,
                  architecture=lambda v: "CLIPVisionModelWithProjection" if v.projection_dim is not None
                  else "CLIPVisionModel"),
+    # Qwen2.5-VL's: images of any size as patches, a 2-D rotary embedding, RMSNorms, a gated MLP, windows
+    VisionFamily("qwen2_5_vl_vision", "Qwen2.5-VL", tuple(tables.QWEN_VISION),
+                 behaviours=dict(patch_bias=False, class_token=False, norm="rms", gated_mlp=True),
+                 defaults=dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                               out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
+                 processor="patches", attention_pool=lambda cfg: False, architecture=lambda v: "",
+                 read=_qwen_vision_fields, standalone=False),
 ]}
 
 
@@ -345,6 +401,22 @@ def _gemma3_write(config: ModelConfig) -> dict:
                 eoi_token_index=config.image_frame[1])
 
 
+def _qwen_vl_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
+    """The merger's output must be the decoder's width (config.json's text fields sit at its top level in
+    the hub's files, in text_config in transformers 5's)."""
+    v = vision()
+    fields = cfg.sub("vision_config", {})
+    text = cfg.sub("text_config") if cfg.has("text_config") else cfg
+    out, width = fields.integer("out_hidden_size", 3584), text.integer("hidden_size", 8192)
+    if out != width:
+        fields.fail("out_hidden_size", f"the decoder's hidden_size {width} (the merged tokens enter it)", out)
+    return v, {}
+
+
+def _qwen_vl_write(config: ModelConfig) -> dict:
+    return dict(vision_config=dict(out_hidden_size=config.decoder.width))
+
+
 VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for f in [
     # PaliGemma: the image tokens and the prompt are one prefix with full attention; positions from 1
     VisionLanguageFamily("paligemma", "PaliGemmaForConditionalGeneration",
@@ -375,6 +447,14 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                          image_processor_type="Gemma3ImageProcessor",
                          processor=lambda c: ({"processor_class": "Gemma3Processor",
                                                "image_seq_length": c.tokens_per_image}, {})),
+    # Qwen2.5-VL: images of any size, each at its marker as one token a merged square of patches; M-RoPE
+    VisionLanguageFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+                         wiring=dict(projector="merge", prefix_lm=False, position_offset=0,
+                                     prompt_format="sized_images"),
+                         default_text_type="qwen2_5_vl_text", default_vision_type="qwen2_5_vl_vision",
+                         default_image_token=151_655, read=_qwen_vl_read, write=_qwen_vl_write,
+                         text_types=("qwen2_5_vl_text",), image_processor_type="Qwen2VLImageProcessor",
+                         processor=lambda c: ({"processor_class": "Qwen2_5_VLProcessor"}, {})),
 ]}
 
 

@@ -18,8 +18,10 @@ from jaxvlm.config import (RESAMPLE_FILTERS, DecoderConfig, FrequencySmoothing, 
                            ImageProcessing, ModelConfig, PanAndScan, PatchGrid, RopeConfig, TokensConfig, VisionConfig,
                            longrope_attention_factor)
 
-SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(VISION_FAMILIES)
+SUPPORTED = tuple(TEXT_FAMILIES) + tuple(VISION_LANGUAGE_FAMILIES) + tuple(t for t, f in VISION_FAMILIES.items()
+                                                                           if f.standalone)
 
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_tanh": "gelu_tanh",
                 "gelu_fast": "gelu_tanh", "silu": "silu", "swish": "silu", "gelu": "gelu", "quick_gelu": "quick_gelu"}
 
@@ -44,12 +46,19 @@ def _fields(cfg: Fields | dict) -> Fields:
     return cfg if isinstance(cfg, Fields) else Fields(cfg, "config.json")
 
 
-def _rope(params: Fields, cfg: Fields, theta: float) -> RopeConfig:
+def _rope(params: Fields, cfg: Fields, theta: float, mrope: tuple[int, ...] | None = None) -> RopeConfig:
     """One rotary embedding from its parameters (`params`: rope_parameters, rope_scaling or one layer
-    type's entry), `theta` when they name none."""
+    type's entry), `theta` when they name none; `mrope`: the family's M-RoPE section where they give none
+    (None: the family has one position stream)."""
     kind = params.text("rope_type", params.text("type", "default"))
     theta = params.number("rope_theta", theta)
     fraction = params.number("partial_rotary_factor", cfg.number("partial_rotary_factor", 1.0))
+    if mrope is not None:  # ("mrope" is the old files' name for it; the frequencies are the default ones)
+        if kind not in ("default", "mrope"):
+            raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} with M-RoPE (supported: default)")
+        section = params.integers("mrope_section") if params.has("mrope_section") else mrope
+        return RopeConfig(theta=theta, rotary_fraction=fraction, mrope_section=tuple(section),
+                          mrope_interleaved=params.flag("mrope_interleaved", False))
     if kind == "default":
         return RopeConfig(theta=theta, rotary_fraction=fraction)
     if kind == "linear":
@@ -72,7 +81,7 @@ def _rope(params: Fields, cfg: Fields, theta: float) -> RopeConfig:
                       attention_factor=float(attention_factor))
 
 
-def _ropes(cfg: Fields) -> tuple[RopeConfig, RopeConfig | None]:
+def _ropes(cfg: Fields, family: TextFamily) -> tuple[RopeConfig, RopeConfig | None]:
     """(the rotary embedding, the sliding-window layers' own or None). transformers 5 writes one entry per
     layer type in `rope_parameters` where they differ (Gemma 3); older files give the local layers' base
     as `rope_local_base_freq`, and `rope_scaling` then applies to the global layers alone."""
@@ -82,7 +91,7 @@ def _ropes(cfg: Fields) -> tuple[RopeConfig, RopeConfig | None]:
         return (_rope(params.sub("full_attention"), cfg, theta),
                 _rope(params.sub("sliding_attention"), cfg, cfg.number("rope_local_base_freq", theta)))
     local = cfg.number("rope_local_base_freq", None)
-    return _rope(params, cfg, theta), (None if local is None else _rope(Fields({}, cfg.path), cfg, local))
+    return _rope(params, cfg, theta, family.mrope), (None if local is None else _rope(Fields({}, cfg.path), cfg, local))
 
 
 def _layer_types(cfg: Fields, family: TextFamily, depth: int, sliding: int | None) -> tuple[str, ...]:
@@ -116,7 +125,7 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
             cfg.fail(key, f"{want!r} (jaxvlm reads {family.model_type} models with it so)", cfg.raw(key))
     sliding = family.window(cfg)
     bias = cfg.flag("attention_bias", False)
-    rope, local_rope = _ropes(cfg)
+    rope, local_rope = _ropes(cfg, family)
     fields = dict(qkv_bias=bias, out_bias=bias, model_type=family.model_type)
     fields.update(family.behaviours)  # (Qwen2 fixes its biases: on q, k, v, never on the output)
     fields.update({field: cfg.number(name, None) for name, field in family.numbers.items()})
@@ -188,15 +197,11 @@ def vision_config(cfg: Fields | dict, **composition) -> VisionConfig:
     if t not in VISION_FAMILIES:
         raise ConfigError(f"{cfg.path}: unsupported vision model_type {t!r} (supported: {', '.join(VISION_FAMILIES)})")
     family = VISION_FAMILIES[t]
-    cfg = cfg.with_defaults(family.defaults)
-    act = cfg.text("hidden_act")
+    fields = family.read(cfg.with_defaults(family.defaults))
+    act = fields.pop("activation")
     if act not in _ACTIVATIONS:
         raise ConfigError(f"{cfg.path}: unsupported vision activation {act!r}")
-    return VisionConfig(
-        image_size=cfg.integer("image_size"), patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
-        depth=cfg.integer("num_hidden_layers"), num_heads=cfg.integer("num_attention_heads"),
-        mlp_dim=cfg.integer("intermediate_size"), activation=_ACTIVATIONS[act], norm_eps=cfg.number("layer_norm_eps"),
-        model_type=t, **family.behaviours, **composition)
+    return VisionConfig(activation=_ACTIVATIONS[act], model_type=t, **fields, **family.behaviours, **composition)
 
 
 def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
@@ -209,17 +214,18 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
         processor = read_json(hf_dir, "processor_config.json")
         p = processor.sub("image_processor") if processor is not None else Fields({}, "preprocessor_config.json")
     size = vision.image_size
-    if family.processor == "clip":  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
+    if family.processor == "patches":  # Qwen2VLImageProcessor: each image's own size, OpenAI's statistics
+        defaults = dict(image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
+    elif family.processor == "clip":  # CLIPImageProcessor: shortest edge, centre crop, OpenAI statistics
         defaults = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
-                        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711])
+                        image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD))
     else:  # SiglipImageProcessor: a square, no crop, mean = std = 0.5
         defaults = dict(size={"height": size, "width": size}, do_center_crop=False, image_mean=[0.5] * 3,
                         image_std=[0.5] * 3)
     p = p.with_defaults(dict(defaults, **(overrides or {})))
 
-    limit = 2 * size  # nothing is resized past twice the encoder's input
-
     def side(fields: Fields, key: str) -> int:
+        limit = 2 * size  # nothing is resized past twice the encoder's input
         value = fields.integer(key)
         if not 0 < value <= limit:
             fields.fail(key, f"a size in [1, {limit}] (twice the encoder's {size}-pixel input at most)", value)
@@ -242,13 +248,6 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
             p.fail(key, "three nonzero numbers (pixels are divided by them)", list(values))
         return values
 
-    resize = p.flag("do_resize", True)
-    size_field = p.raw("size")
-    shortest = None
-    if isinstance(size_field, dict) and p.sub("size").has("shortest_edge"):
-        shortest = side(p.sub("size"), "shortest_edge")
-    if isinstance(size_field, int) and family.processor == "clip":  # older CLIP configs: an int is the shortest edge
-        shortest = side(p, "size")
     resample = p.integer("resample", 3)
     if resample not in RESAMPLE_FILTERS:
         p.fail("resample", f"a Pillow filter number ({', '.join(f'{k} {v}' for k, v in RESAMPLE_FILTERS.items())})",
@@ -257,14 +256,25 @@ def image_processing(hf_dir: str, vision: VisionConfig, family: VisionFamily,
     if rescale is not None and rescale <= 0:
         p.fail("rescale_factor", "a number > 0", rescale)
     normalize = p.flag("do_normalize", True)
+    mean, std = (channels("image_mean"), channels("image_std")) if normalize else (None, None)
+    if family.processor == "patches":
+        return ImageProcessing(patches=patch_grid(p), resample=resample, rescale_factor=rescale, mean=mean, std=std)
+
+    resize = p.flag("do_resize", True)
+    size_field = p.raw("size")
+    shortest = None
+    if isinstance(size_field, dict) and p.sub("size").has("shortest_edge"):
+        shortest = side(p.sub("size"), "shortest_edge")
+    if isinstance(size_field, int) and family.processor == "clip":  # older CLIP configs: an int is the shortest edge
+        shortest = side(p, "size")
     processing = ImageProcessing(
         size=hw("size") if resize and shortest is None else None,
         shortest_edge=shortest if resize else None,
         resample=resample,
         crop_size=hw("crop_size") if p.flag("do_center_crop") else None,
         rescale_factor=rescale,
-        mean=channels("image_mean") if normalize else None,
-        std=channels("image_std") if normalize else None,
+        mean=mean,
+        std=std,
         pan_and_scan=_pan_and_scan(p) if p.flag("do_pan_and_scan", False) else None,
     )
     why = processing.check_encoder(size)
@@ -294,8 +304,13 @@ def _pan_and_scan(p: Fields) -> PanAndScan:
 
 
 def _text_part(cfg: Fields, default_type: str) -> Fields:
-    text = cfg.sub("text_config")
-    text = Fields(dict(text.data), text.path, text.prefix)
+    """text_config, or where the file has none (the hub's Qwen-VL files) its top-level fields, as
+    transformers reads them; the special ids and the tying of the head from the top level too."""
+    if cfg.has("text_config"):
+        text = cfg.sub("text_config")
+        text = Fields(dict(text.data), text.path, text.prefix)
+    else:
+        text = Fields({k: v for k, v in cfg.data.items() if k not in ("model_type", "vision_config")}, cfg.path)
     text.data.setdefault("model_type", default_type)
     if text.raw("model_type") not in TEXT_FAMILIES:
         raise ConfigError(f"{cfg.path}: unsupported text model_type {text.raw('model_type')!r} "
@@ -303,6 +318,8 @@ def _text_part(cfg: Fields, default_type: str) -> Fields:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # special ids may sit at either level
         if text.raw(key) is None and cfg.raw(key) is not None:
             text.data[key] = cfg.raw(key)
+    if cfg.raw("tie_word_embeddings") is True:  # transformers 5 ties by the top level's flag (or the text's)
+        text.data["tie_word_embeddings"] = True
     return text
 
 
@@ -310,6 +327,9 @@ def _vlm_config(hf_dir: str, cfg: Fields) -> tuple[ModelConfig, TextFamily]:
     family = VISION_LANGUAGE_FAMILIES[cfg.raw("model_type")]
     text = _text_part(cfg, family.default_text_type)
     vision_fields = cfg.sub("vision_config", {"model_type": family.default_vision_type})
+    if vision_fields.raw("model_type", family.model_type) == family.model_type:  # (older files name the model's)
+        vision_fields = Fields(dict(vision_fields.data, model_type=family.default_vision_type), vision_fields.path,
+                               vision_fields.prefix)
     vision, extra = family.read(cfg, lambda **composition: vision_config(vision_fields, **composition))
     processing = image_processing(hf_dir, vision, VISION_FAMILIES[vision_fields.raw("model_type")],
                                   family.image_processor)

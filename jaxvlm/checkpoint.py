@@ -20,6 +20,7 @@ from orbax.checkpoint import type_handlers
 from jaxvlm import files, layers, layout, lora, quantize
 from jaxvlm.config import ModelConfig, QuantizationConfig
 from jaxvlm.files import FileError, error_line
+from jaxvlm.patches import Patches
 from jaxvlm.sharding import MeshRules
 from jaxvlm.vlm import VisionLanguageModel
 
@@ -32,8 +33,11 @@ def _init_boxed(config: ModelConfig, key: jax.Array, dtype, scan_layers: bool):
     program: run op by op, every initializer of every shape would compile on its own (a tiny model's
     ~190 programs took 19 s on 2 CPU cores; jitted, one program)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
-    size = config.vision.image_size if config.vision is not None else 1
-    pixels = jnp.zeros((1, size, size, 3), jnp.float32)
+    if config.vision is not None and config.vision.image_size is None:  # one merged square of patches
+        pixels = Patches.blank(config.vision)
+    else:
+        size = config.vision.image_size if config.vision is not None else 1
+        pixels = jnp.zeros((1, size, size, 3), jnp.float32)
     model = VisionLanguageModel(config, dtype, scan_layers=scan_layers)
     return model.init(key, tokens, pixels, method="initialize")["params"]
 

@@ -26,8 +26,8 @@ VISION_NORMS = ("layer", "rms")
 PROJECTORS = ("linear", "mlp", "pooled", "merge")
 # How a prompt places its images' tokens (jaxvlm.prompts): none; before BOS and the text (PaliGemma's);
 # where the text's image marker stands (LLaVA's); at each image marker, framed by begin- and end-of-image
-# tokens and blank lines (Gemma 3's)
-PROMPT_FORMATS = ("plain", "images_first", "image_marker", "framed_images")
+# tokens and blank lines (Gemma 3's); at each image marker, as many as that image's size gives (Qwen-VL's)
+PROMPT_FORMATS = ("plain", "images_first", "image_marker", "framed_images", "sized_images")
 RENAMED_PROMPT_FORMATS = {"paligemma": "images_first", "llava": "image_marker"}  # as folders written before say
 HEAD_KINDS = ("sequence_classification", "token_classification")
 QUANTIZE_MODES = ("int8",)
@@ -589,9 +589,18 @@ class ModelConfig:
             _require(self.image_token_id is not None, name, "image_token_id", "a vision-language model needs one")
             _require(self.prompt_format != "framed_images" or self.image_frame is not None, name, "image_frame",
                      "a framed_images prompt needs the begin- and end-of-image tokens")
-        if self.vision is not None and self.image_processing is not None:
+        if self.vision is not None and self.image_processing is not None and self.vision.image_size is None:
+            v, grid = self.vision, self.image_processing.patches
+            _require(grid is not None and (grid.patch_size, grid.merge_size, grid.temporal_patch_size)
+                     == (v.patch_size, v.merge_size, v.temporal_patch_size), name, "image_processing",
+                     f"must cut images into the encoder's patches ({v.patch_size} pixels, {v.temporal_patch_size} "
+                     f"frames, merged {v.merge_size}x{v.merge_size}), got {grid}")
+        elif self.vision is not None and self.image_processing is not None:
             why = self.image_processing.check_encoder(self.vision.image_size)
             _require(why is None, name, "image_processing", str(why))
+        _require(self.vision is None or (self.vision.image_size is None) == (self.projector == "merge")
+                 or not self.is_vlm, name, "projector",
+                 "the merge projector is for images of any size (vision.image_size None), and they need it")
         if self.projector == "pooled" and self.vision is not None:
             side = self.vision.image_size // self.vision.patch_size
             per_side = math.isqrt(self.image_tokens or 0)
@@ -600,7 +609,10 @@ class ModelConfig:
                                      f"got {self.image_tokens!r}")
 
     @property
-    def tokens_per_image(self) -> int:  # P: the placeholder tokens one image takes in a prompt
+    def tokens_per_image(self) -> int | None:
+        """P: the placeholder tokens one image takes in a prompt; None where each image's size sets them."""
+        if self.vision.image_size is None:
+            return None
         return self.image_tokens if self.projector == "pooled" else self.vision.num_features
 
     @property

@@ -38,7 +38,7 @@ from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, dec
 from jaxvlm.inputs import Images
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
-from jaxvlm.prefix_cache import PrefixCache, images_digest
+from jaxvlm.prefix_cache import PrefixCache, images_digest, position_shift
 from jaxvlm.processor import TextStream, check_stop
 from jaxvlm.sampling import check_sampling_args
 from jaxvlm.sharding import place
@@ -400,14 +400,15 @@ class Engine:
             seen[0, request.tokens[(request.tokens >= 0) & (request.tokens < seen.shape[1])]] = True
             prefilled, token, logprob, top = prefill_after(
                 self.config, self.model.dtype, length, self.model.params, entry.cache, np.int32(entry.first),
-                np.int32(reused), request.tokens[None, reused:], seen, one, top_n=top_n)
+                np.int32(reused), request.tokens[None, reused:], seen, one, top_n=top_n,
+                shift=np.int32(position_shift(request.pixels, self.config)))
             self.prefix_cache.use(entry, reused)
         else:
             # on a mesh the batch is padded to the devices it is split over (copies of the row, then dropped)
             rows = 1 if self.shard is None else self.shard.batch_multiple
             put = lambda x: place(self.shard, pad_rows(x, rows))
             pixels, image_rows = (None, None) if request.pixels is None else \
-                Images.of_rows([request.pixels] * rows).bucketed()
+                Images.of_rows([request.pixels] * rows).bucketed(self.config.vision)
             prefilled, token, logprob, top = prefill(  # (penalize: its `seen` row, the repetition penalty's)
                 self.config, self.model.dtype, True, length, self.shard, self.model.params, put(tokens), put(valid),
                 put(prefix), place(self.shard, pixels), place(self.shard, image_rows), put(np.zeros(1, bool)),

@@ -193,20 +193,23 @@ def _start(config: ModelConfig, dtype, penalize: bool, shard, params, inputs: In
             {"params": params}, inputs, cache, last_only=True)
     token, logprob, top = _choose(penalize, top_n, out.logits[:, -1], rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
-    state = DecodeState(cache=place_cache(out.cache, shard), token=token, position=inputs.positions[:, -1] + 1,
+    last = inputs.positions[:, -1]  # (M-RoPE's streams: decoding goes on past the furthest, in all three)
+    state = DecodeState(cache=place_cache(out.cache, shard), token=token,
+                        position=(last if last.ndim == 1 else last.max(axis=-1)) + 1,
                         done=done, step=step + 1, seen=_mark_seen(seen, token))
     return state, *_everywhere((token, logprob, top), shard)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "cache_size", "top_n"))
 def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVCache, held_first, reused, tokens,
-                  seen, rules, top_n: int = 0):
+                  seen, rules, top_n: int = 0, shift=0):
     """`prefill` (one row, one device) of a prompt whose first `reused` tokens were run before: their keys
     and values are copied from `held`, a one-row cache of full-length layers in which that earlier prompt's
     token i sits at sequence slot `held_first + i`, and only the prompt's last tokens, `tokens` int32[1, T]
     (no padding), are run. `seen` bool[1, V] marks the whole prompt's tokens (the repetition penalty's). The
     state is laid out as `prefill`'s, in `cache_size` slots with the prompt ending at the last (so
-    `reused + T <= cache_size`), every layer full length."""
+    `reused + T <= cache_size`), every layer full length. `shift`: how far the first position run lies past
+    `reused` (M-RoPE: the reused images' own count, `PatchImages.position_shift`)."""
     T = tokens.shape[1]
     end = cache_size - T
     token_at = jnp.arange(cache_size) - (end - reused)  # the prompt's token each slot holds
@@ -218,7 +221,7 @@ def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVC
 
     cache = KVCache(k=jax.tree.map(copy, held.k), v=jax.tree.map(copy, held.v), end=jnp.int32(end), valid=kept[None])
     valid = jnp.ones(tokens.shape, bool)
-    inputs = Inputs.build(config, tokens, valid, start=reused)
+    inputs = Inputs.build(config, tokens, valid, start=reused + shift)
     return _start(config, dtype, True, None, params, inputs, cache, jnp.zeros(1, bool), jnp.zeros(1, jnp.int32),
                   rules, top_n, seen)
 

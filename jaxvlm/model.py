@@ -20,6 +20,7 @@ from jaxvlm.config import QUANTIZE_MODES, ModelConfig
 from jaxvlm.engine import Engine, Output, Request, cache_slots
 from jaxvlm.generate import MAX_CHUNK, batch_bucket, cache_bucket, pad_rows, prompt_bucket
 from jaxvlm.inputs import Images, Inputs
+from jaxvlm.patches import PatchImages
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layout import STACKED, is_stacked
 from jaxvlm.processor import Encoded, Processor, check_stop, require_decoder, require_vision
@@ -150,7 +151,7 @@ class Model:
         """`Processor.apply_chat_template`: a conversation's prompt text, as transformers renders it."""
         return self.processor.apply_chat_template(messages, add_generation_prompt, tools, documents, **variables)
 
-    def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None):
+    def _inputs(self, input_ids, attention_mask, pixel_values=None, token_type_ids=None, image_grid_thw=None):
         """Validated (ids int[B, T], mask bool[B, T], prefix bool[B, T] or None, `Images` or None)."""
         self._require_decoder()
         ids = _array("input_ids", input_ids)
@@ -168,7 +169,14 @@ class Model:
         mask = mask.astype(bool)
         vocab, image_id = self.config.decoder.vocab_size, self.config.image_token_id
         several = self.config.max_images > 1
-        pixels = None if pixel_values is None else self._pixels(pixel_values, batch=None if several else len(ids))
+        any_size = self.config.vision is not None and self.config.vision.image_size is None
+        if any_size:
+            pixels = None if pixel_values is None else self._patch_images(pixel_values, image_grid_thw)
+        else:
+            if image_grid_thw is not None:
+                raise ValueError("image_grid_thw: this model takes images of one size (pixel_values [B, H, W, 3]), "
+                                 "not patch grids")
+            pixels = None if pixel_values is None else self._pixels(pixel_values, batch=None if several else len(ids))
         counts = []  # images per row
         for i, (row, keep) in enumerate(zip(ids, mask)):
             if not keep.any():
@@ -180,7 +188,9 @@ class Model:
                 raise ValueError(f"input_ids row {i} holds token ids outside [0, {vocab})")
             if pixels is None and images:
                 raise ValueError(f"input_ids row {i} holds {images} image tokens but no pixel_values were given")
-            if pixels is not None:
+            if pixels is not None and any_size:
+                counts.append(self._sized_images_in_row(i, images, pixels, sum(counts)))
+            elif pixels is not None:
                 counts.append(self._images_in_row(i, images))
         if pixels is not None:
             if len(pixels) != sum(counts):
@@ -211,6 +221,45 @@ class Model:
             raise ValueError(f"input_ids row {row} holds {image_tokens // P} images; this model takes at most "
                              f"{most} per prompt (max_images)")
         return image_tokens // P
+
+    def _sized_images_in_row(self, row: int, image_tokens: int, images: PatchImages, first: int) -> int:
+        """The images (from the `first` not taken by earlier rows) whose tokens input_ids row `row` holds,
+        each image as many as its merged squares of patches."""
+        sizes = images.tokens(self.config.vision.merge_size)[first:]
+        taken = np.cumsum(sizes)
+        n = int(np.searchsorted(taken, image_tokens, side="right"))
+        if image_tokens and (n == 0 or taken[n - 1] != image_tokens):
+            raise ValueError(f"input_ids row {row} holds {image_tokens} image tokens; the next images of "
+                             f"image_grid_thw fill {', '.join(map(str, taken[:n + 1]))} (one token a merged square "
+                             "of patches)")
+        return n
+
+    def _patch_images(self, pixel_values, image_grid_thw) -> PatchImages:
+        """Images of any size as Qwen-VL's processor gives them: patches float[n, patch_dim] and each image's
+        grid of patches int[N, 3] (frames, rows, columns)."""
+        v = self.config.vision
+        values = _array("pixel_values", pixel_values)
+        if image_grid_thw is None:
+            raise ValueError("image_grid_thw: images of any size need each image's grid of patches (the "
+                             "processor's image_grid_thw) beside their pixel_values")
+        grids = _array("image_grid_thw", image_grid_thw)
+        if values.ndim != 2 or values.shape[1] != v.patch_dim or not np.issubdtype(values.dtype, np.floating):
+            raise ValueError(f"pixel_values must be float patches [n, {v.patch_dim}] (the processor's), got "
+                             f"{values.dtype} {list(values.shape)}")
+        if grids.ndim != 2 or grids.shape[1] != 3 or not np.issubdtype(grids.dtype, np.integer) or not len(grids):
+            raise ValueError(f"image_grid_thw must be int [N, 3] (frames, rows, columns), got {grids.dtype} "
+                             f"{list(grids.shape)}")
+        m = v.merge_size
+        for i, (t, h, w) in enumerate(grids.tolist()):
+            if t != 1 or h <= 0 or w <= 0 or h % m or w % m:
+                raise ValueError(f"image_grid_thw: image {i} has a grid of {t}x{h}x{w} patches; an image is one "
+                                 f"frame of whole {m}x{m} squares")
+        if grids.prod(axis=1).sum() != len(values):
+            raise ValueError(f"pixel_values hold {len(values)} patches; image_grid_thw's grids hold "
+                             f"{int(grids.prod(axis=1).sum())}")
+        if not np.isfinite(values).all():
+            raise ValueError("pixel_values hold NaN or infinite values")
+        return PatchImages(values.astype(np.float32), grids.astype(np.int32))
 
     def _pixels(self, pixel_values, batch: int | None = None) -> np.ndarray:
         self._require_vision("pixel_values")
@@ -263,7 +312,7 @@ class Model:
 
     # --- forward ------------------------------------------------------------------------------------------
     def logits(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
-               output_hidden_states: bool = False, output_attentions: bool = False):
+               output_hidden_states: bool = False, output_attentions: bool = False, image_grid_thw=None):
         """Full forward without a cache: float32[B, T, V].
 
         `input_ids` hold the image placeholder tokens where `pixel_values` [B, H, W, 3] (one image per row;
@@ -281,8 +330,9 @@ class Model:
         checks.flag("output_hidden_states", output_hidden_states)
         checks.flag("output_attentions", output_attentions)
         if not (output_hidden_states or output_attentions):
-            return self._run(input_ids, attention_mask, pixel_values, token_type_ids)
-        logits, hidden, weights = self._run(input_ids, attention_mask, pixel_values, token_type_ids, inspect=True)
+            return self._run(input_ids, attention_mask, pixel_values, token_type_ids, image_grid_thw=image_grid_thw)
+        logits, hidden, weights = self._run(input_ids, attention_mask, pixel_values, token_type_ids, inspect=True,
+                                            image_grid_thw=image_grid_thw)
         return LogitsOutput(logits, list(hidden) if output_hidden_states else None,
                             list(weights) if output_attentions else None)
 
@@ -294,8 +344,10 @@ class Model:
                              "...ForTokenClassification checkpoint)")
         return self._run(input_ids, attention_mask, pixel_values)
 
-    def _run(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, inspect: bool = False):
-        ids, valid, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
+    def _run(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None, inspect: bool = False,
+             image_grid_thw=None):
+        ids, valid, prefix, pixels = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids,
+                                                  image_grid_thw)
         B, T = ids.shape
         self._check_length(T, "input_ids")
         # Padding on the right up to a bucket keeps one compilation per bucket; causality hides it.
@@ -307,7 +359,7 @@ class Model:
         if pixels is not None:  # the rows repeated at the end bring their images
             pixels = Images.of_rows([pixels.of_row(min(i, B - 1)) for i in range(len(ids))])
         put = functools.partial(place, self.shard)
-        pixels, image_rows = (None, None) if pixels is None else pixels.bucketed()
+        pixels, image_rows = (None, None) if pixels is None else pixels.bucketed(self.config.vision)
         out = _forward(self.config.computation, self.dtype, self.shard, self.params, put(ids), put(valid), put(prefix),
                        put(pixels), put(image_rows), inspect)
         if inspect:
@@ -319,7 +371,7 @@ class Model:
     def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens: int | None = None,
                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                      seed: int = 0, token_type_ids=None, repetition_penalty: float | None = None,
-                     min_new_tokens: int | None = None, logprobs: bool = False):
+                     min_new_tokens: int | None = None, logprobs: bool = False, image_grid_thw=None):
         """New tokens only, int32[B, max_new_tokens]; after a row's end-of-sequence token, the pad id. With
         `logprobs`, (those tokens, their log-probabilities float32[B, max_new_tokens]: the log-softmax of the
         model's logits at each chosen token, 0 after the end). Settings left None come from the checkpoint's
@@ -330,7 +382,7 @@ class Model:
         """
         checks.flag("logprobs", logprobs)
         settings = self._settings(max_new_tokens, temperature, top_k, top_p, seed, repetition_penalty, min_new_tokens)
-        inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
+        inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids, image_grid_thw)
         outputs = self._answers(self._requests(self._rows(inputs), **self._fields(settings)))
         n = settings["max_new_tokens"]
         tokens = np.full((len(outputs), n), self.config.tokens.pad_id, np.int32)

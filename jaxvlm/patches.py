@@ -13,15 +13,51 @@ computation in the processor's order, so no reordering is done here.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
 from jaxvlm.config import VisionConfig
 
 PADDING = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchImages:
+    """Images of any size on the host, as Qwen-VL's processor gives them (transformers' `pixel_values` and
+    `image_grid_thw`): every image's patches one image after the other, float32[n, patch_dim], and each
+    image's grid of patches, int32[N, 3] (frames, rows, columns)."""
+
+    values: np.ndarray
+    grids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def tokens(self, merge: int) -> np.ndarray:
+        """int[N]: the placeholder tokens each image fills (one a merged square of patches)."""
+        return self.grids.prod(axis=1) // merge ** 2
+
+    def split(self) -> list[np.ndarray]:
+        """Each image's patches."""
+        return np.split(self.values, np.cumsum(self.grids.prod(axis=1))[:-1])
+
+    def __getitem__(self, index: slice) -> "PatchImages":
+        return self.select(np.isin(np.arange(len(self)), np.arange(len(self))[index]))
+
+    def select(self, keep: np.ndarray) -> "PatchImages":
+        """The images `keep` (bool[N]) marks."""
+        return PatchImages(np.concatenate([v for v, k in zip(self.split(), keep) if k] or [self.values[:0]]),
+                           self.grids[keep])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["PatchImages"]) -> "PatchImages":
+        return cls(np.concatenate([p.values for p in parts]).astype(np.float32),
+                   np.concatenate([p.grids for p in parts]).astype(np.int32))
 
 
 @struct.dataclass
@@ -31,16 +67,49 @@ class Patches:
     image: jax.Array  # int32[L]: the image it belongs to (in order), -1 for padding
     window: jax.Array  # int32[L]: its attention window, numbered across the batch; -1 for padding
 
+    @classmethod
+    def blank(cls, vision: VisionConfig) -> "Patches":
+        """One merged square of zero patches (to trace the encoder with)."""
+        n = vision.merge_size ** 2
+        zeros = lambda *shape: jnp.zeros(shape, jnp.int32)
+        return cls(jnp.zeros((n, vision.patch_dim), jnp.float32), zeros(n, 2), zeros(n), zeros(n))
+
     def attention_masks(self) -> tuple[jax.Array, jax.Array]:
         """bool[1, L, L] each: within the same image; within the same window."""
         same = lambda ids: (ids[:, None] == ids[None, :])[None]
         return same(self.image), same(self.window)
 
+    def mrope_positions(self, is_image: jax.Array, valid: jax.Array, merge: int) -> jax.Array:
+        """M-RoPE's positions of the prompts whose image tokens (`is_image` bool[B, T]; one a merged square
+        of `merge` x `merge` patches, row by row in the batch's order, as the projector gives them) these
+        patches fill: int32[B, T, 3] (time, height, width; 0 at padding, `valid` False).
+
+        Text counts up by one in every stream. An image's tokens all start where the text stands, height
+        and width then counting the square's row and column (time stays: an image is one frame); the text
+        after it resumes past the image's longer side. As transformers' `get_rope_index` numbers images."""
+        squares = self.values.shape[0] // merge ** 2
+        image = jnp.asarray(self.image)[::merge ** 2]  # [squares]: each merged token's image and (row, column)
+        row_column = jnp.asarray(self.position)[::merge ** 2] // merge
+        side = jax.ops.segment_max(row_column.max(axis=-1), jnp.where(image >= 0, image, squares),
+                                   num_segments=squares + 1)[:squares] + 1  # each image's longer side
+        flat = is_image.reshape(-1)
+        k = jnp.clip(jnp.cumsum(flat) - 1, 0, squares - 1).reshape(is_image.shape)  # each image token's square
+        k_before = jnp.clip(k - 1, 0, squares - 1)
+        starts = is_image & ((jnp.cumsum(flat).reshape(is_image.shape) == 1) | (image[k_before] != image[k]))
+        extent = side[jnp.maximum(image[k], 0)]
+        # every stream advances by one a text token and by the image's longer side at its first token
+        advance = jnp.where(valid, jnp.where(is_image, jnp.where(starts, extent, 0), 1), 0)
+        reached = jnp.cumsum(advance, axis=1)
+        text = jnp.broadcast_to((reached - 1)[..., None], (*is_image.shape, 3))
+        spatial = jnp.concatenate([jnp.zeros_like(row_column[:, :1]), row_column], axis=-1)[k]
+        pictured = (reached - extent)[..., None] + spatial
+        return jnp.where(valid[..., None], jnp.where(is_image[..., None], pictured, text), 0).astype(jnp.int32)
+
 
 def bucket(count: int, unit: int) -> int:
-    """The padded length for `count` patches: the next power of two, at least `unit` (a merged token's
-    patches), so that a handful of lengths serve every image size."""
-    return max(unit, 1 << max(count - 1, 0).bit_length())
+    """The padded length for `count` patches: `unit` (a merged token's patches) times a power of two, so
+    that a handful of lengths serve every image size."""
+    return unit << max(-(-count // unit) - 1, 0).bit_length()
 
 
 def pack(values: Sequence[np.ndarray], grids: Sequence[tuple[int, int, int]], vision: VisionConfig,
@@ -48,7 +117,7 @@ def pack(values: Sequence[np.ndarray], grids: Sequence[tuple[int, int, int]], vi
     """The patches of several images ([n_i, patch_dim] each, with its (frames, rows, columns) grid of
     patches) as one padded sequence, with each patch's position, image and window (numpy arrays)."""
     m = vision.merge_size
-    total = sum(t * h * w for t, h, w in grids)
+    total = int(sum(t * h * w for t, h, w in grids))
     length = bucket(total, m * m) if length is None else length
     if total > length:
         raise ValueError(f"{total} patches do not fit a sequence of {length}")
@@ -82,44 +151,3 @@ def pack(values: Sequence[np.ndarray], grids: Sequence[tuple[int, int, int]], vi
     padded = np.zeros((length, vision.patch_dim), np.float32)
     padded[:total] = stacked
     return Patches(padded, position, image, window)
-
-
-def mrope_positions(tokens: np.ndarray, valid: np.ndarray, image_token_id: int,
-                    grids: Sequence[Sequence[tuple[int, int, int]]], merge: int) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE's positions of a batch of prompts, int32[B, T, 3] (time, height, width; 0 at padding), and
-    each row's next position, int32[B] (where decoding continues, in every stream).
-
-    Text counts up by one in every stream. An image's tokens (a run of `image_token_id`, one a merged
-    square of its (frames, rows, columns) patch grid, from `grids[row]` in order) all start where the text
-    stands: time by frame, height and width by the square's row and column; the text after it resumes past
-    the image's longer side. As transformers' `get_rope_index` numbers them, for images."""
-    B, T = tokens.shape
-    positions = np.zeros((B, T, 3), np.int32)
-    following = np.zeros((B,), np.int32)
-    for b in range(B):
-        at = np.flatnonzero(valid[b])
-        row = tokens[b, at]
-        out = np.zeros((len(row), 3), np.int64)
-        images = iter(grids[b])
-        i = current = 0
-        while i < len(row):
-            if row[i] != image_token_id:
-                out[i] = current
-                i, current = i + 1, current + 1
-                continue
-            grid = next(images, None)
-            if grid is None:
-                raise ValueError(f"row {b}: more runs of image tokens than the {len(grids[b])} images given")
-            t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-            n = t * h * w
-            if not np.all(row[i:i + n] == image_token_id) or (i + n < len(row) and row[i + n] == image_token_id):
-                raise ValueError(f"row {b}: an image of {t}x{grid[1]}x{grid[2]} patches needs a run of {n} image "
-                                 "tokens")
-            frame, down, across = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
-            out[i:i + n] = current + np.stack([frame, down, across], axis=-1).reshape(n, 3)
-            i, current = i + n, current + max(h, w)
-        if next(images, None) is not None:
-            raise ValueError(f"row {b}: fewer runs of image tokens than the {len(grids[b])} images given")
-        positions[b, at] = out
-        following[b] = out.max() + 1 if len(out) else 0
-    return positions, following

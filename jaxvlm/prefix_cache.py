@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from jaxvlm.kv_cache import KVCache
+from jaxvlm.patches import PatchImages
 
 
 @dataclasses.dataclass
@@ -32,11 +33,24 @@ class Entry:
     nbytes: int
 
 
-def images_digest(pixels: np.ndarray | None) -> str | None:
+def images_digest(pixels: np.ndarray | PatchImages | None) -> str | None:
     if pixels is None:
         return None
-    pixels = np.ascontiguousarray(pixels)
-    return hashlib.blake2b(pixels.tobytes() + str(pixels.shape).encode(), digest_size=16).hexdigest()
+    arrays = [pixels.values, pixels.grids] if isinstance(pixels, PatchImages) else [pixels]
+    digest = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(a.tobytes() + str(a.shape).encode())
+    return digest.hexdigest()
+
+
+def position_shift(pixels: np.ndarray | PatchImages | None, config) -> int:
+    """How far past its token count a prompt with these images numbers the text after them: M-RoPE
+    advances by an image's longer side (in merged patches), not by its tokens; 0 for any other model."""
+    if not isinstance(pixels, PatchImages):
+        return 0
+    merged = pixels.grids[:, 1:] // config.vision.merge_size
+    return int((merged.max(axis=1) - merged.prod(axis=1)).sum())
 
 
 class PrefixCache:

@@ -20,6 +20,7 @@ from jaxvlm.heads import ClassificationHead
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.layers import MLP, Dtype, Einsum, RMSNorm
 from jaxvlm.inputs import Inputs
+from jaxvlm.patches import Patches
 from jaxvlm.vision import VisionEncoder
 
 
@@ -85,12 +86,15 @@ class VisionLanguageModel(nn.Module):
             self.vision = VisionEncoder(c.vision, self.dtype, self.remat, self.scan_layers)
         if c.is_vlm:
             self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype, c.image_tokens,
-                                       c.vision.norm_eps)
+                                       c.vision.norm_eps, c.vision.merge_size ** 2)
         if c.head is not None:
             self.head = ClassificationHead(c.head, self.dtype)
 
-    def encode_image(self, pixels: jax.Array) -> jax.Array:
-        """pixels float[N, H, W, C] -> the features placed in the prompt, [N, P, D_decoder]."""
+    def encode_image(self, pixels: jax.Array | Patches) -> jax.Array:
+        """pixels float[N, H, W, C] -> the features placed in the prompt, [N, P, D_decoder]; `Patches` -> [1,
+        squares, D_decoder], each merged square of patches a token."""
+        if isinstance(pixels, Patches):
+            return self.projector(self.vision.patch_features(pixels))
         return self.projector(self.vision.features(pixels))
 
     def _embeddings(self, inputs: Inputs) -> jax.Array | None:
@@ -99,7 +103,11 @@ class VisionLanguageModel(nn.Module):
             return None
         is_image = inputs.tokens == self.config.image_token_id
         text = self.decoder.embed(jnp.where(is_image, 0, inputs.tokens))
-        return merge_image_features(text, self.encode_image(inputs.pixels), inputs.image_rows, is_image)
+        features = self.encode_image(inputs.pixels)
+        if isinstance(inputs.pixels, Patches):  # one sequence of tokens for the whole batch, in row order
+            index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[1] - 1).reshape(is_image.shape)
+            return jnp.where(is_image[..., None], features[0][index].astype(text.dtype), text)
+        return merge_image_features(text, features, inputs.image_rows, is_image)
 
     def __call__(self, inputs: Inputs, cache: KVCache | None = None, last_only: bool = False) -> DecoderOutput:
         """The decoder over `inputs` (`jaxvlm.inputs.Inputs`), the images' features at the placeholder tokens
@@ -113,11 +121,13 @@ class VisionLanguageModel(nn.Module):
                                                self._embeddings(inputs), inputs.blocks)
         return self.head(hidden, inputs.valid)
 
-    def initialize(self, tokens: jax.Array, pixels: jax.Array):
+    def initialize(self, tokens: jax.Array, pixels: jax.Array | Patches):
         """Touches every submodule, so `init` creates every parameter."""
         c = self.config
         out = []
-        if c.vision is not None:
+        if isinstance(pixels, Patches):
+            out.append(self.vision.patch_features(pixels))
+        elif c.vision is not None:
             out += [self.vision(pixels), self.vision.features(pixels)]
             if c.vision.can_pool:
                 out.append(self.vision.pooled(pixels))

@@ -293,3 +293,52 @@ def gemma3_kwargs(ids: np.ndarray, mask: np.ndarray, pixel_values: np.ndarray) -
     import torch
     return {"pixel_values": to_torch_pixels(pixel_values), "attention_mask": torch.tensor(mask),
             "token_type_ids": torch.tensor((np.asarray(ids) == IMAGE_TOKEN).astype(np.int64))}
+
+
+# Qwen2.5-VL: images of any size as patches (14 pixels, 2 frames, merged 2x2), windows of 2x2 merged patches
+# with full attention in layer 1, M-RoPE over head_dim 16 ([2, 3, 3] of its 8 frequencies)
+QWEN_VL_TOKENS = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=IMAGE_TOKEN - 2,
+                      vision_end_token_id=IMAGE_TOKEN - 1)
+
+
+def build_qwen_vl(seed: int = 0, eos_token_id=None):
+    import torch
+    import transformers
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=2,
+                eos_token_id=eos_token_id, rope_parameters=dict(rope_type="default", rope_theta=10_000.0,
+                                                                 mrope_section=[2, 3, 3]))
+    vision = dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, window_size=56,
+                  fullatt_block_indexes=[1])
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **QWEN_VL_TOKENS)
+    config._attn_implementation = "eager"
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    return _randomise(model, seed)
+
+
+def qwen_vl_prompts(seed: int, grids_per_row, text_length: int = 4) -> list[np.ndarray]:
+    """Rows of text, then per image its start token, a token per merged square of patches and its end token,
+    then text: as Qwen2_5_VLProcessor lays them out."""
+    rng = np.random.default_rng(seed)
+    text = lambda: rng.integers(3, QWEN_VL_TOKENS["vision_start_token_id"], size=text_length)
+    framed = lambda g: np.concatenate([[QWEN_VL_TOKENS["vision_start_token_id"]],
+                                       np.full(int(np.prod(g)) // 4, IMAGE_TOKEN),
+                                       [QWEN_VL_TOKENS["vision_end_token_id"]]])
+    return [np.concatenate([text()] + [np.concatenate([framed(g), text()]) for g in grids]) for grids in grids_per_row]
+
+
+def patch_values(seed: int, grids) -> np.ndarray:
+    """Random patches float32[n, 3 * 2 * 14 * 14] for images of `grids` (as the processor gives them)."""
+    n = sum(int(np.prod(g)) for g in grids)
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 3 * 2 * 14 * 14)).astype(np.float32)
+
+
+def qwen_vl_kwargs(ids: np.ndarray, mask: np.ndarray, values: np.ndarray, grids) -> dict:
+    """What Qwen2_5_VLProcessor gives besides input_ids (its token types, 1 at image tokens, are what lets
+    the model number positions with M-RoPE)."""
+    import torch
+    return {"attention_mask": torch.tensor(mask), "pixel_values": torch.from_numpy(values),
+            "image_grid_thw": torch.tensor(np.asarray(grids)),
+            "mm_token_type_ids": torch.tensor((np.asarray(ids) == IMAGE_TOKEN).astype(np.int64))}

@@ -138,7 +138,6 @@ def test_mrope_positions_match_transformers_rope_index():
     alone; positions and where decoding continues (transformers' rope_deltas + the row's length)."""
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
-    from jaxvlm.patches import mrope_positions
     image = 9
     hf = Qwen2_5_VLModel(Qwen2_5_VLConfig(
         text_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -146,7 +145,7 @@ def test_mrope_positions_match_transformers_rope_index():
                                                                                    mrope_section=[2, 3, 3])),
         vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32),
         image_token_id=image))
-    grids = [[(1, 4, 8), (1, 6, 2)], []]
+    grids = [(1, 4, 8), (1, 6, 2)]
     first = [1, 2] + [image] * 8 + [3, 4, 5] + [image] * 3 + [6]
     second = [1, 2, 3, 4, 5]
     T = len(first) + 2
@@ -154,16 +153,71 @@ def test_mrope_positions_match_transformers_rope_index():
     valid = np.zeros((2, T), bool)
     for b, row in enumerate([first, second]):
         tokens[b, T - len(row):], valid[b, T - len(row):] = row, True
-    got, following = mrope_positions(tokens, valid, image, grids, merge=2)
+    config = VisionConfig(image_size=None, patch_size=14, width=8, depth=1, num_heads=2, mlp_dim=8, rope_theta=1e4,
+                          temporal_patch_size=2, merge_size=2)
+    packed = pack([np.zeros((t * h * w, config.patch_dim)) for t, h, w in grids], grids, config)
+    got = np.asarray(jax.jit(packed.mrope_positions, static_argnums=2)(tokens == image, valid, 2))
     expected, deltas = hf.get_rope_index(torch.from_numpy(tokens), torch.from_numpy(tokens == image).int(),
-                                         image_grid_thw=torch.tensor([g for row in grids for g in row]),
+                                         image_grid_thw=torch.tensor(grids),
                                          attention_mask=torch.from_numpy(valid).long())
-    np.testing.assert_array_equal(np.where(valid[..., None], got, 0),
-                                  np.where(valid[..., None], expected.permute(1, 2, 0).numpy(), 0))
-    np.testing.assert_array_equal(following, deltas[:, 0].numpy() + valid.sum(1))
-    with pytest.raises(ValueError, match="row 0: fewer runs of image tokens than the 3 images"):
-        mrope_positions(tokens, valid, image, [grids[0] + [(1, 2, 2)], []], merge=2)
-    with pytest.raises(ValueError, match="row 0: more runs of image tokens than the 0 images"):
-        mrope_positions(tokens, valid, image, [[], []], merge=2)
-    with pytest.raises(ValueError, match="row 0: an image of 1x4x4 patches needs a run of 4 image tokens"):
-        mrope_positions(tokens, valid, image, [[(1, 4, 8), (1, 4, 4)], []], merge=2)
+    np.testing.assert_array_equal(got, np.where(valid[..., None], expected.permute(1, 2, 0).numpy(), 0))
+    np.testing.assert_array_equal(got[:, -1].max(-1) + 1, deltas[:, 0].numpy() + valid.sum(1))
+
+
+# two rows with images of different sizes: a wide one; a tall one and a small one
+ROW_GRIDS = [[(1, 4, 6)], [(1, 6, 4), (1, 2, 2)]]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def qwen_vl(convert_and_load):
+    """(torch model, jaxvlm model, rows, patches, grids): EOS is a token the greedy run really produces."""
+    from tests import hf_models
+    rows = hf_models.qwen_vl_prompts(1, ROW_GRIDS)
+    grids = [g for row in ROW_GRIDS for g in row]
+    values = hf_models.patch_values(0, grids)
+    hf = hf_models.build_qwen_vl(seed=3)
+    free = _hf_generate(hf, rows, values, grids)
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = int(free[1, 6])
+    return hf, convert_and_load(hf, "qwen_vl"), rows, values, grids
+
+
+def _hf_generate(hf, rows, values, grids):
+    from tests import hf_models
+    ids, mask = hf_models.left_pad(rows)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(ids), **hf_models.qwen_vl_kwargs(ids, mask, values, grids), do_sample=False,
+                          max_new_tokens=NEW_TOKENS, min_new_tokens=0, pad_token_id=0)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, NEW_TOKENS - new.shape[1])))
+
+
+def test_the_converted_model_reads_qwen2_5_vl(qwen_vl):
+    _, jx, _, _, _ = qwen_vl
+    c = jx.config
+    assert (c.model_type, c.decoder.model_type, c.vision.model_type) == ("qwen2_5_vl", "qwen2_5_vl_text",
+                                                                         "qwen2_5_vl_vision")
+    assert c.decoder.rope.mrope_section == (2, 3, 3) and c.decoder.qkv_bias and not c.decoder.out_bias
+    assert (c.vision.window, c.vision.full_attention_layers, c.projector) == (2, (1,), "merge")
+
+
+def test_qwen_vl_logits_match_on_rows_with_images_of_different_sizes(qwen_vl):
+    from tests import hf_models
+    hf, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids), **hf_models.qwen_vl_kwargs(ids, mask, values, grids)).logits.numpy()
+    got = jx.logits(ids, mask, values, image_grid_thw=grids)
+    diff = np.abs(got - want)[mask.astype(bool)].max()
+    assert diff <= 1e-4, f"max |logits diff| {diff}"
+
+
+def test_qwen_vl_greedy_tokens_match(qwen_vl):
+    from tests import hf_models
+    hf, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    want = _hf_generate(hf, rows, values, grids)
+    got = jx.generate_ids(ids, mask, values, max_new_tokens=NEW_TOKENS, image_grid_thw=grids)
+    np.testing.assert_array_equal(got, want)
+    assert (got == jx.config.tokens.eos_ids[0]).any(), "the test should exercise end-of-sequence"
+    assert len({tuple(r) for r in got[:, :6]}) == 2 and len(set(got[0, :6])) > 1, "degenerate generations"
