@@ -401,6 +401,11 @@ def _gemma3_write(config: ModelConfig) -> dict:
                 eoi_token_index=config.image_frame[1])
 
 
+# Images a Qwen-VL prompt may hold (transformers sets no limit; each costs its patches in the encoder and a
+# token a merged square of them in the context). Change `ModelConfig.max_images` to take more.
+QWEN_VL_MAX_IMAGES = 8
+
+
 def _qwen_vl_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
     """The merger's output must be the decoder's width (config.json's text fields sit at its top level in
     the hub's files, in text_config in transformers 5's)."""
@@ -410,7 +415,7 @@ def _qwen_vl_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[Vis
     out, width = fields.integer("out_hidden_size", 3584), text.integer("hidden_size", 8192)
     if out != width:
         fields.fail("out_hidden_size", f"the decoder's hidden_size {width} (the merged tokens enter it)", out)
-    return v, {}
+    return v, dict(max_images=QWEN_VL_MAX_IMAGES)
 
 
 def _qwen_vl_write(config: ModelConfig) -> dict:

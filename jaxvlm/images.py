@@ -26,6 +26,7 @@ import PIL.Image
 import PIL.ImageOps
 
 from jaxvlm.config import ImageProcessing, PanAndScan, PatchGrid
+from jaxvlm.patches import PatchImages
 
 
 # A checkpoint's image processing configs, copied into converted and saved folders (their content is in
@@ -227,9 +228,15 @@ def preprocess(image: Any, p: ImageProcessing, what: str = "image") -> np.ndarra
     return preprocess_with_crops(image, dataclasses.replace(p, pan_and_scan=None), what)[0]
 
 
-def preprocess_images(images: Sequence[Any], p: ImageProcessing, offset: int = 0) -> tuple[np.ndarray, list[int]]:
+def preprocess_images(images: Sequence[Any], p: ImageProcessing,
+                      offset: int = 0) -> tuple[np.ndarray | PatchImages, list[int]]:
     """Images -> (float32[N, H, W, 3]: each image followed by its pan-and-scan crops, the number of crops
-    of each image); errors name the image by its index (counted from `offset`)."""
+    of each image); errors name the image by its index (counted from `offset`). Images of any size
+    (`p.patches`) come out as `PatchImages`, each at its own size, without crops."""
+    if p.patches is not None:
+        cut = [preprocess_patches(image, p, what=f"image {i + offset}") for i, image in enumerate(images)]
+        return PatchImages(np.concatenate([v for v, _ in cut]), np.asarray([g for _, g in cut], np.int32)), \
+            [0] * len(cut)
     out = [preprocess_with_crops(image, p, what=f"image {i + offset}") for i, image in enumerate(images)]
     shapes = {x.shape for pieces in out for x in pieces}
     if len(shapes) > 1:

@@ -238,6 +238,8 @@ class Model:
         """Images of any size as Qwen-VL's processor gives them: patches float[n, patch_dim] and each image's
         grid of patches int[N, 3] (frames, rows, columns)."""
         v = self.config.vision
+        if isinstance(pixel_values, PatchImages) and image_grid_thw is None:  # (as the processor gives them)
+            pixel_values, image_grid_thw = pixel_values.values, pixel_values.grids
         values = _array("pixel_values", pixel_values)
         if image_grid_thw is None:
             raise ValueError("image_grid_thw: images of any size need each image's grid of patches (the "

@@ -52,7 +52,7 @@ class Processor:
             raise ValueError("no images given")
         pixels, crops = preprocess_images(images, self.config.image_processing, offset)
         size = self.config.vision.image_size
-        if pixels.shape[1:3] != (size, size):
+        if size is not None and pixels.shape[1:3] != (size, size):
             raise ValueError(f"the image processing config makes {pixels.shape[1]}x{pixels.shape[2]} images; "
                              f"the encoder takes {size}x{size}")
         return pixels, crops
@@ -112,12 +112,20 @@ class Processor:
                 pixels = self.preprocess_images(images, offset)[0]
         elif self.config.is_vlm and self.config.max_images == 1:
             raise ValueError("image: this vision-language model needs an image per prompt")
-        framed = self.config.prompt_format == "framed_images"
-        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None or framed, add_bos,
-                             crops=[] if framed and c is None else c) for p, c in zip(prompts, per_prompt)]
-        # image tokens each row should hold: P per image (one a prompt, or each image and its crops)
-        placed = [0 if pixels is None else self.config.tokens_per_image * (1 if c is None else len(c) + sum(c))
-                  for c in per_prompt]
+        # Gemma 3 and Qwen-VL prompts place images at their markers: a prompt without images is checked
+        # for markers too
+        marked = self.config.prompt_format in ("framed_images", "sized_images")
+        if self.config.prompt_format == "sized_images":  # each image as many tokens as its size gives
+            sizes = [] if pixels is None else list(pixels.tokens(self.config.vision.merge_size))
+            starts = np.cumsum([0] + [0 if c is None else len(c) for c in per_prompt])
+            per_prompt = [sizes[a:b] for a, b in zip(starts[:-1], starts[1:])]
+            placed = [sum(s) for s in per_prompt]
+            counts = [len(s) for s in per_prompt]
+        else:  # P per image (one a prompt, or each image and its crops)
+            counts = [0 if pixels is None else 1 if c is None else len(c) + sum(c) for c in per_prompt]
+            placed = [n * (self.config.tokens_per_image or 0) for n in counts]
+        rows = [build_prompt(self.config, self.tokenizer, p, pixels is not None or marked, add_bos,
+                             per_image=[] if marked and c is None else c) for p, c in zip(prompts, per_prompt)]
         for name, r, want in zip(names, rows, placed):
             if not len(r):
                 raise ValueError(f"{name} is empty after tokenization")
@@ -125,8 +133,7 @@ class Processor:
                 text = self.tokenizer.single_token_text(self.config.image_token_id)
                 raise ValueError(f"{name} holds the image token{f' {text!r}' if text else ''} as text "
                                  f"({found - want} extra); images are placed by the model, not typed into the prompt")
-        return [np.asarray(r, np.int32) for r in rows], pixels, [p // self.config.tokens_per_image if p else 0
-                                                                for p in placed]
+        return [np.asarray(r, np.int32) for r in rows], pixels, counts
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[dict] | None = None, documents: Sequence[dict] | None = None,

@@ -9,6 +9,8 @@
   in order: it becomes a blank line, the marker, the image's P tokens, the end-of-image token and a blank
   line; an image cut by pan and scan into crops is announced as the original followed by its crops, each
   framed alike (`Gemma3Processor`). The whole text is tokenized at once, after BOS.
+- sized_images: each image token in the prompt (Qwen-VL's `<|image_pad|>`) stands for one image, in order, and
+  becomes as many image tokens as that image's size gives (`Qwen2_5_VLProcessor`).
 - plain: the prompt, after BOS when the model expects one; no image.
 """
 
@@ -25,14 +27,17 @@ IMAGE = "<image>"
 
 
 def build_prompt(config: ModelConfig, tokenizer: Tokenizer, prompt: str, with_image: bool,
-                 add_bos: bool | None = None, crops: Sequence[int] | None = None) -> np.ndarray:
+                 add_bos: bool | None = None, per_image: Sequence[int] | None = None) -> np.ndarray:
     """int32[T] ids for one prompt; `with_image` places the image's P placeholder tokens. `add_bos=False`
-    leaves out the BOS the tokenizer would put first (a chat template writes its own). `crops` gives, per
-    image of a framed_images prompt, its pan-and-scan crops (default: one image, none)."""
+    leaves out the BOS the tokenizer would put first (a chat template writes its own). `per_image` gives,
+    for each image of the prompt, its pan-and-scan crops (framed_images; default: one image, none) or its
+    tokens (sized_images)."""
     if not with_image:
         return np.asarray(tokenizer.encode(prompt, add_bos), np.int32)
     if config.prompt_format == "framed_images":
-        return _framed(config, tokenizer, prompt, add_bos, [0] if crops is None else list(crops))
+        return _framed(config, tokenizer, prompt, add_bos, [0] if per_image is None else list(per_image))
+    if config.prompt_format == "sized_images":
+        return _sized(config, tokenizer, prompt, add_bos, list(per_image or []))
     images = prompt.count(IMAGE)
     if images > 1:
         raise ValueError(f"prompt {prompt[:40]!r} has {images} {IMAGE} placeholders; one image per prompt is supported")
@@ -71,6 +76,21 @@ def _framed(config: ModelConfig, tokenizer: Tokenizer, prompt: str, add_bos: boo
         else:
             text += framed
         text += after
+    return np.asarray(tokenizer.encode(text, add_bos), np.int32)
+
+
+def _sized(config: ModelConfig, tokenizer: Tokenizer, prompt: str, add_bos: bool | None,
+           sizes: list[int]) -> np.ndarray:
+    """Each image token in the prompt (Qwen-VL's `<|image_pad|>`, between its start and end tokens) stands
+    for one image, in order, and becomes as many image tokens as that image gives (`sizes`), as
+    `Qwen2_5_VLProcessor` expands it; the whole text is tokenized at once."""
+    image = _token_text(tokenizer, config.image_token_id, "image")
+    markers = prompt.count(image)
+    if markers != len(sizes):
+        raise ValueError(f"prompt {prompt[:40]!r} has {markers} image marker{'s' * (markers != 1)} {image} for "
+                         f"{len(sizes)} image{'s' * (len(sizes) != 1)}; write one marker where each image goes")
+    pieces = prompt.split(image)
+    text = pieces[0] + "".join(image * n + after for n, after in zip(sizes, pieces[1:]))
     return np.asarray(tokenizer.encode(text, add_bos), np.int32)
 
 

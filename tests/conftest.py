@@ -138,15 +138,15 @@ def _gemma_tokenizer(directory: str, symbols: tuple[str, ...] = ()):
     return tok
 
 
-def _qwen_tokenizer(directory: str):
-    """A tiny byte-level BPE `tokenizer.json` with no BOS, as Qwen's, written into `directory`, and
-    transformers' wrapper for it."""
+def _qwen_tokenizer(directory: str, specials: tuple[str, ...] = ()):
+    """A tiny byte-level BPE `tokenizer.json` with no BOS, as Qwen's, written into `directory` (with
+    `specials` as special tokens after its pad and end-of-sequence ones), and transformers' wrapper for it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=250, special_tokens=["<|pad|>", "<|eos|>"],
+    tok.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=250, special_tokens=["<|pad|>", "<|eos|>", *specials],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok.save(os.path.join(directory, "tokenizer.json"))
     return PreTrainedTokenizerFast(tokenizer_file=os.path.join(directory, "tokenizer.json"), eos_token="<|eos|>",

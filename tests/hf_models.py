@@ -301,7 +301,8 @@ QWEN_VL_TOKENS = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=IMAGE_TO
                       vision_end_token_id=IMAGE_TOKEN - 1)
 
 
-def build_qwen_vl(seed: int = 0, eos_token_id=None):
+def build_qwen_vl(seed: int = 0, eos_token_id=None, tokens: dict | None = None):
+    """A tiny random Qwen2.5-VL (float32, eager attention); `tokens`: its image, vision start and end ids."""
     import torch
     import transformers
     text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -310,7 +311,7 @@ def build_qwen_vl(seed: int = 0, eos_token_id=None):
                                                                  mrope_section=[2, 3, 3]))
     vision = dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, window_size=56,
                   fullatt_block_indexes=[1])
-    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **QWEN_VL_TOKENS)
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **(tokens or QWEN_VL_TOKENS))
     config._attn_implementation = "eager"
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = "eager"

@@ -221,3 +221,90 @@ def test_qwen_vl_greedy_tokens_match(qwen_vl):
     np.testing.assert_array_equal(got, want)
     assert (got == jx.config.tokens.eos_ids[0]).any(), "the test should exercise end-of-sequence"
     assert len({tuple(r) for r in got[:, :6]}) == 2 and len(set(got[0, :6])) > 1, "degenerate generations"
+
+
+SPECIALS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+# five aspect ratios: wide, tall, square, a sliver past the maximum's side, one below the minimum pixels;
+# and one beyond the maximum pixels (resized down, as the processor resizes it)
+SIZES = [(50, 90), (120, 40), (64, 64), (30, 200), (10, 30), (300, 280)]
+MIN_PIXELS, MAX_PIXELS = 28 * 28 * 2, 28 * 28 * 12
+
+
+@pytest.fixture(scope="module")
+def qwen_vl_with_processor(tmp_path_factory, qwen_tokenizer):
+    """A Qwen2.5-VL folder as Hugging Face writes it (model, tokenizer, processor), the transformers model
+    and processor, and the images of SIZES as files."""
+    import PIL.Image
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessorPil
+    from tests import hf_models
+    root = tmp_path_factory.mktemp("qwen_vl_user")
+    hf_dir = root / "hf"
+    hf_dir.mkdir()
+    tokenizer = qwen_tokenizer(str(hf_dir), specials=SPECIALS)
+    start, image, end = tokenizer.convert_tokens_to_ids(list(SPECIALS))
+    with pytest.MonkeyPatch.context() as patch:  # (transformers checks the absent video processor's class,
+        check = Qwen2_5_VLProcessor.check_argument_for_proper_class  # which needs torchvision: skip that check)
+        patch.setattr(Qwen2_5_VLProcessor, "check_argument_for_proper_class",
+                      lambda self, name, arg: None if arg is None else check(self, name, arg))
+        processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS,
+                                                                                 max_pixels=MAX_PIXELS),
+                                        tokenizer=tokenizer)
+    model = hf_models.build_qwen_vl(seed=5, eos_token_id=1, tokens=dict(
+        image_token_id=image, vision_start_token_id=start, vision_end_token_id=end))
+    model.save_pretrained(hf_dir)
+    processor.image_processor.save_pretrained(hf_dir)  # (the processor's own save wants the video processor)
+    tokenizer.save_pretrained(hf_dir)
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, size in enumerate(SIZES):
+        paths.append(str(root / f"image{i}.png"))
+        PIL.Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(paths[-1])
+    return str(hf_dir), model, processor, paths
+
+
+def test_prompts_patches_and_grids_equal_qwen2_5_vl_processor(qwen_vl_with_processor):
+    """Two images in one prompt and one in each of four others, six sizes: the same ids (left-padded), the
+    same patches and the same grids as Qwen2_5_VLProcessor."""
+    import PIL.Image
+    import jaxvlm
+    hf_dir, _, processor, paths = qwen_vl_with_processor
+    jx = jaxvlm.load(hf_dir)
+    prompts = [f"compare {IMAGE} with {IMAGE} now", f"{IMAGE} what is it", f"see {IMAGE}", f"{IMAGE}", f"a {IMAGE} b"]
+    images = [paths[:2], [paths[2]], [paths[3]], [paths[4]], [paths[5]]]
+    processor.tokenizer.padding_side = "left"
+    want = processor(text=prompts, images=[[PIL.Image.open(p) for p in row] for row in images], padding="longest",
+                     return_tensors="np")
+    got = jx.encode(prompts, image=images)
+    np.testing.assert_array_equal(got.input_ids, want["input_ids"])
+    np.testing.assert_array_equal(got.attention_mask, want["attention_mask"])
+    np.testing.assert_array_equal(got.pixel_values.grids, want["image_grid_thw"])
+    np.testing.assert_allclose(got.pixel_values.values, want["pixel_values"], atol=1e-6)
+    assert len({tuple(g) for g in want["image_grid_thw"].tolist()}) == len(SIZES)
+
+
+def test_images_of_any_size_give_transformers_answer(qwen_vl_with_processor):
+    import PIL.Image
+    import jaxvlm
+    hf_dir, model, processor, paths = qwen_vl_with_processor
+    jx = jaxvlm.load(hf_dir)
+    prompt = f"compare {IMAGE} with {IMAGE} now"
+    inputs = processor(text=[prompt], images=[[PIL.Image.open(paths[0]), PIL.Image.open(paths[1])]],
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    want = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    assert jx.generate(prompt, image=paths[:2], max_new_tokens=8) == want
+
+
+def test_qwen_vl_image_markers_must_match_the_images(qwen_vl_with_processor):
+    import jaxvlm
+    hf_dir, _, _, paths = qwen_vl_with_processor
+    jx = jaxvlm.load(hf_dir)
+    with pytest.raises(ValueError, match=r"has 2 image markers <\|image_pad\|> for 1 image; write one marker"):
+        jx.encode(f"{IMAGE} and {IMAGE}", image=[paths[0]])
+    with pytest.raises(ValueError, match=r"has 1 image marker <\|image_pad\|> for 2 images"):
+        jx.encode(f"{IMAGE} only", image=[paths[0], paths[1]])
+    with pytest.raises(ValueError, match=r"has 1 image marker <\|image_pad\|> for 0 images"):
+        jx.encode(f"{IMAGE} only")
+    assert jx.generate("no image here", max_new_tokens=2) is not None  # a text prompt needs no image
