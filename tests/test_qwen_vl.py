@@ -212,6 +212,26 @@ def test_qwen_vl_logits_match_on_rows_with_images_of_different_sizes(qwen_vl):
     assert diff <= 1e-4, f"max |logits diff| {diff}"
 
 
+def test_images_of_ten_sizes_compile_a_program_a_patch_bucket(qwen_vl, caplog):
+    """Patch counts are padded to a bucket (a power of two times a merged square): ten image sizes run six
+    forward programs, one for each pair of a patch bucket and a prompt-length bucket."""
+    import logging
+    from jaxvlm.generate import prompt_bucket
+    from tests import hf_models
+    _, jx, _, _, _ = qwen_vl
+    grids = [(1, 2, 2), (1, 2, 4), (1, 4, 4), (1, 4, 6), (1, 6, 4), (1, 2, 8), (1, 6, 6), (1, 4, 8), (1, 8, 4),
+             (1, 2, 6)]
+    prompts = [hf_models.qwen_vl_prompts(i, [[grid]])[0] for i, grid in enumerate(grids)]
+    jax.clear_caches()
+    with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
+        caplog.clear()
+        for i, (grid, ids) in enumerate(zip(grids, prompts)):
+            jx.logits(ids[None], None, hf_models.patch_values(i, [grid]), image_grid_thw=[grid])
+        compiled = [r for r in caplog.records if "Compiling jit(_forward)" in r.getMessage()]
+    buckets = {(bucket(int(np.prod(g)), 4), prompt_bucket(len(ids))) for g, ids in zip(grids, prompts)}
+    assert len(buckets) == len(compiled) == 6
+
+
 def test_qwen_vl_greedy_tokens_match(qwen_vl):
     from tests import hf_models
     hf, jx, rows, values, grids = qwen_vl
