@@ -17,6 +17,7 @@ from jaxvlm.config import VisionConfig
 from jaxvlm.patches import bucket, pack
 from jaxvlm.vision import VisionEncoder
 from jaxvlm.vlm import Projector
+from tests import hf_models
 
 WIDTH, OUT = 32, 40
 # two images of 12x20 and 8x8 patches (windows of 4x4 merged patches: 3 of a row over 2 rows, and one), and
@@ -212,6 +213,35 @@ def test_qwen_vl_logits_match_on_rows_with_images_of_different_sizes(qwen_vl):
     assert diff <= 1e-4, f"max |logits diff| {diff}"
 
 
+def test_the_engine_answers_rows_with_images_of_different_sizes(qwen_vl):
+    """Requests with one and two images of other sizes share the engine's slots and get generate's tokens;
+    a second question about the same images reuses their cache, M-RoPE's text positions shifted alike."""
+    from jaxvlm.engine import Engine, Request
+    _, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    want = jx.generate_ids(ids, mask, values, max_new_tokens=8, image_grid_thw=grids)
+    _, _, _, images = jx._inputs(ids, mask, values, image_grid_thw=grids)
+    engine = Engine(jx, slots=2, cache_size=128, chunk=4)
+    submitted = []
+    for i, row in enumerate(rows):
+        submitted.append(engine.submit(Request(tokens=row, pixels=images.of_row(i), max_tokens=8)))
+        engine.step()
+    done = engine.run()
+    for i, request_id in enumerate(submitted):
+        tokens = done[request_id].tokens
+        np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
+    again = np.concatenate([rows[1]] + [rows[1][-4:]] * 4)  # the same images, a question 16 tokens longer
+    answers = []
+    for budget in (1 << 30, 0):
+        engine = Engine(jx, slots=2, cache_size=128, chunk=4, prefix_cache_bytes=budget)
+        for tokens in (rows[1], again):
+            submitted = engine.submit(Request(tokens=tokens, pixels=images.of_row(1), max_tokens=8))
+            answers.append(engine.run()[submitted])
+        assert engine.prefix_cache is None or engine.prefix_cache.hits == 1
+    np.testing.assert_array_equal(answers[1].tokens, answers[3].tokens)
+    np.testing.assert_allclose(answers[1].logprobs, answers[3].logprobs, atol=1e-5)
+
+
 def test_images_of_ten_sizes_compile_a_program_a_patch_bucket(qwen_vl, caplog):
     """Patch counts are padded to a bucket (a power of two times a merged square): ten image sizes run six
     forward programs, one for each pair of a patch bucket and a prompt-length bucket."""
@@ -328,3 +358,33 @@ def test_qwen_vl_image_markers_must_match_the_images(qwen_vl_with_processor):
     with pytest.raises(ValueError, match=r"has 1 image marker <\|image_pad\|> for 0 images"):
         jx.encode(f"{IMAGE} only")
     assert jx.generate("no image here", max_new_tokens=2) is not None  # a text prompt needs no image
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{% if message.content is string %}"
+    "{{ message.content }}{% else %}{% for item in message.content %}{% if item.type == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_qwen_vl_chat_with_image_content_parts_as_the_processor_takes_them(qwen_vl_with_processor, tmp_path):
+    """Messages with image parts, rendered by a Qwen-VL-style template: the same ids, patches and grids as
+    Qwen2_5_VLProcessor.apply_chat_template, and chat answers as generate does for that prompt."""
+    import shutil
+    import jaxvlm
+    hf_dir, _, processor, paths = qwen_vl_with_processor
+    folder = tmp_path / "chat"
+    shutil.copytree(hf_dir, folder)
+    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    jx = jaxvlm.load(folder)
+    messages = [{"role": "user", "content": [{"type": "image", "path": paths[1]}, {"type": "text", "text": "what is "},
+                                             {"type": "image", "path": paths[0]}, {"type": "text", "text": "it"}]}]
+    want = processor.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
+                                         tokenize=True, return_dict=True, return_tensors="np")
+    prompt = jx.apply_chat_template(messages)
+    inputs = jx.processor.encode(prompt, [paths[1], paths[0]], add_bos=False)
+    np.testing.assert_array_equal(inputs.input_ids, want["input_ids"])
+    np.testing.assert_array_equal(inputs.pixel_values.grids, want["image_grid_thw"])
+    np.testing.assert_allclose(inputs.pixel_values.values, want["pixel_values"], atol=1e-6)
+    assert jx.chat(messages, max_new_tokens=4) == jx._generate_text(prompt, [paths[1], paths[0]], False,
+                                                                    max_new_tokens=4)
