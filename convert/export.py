@@ -30,9 +30,9 @@ MAX_SHARD_BYTES = 5 * 2 ** 30  # past this, the weights are split into shards wi
 HEAD_SUFFIXES = {"sequence_classification": "ForSequenceClassification",
                  "token_classification": "ForTokenClassification"}
 ACTIVATIONS = {"gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "gelu": "gelu", "quick_gelu": "quick_gelu"}
-# canonical tensor names (convert.tables) -> the names transformers' save_pretrained writes
-FILE_NAMES = {"vlm": (("model.", "language_model.model."), ("lm_head.", "language_model.lm_head.")),
-              "vision": ((tables.VIT, "vision_model."),), "text": ()}
+# canonical tensor names (convert.tables) -> the names transformers' save_pretrained writes (a
+# vision-language family's: its record's `file_names`)
+FILE_NAMES = {"vision": ((tables.VIT, "vision_model."),), "text": ()}
 
 
 class ExportError(ValueError):
@@ -54,6 +54,10 @@ def _rope(d: DecoderConfig, rope: RopeConfig) -> dict:
         s = rope.smoothing
         params.update(rope_type="llama3", factor=s.factor, low_freq_factor=s.low_freq_factor,
                       high_freq_factor=s.high_freq_factor, original_max_position_embeddings=rope.original_max_position)
+    if rope.mrope_section is not None:
+        params["mrope_section"] = list(rope.mrope_section)
+        if rope.mrope_interleaved:
+            params["mrope_interleaved"] = True
     if rope.is_longrope:
         params.update(rope_type="longrope", short_factor=list(rope.short_factor), long_factor=list(rope.long_factor),
                       original_max_position_embeddings=rope.original_max_position,
@@ -107,14 +111,7 @@ def decoder_config(config: ModelConfig, family: TextFamily) -> dict:
 
 def vision_config(v: VisionConfig) -> dict:
     family = _family(vision_family_of, v)
-    out = dict(model_type=family.model_type, hidden_size=v.width, intermediate_size=v.mlp_dim,
-               num_hidden_layers=v.depth, num_attention_heads=v.num_heads, image_size=v.image_size,
-               patch_size=v.patch_size, hidden_act=ACTIVATIONS[v.activation], layer_norm_eps=v.norm_eps, num_channels=3)
-    if v.projection_dim is not None:
-        out["projection_dim"] = v.projection_dim
-    if family.processor == "siglip":
-        out["vision_use_head"] = v.attention_pool
-    return out
+    return dict(model_type=family.model_type, **family.write(v), hidden_act=ACTIVATIONS[v.activation])
 
 
 def _family(find, config):
@@ -143,11 +140,14 @@ def hf_config(config: ModelConfig) -> tuple[dict, TextFamily | None, str]:
     vlm = _family(vision_language_family_of, config)
     _refuse(vlm.text_types is None or family.model_type in vlm.text_types, vlm.model_type,
             f"a {family.model_type} decoder")
-    return {"architectures": [vlm.architecture], "model_type": vlm.model_type,
+    data = {"architectures": [vlm.architecture], "model_type": vlm.model_type,
             "image_token_index": config.image_token_id, "text_config": text,
             "vision_config": vision_config(config.vision), "tie_word_embeddings": config.decoder.tie_embeddings,
             "vocab_size": config.decoder.vocab_size, "bos_token_id": text["bos_token_id"],
-            "eos_token_id": text["eos_token_id"], "pad_token_id": text["pad_token_id"], **vlm.write(config)}, family, "vlm"
+            "eos_token_id": text["eos_token_id"], "pad_token_id": text["pad_token_id"]}
+    for key, value in vlm.write(config).items():  # (its fields of the sub-configs join theirs)
+        data[key] = {**data[key], **value} if isinstance(data.get(key), dict) else value
+    return data, family, "vlm"
 
 
 def preprocessor_config(p: ImageProcessing, processor: str, processor_type: str | None = None) -> dict:
@@ -159,19 +159,27 @@ def preprocessor_config(p: ImageProcessing, processor: str, processor_type: str 
         "pan_and_scan_min_ratio_to_activate": p.pan_and_scan.min_ratio}
     if processor_type is None:
         processor_type = "CLIPImageProcessor" if processor == "clip" else "SiglipImageProcessor"
+    statistics = {"resample": p.resample, "do_rescale": p.rescale_factor is not None,
+                  "rescale_factor": p.rescale_factor or 1 / 255, "do_normalize": p.mean is not None,
+                  "image_mean": list(p.mean or (0.5,) * 3), "image_std": list(p.std or (0.5,) * 3),
+                  "do_convert_rgb": True}
+    if p.patches is not None:  # Qwen2VLImageProcessor: each image's own size within a pixel range
+        g = p.patches
+        return {"image_processor_type": processor_type, "do_resize": True, **statistics,
+                "size": {"shortest_edge": g.min_pixels, "longest_edge": g.max_pixels}, "min_pixels": g.min_pixels,
+                "max_pixels": g.max_pixels, "patch_size": g.patch_size, "temporal_patch_size": g.temporal_patch_size,
+                "merge_size": g.merge_size}
     return {"image_processor_type": processor_type, **pan_and_scan,
             "do_resize": p.size is not None or p.shortest_edge is not None,
             "size": {"shortest_edge": p.shortest_edge} if p.shortest_edge is not None
             else {"height": p.size[0], "width": p.size[1]} if p.size is not None else None,
-            "resample": p.resample, "do_center_crop": p.crop_size is not None,
+            "do_center_crop": p.crop_size is not None,
             **({"crop_size": {"height": p.crop_size[0], "width": p.crop_size[1]}} if p.crop_size else {}),
-            "do_rescale": p.rescale_factor is not None, "rescale_factor": p.rescale_factor or 1 / 255,
-            "do_normalize": p.mean is not None, "image_mean": list(p.mean or (0.5,) * 3),
-            "image_std": list(p.std or (0.5,) * 3), "do_convert_rgb": True}
+            **statistics}
 
 
-def _file_name(canonical: str, layout_kind: str) -> str:
-    for old, new in FILE_NAMES[layout_kind]:
+def _file_name(canonical: str, renames: tuple[tuple[str, str], ...]) -> str:
+    for old, new in renames:
         if canonical.startswith(old):
             return new + canonical[len(old):]
     return canonical
@@ -180,6 +188,7 @@ def _file_name(canonical: str, layout_kind: str) -> str:
 def hf_tensors(config: ModelConfig, params, layout_kind: str):
     """(file name, numpy tensor) for every tensor of the Hugging Face checkpoint, in the tables' order."""
     flat = {checkpoint.param_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    renames = vision_language_family_of(config).file_names if layout_kind == "vlm" else FILE_NAMES[layout_kind]
     for name, rule in tensor_rules(config).items():
         pieces = [(*tables.stacked_slice(path), transform) for path, transform in rule.targets]
         dtype = flat[pieces[0][0]].dtype
@@ -189,7 +198,7 @@ def hf_tensors(config: ModelConfig, params, layout_kind: str):
             value = np.asarray(flat[path]) if index is None else np.asarray(flat[path][index])
             (part,) = jax.linear_transpose(lambda w, t=transform: t(w), source)(value)
             total = part if total is None else total + part
-        yield _file_name(name, layout_kind), np.asarray(total)
+        yield _file_name(name, renames), np.asarray(total)
 
 
 def export(model, out_dir: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:

@@ -251,6 +251,7 @@ class VisionFamily:
     # config.json (its defaults filled in) -> the VisionConfig fields it sets (`activation` as config.json
     # names it)
     read: Callable[[Fields], dict] = lambda cfg: _vit_fields(cfg)
+    write: Callable[[VisionConfig], dict] = lambda v: _vit_write(v)  # the inverse (but model_type, hidden_act)
     standalone: bool = True  # whether a config.json of the encoder alone is read
 
 
@@ -259,6 +260,17 @@ def _vit_fields(cfg: Fields) -> dict:
                 width=cfg.integer("hidden_size"), depth=cfg.integer("num_hidden_layers"),
                 num_heads=cfg.integer("num_attention_heads"), mlp_dim=cfg.integer("intermediate_size"),
                 activation=cfg.text("hidden_act"), norm_eps=cfg.number("layer_norm_eps"))
+
+
+def _vit_write(v: VisionConfig) -> dict:
+    out = dict(hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+               num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+               layer_norm_eps=v.norm_eps, num_channels=3)
+    if v.projection_dim is not None:
+        out["projection_dim"] = v.projection_dim
+    if not v.class_token:  # SigLIP says whether it has its attention-pool head
+        out["vision_use_head"] = v.attention_pool
+    return out
 
 
 def _qwen_vision_fields(cfg: Fields) -> dict:
@@ -279,7 +291,7 @@ def _qwen_vision_fields(cfg: Fields) -> dict:
 
 def _qwen_vision_write(v: VisionConfig) -> dict:
     return dict(depth=v.depth, hidden_size=v.width, num_heads=v.num_heads, intermediate_size=v.mlp_dim,
-                hidden_act=v.activation, patch_size=v.patch_size, spatial_merge_size=v.merge_size,
+                patch_size=v.patch_size, spatial_merge_size=v.merge_size,
                 temporal_patch_size=v.temporal_patch_size, window_size=v.window * v.merge_size * v.patch_size,
                 fullatt_block_indexes=list(v.full_attention_layers),
                 rope_parameters=dict(rope_type="axial", rope_theta=v.rope_theta))
@@ -306,7 +318,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                                out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
                  processor="patches", attention_pool=lambda cfg: False, architecture=lambda v: "",
-                 read=_qwen_vision_fields, standalone=False),
+                 read=_qwen_vision_fields, write=_qwen_vision_write, standalone=False),
 ]}
 
 
@@ -347,6 +359,9 @@ class VisionLanguageFamily:
     # what export writes for transformers' AutoProcessor: (processor_config.json, preprocessor_config.json
     # fields beyond the image processing) for a config
     processor: Callable[[ModelConfig], tuple[dict, dict]] = lambda config: ({}, {})
+    # canonical tensor name prefixes (convert.tables) -> those export writes, which transformers reads
+    file_names: tuple[tuple[str, str], ...] = (("model.", "language_model.model."),
+                                               ("lm_head.", "language_model.lm_head."))
 
 
 def _paligemma_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
@@ -419,7 +434,7 @@ def _qwen_vl_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[Vis
 
 
 def _qwen_vl_write(config: ModelConfig) -> dict:
-    return dict(vision_config=dict(out_hidden_size=config.decoder.width))
+    return dict(image_token_id=config.image_token_id, vision_config=dict(out_hidden_size=config.decoder.width))
 
 
 VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for f in [
@@ -459,7 +474,8 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                          default_text_type="qwen2_5_vl_text", default_vision_type="qwen2_5_vl_vision",
                          default_image_token=151_655, read=_qwen_vl_read, write=_qwen_vl_write,
                          text_types=("qwen2_5_vl_text",), image_processor_type="Qwen2VLImageProcessor",
-                         processor=lambda c: ({"processor_class": "Qwen2_5_VLProcessor"}, {})),
+                         processor=lambda c: ({"processor_class": "Qwen2_5_VLProcessor"}, {}),
+                         file_names=()),  # (its hub files' names: model.layers.*, visual.*, lm_head.*)
 ]}
 
 

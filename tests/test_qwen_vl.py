@@ -242,6 +242,22 @@ def test_the_engine_answers_rows_with_images_of_different_sizes(qwen_vl):
     np.testing.assert_allclose(answers[1].logprobs, answers[3].logprobs, atol=1e-5)
 
 
+def test_qwen_vl_exports_to_identical_logits(qwen_vl, tmp_path):
+    """Export back: transformers' Qwen2_5_VLForConditionalGeneration loads the folder and gives the logits
+    of the model it was converted from, the config's M-RoPE section, windows and full-attention layers kept."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    hf, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    again = Qwen2_5_VLForConditionalGeneration.from_pretrained(jx.export_hf(tmp_path / "out"),
+                                                               attn_implementation="eager").eval()
+    kwargs = hf_models.qwen_vl_kwargs(ids, mask, values, grids)
+    with torch.no_grad():
+        want, got = (m(torch.tensor(ids), **kwargs).logits.numpy() for m in (hf, again))
+    np.testing.assert_array_equal(got[mask.astype(bool)], want[mask.astype(bool)])
+    assert again.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert (again.config.vision_config.window_size, again.config.vision_config.fullatt_block_indexes) == (56, [1])
+
+
 def test_images_of_ten_sizes_compile_a_program_a_patch_bucket(qwen_vl, caplog):
     """Patch counts are padded to a bucket (a power of two times a merged square): ten image sizes run six
     forward programs, one for each pair of a patch bucket and a prompt-length bucket."""
