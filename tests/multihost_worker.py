@@ -5,7 +5,7 @@ JSON. Run by tests/test_sharding.py as `python -m tests.multihost_worker ID PORT
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
 
 import json  # noqa: E402
 
