@@ -76,6 +76,20 @@ def _gemma3(hidden, mlp, depth, heads, kv_heads, head_dim=256, scalar=256) -> di
                 vision_config=dict(_SIGLIP_SO400M, image_size=896))
 
 
+def _qwen2_5_vl(hidden, mlp, depth, heads, kv_heads, **extra) -> dict:
+    """As the hub's files are laid out: the decoder's fields at the top level, M-RoPE in rope_scaling."""
+    return dict(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], hidden_size=hidden,
+                intermediate_size=mlp, num_hidden_layers=depth, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                hidden_act="silu", max_position_embeddings=128000, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
+                sliding_window=32768, use_sliding_window=False, bos_token_id=151643, eos_token_id=151645,
+                vision_start_token_id=151652, vision_end_token_id=151653, image_token_id=151655,
+                video_token_id=151656, rope_scaling=dict(type="mrope", mrope_section=[16, 24, 24]),
+                vision_config=dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                   in_chans=3, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                                   spatial_patch_size=14, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+                                   tokens_per_second=2, temporal_patch_size=2), **extra)
+
+
 # Each released model's config.json (the fields that shape it; transformers' defaults for the rest).
 CONFIGS: dict[str, dict] = {
     "gemma-2b": dict(model_type="gemma", architectures=["GemmaForCausalLM"], vocab_size=256000, hidden_size=2048,
@@ -132,6 +146,10 @@ CONFIGS: dict[str, dict] = {
                        max_position_embeddings=131072, max_window_layers=28, rms_norm_eps=1e-6, rope_theta=1_000_000.0,
                        sliding_window=131072, use_sliding_window=False, hidden_act="silu", tie_word_embeddings=False,
                        bos_token_id=151643, eos_token_id=151643),
+    "qwen2.5-vl-3b-instruct": _qwen2_5_vl(2048, 11008, 36, 16, 2, vocab_size=151936, max_window_layers=70,
+                                          tie_word_embeddings=True),
+    "qwen2.5-vl-7b-instruct": _qwen2_5_vl(3584, 18944, 28, 28, 4, vocab_size=152064, max_window_layers=28,
+                                          tie_word_embeddings=False),
 }
 PRESETS = tuple(CONFIGS)
 
