@@ -35,12 +35,16 @@ from jaxvlm.engine import DEFAULT_CHUNK, decode_rows, insert
 from jaxvlm.generate import DecodeState, cache_axes, decode, prefill, prompt_bucket, sampling_rules
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.minimal_step import minimal_decode
+from jaxvlm.patches import Patches, bucket
 from jaxvlm.sharding import MeshRules, mesh_shape
 from jaxvlm.train import TrainConfig, Trainer, TrainState
 
 LIBTPU = "libtpu==0.0.42.*"  # the version jax 0.10.2 pins (what `pip install "jax[tpu]==0.10.2"` picks)
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+# A model taking images of any size (Qwen-VL) is compiled with an image of this many patches a row: a
+# 448 x 448 image, 256 tokens once merged
+ANY_SIZE_IMAGE_PATCHES = 32 * 32
 
 
 def devices(topology: str) -> list:
@@ -155,7 +159,8 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     """Compiles jaxvlm's programs for `model` on `topology`, with `batch` rows, a `cache`-slot KV cache and
     `prompt`-token prompts, params in `dtype` (or int8 with `quantize="int8"`) split over `mesh`
     ("data=2,model=2" or {axis: size}; default every device on 'model') by `rules`:
-    - prefill: the prompts (and an image a row for a vision-language model) into a fresh cache;
+    - prefill: the prompts (and an image a row for a vision-language model: one of `ANY_SIZE_IMAGE_PATCHES`
+      patches where it takes images of any size) into a fresh cache;
     - decode: a chunk of `steps` decode steps (`generate.decode`);
     - minimal_decode: the yardstick for decode (`jaxvlm.minimal_step`): each weight and cache entry read once;
     - engine_insert, engine_step: the serving engine writing one prefilled request into its running batch
@@ -212,6 +217,12 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
 
     def pixels_of(n: int):  # an image a row
         size_ = config.vision.image_size
+        if size_ is None:  # images of any size: one sequence of the batch's patches, on every device
+            v = config.vision
+            length = bucket(n * ANY_SIZE_IMAGE_PATCHES, v.merge_size ** 2)
+            return Patches(put((length, v.patch_dim), jnp.float32, (None, None)),
+                           put((length, 2), jnp.int32, (None, None)), put((length,), jnp.int32, (None,)),
+                           put((length,), jnp.int32, (None,)))
         return put((n, size_, size_, 3), jnp.float32, ("batch", None, None, None))
 
     def prefill_of(n: int, length: int, size: int, penalize: bool):

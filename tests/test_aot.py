@@ -94,6 +94,20 @@ def test_a_vision_language_model_prefills_its_images():
     assert prefill["fits"] and prefill["arguments_bytes"] > 2 * 3 * builtin.vision.image_size ** 2 * 4 / 2
 
 
+def test_images_of_any_size_prefill_as_patches():
+    """A tiny Qwen2.5-VL: its prefill with an image of 1024 patches a row, every device holding them all."""
+    import dataclasses
+    from jaxvlm import presets
+    real = presets.get("qwen2.5-vl-3b-instruct")
+    tiny = dataclasses.replace(real, decoder=dataclasses.replace(real.decoder, vocab_size=512, width=128, depth=2,
+                                                                 num_heads=2, num_kv_heads=1, mlp_dim=256),
+                               vision=dataclasses.replace(real.vision, width=64, depth=2, num_heads=2, mlp_dim=64,
+                                                          full_attention_layers=(1,)))
+    report = aot.report(tiny, "v5e:2x2", batch=2, cache=512, prompt=320, dtype="float32", programs=("prefill",))
+    prefill = report["programs"]["prefill"]
+    assert prefill["fits"] and prefill["arguments_bytes"] > 2 * aot.ANY_SIZE_IMAGE_PATCHES * tiny.vision.patch_dim * 4
+
+
 # --- bad input: one line naming it -------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
     (dict(topology="v9z:2x2"), "topology 'v9z:2x2': unknown; give a chip and its layout, one of v4, v5e"),
