@@ -393,11 +393,12 @@ class Model:
             tokens[row, :len(out.tokens)], scores[row, :len(out.logprobs)] = out.tokens, out.logprobs
         return (tokens, scores) if logprobs else tokens
 
-    def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None) -> str:
+    def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
+                       image_grid_thw=None) -> str:
         """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
         where a sharded model's collectives, or a stacked model's copies, show."""
         settings = self._settings(max_new_tokens=2, temperature=0.0)
-        inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids)
+        inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids, image_grid_thw)
         requests = self._requests(self._rows(inputs), **self._fields(settings))
         return self._engine(requests, chunk=1).decode_program()
 

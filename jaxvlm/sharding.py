@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxvlm.patches import Patches
+
 MESH_AXES = ("data", "fsdp", "model", "expert")
 
 Rules = Mapping[str, "str | Sequence[str] | None"]
@@ -163,5 +165,10 @@ def mesh_rules(mesh, rules: Rules | None) -> MeshRules | None:
 
 
 def place(shard: MeshRules | None, x, names: Sequence[str | None] = ("batch",)):
-    """A host array on the mesh as `names` say (`MeshRules.put`); on one device, as it is."""
-    return x if shard is None or x is None else shard.put(x, names)
+    """A host array on the mesh as `names` say (`MeshRules.put`); on one device, as it is. `Patches` (the
+    batch's images of any size, one sequence with no batch axis) are copied whole to every device."""
+    if shard is None or x is None:
+        return x
+    if isinstance(x, Patches):
+        return jax.tree.map(lambda a: shard.put(a, ()), x)
+    return shard.put(x, names)

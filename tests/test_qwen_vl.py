@@ -258,6 +258,29 @@ def test_qwen_vl_exports_to_identical_logits(qwen_vl, tmp_path):
     assert (again.config.vision_config.window_size, again.config.vision_config.fullatt_block_indexes) == (56, [1])
 
 
+def test_stacked_layers_and_int8_weights(qwen_vl, tmp_path):
+    """scan_layers: the vision tower's window and full-attention layers scanned with the decoder's, the
+    unrolled logits and tokens. int8: the encoder's and the decoder's projections held as int8, the
+    logits near the float ones (the tiny random model's margins are too thin for equal tokens)."""
+    import jaxvlm
+    _, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=values, image_grid_thw=grids)
+    folder = jx.save(tmp_path / "saved")
+    stacked = jaxvlm.load(folder, scan_layers=True)
+    assert stacked.params["vision"]["layers"]["attn"]["q"]["kernel"].shape[0] == jx.config.vision.depth
+    want = jx.logits(**inputs)
+    np.testing.assert_allclose(stacked.logits(**inputs), want, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(stacked.generate_ids(**inputs, max_new_tokens=8),
+                                  jx.generate_ids(**inputs, max_new_tokens=8))
+    int8 = jaxvlm.load(folder, quantize="int8")
+    assert int8.params["vision"]["layer_0"]["attn"]["q"]["kernel"].dtype == jnp.int8
+    assert int8.params["decoder"]["layer_0"]["attn"]["q"]["kernel"].dtype == jnp.int8
+    valid = mask.astype(bool)
+    error = np.abs(int8.logits(**inputs) - want)[valid].max() / np.abs(want[valid]).max()
+    assert error < 0.05, error
+
+
 def test_images_of_ten_sizes_compile_a_program_a_patch_bucket(qwen_vl, caplog):
     """Patch counts are padded to a bucket (a power of two times a merged square): ten image sizes run six
     forward programs, one for each pair of a patch bucket and a prompt-length bucket."""

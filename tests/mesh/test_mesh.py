@@ -21,10 +21,11 @@ from tests import hf_models
 MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model")),
           "8x1": ((8, 1), ("data", "model")), "fsdp": ((2, 2, 2), ("data", "fsdp", "model"))}
 TEXT_FAMILIES = {"gemma2": {}, "gemma3_text": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
-VLMS = ["paligemma", "llava_phi3", "gemma3"]
-IMAGES_PER_ROW = {"gemma3": [1, 2, 1]}  # several images a row; the others take one
+VLMS = ["paligemma", "llava_phi3", "gemma3", "qwen_vl"]
+IMAGES_PER_ROW = {"gemma3": [1, 2, 1]}  # several images a row; the others take one (but Qwen-VL's, of any size)
+QWEN_VL_GRIDS = [[(1, 4, 6)], [(1, 6, 4), (1, 2, 2)], [(1, 2, 4)]]  # images of any size, as patch grids
 MESHES_OF = {"gemma2": ["2x4", "8x1"], "gemma3_text": ["fsdp"], "qwen3": ["1x8"], "qwen3_mqa": ["2x4", "1x8"],
-             "paligemma": ["1x8", "8x1"], "llava_phi3": ["fsdp"], "gemma3": ["2x4"]}
+             "paligemma": ["1x8", "8x1"], "llava_phi3": ["fsdp"], "gemma3": ["2x4"], "qwen_vl": ["2x4"]}
 NEW_TOKENS = 10
 
 
@@ -37,7 +38,12 @@ def family(request, tmp_path_factory):
     """(name, converted folder, inputs for logits and generation, one-device logits and tokens)."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    if name in IMAGES_PER_ROW:
+    if name == "qwen_vl":
+        hf = hf_models.build_qwen_vl(seed=4)
+        rows = hf_models.qwen_vl_prompts(1, QWEN_VL_GRIDS)
+        grids = [g for row in QWEN_VL_GRIDS for g in row]
+        inputs = {"pixel_values": hf_models.patch_values(0, grids), "image_grid_thw": np.asarray(grids)}
+    elif name in IMAGES_PER_ROW:
         hf = hf_models.build_vlm(name, seed=8)
         rows = hf_models.gemma3_prompts(1, IMAGES_PER_ROW[name])
         inputs = {"pixel_values": hf_models.pixels(0, sum(IMAGES_PER_ROW[name]))}
@@ -111,7 +117,7 @@ def _check_engine(model, inputs, tokens):
     """The engine on the mesh: rows arriving one a step into 8 slots get the one-device tokens."""
     from jaxvlm.engine import Engine, Request
     ids, mask, prefix, pixels = model._inputs(inputs["input_ids"], inputs["attention_mask"],
-                                              inputs.get("pixel_values"))
+                                              inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"))
     engine = Engine(model, slots=8, cache_size=64, chunk=4)
     # (each request its own LongRoPE factors, as alone; the batch here switches them together: compare the
     # tokens before the longest row passes the short factors' positions)
@@ -157,7 +163,11 @@ def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
     name, folder, inputs, logits, tokens = family
     model = jaxvlm.load(folder, mesh=mesh("8x1"))
     one_row = {k: v[1:2] for k, v in inputs.items()}
-    if name in IMAGES_PER_ROW:  # the images of row 1
+    if name == "qwen_vl":  # the patches of row 1's images
+        _, _, _, images = model._inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                                        image_grid_thw=inputs["image_grid_thw"])
+        one_row.update(pixel_values=images.of_row(1).values, image_grid_thw=images.of_row(1).grids)
+    elif name in IMAGES_PER_ROW:  # the images of row 1
         start = IMAGES_PER_ROW[name][0]
         one_row["pixel_values"] = inputs["pixel_values"][start:start + IMAGES_PER_ROW[name][1]]
     got = model.generate_ids(**one_row, max_new_tokens=NEW_TOKENS)
