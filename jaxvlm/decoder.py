@@ -128,7 +128,9 @@ class Decoder(nn.Module):
         the tokens go to slots cache.end .. cache.end + T - 1 and the updated cache is returned.
         """
         c = self.config
-        x = self.embed(tokens) if embeddings is None else embeddings.astype(self.dtype)
+        # (padding is never looked up: its id, the end-of-sequence one where a config names no pad, may lie
+        # past the vocabulary, and an out-of-range lookup gives NaN, which masked attention still multiplies)
+        x = self.embed(jnp.where(valid, tokens, 0)) if embeddings is None else embeddings.astype(self.dtype)
         self.sow("intermediates", "embeddings", x)
         T = x.shape[1]
         # Padding slots get position 0 so they never decide LongRoPE's short/long switch.

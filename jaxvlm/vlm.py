@@ -102,7 +102,7 @@ class VisionLanguageModel(nn.Module):
         if inputs.pixels is None:
             return None
         is_image = inputs.tokens == self.config.image_token_id
-        text = self.decoder.embed(jnp.where(is_image, 0, inputs.tokens))
+        text = self.decoder.embed(jnp.where(is_image | ~inputs.valid, 0, inputs.tokens))  # (see Decoder)
         features = self.encode_image(inputs.pixels)
         if isinstance(inputs.pixels, Patches):  # one sequence of tokens for the whole batch, in row order
             index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[1] - 1).reshape(is_image.shape)

@@ -43,6 +43,20 @@ def random_model(config: DecoderConfig, seed=0) -> Model:
     return Model(ModelConfig(decoder=config, tokens=TokensConfig(eos_ids=(), pad_id=0)), random_params(config, seed))
 
 
+def test_a_pad_id_past_the_vocabulary_is_never_looked_up():
+    """A config naming no pad id pads with its end-of-sequence id, which may lie past the vocabulary (a tiny
+    model with a released model's special ids): padded rows still get their tokens alone."""
+    config = CONFIGS["qwen3_like"]
+    model = Model(ModelConfig(decoder=config, tokens=TokensConfig(eos_ids=(), pad_id=config.vocab_size + 5)),
+                  random_params(config, 0))
+    rows = [np.arange(3, 12), np.arange(20, 24)]
+    ids = np.full((2, 9), model.config.tokens.pad_id)
+    ids[0], ids[1, 5:] = rows
+    batch = model.generate_ids(ids, ids != model.config.tokens.pad_id, max_new_tokens=4)
+    for row, got in zip(rows, batch):
+        np.testing.assert_array_equal(got, model.generate_ids(row[None], max_new_tokens=4)[0])
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_then_decode_equals_full_forward(name):
     """Logits from a prefill plus one-token cached steps equal one uncached forward over the whole sequence."""
