@@ -611,7 +611,7 @@ class ModelConfig:
     @property
     def tokens_per_image(self) -> int | None:
         """P: the placeholder tokens one image takes in a prompt; None where each image's size sets them."""
-        if self.vision.image_size is None:
+        if self.vision is None or self.vision.image_size is None:
             return None
         return self.image_tokens if self.projector == "pooled" else self.vision.num_features
 
