@@ -311,6 +311,12 @@ def test_qwen_vl_greedy_tokens_match(qwen_vl):
     assert (got == jx.config.tokens.eos_ids[0]).any(), "the test should exercise end-of-sequence"
     assert len({tuple(r) for r in got[:, :6]}) == 2 and len(set(got[0, :6])) > 1, "degenerate generations"
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{% if message.content is string %}"
+    "{{ message.content }}{% else %}{% for item in message.content %}{% if item.type == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
 
 SPECIALS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -344,6 +350,7 @@ def qwen_vl_with_processor(tmp_path_factory, qwen_tokenizer):
     model.save_pretrained(hf_dir)
     processor.image_processor.save_pretrained(hf_dir)  # (the processor's own save wants the video processor)
     tokenizer.save_pretrained(hf_dir)
+    (hf_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
     rng = np.random.default_rng(2)
     paths = []
     for i, size in enumerate(SIZES):
@@ -399,23 +406,13 @@ def test_qwen_vl_image_markers_must_match_the_images(qwen_vl_with_processor):
     assert jx.generate("no image here", max_new_tokens=2) is not None  # a text prompt needs no image
 
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message.role }}\n{% if message.content is string %}"
-    "{{ message.content }}{% else %}{% for item in message.content %}{% if item.type == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif item.type == 'text' %}{{ item.text }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-
-def test_qwen_vl_chat_with_image_content_parts_as_the_processor_takes_them(qwen_vl_with_processor, tmp_path):
+def test_qwen_vl_chat_with_image_content_parts_as_the_processor_takes_them(qwen_vl_with_processor):
     """Messages with image parts, rendered by a Qwen-VL-style template: the same ids, patches and grids as
     Qwen2_5_VLProcessor.apply_chat_template, and chat answers as generate does for that prompt."""
-    import shutil
     import jaxvlm
     hf_dir, _, processor, paths = qwen_vl_with_processor
-    folder = tmp_path / "chat"
-    shutil.copytree(hf_dir, folder)
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    jx = jaxvlm.load(folder)
+    jx = jaxvlm.load(hf_dir)
     messages = [{"role": "user", "content": [{"type": "image", "path": paths[1]}, {"type": "text", "text": "what is "},
                                              {"type": "image", "path": paths[0]}, {"type": "text", "text": "it"}]}]
     want = processor.apply_chat_template(messages, chat_template=CHAT_TEMPLATE, add_generation_prompt=True,
@@ -427,3 +424,27 @@ def test_qwen_vl_chat_with_image_content_parts_as_the_processor_takes_them(qwen_
     np.testing.assert_allclose(inputs.pixel_values.values, want["pixel_values"], atol=1e-6)
     assert jx.chat(messages, max_new_tokens=4) == jx._generate_text(prompt, [paths[1], paths[0]], False,
                                                                     max_new_tokens=4)
+
+
+def test_the_server_answers_a_chat_with_two_images_of_other_sizes(qwen_vl_with_processor):
+    """`jaxvlm serve` with the folder: an OpenAI chat whose two images (data: URLs) differ in size gets
+    `Model.chat`'s answer."""
+    import base64
+    import openai
+    import jaxvlm
+    from tests.servers import Server
+    hf_dir, _, _, paths = qwen_vl_with_processor
+    url = lambda path: "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()
+    server = Server("--checkpoint", hf_dir, "--slots", "2")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        answer = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=6, temperature=0,
+                                                messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url(paths[0])}}, {"type": "text", "text": "and "},
+            {"type": "image_url", "image_url": {"url": url(paths[1])}}, {"type": "text", "text": "what"}]}])
+    finally:
+        assert server.stop() == 0, server.log()
+    want = jaxvlm.load(hf_dir).chat([{"role": "user", "content": [
+        {"type": "image", "path": paths[0]}, {"type": "text", "text": "and "}, {"type": "image", "path": paths[1]},
+        {"type": "text", "text": "what"}]}], max_new_tokens=6)
+    assert answer.choices[0].message.content == want
