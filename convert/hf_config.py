@@ -46,10 +46,11 @@ def _fields(cfg: Fields | dict) -> Fields:
     return cfg if isinstance(cfg, Fields) else Fields(cfg, "config.json")
 
 
-def _rope(params: Fields, cfg: Fields, theta: float, mrope: tuple[int, ...] | None = None) -> RopeConfig:
+def _rope(params: Fields, cfg: Fields, theta: float, mrope: tuple[int, ...] | None = None,
+          head_dim: int = 0) -> RopeConfig:
     """One rotary embedding from its parameters (`params`: rope_parameters, rope_scaling or one layer
     type's entry), `theta` when they name none; `mrope`: the family's M-RoPE section where they give none
-    (None: the family has one position stream)."""
+    (None: the family has one position stream), checked against `head_dim`."""
     kind = params.text("rope_type", params.text("type", "default"))
     theta = params.number("rope_theta", theta)
     fraction = params.number("partial_rotary_factor", cfg.number("partial_rotary_factor", 1.0))
@@ -57,6 +58,10 @@ def _rope(params: Fields, cfg: Fields, theta: float, mrope: tuple[int, ...] | No
         if kind not in ("default", "mrope"):
             raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} with M-RoPE (supported: default)")
         section = params.integers("mrope_section") if params.has("mrope_section") else mrope
+        half = int(head_dim * fraction) // 2
+        if len(section) != 3 or sum(section) != half:
+            params.fail("mrope_section", f"three counts (time, height, width) adding up to half the rotary "
+                                         f"dimension, {half}", list(section))
         return RopeConfig(theta=theta, rotary_fraction=fraction, mrope_section=tuple(section),
                           mrope_interleaved=params.flag("mrope_interleaved", False))
     if kind == "default":
@@ -81,7 +86,7 @@ def _rope(params: Fields, cfg: Fields, theta: float, mrope: tuple[int, ...] | No
                       attention_factor=float(attention_factor))
 
 
-def _ropes(cfg: Fields, family: TextFamily) -> tuple[RopeConfig, RopeConfig | None]:
+def _ropes(cfg: Fields, family: TextFamily, head_dim: int) -> tuple[RopeConfig, RopeConfig | None]:
     """(the rotary embedding, the sliding-window layers' own or None). transformers 5 writes one entry per
     layer type in `rope_parameters` where they differ (Gemma 3); older files give the local layers' base
     as `rope_local_base_freq`, and `rope_scaling` then applies to the global layers alone."""
@@ -91,7 +96,8 @@ def _ropes(cfg: Fields, family: TextFamily) -> tuple[RopeConfig, RopeConfig | No
         return (_rope(params.sub("full_attention"), cfg, theta),
                 _rope(params.sub("sliding_attention"), cfg, cfg.number("rope_local_base_freq", theta)))
     local = cfg.number("rope_local_base_freq", None)
-    return _rope(params, cfg, theta, family.mrope), (None if local is None else _rope(Fields({}, cfg.path), cfg, local))
+    return (_rope(params, cfg, theta, family.mrope, head_dim),
+            None if local is None else _rope(Fields({}, cfg.path), cfg, local))
 
 
 def _layer_types(cfg: Fields, family: TextFamily, depth: int, sliding: int | None) -> tuple[str, ...]:
@@ -125,7 +131,7 @@ def decoder_config(cfg: Fields | dict) -> DecoderConfig:
             cfg.fail(key, f"{want!r} (jaxvlm reads {family.model_type} models with it so)", cfg.raw(key))
     sliding = family.window(cfg)
     bias = cfg.flag("attention_bias", False)
-    rope, local_rope = _ropes(cfg, family)
+    rope, local_rope = _ropes(cfg, family, head_dim)
     fields = dict(qkv_bias=bias, out_bias=bias, model_type=family.model_type)
     fields.update(family.behaviours)  # (Qwen2 fixes its biases: on q, k, v, never on the output)
     fields.update({field: cfg.number(name, None) for name, field in family.numbers.items()})
@@ -288,11 +294,14 @@ def patch_grid(p: Fields) -> PatchGrid:
     shortest and longest edge (transformers 5), or as min_pixels and max_pixels (older files)."""
     default = PatchGrid()
     size = p.sub("size", {})
-    return PatchGrid(patch_size=p.integer("patch_size", default.patch_size),
-                     merge_size=p.integer("merge_size", default.merge_size),
-                     temporal_patch_size=p.integer("temporal_patch_size", default.temporal_patch_size),
-                     min_pixels=size.integer("shortest_edge", None) or p.integer("min_pixels", default.min_pixels),
-                     max_pixels=size.integer("longest_edge", None) or p.integer("max_pixels", default.max_pixels))
+    try:
+        return PatchGrid(patch_size=p.integer("patch_size", default.patch_size),
+                         merge_size=p.integer("merge_size", default.merge_size),
+                         temporal_patch_size=p.integer("temporal_patch_size", default.temporal_patch_size),
+                         min_pixels=size.integer("shortest_edge", None) or p.integer("min_pixels", default.min_pixels),
+                         max_pixels=size.integer("longest_edge", None) or p.integer("max_pixels", default.max_pixels))
+    except ValueError as e:  # (a range that is empty, a size of 0): named with the file
+        raise ConfigError(f"{p.path}: {e}") from None
 
 
 def _pan_and_scan(p: Fields) -> PanAndScan:

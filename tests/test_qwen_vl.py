@@ -448,3 +448,25 @@ def test_the_server_answers_a_chat_with_two_images_of_other_sizes(qwen_vl_with_p
         {"type": "image", "path": paths[0]}, {"type": "text", "text": "and "}, {"type": "image", "path": paths[1]},
         {"type": "text", "text": "what"}]}], max_new_tokens=6)
     assert answer.choices[0].message.content == want
+
+
+@pytest.mark.parametrize("name, edit, message", [
+    ("config.json", lambda d: {**d, "text_config": {**d["text_config"], "rope_parameters": {
+        **d["text_config"]["rope_parameters"], "mrope_section": [2, 3, 2]}}},
+     r"config\.json: field 'text_config\.rope_parameters\.mrope_section' must be three counts \(time, height, "
+     r"width\) adding up to half the rotary dimension, 8, got \[2, 3, 2\]"),
+    ("config.json", lambda d: {**d, "vision_config": {**d["vision_config"], "out_hidden_size": 32}},
+     r"config\.json: field 'vision_config\.out_hidden_size' must be the decoder's hidden_size 64"),
+    ("preprocessor_config.json", lambda d: {**d, "size": {"shortest_edge": 5000, "longest_edge": 4000}},
+     r"preprocessor_config\.json: PatchGrid\.max_pixels: must be at least min_pixels=5000, got 4000"),
+])
+def test_a_bad_qwen_vl_config_is_named(qwen_vl_with_processor, tmp_path, name, edit, message):
+    import json
+    import shutil
+    import jaxvlm
+    folder = tmp_path / "edited"
+    shutil.copytree(qwen_vl_with_processor[0], folder)
+    data = json.loads((folder / name).read_text())
+    (folder / name).write_text(json.dumps(edit(data)))
+    with pytest.raises(ValueError, match=message):
+        jaxvlm.load(folder)
