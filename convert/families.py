@@ -12,6 +12,7 @@ none, and writing takes the one family whose behaviours it has.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping
 
 from convert import tables
@@ -58,6 +59,7 @@ class TextFamily:
     requires: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # config.json values read as given
     # M-RoPE (Qwen-VL): the default mrope_section where config.json gives none; None for one position stream
     mrope: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False  # its streams' frequencies dealt out in turn (Qwen3-VL), not in runs
 
 
 def _no_window(family: str) -> WindowFields:
@@ -202,6 +204,17 @@ TEXT_FAMILIES: dict[str, TextFamily] = {f.model_type: f for f in [
                              rope_theta=1_000_000.0),
                window=_qwen3_window, pattern=_qwen3_pattern, window_fields=_qwen_window_fields("qwen2_5_vl_text"),
                add_bos=False, mrope=(16, 24, 24)),
+    # Qwen3-VL's decoder: Qwen3's, with M-RoPE's streams interleaved (and DeepStack's additions, which the
+    # vision-language model makes)
+    TextFamily("qwen3_vl_text", "Qwen3VL", tuple(_DECODER + _t.SEPARATE_QKV + _t.QK_NORM + _t.SEPARATE_MLP
+                                                 + _t.PRE_NORMS),
+               behaviours=dict(_LLAMA, use_qk_norm=True),
+               defaults=dict(hidden_act="silu", rms_norm_eps=1e-6, vocab_size=151936, hidden_size=4096,
+                             intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=32, head_dim=128, max_position_embeddings=128000,
+                             rope_theta=500_000.0),
+               window=lambda cfg: None, window_fields=_no_window("qwen3_vl_text"), add_bos=False,
+               mrope=(24, 20, 20), mrope_interleaved=True),
 ]}
 
 
@@ -289,6 +302,28 @@ def _qwen_vision_fields(cfg: Fields) -> dict:
                 full_attention_layers=tuple(i for i in full if 0 <= i < depth))
 
 
+def _qwen3_vision_fields(cfg: Fields) -> dict:
+    """Qwen3-VL's encoder: its learned positions a square grid (`num_position_embeddings` a square)."""
+    positions = cfg.integer("num_position_embeddings")
+    side = math.isqrt(positions)
+    if side * side != positions:
+        cfg.fail("num_position_embeddings", "a square (the learned positions' grid)", positions)
+    depth = cfg.integer("depth")
+    rope = cfg.sub("rope_parameters", {})
+    return dict(image_size=None, patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
+                depth=depth, num_heads=cfg.integer("num_heads"), mlp_dim=cfg.integer("intermediate_size"),
+                activation=cfg.text("hidden_act"), norm_eps=1e-6, rope_theta=rope.number("rope_theta", 10_000.0),
+                temporal_patch_size=cfg.integer("temporal_patch_size"), merge_size=cfg.integer("spatial_merge_size"),
+                position_grid=side, deepstack_layers=tuple(cfg.integers("deepstack_visual_indexes")))
+
+
+def _qwen3_vision_write(v: VisionConfig) -> dict:
+    return dict(depth=v.depth, hidden_size=v.width, num_heads=v.num_heads, intermediate_size=v.mlp_dim,
+                patch_size=v.patch_size, spatial_merge_size=v.merge_size, temporal_patch_size=v.temporal_patch_size,
+                num_position_embeddings=v.position_grid ** 2, deepstack_visual_indexes=list(v.deepstack_layers),
+                rope_parameters=dict(rope_type="axial", rope_theta=v.rope_theta))
+
+
 def _qwen_vision_write(v: VisionConfig) -> dict:
     return dict(depth=v.depth, hidden_size=v.width, num_heads=v.num_heads, intermediate_size=v.mlp_dim,
                 patch_size=v.patch_size, spatial_merge_size=v.merge_size,
@@ -301,12 +336,14 @@ _VIT_DEFAULTS = dict(image_size=224, hidden_size=768, intermediate_size=3072, nu
                      num_attention_heads=12)
 VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
     VisionFamily("siglip_vision_model", "SigLIP", tuple(tables.SIGLIP_VISION),
-                 behaviours=dict(patch_bias=True, class_token=False, pre_norm=False, post_norm_class_only=False),
+                 behaviours=dict(patch_bias=True, class_token=False, pre_norm=False, post_norm_class_only=False,
+                                 rope_theta=None),
                  defaults=dict(_VIT_DEFAULTS, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
                  processor="siglip", attention_pool=lambda cfg: cfg.flag("vision_use_head", True),
                  architecture=lambda v: "SiglipVisionModel"),
     VisionFamily("clip_vision_model", "CLIP", tuple(tables.CLIP_VISION),
-                 behaviours=dict(patch_bias=False, class_token=True, pre_norm=True, post_norm_class_only=True),
+                 behaviours=dict(patch_bias=False, class_token=True, pre_norm=True, post_norm_class_only=True,
+                                 rope_theta=None),
                  defaults=dict(_VIT_DEFAULTS, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
                  processor="clip", attention_pool=lambda cfg: False,
                  architecture=lambda v: "CLIPVisionModelWithProjection" if v.projection_dim is not None
@@ -319,6 +356,15 @@ VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
                                out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
                  processor="patches", attention_pool=lambda cfg: False, architecture=lambda v: "",
                  read=_qwen_vision_fields, write=_qwen_vision_write, standalone=False),
+    # Qwen3-VL's: LayerNorms, a plain MLP, no windows, learned positions resampled, DeepStack's inner layers
+    VisionFamily("qwen3_vl_vision", "Qwen3-VL", tuple(tables.QWEN3_VISION),
+                 behaviours=dict(patch_bias=True, class_token=False, norm="layer", gated_mlp=False),
+                 defaults=dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304,
+                               num_heads=16, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                               out_hidden_size=3584, num_position_embeddings=2304,
+                               deepstack_visual_indexes=[8, 16, 24]),
+                 processor="patches", attention_pool=lambda cfg: False, architecture=lambda v: "",
+                 read=_qwen3_vision_fields, write=_qwen3_vision_write, standalone=False),
 ]}
 
 
@@ -335,7 +381,8 @@ def tensor_rules(config: ModelConfig) -> dict[str, tables.BoundRule]:
     bound to its config, with its projector and head."""
     decoder = None if config.decoder is None else text_family_of(config.decoder).table
     vision = None if config.vision is None else vision_family_of(config.vision).table
-    return tables.expand(config, decoder, vision)
+    projector = vision_language_family_of(config).projector_table if config.is_vlm else None
+    return tables.expand(config, decoder, vision, projector)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,6 +406,8 @@ class VisionLanguageFamily:
     # what export writes for transformers' AutoProcessor: (processor_config.json, preprocessor_config.json
     # fields beyond the image processing) for a config
     processor: Callable[[ModelConfig], tuple[dict, dict]] = lambda config: ({}, {})
+    # its projectors' tensors (None: the table of its projector kind, `tables.PROJECTORS`)
+    projector_table: Callable[[ModelConfig], list] | None = None
     # canonical tensor name prefixes (convert.tables) -> those export writes, which transformers reads
     file_names: tuple[tuple[str, str], ...] = (("model.", "language_model.model."),
                                                ("lm_head.", "language_model.lm_head."))
@@ -422,13 +471,13 @@ QWEN_VL_MAX_IMAGES = 8
 
 
 def _qwen_vl_read(cfg: Fields, vision: Callable[..., VisionConfig]) -> tuple[VisionConfig, dict]:
-    """The merger's output must be the decoder's width (config.json's text fields sit at its top level in
-    the hub's files, in text_config in transformers 5's)."""
+    """The merger's output must be the decoder's width, where config.json gives both (its text fields sit
+    at its top level in the hub's Qwen2.5-VL files, in text_config in transformers 5's)."""
     v = vision()
     fields = cfg.sub("vision_config", {})
     text = cfg.sub("text_config") if cfg.has("text_config") else cfg
-    out, width = fields.integer("out_hidden_size", 3584), text.integer("hidden_size", 8192)
-    if out != width:
+    out, width = fields.integer("out_hidden_size", None), text.integer("hidden_size", None)
+    if None not in (out, width) and out != width:
         fields.fail("out_hidden_size", f"the decoder's hidden_size {width} (the merged tokens enter it)", out)
     return v, dict(max_images=QWEN_VL_MAX_IMAGES)
 
@@ -476,6 +525,17 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                          text_types=("qwen2_5_vl_text",), image_processor_type="Qwen2VLImageProcessor",
                          processor=lambda c: ({"processor_class": "Qwen2_5_VLProcessor"}, {}),
                          file_names=()),  # (its hub files' names: model.layers.*, visual.*, lm_head.*)
+    # Qwen3-VL: Qwen2.5-VL's wiring, 16-pixel patches normalised to [-1, 1], DeepStack
+    VisionLanguageFamily("qwen3_vl", "Qwen3VLForConditionalGeneration",
+                         wiring=dict(projector="merge", prefix_lm=False, position_offset=0,
+                                     prompt_format="sized_images"),
+                         default_text_type="qwen3_vl_text", default_vision_type="qwen3_vl_vision",
+                         default_image_token=151_655, read=_qwen_vl_read, write=_qwen_vl_write,
+                         text_types=("qwen3_vl_text",), image_processor_type="Qwen2VLImageProcessor",
+                         image_processor=dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                         processor=lambda c: ({"processor_class": "Qwen3VLProcessor"}, {}),
+                         projector_table=tables.QWEN3_MERGERS,
+                         file_names=(("model.", "model.language_model."), ("visual.", "model.visual."))),
 ]}
 
 

@@ -46,24 +46,25 @@ def _fields(cfg: Fields | dict) -> Fields:
     return cfg if isinstance(cfg, Fields) else Fields(cfg, "config.json")
 
 
-def _rope(params: Fields, cfg: Fields, theta: float, mrope: tuple[int, ...] | None = None,
+def _rope(params: Fields, cfg: Fields, theta: float, family: TextFamily | None = None,
           head_dim: int = 0) -> RopeConfig:
     """One rotary embedding from its parameters (`params`: rope_parameters, rope_scaling or one layer
-    type's entry), `theta` when they name none; `mrope`: the family's M-RoPE section where they give none
-    (None: the family has one position stream), checked against `head_dim`."""
+    type's entry), `theta` when they name none; M-RoPE as `family` has it (its section where they give
+    none, checked against `head_dim`; its streams interleaved or not, whatever they say, as transformers
+    reads them)."""
     kind = params.text("rope_type", params.text("type", "default"))
     theta = params.number("rope_theta", theta)
     fraction = params.number("partial_rotary_factor", cfg.number("partial_rotary_factor", 1.0))
-    if mrope is not None:  # ("mrope" is the old files' name for it; the frequencies are the default ones)
+    if family is not None and family.mrope is not None:  # ("mrope": the old files' name; default frequencies)
         if kind not in ("default", "mrope"):
             raise ConfigError(f"{cfg.path}: unsupported rope type {kind!r} with M-RoPE (supported: default)")
-        section = params.integers("mrope_section") if params.has("mrope_section") else mrope
+        section = params.integers("mrope_section") if params.has("mrope_section") else family.mrope
         half = int(head_dim * fraction) // 2
         if len(section) != 3 or sum(section) != half:
             params.fail("mrope_section", f"three counts (time, height, width) adding up to half the rotary "
                                          f"dimension, {half}", list(section))
         return RopeConfig(theta=theta, rotary_fraction=fraction, mrope_section=tuple(section),
-                          mrope_interleaved=params.flag("mrope_interleaved", False))
+                          mrope_interleaved=family.mrope_interleaved)
     if kind == "default":
         return RopeConfig(theta=theta, rotary_fraction=fraction)
     if kind == "linear":
@@ -96,7 +97,7 @@ def _ropes(cfg: Fields, family: TextFamily, head_dim: int) -> tuple[RopeConfig, 
         return (_rope(params.sub("full_attention"), cfg, theta),
                 _rope(params.sub("sliding_attention"), cfg, cfg.number("rope_local_base_freq", theta)))
     local = cfg.number("rope_local_base_freq", None)
-    return (_rope(params, cfg, theta, family.mrope, head_dim),
+    return (_rope(params, cfg, theta, family, head_dim),
             None if local is None else _rope(Fields({}, cfg.path), cfg, local))
 
 

@@ -257,20 +257,36 @@ CLIP_VISION = VIT_COMMON + [
 # a gated MLP with biases.
 QV = "visual."
 QVLAYER = QV + "blocks.{i}."
-QWEN_VISION = [
-    Rule(QV + "patch_embed.proj.weight", lambda c: (c.width, 3, c.temporal_patch_size, c.patch_size, c.patch_size),
-         (("vision/patch_embed/kernel", lambda w, c: w.reshape(c.width, -1).T),)),
-    norm(QVLAYER + "norm1.weight", VOUT + "pre_attn_norm"),
-    norm(QVLAYER + "norm2.weight", VOUT + "pre_mlp_norm"),
+PATCH_KERNEL = lambda c: (c.width, 3, c.temporal_patch_size, c.patch_size, c.patch_size)
+QWEN_ATTENTION = [
     Rule(QVLAYER + "attn.qkv.weight", lambda c: (3 * c.width, c.width), tuple(
         (f"{VOUT}attn/{name}/kernel", _packed(i, to_heads(N))) for i, (name, _) in enumerate(QKV_NAMES))),
     Rule(QVLAYER + "attn.qkv.bias", lambda c: (3 * c.width,), tuple(
         (f"{VOUT}attn/{name}/bias", _packed(i, bias_to_heads(N))) for i, (name, _) in enumerate(QKV_NAMES))),
     Rule(QVLAYER + "attn.proj.weight", lambda c: (c.width, c.width), ((VOUT + "attn/o/kernel", from_heads),)),
     Rule(QVLAYER + "attn.proj.bias", lambda c: (c.width,), ((VOUT + "attn/o/bias", keep),)),
+]
+QWEN_VISION = [
+    Rule(QV + "patch_embed.proj.weight", PATCH_KERNEL,
+         (("vision/patch_embed/kernel", lambda w, c: w.reshape(c.width, -1).T),)),
+    norm(QVLAYER + "norm1.weight", VOUT + "pre_attn_norm"),
+    norm(QVLAYER + "norm2.weight", VOUT + "pre_mlp_norm"),
+    *QWEN_ATTENTION,
     *linear(QVLAYER + "mlp.gate_proj", VOUT + "mlp/gate", F, D),
     *linear(QVLAYER + "mlp.up_proj", VOUT + "mlp/up", F, D),
     *linear(QVLAYER + "mlp.down_proj", VOUT + "mlp/down", D, F),
+]
+# Qwen3-VL's: the patch embedding with a bias, learned positions on a square grid, LayerNorms, a plain MLP
+QWEN3_VISION = [
+    Rule(QV + "patch_embed.proj.weight", PATCH_KERNEL,
+         (("vision/patch_embed/kernel", lambda w, c: w.reshape(c.width, -1).T),)),
+    Rule(QV + "patch_embed.proj.bias", lambda c: (c.width,), (("vision/patch_embed/bias", keep),)),
+    Rule(QV + "pos_embed.weight", lambda c: (c.position_grid ** 2, c.width), (("vision/pos_embedding", keep),)),
+    *layer_norm(QVLAYER + "norm1", VOUT + "pre_attn_norm"),
+    *layer_norm(QVLAYER + "norm2", VOUT + "pre_mlp_norm"),
+    *QWEN_ATTENTION,
+    *linear(QVLAYER + "mlp.linear_fc1", VOUT + "mlp/fc1", F, D),
+    *linear(QVLAYER + "mlp.linear_fc2", VOUT + "mlp/fc2", D, F),
 ]
 
 # --- projectors: rules over the whole ModelConfig -------------------------------------------------------
@@ -299,6 +315,22 @@ PROJECTORS["merge"] = lambda m: [
     *linear(QV + "merger.mlp.0", "projector/mlp/fc1", MERGED_WIDTH, MERGED_WIDTH),
     *linear(QV + "merger.mlp.2", "projector/mlp/fc2", TEXT_WIDTH, MERGED_WIDTH),
 ]
+
+
+
+def _qwen3_merger(source: str, target: str, after_merge: bool) -> list[Rule]:
+    """A Qwen3-VL merger: a LayerNorm (on each patch, or on each merged square), Linear, GELU, Linear."""
+    width = MERGED_WIDTH if after_merge else VISION_WIDTH
+    return [Rule(source + "norm.weight", lambda m: (width(m),), ((target + "/norm/scale", keep),)),
+            Rule(source + "norm.bias", lambda m: (width(m),), ((target + "/norm/bias", keep),)),
+            *linear(source + "linear_fc1", target + "/mlp/fc1", MERGED_WIDTH, MERGED_WIDTH),
+            *linear(source + "linear_fc2", target + "/mlp/fc2", TEXT_WIDTH, MERGED_WIDTH)]
+
+
+# Qwen3-VL's merger and DeepStack's, one for each of its inner layers
+QWEN3_MERGERS = lambda m: _qwen3_merger(QV + "merger.", "projector", False) + [
+    rule for k in range(len(m.vision.deepstack_layers))
+    for rule in _qwen3_merger(f"{QV}deepstack_merger_list.{k}.", f"deepstack_projector_{k}", True)]
 
 # A classification head (`...ForSequenceClassification`, `...ForTokenClassification`) replaces lm_head.
 LABELS = lambda m: m.head.num_labels
@@ -366,17 +398,18 @@ def _bind(rules: list[Rule], config: Config) -> dict[str, BoundRule]:
     return bound
 
 
-def expand(config: ModelConfig, decoder_table: tuple[Rule, ...] | None,
-           vision_table: tuple[Rule, ...] | None) -> dict[str, BoundRule]:
+def expand(config: ModelConfig, decoder_table: tuple[Rule, ...] | None, vision_table: tuple[Rule, ...] | None,
+           projector_table: Callable[[ModelConfig], list[Rule]] | None = None) -> dict[str, BoundRule]:
     """Every source tensor (canonical name) a model predicts: its decoder and its image encoder (the tables
-    of their families), its projector and its head."""
+    of their families), its projector (its vision-language family's table, else the projector kind's) and
+    its head."""
     rules = {}
     if config.decoder is not None:
         rules |= _bind(list(decoder_table), config.decoder)
     if config.vision is not None:
         rules |= _bind(list(vision_table), config.vision)
     if config.is_vlm:
-        rules |= _bind(PROJECTORS[config.projector](config), config)
+        rules |= _bind((projector_table or PROJECTORS[config.projector])(config), config)
     if config.head is not None:
         rules.pop("lm_head.weight", None)
         rules |= _bind(HEADS, config)

@@ -278,7 +278,9 @@ class VisionConfig:
     Qwen2.5-VL: images of any size (`image_size` None) come as patches cut by the processor, each
     `temporal_patch_size` frames deep; a 2-D rotary embedding over the patch rows and columns instead of
     learned positions; RMSNorms and a gated MLP with biases; attention within windows of `window` x
-    `window` merged patches except in the `full_attention_layers`, and never across images.
+    `window` merged patches except in the `full_attention_layers`, and never across images. Qwen3-VL:
+    LayerNorms and a plain MLP, no windows, learned positions resampled to each image (`position_grid`)
+    besides the rotary embedding, and DeepStack's features from inner layers (`deepstack_layers`).
     """
 
     image_size: int | None  # None: any size, cut into patches by the processor (`PatchGrid`)
@@ -306,6 +308,12 @@ class VisionConfig:
     merge_size: int = 1  # patches a side of the square the projector merges into one token
     window: int | None = None  # merged patches a side of an attention window; None: full attention everywhere
     full_attention_layers: tuple[int, ...] = ()  # with `window`, the layers that attend over the whole image
+    # with `image_size` None: learned positions on a square grid of this side, resampled bilinearly (corners
+    # aligned) to each image's patch grid, besides the rotary embedding (Qwen3-VL)
+    position_grid: int | None = None
+    # layers whose outputs, merged into tokens by projectors of their own, are added to the first decoder
+    # layers' outputs at the image tokens, one layer each in order (Qwen3-VL's DeepStack)
+    deepstack_layers: tuple[int, ...] = ()
     model_type: str | None = None  # the Hugging Face encoder family it was read as (as DecoderConfig's)
 
     def __post_init__(self):
@@ -325,9 +333,12 @@ class VisionConfig:
                  f"a 2-D rotary embedding needs a head_dim divisible by 4, got {self.head_dim}")
         _require(self.window is None or (isinstance(self.window, int) and self.window > 0), name, "window",
                  f"must be a positive int or None, got {self.window!r}")
-        _require(all(isinstance(i, int) and 0 <= i < self.depth for i in self.full_attention_layers), name,
-                 "full_attention_layers", f"must be layer indices below depth={self.depth}, "
-                                          f"got {self.full_attention_layers!r}")
+        for field in ("full_attention_layers", "deepstack_layers"):
+            _require(all(isinstance(i, int) and 0 <= i < self.depth for i in getattr(self, field)), name, field,
+                     f"must be layer indices below depth={self.depth}, got {getattr(self, field)!r}")
+        _require(self.position_grid is None or (self.image_size is None and isinstance(self.position_grid, int)
+                                                and self.position_grid > 0), name, "position_grid",
+                 f"must be a positive int, with image_size None (images of any size), got {self.position_grid!r}")
         _require(self.width % self.num_heads == 0, name, "num_heads",
                  f"{self.num_heads} does not divide width={self.width}")
         _require(self.activation in VISION_ACTIVATIONS, name, "activation",

@@ -55,7 +55,10 @@ class Block(nn.Module):
     `masks` is (global mask, sliding-window mask or None, each bool[B, T, S]; the prompt's valid flags where
     `jaxvlm.splash` may serve its attention, else None), and `ropes` (global
     (cos, sin), the local layers' own or None); `local` (a bool, traced when the layers are scanned) says
-    which this layer uses. Returns (x, (k, v)): the scan's carry and this layer's keys and values.
+    which this layer uses. `deepstack` [n, B, T, D] (or None): what the first n layers add to their
+    outputs (Qwen3-VL's DeepStack: image features at the image tokens, zero elsewhere), this being layer
+    `layer` (an int, traced when the layers are scanned). Returns (x, (k, v)): the scan's carry and this
+    layer's keys and values.
     """
 
     config: DecoderConfig
@@ -63,7 +66,7 @@ class Block(nn.Module):
     mixture: bool = False  # the MLP is the mixture of experts (`config.moe`)
 
     @nn.compact
-    def __call__(self, x, ropes, masks, local, cache_kv=None, end=0, ring=False):
+    def __call__(self, x, ropes, masks, local, cache_kv=None, end=0, deepstack=None, layer=0, ring=False):
         c = self.config
         if isinstance(local, bool):  # unrolled layers: a ring buffer's mask has its own shape
             mask = masks[1] if local else masks[0]
@@ -85,6 +88,12 @@ class Block(nn.Module):
             h = norm("post_mlp_norm")(h)
         x = x + h
         self.sow("intermediates", "output", x)  # kept only when asked for (Model.logits' hidden states)
+        if deepstack is not None:  # (after the layer's output is kept, as transformers lists its outputs)
+            n = deepstack.shape[0]
+            if isinstance(layer, int):
+                x = x + deepstack[layer].astype(x.dtype) if layer < n else x
+            else:
+                x = x + jnp.where(layer < n, deepstack[jnp.minimum(layer, n - 1)], 0).astype(x.dtype)
         return x, kv
 
 
@@ -104,9 +113,10 @@ class Decoder(nn.Module):
     def setup(self):
         c = self.config
         self.embedder = Embedder(c.vocab_size, c.width, c.embed_scale, dtype=self.dtype)
-        # Scanned, the arguments after x are: ropes, masks (shared), local (per layer), cache_kv (per layer), end.
+        # Scanned, the arguments after x are: ropes, masks (shared), local (per layer), cache_kv (per layer), end,
+        # deepstack (shared), the layer's index (per layer).
         self.layers = layer_stack(Block, c.depth, self.scan_layers, self.remat,
-                                  (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+                                  (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast, 0),
                                   per_layer=lambda i: dict(mixture=c.is_moe(i)), config=c, dtype=self.dtype)
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
@@ -118,13 +128,14 @@ class Decoder(nn.Module):
         return self.embedder.encode(tokens)
 
     def hidden_states(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
-                      embeddings: jax.Array | None = None,
-                      blocks: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                      embeddings: jax.Array | None = None, blocks: jax.Array | None = None,
+                      deepstack: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The final hidden states [B, T, D] (after the final norm) of T new tokens, and the updated cache.
 
         tokens, positions: int[B, T] (M-RoPE's positions: [B, T, 3]); valid: bool[B, T] (False at padding);
         embeddings: optional [B, T, D] used instead of embedding `tokens`; blocks: optional int32[B, T], tokens
-        of the same block (>= 0) attend to each other in both directions (`masks.decoder_mask`). With a cache
+        of the same block (>= 0) attend to each other in both directions (`masks.decoder_mask`); deepstack:
+        optional [n, B, T, D] the first n layers add to their outputs (`Block`). With a cache
         the tokens go to slots cache.end .. cache.end + T - 1 and the updated cache is returned.
         """
         c = self.config
@@ -167,13 +178,14 @@ class Decoder(nn.Module):
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)
-            x, (new_k, new_v) = self.layers(x, ropes, masks, jnp.asarray(local), cache_kv, end)
+            x, (new_k, new_v) = self.layers(x, ropes, masks, jnp.asarray(local), cache_kv, end, deepstack,
+                                            jnp.arange(c.depth))
         else:
             new_k, new_v = [], []
             for i, layer in enumerate(self.layers):
                 with jax.named_scope(f"layer_{i}"):
                     cache_kv = None if cache is None else (cache.k[i], cache.v[i])
-                    x, (k, v) = layer(x, ropes, masks, local[i], cache_kv, end, ring[i])
+                    x, (k, v) = layer(x, ropes, masks, local[i], cache_kv, end, deepstack, i, ring[i])
                 new_k.append(k)
                 new_v.append(v)
             new_k, new_v = tuple(new_k), tuple(new_v)
@@ -184,11 +196,11 @@ class Decoder(nn.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, valid: jax.Array, cache: KVCache | None = None,
                  embeddings: jax.Array | None = None, blocks: jax.Array | None = None,
-                 last_only: bool = False) -> DecoderOutput:
+                 last_only: bool = False, deepstack: jax.Array | None = None) -> DecoderOutput:
         """Next-token logits of T new tokens (see `hidden_states` for the arguments). `last_only` computes
         logits for the last slot only (prefill)."""
         c = self.config
-        x, cache = self.hidden_states(tokens, positions, valid, cache, embeddings, blocks)
+        x, cache = self.hidden_states(tokens, positions, valid, cache, embeddings, blocks, deepstack)
         if last_only:
             x = x[:, -1:]
         logits = self.embedder.decode(x) if c.tie_embeddings else self.lm_head(x)

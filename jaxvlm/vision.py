@@ -22,17 +22,45 @@ from jaxvlm.patches import Patches
 from jaxvlm.rope import grid_rope_tables
 
 
-def _layer_norm(c: VisionConfig, dtype: Dtype, name: str) -> nn.Module:
-    if c.norm == "rms":
-        return RMSNorm(c.norm_eps, dtype=dtype, name=name)
-    return nn.LayerNorm(epsilon=c.norm_eps, dtype=dtype, param_dtype=dtype, name=name,
+def norm_of(kind: str, eps: float, dtype: Dtype, name: str) -> nn.Module:
+    """A LayerNorm (`kind` "layer") or an RMSNorm ("rms"), as an image encoder and its projector use them."""
+    if kind == "rms":
+        return RMSNorm(eps, dtype=dtype, name=name)
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=dtype, name=name,
                         scale_init=named(nn.initializers.ones_init(), ("embed",)),
                         bias_init=named(nn.initializers.zeros_init(), ("embed",)))
+
+
+def _layer_norm(c: VisionConfig, dtype: Dtype, name: str) -> nn.Module:
+    return norm_of(c.norm, c.norm_eps, dtype, name)
 
 
 def _attention(c: VisionConfig, dtype: Dtype, name: str) -> Attention:
     return Attention(c.num_heads, c.num_heads, c.head_dim, c.head_dim ** -0.5, qkv_bias=True, out_bias=True,
                      dtype=dtype, name=name)
+
+
+def resampled_positions(table: jax.Array, patches: Patches, side: int) -> jax.Array:
+    """Learned positions on a `side` x `side` grid (`table` [side * side, D]) resampled to each patch's
+    place in its own image's grid, [L, D]: bilinear, the grids' corners aligned (as transformers'
+    `F.interpolate(mode="bilinear", align_corners=True)` taps them for Qwen3-VL)."""
+    L = patches.image.shape[0]
+    image = jnp.where(patches.image >= 0, patches.image, L)
+    extent = jax.ops.segment_max(patches.position, image, num_segments=L + 1) + 1  # [L + 1, 2]: rows, columns
+    size = extent[image].astype(jnp.float32)  # [L, 2]: the patch's image's rows and columns
+
+    def taps(index, n):  # the two table rows (or columns) either side of each patch's, and their weights
+        source = index.astype(jnp.float32) * (side - 1) / jnp.maximum(n - 1, 1)
+        floor = jnp.floor(source)
+        offsets = jnp.arange(2, dtype=jnp.float32)
+        weights = jnp.maximum(1 - jnp.abs(source[:, None] - floor[:, None] - offsets), 0)
+        return jnp.clip(floor[:, None] + offsets, 0, side - 1).astype(jnp.int32), weights
+
+    rows, row_weights = taps(patches.position[:, 0], size[:, 0])
+    columns, column_weights = taps(patches.position[:, 1], size[:, 1])
+    index = (rows[:, :, None] * side + columns[:, None, :]).reshape(L, 4)
+    weights = (row_weights[:, :, None] * column_weights[:, None, :]).reshape(L, 4)
+    return jnp.sum(jnp.take(table.astype(jnp.float32), index, axis=0) * weights[..., None], axis=1)
 
 
 class EncoderBlock(nn.Module):
@@ -98,6 +126,10 @@ class VisionEncoder(nn.Module):
         if c.image_size is None:  # patches come cut: their embedding is a linear map of their values
             self.patch_embed = Einsum("BLK,KD->BLD", (c.patch_dim, c.width), ("patch", "embed"), c.patch_bias,
                                       dtype=self.dtype)
+            if c.position_grid is not None:
+                self.pos_embedding = self.param("pos_embedding",
+                                                named(nn.initializers.normal(0.02), ("image_tokens", "embed")),
+                                                (c.position_grid ** 2, c.width), self.dtype)
             return
         self.patch_embed = nn.Conv(c.width, (p, p), strides=(p, p), padding="VALID", use_bias=c.patch_bias,
                                    dtype=self.dtype, param_dtype=self.dtype,
@@ -148,13 +180,16 @@ class VisionEncoder(nn.Module):
                 states.append(layer(states[-1], rope, masks, c.windowed(i))[0])
         return states
 
-    def patch_features(self, patches: Patches) -> jax.Array:
+    def patch_features(self, patches: Patches) -> tuple[jax.Array, list[jax.Array]]:
         """The last hidden state of a batch's images given as patches (`jaxvlm.patches`), [1, L, D]: what
-        the projector merges into tokens."""
+        the projector merges into tokens; and the outputs of the `deepstack_layers`, each [1, L, D]."""
         c = self.config
         x = self.patch_embed(patches.values[None].astype(self.dtype))
+        if c.position_grid is not None:
+            x = x + resampled_positions(self.pos_embedding, patches, c.position_grid)[None].astype(self.dtype)
         rope = tuple(t[None] for t in grid_rope_tables(patches.position, c.rope_theta, c.head_dim))
-        return self._run_layers(x, None, rope, patches.attention_masks())[-1]
+        states = self._run_layers(x, None, rope, patches.attention_masks())
+        return states[-1], [states[i + 1] for i in c.deepstack_layers]
 
     def __call__(self, pixels: jax.Array) -> jax.Array:
         """The final output [B, P(+1), D]: the post-norm covers every token, except in CLIP (class token only)."""

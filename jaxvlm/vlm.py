@@ -21,13 +21,15 @@ from jaxvlm.kv_cache import KVCache
 from jaxvlm.layers import MLP, Dtype, Einsum, RMSNorm
 from jaxvlm.inputs import Inputs
 from jaxvlm.patches import Patches
-from jaxvlm.vision import VisionEncoder
+from jaxvlm.vision import VisionEncoder, norm_of
 
 
 class Projector(nn.Module):
     """Vision width -> decoder width: one Linear (PaliGemma); Linear, exact GELU, Linear (LLaVA); (Gemma 3)
     the square patch grid average-pooled to `tokens` tokens, a Gemma RMSNorm, one Linear without bias; or
-    (Qwen-VL) an RMSNorm, each `merge` consecutive patches (a square) concatenated, Linear, GELU, Linear."""
+    (Qwen-VL) a norm of the encoder's kind (RMSNorm, LayerNorm) on each patch, or on each square with
+    `norm_after_merge` (Qwen3-VL's DeepStack), each `merge` consecutive patches (a square) concatenated,
+    Linear, GELU, Linear."""
 
     kind: str
     width: int
@@ -36,6 +38,8 @@ class Projector(nn.Module):
     tokens: int | None = None
     norm_eps: float = 1e-6
     merge: int = 1  # patches a merged token takes ("merge")
+    norm: str = "rms"  # "merge": the norm's kind, "rms" or "layer"
+    norm_after_merge: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,7 +47,9 @@ class Projector(nn.Module):
             return MLP(self.width, self.width, "gelu", self.use_bias, dtype=self.dtype, name="mlp")(x)
         if self.kind == "merge":
             B, L, C = x.shape
-            x = RMSNorm(self.norm_eps, dtype=self.dtype, name="norm")(x).reshape(B, L // self.merge, self.merge * C)
+            norm = norm_of(self.norm, self.norm_eps, self.dtype, "norm")
+            x = x.reshape(B, L // self.merge, self.merge * C) if self.norm_after_merge else x
+            x = norm(x).reshape(B, L // self.merge, self.merge * C)
             return MLP(self.merge * C, self.width, "gelu", dtype=self.dtype, name="mlp")(x)
         if self.kind == "pooled":
             B, P, C = x.shape
@@ -86,7 +92,12 @@ class VisionLanguageModel(nn.Module):
             self.vision = VisionEncoder(c.vision, self.dtype, self.remat, self.scan_layers)
         if c.is_vlm:
             self.projector = Projector(c.projector, c.decoder.width, c.projector_bias, self.dtype, c.image_tokens,
-                                       c.vision.norm_eps, c.vision.merge_size ** 2)
+                                       c.vision.norm_eps, c.vision.merge_size ** 2, c.vision.norm)
+            # DeepStack: a projector for each inner layer's features, normalising merged squares
+            self.deepstack_projectors = [
+                Projector("merge", c.decoder.width, dtype=self.dtype, norm_eps=c.vision.norm_eps,
+                          merge=c.vision.merge_size ** 2, norm=c.vision.norm, norm_after_merge=True,
+                          name=f"deepstack_projector_{k}") for k in range(len(c.vision.deepstack_layers))]
         if c.head is not None:
             self.head = ClassificationHead(c.head, self.dtype)
 
@@ -94,31 +105,41 @@ class VisionLanguageModel(nn.Module):
         """pixels float[N, H, W, C] -> the features placed in the prompt, [N, P, D_decoder]; `Patches` -> [1,
         squares, D_decoder], each merged square of patches a token."""
         if isinstance(pixels, Patches):
-            return self.projector(self.vision.patch_features(pixels))
+            return self._patch_tokens(pixels)[0]
         return self.projector(self.vision.features(pixels))
 
-    def _embeddings(self, inputs: Inputs) -> jax.Array | None:
-        """The prompt's embeddings with the images' features at the placeholders (None without images)."""
+    def _patch_tokens(self, patches: Patches) -> tuple[jax.Array, list[jax.Array]]:
+        """The merged tokens of images given as patches, [1, squares, D_decoder], and DeepStack's (each alike)."""
+        last, inner = self.vision.patch_features(patches)
+        return self.projector(last), [project(x) for project, x in zip(self.deepstack_projectors, inner)]
+
+    def _embeddings(self, inputs: Inputs) -> tuple[jax.Array | None, jax.Array | None]:
+        """The prompt's embeddings with the images' features at the placeholders (None without images), and
+        DeepStack's additions [n, B, T, D] (None without)."""
         if inputs.pixels is None:
-            return None
+            return None, None
         is_image = inputs.tokens == self.config.image_token_id
         text = self.decoder.embed(jnp.where(is_image | ~inputs.valid, 0, inputs.tokens))  # (see Decoder)
-        features = self.encode_image(inputs.pixels)
         if isinstance(inputs.pixels, Patches):  # one sequence of tokens for the whole batch, in row order
+            features, inner = self._patch_tokens(inputs.pixels)
             index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[1] - 1).reshape(is_image.shape)
-            return jnp.where(is_image[..., None], features[0][index].astype(text.dtype), text)
-        return merge_image_features(text, features, inputs.image_rows, is_image)
+            place = lambda f, base: jnp.where(is_image[..., None], f[0][index].astype(text.dtype), base)
+            deepstack = jnp.stack([place(f, 0) for f in inner]) if inner else None
+            return place(features, text), deepstack
+        return merge_image_features(text, self.encode_image(inputs.pixels), inputs.image_rows, is_image), None
 
     def __call__(self, inputs: Inputs, cache: KVCache | None = None, last_only: bool = False) -> DecoderOutput:
         """The decoder over `inputs` (`jaxvlm.inputs.Inputs`), the images' features at the placeholder tokens
         (whose ids may lie outside the vocabulary). See `Decoder.__call__` for `cache` and `last_only`."""
-        return self.decoder(inputs.tokens, inputs.positions, inputs.valid, cache,
-                            self._embeddings(inputs), inputs.blocks, last_only)
+        embeddings, deepstack = self._embeddings(inputs)
+        return self.decoder(inputs.tokens, inputs.positions, inputs.valid, cache, embeddings, inputs.blocks,
+                            last_only, deepstack)
 
     def classify(self, inputs: Inputs) -> jax.Array:
         """The classification head's float32 logits: [B, labels] or, per token, [B, T, labels]."""
-        hidden, _ = self.decoder.hidden_states(inputs.tokens, inputs.positions, inputs.valid, None,
-                                               self._embeddings(inputs), inputs.blocks)
+        embeddings, deepstack = self._embeddings(inputs)
+        hidden, _ = self.decoder.hidden_states(inputs.tokens, inputs.positions, inputs.valid, None, embeddings,
+                                               inputs.blocks, deepstack)
         return self.head(hidden, inputs.valid)
 
     def initialize(self, tokens: jax.Array, pixels: jax.Array | Patches):

@@ -330,10 +330,10 @@ def qwen_vl_prompts(seed: int, grids_per_row, text_length: int = 4) -> list[np.n
     return [np.concatenate([text()] + [np.concatenate([framed(g), text()]) for g in grids]) for grids in grids_per_row]
 
 
-def patch_values(seed: int, grids) -> np.ndarray:
-    """Random patches float32[n, 3 * 2 * 14 * 14] for images of `grids` (as the processor gives them)."""
+def patch_values(seed: int, grids, patch: int = 14) -> np.ndarray:
+    """Random patches float32[n, 3 * 2 * patch * patch] for images of `grids` (as the processor gives them)."""
     n = sum(int(np.prod(g)) for g in grids)
-    return np.random.default_rng(seed).uniform(-1, 1, (n, 3 * 2 * 14 * 14)).astype(np.float32)
+    return np.random.default_rng(seed).uniform(-1, 1, (n, 3 * 2 * patch * patch)).astype(np.float32)
 
 
 def qwen_vl_kwargs(ids: np.ndarray, mask: np.ndarray, values: np.ndarray, grids) -> dict:
@@ -343,3 +343,23 @@ def qwen_vl_kwargs(ids: np.ndarray, mask: np.ndarray, values: np.ndarray, grids)
     return {"attention_mask": torch.tensor(mask), "pixel_values": torch.from_numpy(values),
             "image_grid_thw": torch.tensor(np.asarray(grids)),
             "mm_token_type_ids": torch.tensor((np.asarray(ids) == IMAGE_TOKEN).astype(np.int64))}
+
+
+def build_qwen3_vl(seed: int = 0, eos_token_id=None, tokens: dict | None = None):
+    """A tiny random Qwen3-VL: 16-pixel patches, learned positions on a 4x4 grid, DeepStack from vision
+    layers 0 and 1 into decoder layers 0 and 1, interleaved M-RoPE over head_dim 16 ([2, 3, 3])."""
+    import torch
+    import transformers
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0,
+                bos_token_id=2, eos_token_id=eos_token_id,
+                rope_parameters=dict(rope_type="default", rope_theta=10_000.0, mrope_section=[2, 3, 3],
+                                     mrope_interleaved=True))
+    vision = dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, patch_size=16,
+                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **(tokens or QWEN_VL_TOKENS))
+    config._attn_implementation = "eager"
+    for sub in (config.text_config, config.vision_config):
+        sub._attn_implementation = "eager"
+    model = transformers.Qwen3VLForConditionalGeneration(config).to(torch.float32)
+    return _randomise(model, seed)
