@@ -295,7 +295,7 @@ def _qwen_vision_fields(cfg: Fields) -> dict:
         cfg.fail("window_size", f"at least one merged patch ({merge * patch} pixels)", cfg.integer("window_size"))
     full = cfg.integers("fullatt_block_indexes")
     rope = cfg.sub("rope_parameters", {})
-    return dict(image_size=None, patch_size=patch, width=cfg.integer("hidden_size"), depth=depth,
+    return dict(patch_size=patch, width=cfg.integer("hidden_size"), depth=depth,
                 num_heads=cfg.integer("num_heads"), mlp_dim=cfg.integer("intermediate_size"),
                 activation=cfg.text("hidden_act"), norm_eps=1e-6, rope_theta=rope.number("rope_theta", 10_000.0),
                 temporal_patch_size=cfg.integer("temporal_patch_size"), merge_size=merge, window=window,
@@ -310,7 +310,7 @@ def _qwen3_vision_fields(cfg: Fields) -> dict:
         cfg.fail("num_position_embeddings", "a square (the learned positions' grid)", positions)
     depth = cfg.integer("depth")
     rope = cfg.sub("rope_parameters", {})
-    return dict(image_size=None, patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
+    return dict(patch_size=cfg.integer("patch_size"), width=cfg.integer("hidden_size"),
                 depth=depth, num_heads=cfg.integer("num_heads"), mlp_dim=cfg.integer("intermediate_size"),
                 activation=cfg.text("hidden_act"), norm_eps=1e-6, rope_theta=rope.number("rope_theta", 10_000.0),
                 temporal_patch_size=cfg.integer("temporal_patch_size"), merge_size=cfg.integer("spatial_merge_size"),
@@ -350,7 +350,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
                  else "CLIPVisionModel"),
     # Qwen2.5-VL's: images of any size as patches, a 2-D rotary embedding, RMSNorms, a gated MLP, windows
     VisionFamily("qwen2_5_vl_vision", "Qwen2.5-VL", tuple(tables.QWEN_VISION),
-                 behaviours=dict(patch_bias=False, class_token=False, norm="rms", gated_mlp=True),
+                 behaviours=dict(image_size=None, patch_bias=False, class_token=False, norm="rms", gated_mlp=True),
                  defaults=dict(depth=32, hidden_size=3584, hidden_act="silu", intermediate_size=3420, num_heads=16,
                                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                                out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31]),
@@ -358,7 +358,7 @@ VISION_FAMILIES: dict[str, VisionFamily] = {f.model_type: f for f in [
                  read=_qwen_vision_fields, write=_qwen_vision_write, standalone=False),
     # Qwen3-VL's: LayerNorms, a plain MLP, no windows, learned positions resampled, DeepStack's inner layers
     VisionFamily("qwen3_vl_vision", "Qwen3-VL", tuple(tables.QWEN3_VISION),
-                 behaviours=dict(patch_bias=True, class_token=False, norm="layer", gated_mlp=False),
+                 behaviours=dict(image_size=None, patch_bias=True, class_token=False, norm="layer", gated_mlp=False),
                  defaults=dict(depth=27, hidden_size=1152, hidden_act="gelu_pytorch_tanh", intermediate_size=4304,
                                num_heads=16, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                                out_hidden_size=3584, num_position_embeddings=2304,

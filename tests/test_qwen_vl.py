@@ -60,7 +60,8 @@ def _patches(config, seed=0):
 
 def _features(config, params, packed):
     def run(params, packed):
-        hidden = VisionEncoder(config).apply({"params": params["vision"]}, packed, method=VisionEncoder.patch_features)
+        hidden, _ = VisionEncoder(config).apply({"params": params["vision"]}, packed,
+                                                method=VisionEncoder.patch_features)
         return Projector("merge", OUT, merge=config.merge_size ** 2).apply({"params": params["projector"]}, hidden)[0]
     return jax.jit(run)(params, packed)
 
