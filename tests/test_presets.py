@@ -20,7 +20,7 @@ RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-2-9b"
             "qwen3-8b": 8_190_735_360, "qwen3-32b": 32_762_123_264, "qwen3-30b-a3b": 30_532_122_624,
             "llama-3.1-8b": 8_030_261_248, "llama-3.2-1b": 1_235_814_400, "mistral-7b-v0.3": 7_248_023_552,
             "qwen2.5-7b": 7_615_616_512, "llava-1.5-7b": 7_063_427_072, "qwen2.5-vl-3b-instruct": 3_754_622_976,
-            "qwen2.5-vl-7b-instruct": 8_292_166_656}
+            "qwen2.5-vl-7b-instruct": 8_292_166_656, "qwen3-vl-4b-instruct": 4_437_815_808}
 
 
 @functools.cache

@@ -102,3 +102,30 @@ def test_qwen3_vl_stacked_layers_and_export(qwen3_vl, tmp_path):
     with torch.no_grad():
         want, got = (m(torch.tensor(ids), **kwargs).logits.numpy() for m in (hf, again))
     np.testing.assert_array_equal(got[mask.astype(bool)], want[mask.astype(bool)])
+
+
+def test_qwen3_vl_in_the_engine_and_in_int8(qwen3_vl, tmp_path):
+    """Rows with images of other sizes share the engine's slots and get generate's tokens (DeepStack's
+    additions made at prefill, none at decode); int8 weights in the encoder, its mergers and the decoder
+    give logits near the float ones."""
+    import jax.numpy as jnp
+    import jaxvlm
+    from jaxvlm.engine import Engine, Request
+    _, jx, rows, values, grids = qwen3_vl
+    ids, mask = hf_models.left_pad(rows)
+    want = jx.generate_ids(ids, mask, values, max_new_tokens=8, image_grid_thw=grids)
+    _, _, _, images = jx._inputs(ids, mask, values, image_grid_thw=grids)
+    engine = Engine(jx, slots=2, cache_size=128, chunk=4)
+    submitted = []
+    for i, row in enumerate(rows):
+        submitted.append(engine.submit(Request(tokens=row, pixels=images.of_row(i), max_tokens=8)))
+        engine.step()
+    done = engine.run()
+    for i, request_id in enumerate(submitted):
+        np.testing.assert_array_equal(done[request_id].tokens, want[i, :len(done[request_id].tokens)])
+    int8 = jaxvlm.load(jx.save(tmp_path / "saved"), quantize="int8")
+    assert int8.params["deepstack_projector_0"]["mlp"]["fc1"]["kernel"].dtype == jnp.int8
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=values, image_grid_thw=grids)
+    full, quantized = jx.logits(**inputs), int8.logits(**inputs)
+    valid = mask.astype(bool)
+    assert np.abs(quantized - full)[valid].max() / np.abs(full[valid]).max() < 0.05

@@ -21,11 +21,12 @@ from tests import hf_models
 MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model")),
           "8x1": ((8, 1), ("data", "model")), "fsdp": ((2, 2, 2), ("data", "fsdp", "model"))}
 TEXT_FAMILIES = {"gemma2": {}, "gemma3_text": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
-VLMS = ["paligemma", "llava_phi3", "gemma3", "qwen_vl"]
+VLMS = ["paligemma", "llava_phi3", "gemma3", "qwen_vl", "qwen3_vl"]
 IMAGES_PER_ROW = {"gemma3": [1, 2, 1]}  # several images a row; the others take one (but Qwen-VL's, of any size)
 QWEN_VL_GRIDS = [[(1, 4, 6)], [(1, 6, 4), (1, 2, 2)], [(1, 2, 4)]]  # images of any size, as patch grids
 MESHES_OF = {"gemma2": ["2x4", "8x1"], "gemma3_text": ["fsdp"], "qwen3": ["1x8"], "qwen3_mqa": ["2x4", "1x8"],
-             "paligemma": ["1x8", "8x1"], "llava_phi3": ["fsdp"], "gemma3": ["2x4"], "qwen_vl": ["2x4"]}
+             "paligemma": ["1x8", "8x1"], "llava_phi3": ["fsdp"], "gemma3": ["2x4"], "qwen_vl": ["2x4"],
+             "qwen3_vl": ["fsdp"]}
 NEW_TOKENS = 10
 
 
@@ -38,11 +39,12 @@ def family(request, tmp_path_factory):
     """(name, converted folder, inputs for logits and generation, one-device logits and tokens)."""
     name = request.param
     root = tmp_path_factory.mktemp(name)
-    if name == "qwen_vl":
-        hf = hf_models.build_qwen_vl(seed=4)
+    if name in ("qwen_vl", "qwen3_vl"):
+        hf = hf_models.build_qwen_vl(seed=4) if name == "qwen_vl" else hf_models.build_qwen3_vl(seed=4)
         rows = hf_models.qwen_vl_prompts(1, QWEN_VL_GRIDS)
         grids = [g for row in QWEN_VL_GRIDS for g in row]
-        inputs = {"pixel_values": hf_models.patch_values(0, grids), "image_grid_thw": np.asarray(grids)}
+        inputs = {"pixel_values": hf_models.patch_values(0, grids, patch=14 if name == "qwen_vl" else 16),
+                  "image_grid_thw": np.asarray(grids)}
     elif name in IMAGES_PER_ROW:
         hf = hf_models.build_vlm(name, seed=8)
         rows = hf_models.gemma3_prompts(1, IMAGES_PER_ROW[name])
@@ -163,7 +165,7 @@ def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
     name, folder, inputs, logits, tokens = family
     model = jaxvlm.load(folder, mesh=mesh("8x1"))
     one_row = {k: v[1:2] for k, v in inputs.items()}
-    if name == "qwen_vl":  # the patches of row 1's images
+    if name in ("qwen_vl", "qwen3_vl"):  # the patches of row 1's images
         _, _, _, images = model._inputs(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                         image_grid_thw=inputs["image_grid_thw"])
         one_row.update(pixel_values=images.of_row(1).values, image_grid_thw=images.of_row(1).grids)
