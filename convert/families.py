@@ -486,6 +486,17 @@ def _qwen_vl_write(config: ModelConfig) -> dict:
     return dict(image_token_id=config.image_token_id, vision_config=dict(out_hidden_size=config.decoder.width))
 
 
+# Qwen2.5-VL: images of any size, each at its marker as one token a merged square of patches; M-RoPE. (Its
+# hub files' tensor names are the canonical ones: model.layers.*, visual.*, lm_head.*.) Qwen3-VL: its
+# wiring, 16-pixel patches normalised to [-1, 1], DeepStack's mergers, transformers 5's tensor names.
+_QWEN2_5_VL = VisionLanguageFamily(
+    "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+    wiring=dict(projector="merge", prefix_lm=False, position_offset=0, prompt_format="sized_images"),
+    default_text_type="qwen2_5_vl_text", default_vision_type="qwen2_5_vl_vision", default_image_token=151_655,
+    read=_qwen_vl_read, write=_qwen_vl_write, text_types=("qwen2_5_vl_text",),
+    image_processor_type="Qwen2VLImageProcessor", processor=lambda c: ({"processor_class": "Qwen2_5_VLProcessor"}, {}),
+    file_names=())
+
 VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for f in [
     # PaliGemma: the image tokens and the prompt are one prefix with full attention; positions from 1
     VisionLanguageFamily("paligemma", "PaliGemmaForConditionalGeneration",
@@ -516,26 +527,14 @@ VISION_LANGUAGE_FAMILIES: dict[str, VisionLanguageFamily] = {f.model_type: f for
                          image_processor_type="Gemma3ImageProcessor",
                          processor=lambda c: ({"processor_class": "Gemma3Processor",
                                                "image_seq_length": c.tokens_per_image}, {})),
-    # Qwen2.5-VL: images of any size, each at its marker as one token a merged square of patches; M-RoPE
-    VisionLanguageFamily("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
-                         wiring=dict(projector="merge", prefix_lm=False, position_offset=0,
-                                     prompt_format="sized_images"),
-                         default_text_type="qwen2_5_vl_text", default_vision_type="qwen2_5_vl_vision",
-                         default_image_token=151_655, read=_qwen_vl_read, write=_qwen_vl_write,
-                         text_types=("qwen2_5_vl_text",), image_processor_type="Qwen2VLImageProcessor",
-                         processor=lambda c: ({"processor_class": "Qwen2_5_VLProcessor"}, {}),
-                         file_names=()),  # (its hub files' names: model.layers.*, visual.*, lm_head.*)
-    # Qwen3-VL: Qwen2.5-VL's wiring, 16-pixel patches normalised to [-1, 1], DeepStack
-    VisionLanguageFamily("qwen3_vl", "Qwen3VLForConditionalGeneration",
-                         wiring=dict(projector="merge", prefix_lm=False, position_offset=0,
-                                     prompt_format="sized_images"),
-                         default_text_type="qwen3_vl_text", default_vision_type="qwen3_vl_vision",
-                         default_image_token=151_655, read=_qwen_vl_read, write=_qwen_vl_write,
-                         text_types=("qwen3_vl_text",), image_processor_type="Qwen2VLImageProcessor",
-                         image_processor=dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3),
-                         processor=lambda c: ({"processor_class": "Qwen3VLProcessor"}, {}),
-                         projector_table=tables.QWEN3_MERGERS,
-                         file_names=(("model.", "model.language_model."), ("visual.", "model.visual."))),
+    _QWEN2_5_VL,
+    dataclasses.replace(_QWEN2_5_VL, model_type="qwen3_vl", architecture="Qwen3VLForConditionalGeneration",
+                        default_text_type="qwen3_vl_text", default_vision_type="qwen3_vl_vision",
+                        text_types=("qwen3_vl_text",),
+                        image_processor=dict(patch_size=16, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+                        processor=lambda c: ({"processor_class": "Qwen3VLProcessor"}, {}),
+                        projector_table=tables.QWEN3_MERGERS,
+                        file_names=(("model.", "model.language_model."), ("visual.", "model.visual."))),
 ]}
 
 

@@ -231,7 +231,7 @@ def _mesh_suite_starter() -> bool:
 # (about 7 minutes) is likely done.
 LONGEST_FIRST = ["notebooks/04_finetune.ipynb", "tests/test_parity.py", "tests/test_bad_input.py",
                  "tests/test_train.py", "tests/test_layout.py", "tests/test_vlm.py", "tests/test_qwen_vl.py",
-                 "tests/test_qwen3_vl.py", "tests/test_convert.py",
+                 "tests/test_convert.py",
                  "tests/test_shapes.py", "tests/test_quantize.py", "tests/test_lora.py", "tests/test_sharding.py",
                  "tests/test_export.py", "tests/test_generate.py", "notebooks/03_convert_and_compare.ipynb",
                  "tests/test_gemma3.py", "tests/test_dataset.py"]

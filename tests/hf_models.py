@@ -301,22 +301,47 @@ QWEN_VL_TOKENS = dict(image_token_id=IMAGE_TOKEN, vision_start_token_id=IMAGE_TO
                       vision_end_token_id=IMAGE_TOKEN - 1)
 
 
-def build_qwen_vl(seed: int = 0, eos_token_id=None, tokens: dict | None = None):
-    """A tiny random Qwen2.5-VL (float32, eager attention); `tokens`: its image, vision start and end ids."""
+# (config class, text and vision fields): Qwen2.5-VL's windows of 2x2 merged patches with full attention in
+# layer 1, M-RoPE's [2, 3, 3] in runs; Qwen3-VL's 16-pixel patches, learned positions on a 4x4 grid,
+# DeepStack from vision layers 0 and 1 into decoder layers 0 and 1, the streams interleaved
+_QWEN_VL_TEXT = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=2)
+QWEN_VLS = {
+    "qwen2_5_vl": ("Qwen2_5_VL", dict(num_hidden_layers=2, rope_parameters=dict(
+        rope_type="default", rope_theta=10_000.0, mrope_section=[2, 3, 3])),
+        dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, window_size=56,
+             fullatt_block_indexes=[1])),
+    "qwen3_vl": ("Qwen3VL", dict(num_hidden_layers=3, rope_parameters=dict(
+        rope_type="default", rope_theta=10_000.0, mrope_section=[2, 3, 3], mrope_interleaved=True)),
+        dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, patch_size=16,
+             num_position_embeddings=16, deepstack_visual_indexes=[0, 1])),
+}
+
+
+def build_qwen_vl(name: str = "qwen2_5_vl", seed: int = 0, eos_token_id=None, tokens: dict | None = None):
+    """A tiny random Qwen2.5-VL or Qwen3-VL (float32, eager attention); `tokens`: its image, vision start and
+    end ids."""
     import torch
     import transformers
-    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0, bos_token_id=2,
-                eos_token_id=eos_token_id, rope_parameters=dict(rope_type="default", rope_theta=10_000.0,
-                                                                 mrope_section=[2, 3, 3]))
-    vision = dict(depth=2, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, window_size=56,
-                  fullatt_block_indexes=[1])
-    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **(tokens or QWEN_VL_TOKENS))
+    stem, text, vision = QWEN_VLS[name]
+    config = getattr(transformers, f"{stem}Config")(text_config=dict(_QWEN_VL_TEXT, eos_token_id=eos_token_id, **text),
+                                                    vision_config=vision, **(tokens or QWEN_VL_TOKENS))
     config._attn_implementation = "eager"
     for sub in (config.text_config, config.vision_config):
         sub._attn_implementation = "eager"
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    model = getattr(transformers, f"{stem}ForConditionalGeneration")(config).to(torch.float32)
     return _randomise(model, seed)
+
+
+def hf_qwen_vl_generate(model, rows, values, grids, max_new_tokens: int) -> np.ndarray:
+    """transformers' greedy generation on left-padded rows with images of any size, padded to max_new_tokens."""
+    import torch
+    ids, mask = left_pad(rows)
+    with torch.no_grad():
+        out = model.generate(torch.tensor(ids), **qwen_vl_kwargs(ids, mask, values, grids), do_sample=False,
+                             max_new_tokens=max_new_tokens, min_new_tokens=0, pad_token_id=0)
+    new = out[:, ids.shape[1]:].numpy()
+    return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])))
 
 
 def qwen_vl_prompts(seed: int, grids_per_row, text_length: int = 4) -> list[np.ndarray]:
@@ -344,22 +369,3 @@ def qwen_vl_kwargs(ids: np.ndarray, mask: np.ndarray, values: np.ndarray, grids)
             "image_grid_thw": torch.tensor(np.asarray(grids)),
             "mm_token_type_ids": torch.tensor((np.asarray(ids) == IMAGE_TOKEN).astype(np.int64))}
 
-
-def build_qwen3_vl(seed: int = 0, eos_token_id=None, tokens: dict | None = None):
-    """A tiny random Qwen3-VL: 16-pixel patches, learned positions on a 4x4 grid, DeepStack from vision
-    layers 0 and 1 into decoder layers 0 and 1, interleaved M-RoPE over head_dim 16 ([2, 3, 3])."""
-    import torch
-    import transformers
-    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0,
-                bos_token_id=2, eos_token_id=eos_token_id,
-                rope_parameters=dict(rope_type="default", rope_theta=10_000.0, mrope_section=[2, 3, 3],
-                                     mrope_interleaved=True))
-    vision = dict(depth=3, hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64, patch_size=16,
-                  num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
-    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **(tokens or QWEN_VL_TOKENS))
-    config._attn_implementation = "eager"
-    for sub in (config.text_config, config.vision_config):
-        sub._attn_implementation = "eager"
-    model = transformers.Qwen3VLForConditionalGeneration(config).to(torch.float32)
-    return _randomise(model, seed)

@@ -1,5 +1,7 @@
-"""Qwen2.5-VL's image encoder against transformers': images of any size as one sequence of patches, the
-2-D rotary embedding, window attention with its full-attention layers, and the patch merger."""
+"""Qwen2.5-VL and Qwen3-VL against transformers: images of any size as one sequence of patches (the 2-D
+rotary embedding, Qwen2.5-VL's window attention with its full-attention layers, Qwen3-VL's learned
+positions resampled to each image), the patch mergers, M-RoPE (in runs, interleaved) and DeepStack; the
+processors, chat, the engine, the server, export, stacked layers, int8 and bad configs."""
 
 from __future__ import annotations
 
@@ -171,29 +173,24 @@ ROW_GRIDS = [[(1, 4, 6)], [(1, 6, 4), (1, 2, 2)]]
 NEW_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def qwen_vl(convert_and_load):
-    """(torch model, jaxvlm model, rows, patches, grids): EOS is a token the greedy run really produces."""
-    from tests import hf_models
+QWEN2_5 = pytest.mark.parametrize("qwen_vl", ["qwen2_5_vl"], indirect=True)  # what one family's test shows
+QWEN3 = pytest.mark.parametrize("qwen_vl", ["qwen3_vl"], indirect=True)
+
+
+@pytest.fixture(scope="module", params=list(hf_models.QWEN_VLS))
+def qwen_vl(request, convert_and_load):
+    """(torch model, jaxvlm model, rows, patches, grids) of a tiny Qwen2.5-VL or Qwen3-VL: EOS is a token
+    the greedy run really produces."""
     rows = hf_models.qwen_vl_prompts(1, ROW_GRIDS)
     grids = [g for row in ROW_GRIDS for g in row]
-    values = hf_models.patch_values(0, grids)
-    hf = hf_models.build_qwen_vl(seed=3)
-    free = _hf_generate(hf, rows, values, grids)
+    values = hf_models.patch_values(0, grids, patch=14 if request.param == "qwen2_5_vl" else 16)
+    hf = hf_models.build_qwen_vl(request.param, seed=3)
+    free = hf_models.hf_qwen_vl_generate(hf, rows, values, grids, NEW_TOKENS)
     hf.config.eos_token_id = hf.generation_config.eos_token_id = int(free[1, 6])
-    return hf, convert_and_load(hf, "qwen_vl"), rows, values, grids
+    return hf, convert_and_load(hf, request.param), rows, values, grids
 
 
-def _hf_generate(hf, rows, values, grids):
-    from tests import hf_models
-    ids, mask = hf_models.left_pad(rows)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor(ids), **hf_models.qwen_vl_kwargs(ids, mask, values, grids), do_sample=False,
-                          max_new_tokens=NEW_TOKENS, min_new_tokens=0, pad_token_id=0)
-    new = out[:, ids.shape[1]:].numpy()
-    return np.pad(new, ((0, 0), (0, NEW_TOKENS - new.shape[1])))
-
-
+@QWEN2_5
 def test_the_converted_model_reads_qwen2_5_vl(qwen_vl):
     _, jx, _, _, _ = qwen_vl
     c = jx.config
@@ -204,7 +201,6 @@ def test_the_converted_model_reads_qwen2_5_vl(qwen_vl):
 
 
 def test_qwen_vl_logits_match_on_rows_with_images_of_different_sizes(qwen_vl):
-    from tests import hf_models
     hf, jx, rows, values, grids = qwen_vl
     ids, mask = hf_models.left_pad(rows)
     with torch.no_grad():
@@ -214,22 +210,19 @@ def test_qwen_vl_logits_match_on_rows_with_images_of_different_sizes(qwen_vl):
     assert diff <= 1e-4, f"max |logits diff| {diff}"
 
 
+@QWEN2_5
 def test_the_engine_answers_rows_with_images_of_different_sizes(qwen_vl):
     """Requests with one and two images of other sizes share the engine's slots and get generate's tokens;
     a second question about the same images reuses their cache, M-RoPE's text positions shifted alike."""
     from jaxvlm.engine import Engine, Request
+    from tests.test_engine import staggered
     _, jx, rows, values, grids = qwen_vl
     ids, mask = hf_models.left_pad(rows)
     want = jx.generate_ids(ids, mask, values, max_new_tokens=8, image_grid_thw=grids)
     _, _, _, images = jx._inputs(ids, mask, values, image_grid_thw=grids)
-    engine = Engine(jx, slots=2, cache_size=128, chunk=4)
-    submitted = []
-    for i, row in enumerate(rows):
-        submitted.append(engine.submit(Request(tokens=row, pixels=images.of_row(i), max_tokens=8)))
-        engine.step()
-    done = engine.run()
-    for i, request_id in enumerate(submitted):
-        tokens = done[request_id].tokens
+    got = staggered(Engine(jx, slots=2, cache_size=128, chunk=4),
+                    [Request(tokens=row, pixels=images.of_row(i), max_tokens=8) for i, row in enumerate(rows)], [0, 1])
+    for i, tokens in enumerate(got):
         np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
     again = np.concatenate([rows[1]] + [rows[1][-4:]] * 4)  # the same images, a question 16 tokens longer
     answers = []
@@ -243,6 +236,7 @@ def test_the_engine_answers_rows_with_images_of_different_sizes(qwen_vl):
     np.testing.assert_allclose(answers[1].logprobs, answers[3].logprobs, atol=1e-5)
 
 
+@QWEN2_5
 def test_qwen_vl_exports_to_identical_logits(qwen_vl, tmp_path):
     """Export back: transformers' Qwen2_5_VLForConditionalGeneration loads the folder and gives the logits
     of the model it was converted from, the config's M-RoPE section, windows and full-attention layers kept."""
@@ -259,6 +253,7 @@ def test_qwen_vl_exports_to_identical_logits(qwen_vl, tmp_path):
     assert (again.config.vision_config.window_size, again.config.vision_config.fullatt_block_indexes) == (56, [1])
 
 
+@QWEN2_5
 def test_stacked_layers_and_int8_weights(qwen_vl, tmp_path):
     """scan_layers: the vision tower's window and full-attention layers scanned with the decoder's, the
     unrolled logits and tokens. int8: the encoder's and the decoder's projections held as int8, the
@@ -282,6 +277,7 @@ def test_stacked_layers_and_int8_weights(qwen_vl, tmp_path):
     assert error < 0.05, error
 
 
+@QWEN2_5
 def test_images_of_ten_sizes_compile_a_program_a_patch_bucket(qwen_vl, caplog):
     """Patch counts are padded to a bucket (a power of two times a merged square): ten image sizes run six
     forward programs, one for each pair of a patch bucket and a prompt-length bucket."""
@@ -306,7 +302,7 @@ def test_qwen_vl_greedy_tokens_match(qwen_vl):
     from tests import hf_models
     hf, jx, rows, values, grids = qwen_vl
     ids, mask = hf_models.left_pad(rows)
-    want = _hf_generate(hf, rows, values, grids)
+    want = hf_models.hf_qwen_vl_generate(hf, rows, values, grids, NEW_TOKENS)
     got = jx.generate_ids(ids, mask, values, max_new_tokens=NEW_TOKENS, image_grid_thw=grids)
     np.testing.assert_array_equal(got, want)
     assert (got == jx.config.tokens.eos_ids[0]).any(), "the test should exercise end-of-sequence"
@@ -327,9 +323,8 @@ SIZES = [(50, 90), (120, 40), (64, 64), (30, 200), (10, 30), (300, 280)]
 
 
 # each family's processor and patch: Qwen2.5-VL's 14 pixels with CLIP's statistics, Qwen3-VL's 16 with 0.5
-PROCESSORS = {"qwen2_5_vl": ("Qwen2_5_VLProcessor", 14, {}, hf_models.build_qwen_vl),
-              "qwen3_vl": ("Qwen3VLProcessor", 16, dict(image_mean=[0.5] * 3, image_std=[0.5] * 3),
-                           hf_models.build_qwen3_vl)}
+PROCESSORS = {"qwen2_5_vl": ("Qwen2_5_VLProcessor", 14, {}),
+              "qwen3_vl": ("Qwen3VLProcessor", 16, dict(image_mean=[0.5] * 3, image_std=[0.5] * 3))}
 
 
 @pytest.fixture(scope="module", params=list(PROCESSORS))
@@ -339,7 +334,7 @@ def qwen_vl_with_processor(request, tmp_path_factory, qwen_tokenizer):
     import PIL.Image
     import transformers
     from transformers import Qwen2VLImageProcessorPil
-    processor_class, patch, statistics, build = PROCESSORS[request.param]
+    processor_class, patch, statistics = PROCESSORS[request.param]
     processor_class = getattr(transformers, processor_class)
     root = tmp_path_factory.mktemp(request.param)
     hf_dir = root / "hf"
@@ -353,8 +348,8 @@ def qwen_vl_with_processor(request, tmp_path_factory, qwen_tokenizer):
                        lambda self, name, arg: None if arg is None else check(self, name, arg))
         processor = processor_class(image_processor=Qwen2VLImageProcessorPil(
             min_pixels=2 * merged, max_pixels=12 * merged, patch_size=patch, **statistics), tokenizer=tokenizer)
-    model = build(seed=5, eos_token_id=1, tokens=dict(image_token_id=image, vision_start_token_id=start,
-                                                       vision_end_token_id=end))
+    model = hf_models.build_qwen_vl(request.param, seed=5, eos_token_id=1, tokens=dict(
+        image_token_id=image, vision_start_token_id=start, vision_end_token_id=end))
     model.save_pretrained(hf_dir)
     processor.image_processor.save_pretrained(hf_dir)  # (the processor's own save wants the video processor)
     tokenizer.save_pretrained(hf_dir)
@@ -478,3 +473,80 @@ def test_a_bad_qwen_vl_config_is_named(qwen_vl_with_processor, tmp_path, name, e
     (folder / name).write_text(json.dumps(edit(data)))
     with pytest.raises(ValueError, match=message):
         jaxvlm.load(folder)
+
+
+# --- Qwen3-VL: its encoder's learned positions and DeepStack ------------------------------------------
+@QWEN3
+def test_the_converted_model_reads_qwen3_vl(qwen_vl):
+    _, jx, _, _, _ = qwen_vl
+    c = jx.config
+    assert (c.model_type, c.decoder.model_type, c.vision.model_type) == ("qwen3_vl", "qwen3_vl_text",
+                                                                         "qwen3_vl_vision")
+    assert c.decoder.rope.mrope_section == (2, 3, 3) and c.decoder.rope.mrope_interleaved and c.decoder.use_qk_norm
+    assert (c.vision.position_grid, c.vision.deepstack_layers, c.vision.window, c.vision.norm) == (4, (0, 1), None,
+                                                                                                   "layer")
+
+
+@QWEN3
+def test_image_features_and_deepstack_match(qwen_vl):
+    """The merged tokens and DeepStack's, for images of two sizes at once."""
+    import jax
+    from jaxvlm.inputs import Images
+    from jaxvlm.patches import PatchImages
+    from jaxvlm.vlm import VisionLanguageModel
+    hf, jx, _, values, grids = qwen_vl
+    with torch.no_grad():
+        want = hf.model.visual(torch.from_numpy(values), grid_thw=torch.tensor(grids))
+    images = Images.of_rows([PatchImages(values, np.asarray(grids, np.int32))])
+    patches, _ = images.bucketed(jx.config.vision)
+    tokens, inner = jax.jit(lambda p, x: VisionLanguageModel(jx.config.computation).apply(
+        {"params": p}, x, method="_patch_tokens"))(jx.params, patches)
+    n = len(want.pooler_output)
+    np.testing.assert_allclose(np.asarray(tokens)[0, :n], want.pooler_output.numpy(), atol=1e-5, rtol=1e-4)
+    assert len(inner) == len(want.deepstack_features) == 2
+    for mine, theirs in zip(inner, want.deepstack_features):
+        np.testing.assert_allclose(np.asarray(mine)[0, :n], theirs.numpy(), atol=1e-5, rtol=1e-4)
+
+
+@QWEN3
+def test_qwen3_vl_stacked_layers_and_export(qwen_vl, tmp_path):
+    """scan_layers (DeepStack's additions indexed by the scanned layer) gives the unrolled logits; export
+    back loads in transformers to the same logits."""
+    import jaxvlm
+    from transformers import Qwen3VLForConditionalGeneration
+    hf, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=values, image_grid_thw=grids)
+    stacked = jaxvlm.load(jx.save(tmp_path / "saved"), scan_layers=True)
+    np.testing.assert_allclose(stacked.logits(**inputs), jx.logits(**inputs), atol=1e-5, rtol=0)
+    again = Qwen3VLForConditionalGeneration.from_pretrained(jx.export_hf(tmp_path / "out"),
+                                                            attn_implementation="eager").eval()
+    kwargs = hf_models.qwen_vl_kwargs(ids, mask, values, grids)
+    with torch.no_grad():
+        want, got = (m(torch.tensor(ids), **kwargs).logits.numpy() for m in (hf, again))
+    np.testing.assert_array_equal(got[mask.astype(bool)], want[mask.astype(bool)])
+
+
+@QWEN3
+def test_qwen3_vl_in_the_engine_and_in_int8(qwen_vl, tmp_path):
+    """Rows with images of other sizes share the engine's slots and get generate's tokens (DeepStack's
+    additions made at prefill, none at decode); int8 weights in the encoder, its mergers and the decoder
+    give logits near the float ones."""
+    import jax.numpy as jnp
+    import jaxvlm
+    from jaxvlm.engine import Engine, Request
+    from tests.test_engine import staggered
+    _, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    want = jx.generate_ids(ids, mask, values, max_new_tokens=8, image_grid_thw=grids)
+    _, _, _, images = jx._inputs(ids, mask, values, image_grid_thw=grids)
+    got = staggered(Engine(jx, slots=2, cache_size=128, chunk=4),
+                    [Request(tokens=row, pixels=images.of_row(i), max_tokens=8) for i, row in enumerate(rows)], [0, 1])
+    for i, tokens in enumerate(got):
+        np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
+    int8 = jaxvlm.load(jx.save(tmp_path / "saved"), quantize="int8")
+    assert int8.params["deepstack_projector_0"]["mlp"]["fc1"]["kernel"].dtype == jnp.int8
+    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=values, image_grid_thw=grids)
+    full, quantized = jx.logits(**inputs), int8.logits(**inputs)
+    valid = mask.astype(bool)
+    assert np.abs(quantized - full)[valid].max() / np.abs(full[valid]).max() < 0.05

@@ -40,7 +40,7 @@ def family(request, tmp_path_factory):
     name = request.param
     root = tmp_path_factory.mktemp(name)
     if name in ("qwen_vl", "qwen3_vl"):
-        hf = hf_models.build_qwen_vl(seed=4) if name == "qwen_vl" else hf_models.build_qwen3_vl(seed=4)
+        hf = hf_models.build_qwen_vl("qwen2_5_vl" if name == "qwen_vl" else name, seed=4)
         rows = hf_models.qwen_vl_prompts(1, QWEN_VL_GRIDS)
         grids = [g for row in QWEN_VL_GRIDS for g in row]
         inputs = {"pixel_values": hf_models.patch_values(0, grids, patch=14 if name == "qwen_vl" else 16),
