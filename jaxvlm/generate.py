@@ -209,7 +209,7 @@ def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVC
     (no padding), are run. `seen` bool[1, V] marks the whole prompt's tokens (the repetition penalty's). The
     state is laid out as `prefill`'s, in `cache_size` slots with the prompt ending at the last (so
     `reused + T <= cache_size`), every layer full length. `shift`: how far the first position run lies past
-    `reused` (M-RoPE: the reused images' own count, `PatchImages.position_shift`)."""
+    `reused` (M-RoPE: `prefix_cache.position_shift` of the reused images)."""
     T = tokens.shape[1]
     end = cache_size - T
     token_at = jnp.arange(cache_size) - (end - reused)  # the prompt's token each slot holds
