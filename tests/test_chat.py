@@ -215,6 +215,7 @@ def test_a_template_is_compiled_at_first_use_and_never_folds_constants(chat_mode
     ("{{ 1 / 0 }}", r"the chat template failed \(ZeroDivisionError: division by zero\)"),
 ])
 def test_rendering_is_bounded_and_any_error_names_the_template(monkeypatch, template, message):
-    monkeypatch.setattr(chat_module, "RENDER_SECONDS", 0.5)
+    if "took more than" in message:  # the time bound shortened where it is what stops the rendering (elsewhere
+        monkeypatch.setattr(chat_module, "RENDER_SECONDS", 0.5)  # a loaded machine would meet it first)
     with pytest.raises(ValueError, match=rf"^bounded.jinja: (the chat template )?.*{message}"):
         chat_module.ChatTemplate(template, "bounded.jinja", {}).render([{"role": "user", "content": "7"}])

@@ -1,5 +1,5 @@
 """Stacked layers: `scan_layers=True` keeps each stack as [L, ...] params run by a scan, and gives what
-the unrolled layers give, for every family, at inference and in training."""
+the unrolled layers give, for each kind of stack, at inference and in training."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ from jaxvlm.train import Trainer, loss_curve
 from tests import hf_models
 from tests import tiny_training as tiny
 
-FAMILIES = ["gemma2", "gemma3_text", "phi3", "qwen3", "paligemma", "llava_phi3"]
+# a stack of each kind: local and global layers, local layers' own rotary embedding, fused q/k/v read
+# apart, q/k norms, a vision tower under a prefix (CLIP's inner feature layer, scanned, is Qwen-VL's too:
+# tests/test_qwen_vl.py's stacked tests)
+FAMILIES = ["gemma2", "gemma3_text", "phi3", "qwen3", "paligemma"]
 NEW_TOKENS = 24
 
 
