@@ -210,10 +210,9 @@ def test_qwen_vl_logits_match_on_rows_with_images_of_different_sizes(qwen_vl):
     assert diff <= 1e-4, f"max |logits diff| {diff}"
 
 
-@QWEN2_5
 def test_the_engine_answers_rows_with_images_of_different_sizes(qwen_vl):
-    """Requests with one and two images of other sizes share the engine's slots and get generate's tokens;
-    a second question about the same images reuses their cache, M-RoPE's text positions shifted alike."""
+    """Requests with one and two images of other sizes share the engine's slots and get generate's tokens
+    (Qwen3-VL: DeepStack's additions made at prefill, none at decode)."""
     from jaxvlm.engine import Engine, Request
     from tests.test_engine import staggered
     _, jx, rows, values, grids = qwen_vl
@@ -224,6 +223,16 @@ def test_the_engine_answers_rows_with_images_of_different_sizes(qwen_vl):
                     [Request(tokens=row, pixels=images.of_row(i), max_tokens=8) for i, row in enumerate(rows)], [0, 1])
     for i, tokens in enumerate(got):
         np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
+
+
+@QWEN2_5
+def test_a_second_question_about_the_same_images_reuses_their_cache(qwen_vl):
+    """The reused prompt's text positions are shifted as M-RoPE numbers them past its images: the same
+    tokens and log-probabilities as without the prefix cache."""
+    from jaxvlm.engine import Engine, Request
+    _, jx, rows, values, grids = qwen_vl
+    ids, mask = hf_models.left_pad(rows)
+    _, _, _, images = jx._inputs(ids, mask, values, image_grid_thw=grids)
     again = np.concatenate([rows[1]] + [rows[1][-4:]] * 4)  # the same images, a question 16 tokens longer
     answers = []
     for budget in (1 << 30, 0):
@@ -528,22 +537,12 @@ def test_qwen3_vl_stacked_layers_and_export(qwen_vl, tmp_path):
 
 
 @QWEN3
-def test_qwen3_vl_in_the_engine_and_in_int8(qwen_vl, tmp_path):
-    """Rows with images of other sizes share the engine's slots and get generate's tokens (DeepStack's
-    additions made at prefill, none at decode); int8 weights in the encoder, its mergers and the decoder
-    give logits near the float ones."""
+def test_qwen3_vl_int8_weights(qwen_vl, tmp_path):
+    """int8 weights in the encoder, its mergers and the decoder give logits near the float ones."""
     import jax.numpy as jnp
     import jaxvlm
-    from jaxvlm.engine import Engine, Request
-    from tests.test_engine import staggered
     _, jx, rows, values, grids = qwen_vl
     ids, mask = hf_models.left_pad(rows)
-    want = jx.generate_ids(ids, mask, values, max_new_tokens=8, image_grid_thw=grids)
-    _, _, _, images = jx._inputs(ids, mask, values, image_grid_thw=grids)
-    got = staggered(Engine(jx, slots=2, cache_size=128, chunk=4),
-                    [Request(tokens=row, pixels=images.of_row(i), max_tokens=8) for i, row in enumerate(rows)], [0, 1])
-    for i, tokens in enumerate(got):
-        np.testing.assert_array_equal(tokens, want[i, :len(tokens)], err_msg=f"row {i}")
     int8 = jaxvlm.load(jx.save(tmp_path / "saved"), quantize="int8")
     assert int8.params["deepstack_projector_0"]["mlp"]["fc1"]["kernel"].dtype == jnp.int8
     inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=values, image_grid_thw=grids)
