@@ -11,16 +11,17 @@ if not _glob.glob("/dev/accel*") and not _glob.glob("/dev/vfio/[0-9]*"):
                           ("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
         _os.environ.setdefault(_name, _value)
 
-from jaxvlm.config import DecoderConfig, ImageProcessing, ModelConfig, RopeConfig, TokensConfig, VisionConfig
-
 __all__ = ["DecoderConfig", "ImageProcessing", "ModelConfig", "Model", "RopeConfig", "TokensConfig", "VisionConfig",
            "load"]
 
 
 def __getattr__(name):
-    # The model (and jax with it) is imported on first use, so that the `jaxvlm` command starts at once and
-    # a Ctrl-C while jax loads is the command's to report.
+    # Everything is imported on first use (numpy and jax with it), so that the `jaxvlm` command installs its
+    # Ctrl-C handler at once: an interruption while they load is the command's to report, in one line.
     if name in ("Model", "load"):
         from jaxvlm import model
         return getattr(model, name)
+    if name in __all__:
+        from jaxvlm import config
+        return getattr(config, name)
     raise AttributeError(f"module 'jaxvlm' has no attribute {name!r}")
