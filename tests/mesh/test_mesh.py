@@ -20,11 +20,11 @@ from tests import hf_models
 
 MESHES = {"2x4": ((2, 4), ("data", "model")), "1x8": ((1, 8), ("data", "model")),
           "8x1": ((8, 1), ("data", "model")), "fsdp": ((2, 2, 2), ("data", "fsdp", "model"))}
-TEXT_FAMILIES = {"gemma2": {}, "gemma3_text": {}, "qwen3": {}, "qwen3_mqa": {"num_key_value_heads": 1}}
+TEXT_FAMILIES = {"gemma2": {}, "qwen3_mqa": {"num_key_value_heads": 1}}  # (Gemma 3's decoder: the VLM's)
 VLMS = ["paligemma", "llava_phi3", "gemma3", "qwen_vl", "qwen3_vl"]
 IMAGES_PER_ROW = {"gemma3": [1, 2, 1]}  # several images a row; the others take one (but Qwen-VL's, of any size)
 QWEN_VL_GRIDS = [[(1, 4, 6)], [(1, 6, 4), (1, 2, 2)], [(1, 2, 4)]]  # images of any size, as patch grids
-MESHES_OF = {"gemma2": ["2x4", "8x1"], "gemma3_text": ["fsdp"], "qwen3": ["1x8"], "qwen3_mqa": ["2x4", "1x8"],
+MESHES_OF = {"gemma2": ["2x4", "8x1"], "qwen3_mqa": ["2x4", "1x8"],
              "paligemma": ["1x8", "8x1"], "llava_phi3": ["fsdp"], "gemma3": ["2x4"], "qwen_vl": ["2x4"],
              "qwen3_vl": ["fsdp"]}
 NEW_TOKENS = 10
@@ -150,6 +150,9 @@ def test_rules_split_what_divides_and_use_each_mesh_axis_once():
     assert custom.spec(("embed", "mlp"), (64, 128)) == P("model", None)
 
 
+# (the families whose stacks differ: local and global layers in one scan, an image encoder's stack beside the
+# decoder's, DeepStack's additions picked by layer index)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen3_vl"], indirect=True)
 def test_stacked_layers_on_a_mesh(family):
     """Stacked [L, ...] params split like the unrolled ones (the layer axis stays whole)."""
     name, folder, inputs, logits, tokens = family
@@ -160,6 +163,8 @@ def test_stacked_layers_on_a_mesh(family):
     np.testing.assert_array_equal(model.generate_ids(**inputs, max_new_tokens=NEW_TOKENS), tokens)
 
 
+# (a text row, a row of several images, a row of images of any size: the padding copies what the row holds)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "qwen_vl"], indirect=True)
 def test_a_batch_the_data_axis_does_not_divide_is_padded(family):
     """One row on 8 data shards: padded with seven copies of it, which are dropped again."""
     name, folder, inputs, logits, tokens = family
