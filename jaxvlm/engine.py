@@ -12,7 +12,9 @@ The cache is circular (`jaxvlm.kv_cache`): a request's prompt is written to end 
 whichever row is free, and the cursor never runs out. A prompt that begins like a recent one takes that
 one's keys and values and runs only its end (`jaxvlm.prefix_cache`). Shapes are fixed by the engine's slots,
 cache size and chunk, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles
-anything.
+anything. A chunk in which no request samples (temperature 0 in all) runs a greedy program of its own, with no
+filters and no draw (smaller and quicker to compile), so warm-up means greedy and sampled requests both; so do
+a repetition penalty and top log-probabilities, whose chunks keep what they need.
 
     engine = Engine(model, slots=8)
     request_id = engine.submit_text("caption en", image="cat.jpg", max_tokens=32)   # or submit(Request(...))
@@ -168,18 +170,18 @@ def insert(state: DecodeState, prefilled: DecodeState, slot) -> DecodeState:
                        seen=row("seen"))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "rows", "shard", "top_n"),
-                   donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "rows", "shard", "top_n",
+                                             "sampling"), donate_argnames=("state",))
 def decode_rows(config, dtype, penalize: bool, steps: int, rows: int, shard, params, state: DecodeState, rules,
-                top_n: int):
+                top_n: int, sampling: bool = True):
     """`generate.decode` of the first `rows` rows of `state` (the others kept as they are)."""
     if rows == state.token.shape[0]:
-        return decode(config, dtype, penalize, steps, shard, params, state, rules, top_n=top_n)
+        return decode(config, dtype, penalize, steps, shard, params, state, rules, top_n=top_n, sampling=sampling)
     batch_axis = lambda x: x.ndim - 4 if x.ndim >= 4 else 0  # cache entries [..., B, S, K, H]; the rest [B, ...]
     rows_of = lambda tree: jax.tree.map(lambda x: x if x.ndim == 0 else jax.lax.slice_in_dim(x, 0, rows,
                                                                                            axis=batch_axis(x)), tree)
     part, tokens, logprobs, top = decode(config, dtype, penalize, steps, None, params, rows_of(state), rules,
-                                         top_n=top_n)
+                                         top_n=top_n, sampling=sampling)
     state = jax.tree.map(lambda x, y: y if x.ndim == 0 else jax.lax.dynamic_update_slice_in_dim(x, y, 0, batch_axis(x)),
                          state, part)
     return state, tokens, logprobs, top
@@ -401,7 +403,7 @@ class Engine:
             prefilled, token, logprob, top = prefill_after(
                 self.config, self.model.dtype, length, self.model.params, entry.cache, np.int32(entry.first),
                 np.int32(reused), request.tokens[None, reused:], seen, one, top_n=top_n,
-                shift=np.int32(position_shift(request.pixels, self.config)))
+                shift=np.int32(position_shift(request.pixels, self.config)), sampling=bool(request.temperature > 0))
             self.prefix_cache.use(entry, reused)
         else:
             # on a mesh the batch is padded to the devices it is split over (copies of the row, then dropped)
@@ -414,7 +416,8 @@ class Engine:
                 put(prefix), place(self.shard, pixels), place(self.shard, image_rows), put(np.zeros(1, bool)),
                 np.full(rows, steps, np.int32),
                 {k: v if k in ("eos_ids", "pad_id") else pad_rows(v, rows) for k, v in one.items()}, top_n=top_n,
-                rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype)
+                rings=self.prefix_cache is None, cache_dtype=self.model.cache_dtype,
+                sampling=bool(request.temperature > 0))
         if self._cacheable(request):
             self.prefix_cache.add(request.tokens, images, prefilled.cache, length - len(request.tokens))
         check_finite_tokens(np.asarray(token)[:1, None], steps, names=[self._name(request_id)])
@@ -455,8 +458,10 @@ class Engine:
         running = [self.live[r].request for r in self.running.values()]
         top_n = MAX_TOP_LOGPROBS if any(r.top_logprobs for r in running) else 0
         penalize = any(r.repetition_penalty != 1 for r in running)
+        sampling = any(r.temperature > 0 for r in running)  # else the greedy program: no filters, no draw
         self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, penalize, self.chunk, rows,
-                                                        self.shard, self.model.params, self.state, rules, top_n)
+                                                        self.shard, self.model.params, self.state, rules, top_n,
+                                                        sampling)
         return tokens, logprobs, top
 
     def _read(self, chunk) -> None:

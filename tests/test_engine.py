@@ -91,8 +91,11 @@ def test_a_new_mix_of_requests_compiles_nothing(text_family, caplog):
     _, _, jx, rows = text_family
     engine = Engine(jx, slots=2, cache_size=64, chunk=4)
     prompts, lengths, arrivals = [rows[2], rows[0][:4], rows[1][:10]], [3, 11, 5], [0, 2, 2]
-    # the engine's programs, greedy: prompt buckets, and one or both slots decoding
-    staggered(engine, [Request(tokens=p, max_tokens=n) for p, n in zip(prompts, lengths)], arrivals)
+    # the engine's programs: prompt buckets, one or both slots decoding, greedy and sampling (each request
+    # runs to its max_tokens, so that both warm-ups see the same chunks)
+    for warm_up in ({}, dict(temperature=1.0)):
+        staggered(engine, [Request(tokens=p, max_tokens=n, min_new_tokens=n, **warm_up)
+                           for p, n in zip(prompts, lengths)], arrivals)
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         caplog.clear()
         settings = [dict(temperature=0.9, seed=8), dict(top_k=3, temperature=1.0), dict(min_new_tokens=2)]
