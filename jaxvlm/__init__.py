@@ -25,3 +25,8 @@ def __getattr__(name):
         from jaxvlm import config
         return getattr(config, name)
     raise AttributeError(f"module 'jaxvlm' has no attribute {name!r}")
+
+
+def __dir__():
+    # the names loaded on first use, which the module's own namespace holds none of until then
+    return sorted(set(globals()) | set(__all__))

@@ -40,6 +40,15 @@ def test_version():
     assert out.returncode == 0 and out.stdout == f"jaxvlm {metadata.version('jaxvlm')}\n"
 
 
+def test_import_loads_neither_numpy_nor_jax_and_lists_its_names():
+    """`import jaxvlm` leaves numpy and jax to first use (the command's Ctrl-C handler is in place before
+    they load), and `dir(jaxvlm)` still lists what `from jaxvlm import ...` finds."""
+    code = ("import sys, jaxvlm; print(sorted({'numpy', 'jax'} & set(sys.modules)));"
+            "print(all(n in dir(jaxvlm) for n in jaxvlm.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["[]", "True"], out
+
+
 def test_every_option_has_help_text():
     parsers = [build_parser()]
     parsers += [p for action in parsers[0]._actions if isinstance(action, argparse._SubParsersAction)
