@@ -60,9 +60,10 @@ class Attention(nn.Module):
         each) the new keys and values are written at slots end .. end + T - 1 and attention runs over the
         whole cache. A `ring` cache ([B, W, K, H], see `jaxvlm.kv_cache`) takes them at their slots modulo
         W; one new token attends over the ring after the write, several over the ring before it and
-        themselves (the mask is laid out accordingly). `prompt` (valid bool[B, T], the layer's window, whether
-        it is local: a bool, or traced in a scan) says that the tokens are a prompt run into a fresh cache with
-        no bidirectional blocks, which `jaxvlm.splash` may serve. Returns (out [B, T, D], the updated (k, v)).
+        themselves (the mask is laid out accordingly). `prompt` (valid bool[B, T], the blocks int32[B, T] or
+        None, the layer's window, whether it is local: a bool, or traced in a scan, the longest block, whether
+        the window bounds the blocks) says that the tokens are a prompt run into a fresh cache, which
+        `jaxvlm.splash` may serve. Returns (out [B, T, D], the updated (k, v)).
         """
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         D = x.shape[-1]
@@ -96,8 +97,9 @@ class Attention(nn.Module):
         dense = lambda: (fused_attention(q, k, v, mask, self.query_scale) if fused
                          else self._grouped_einsum(q, k, v, mask))
         if prompt is not None and not inspect and splash.supported(q, prompt_kv[0]):
-            valid, window, local = prompt  # a fresh cache holds the prompt's keys alone
-            run = lambda w: splash.attention(q, *prompt_kv, valid, w, self.query_scale, self.logit_softcap, dense)
+            valid, blocks, window, local, longest_block, bounded = prompt  # a fresh cache: the prompt's keys alone
+            run = lambda w: splash.attention(q, *prompt_kv, valid, w, self.query_scale, self.logit_softcap, dense,
+                                             blocks, longest_block, bounded)
             out = run(window if local else None) if isinstance(local, bool) else \
                 jax.lax.cond(local, lambda: run(window), lambda: run(None))
         else:

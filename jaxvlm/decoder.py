@@ -52,8 +52,8 @@ def _ring_keys(kv_valid, kv_blocks, valid, blocks, end, size: int):
 class Block(nn.Module):
     """Pre-norm attention and gated MLP, with Gemma 2's extra norms on each branch's output.
 
-    `masks` is (global mask, sliding-window mask or None, each bool[B, T, S]; the prompt's valid flags where
-    `jaxvlm.splash` may serve its attention, else None), and `ropes` (global
+    `masks` is (global mask, sliding-window mask or None, each bool[B, T, S]; the prompt's (valid flags,
+    blocks or None) where `jaxvlm.splash` may serve its attention, else None), and `ropes` (global
     (cos, sin), the local layers' own or None); `local` (a bool, traced when the layers are scanned) says
     which this layer uses. `deepstack` [n, B, T, D] (or None): what the first n layers add to their
     outputs (Qwen3-VL's DeepStack: image features at the image tokens, zero elsewhere), this being layer
@@ -64,6 +64,8 @@ class Block(nn.Module):
     config: DecoderConfig
     dtype: Dtype = jnp.float32
     mixture: bool = False  # the MLP is the mixture of experts (`config.moe`)
+    window_bounds_blocks: bool = False  # see Decoder
+    longest_block: int | None = None
 
     @nn.compact
     def __call__(self, x, ropes, masks, local, cache_kv=None, end=0, deepstack=None, layer=0, ring=False):
@@ -75,7 +77,8 @@ class Block(nn.Module):
             mask = masks[0] if masks[1] is None else jnp.where(local, masks[1], masks[0])
             rope = ropes[0] if ropes[1] is None else jax.tree.map(lambda l, g: jnp.where(local, l, g), *ropes[::-1])
         norm = lambda name: RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype, name=name)
-        prompt = None if masks[2] is None else (masks[2], c.sliding_window, local)
+        prompt = None if masks[2] is None else (*masks[2], c.sliding_window, local, self.longest_block,
+                                                 self.window_bounds_blocks)
         h, kv = Attention.for_decoder(c, self.dtype, "attn")(norm("pre_attn_norm")(x), rope, mask, cache_kv, end,
                                                              ring=ring, prompt=prompt)
         if c.use_post_norms:
@@ -109,6 +112,7 @@ class Decoder(nn.Module):
     remat: bool = False  # recompute each layer's activations in the backward pass instead of storing them
     scan_layers: bool = False  # stacked [L, ...] params run by a scan, rather than unrolled layers
     window_bounds_blocks: bool = False  # the sliding window bounds bidirectional blocks too (see decoder_mask)
+    longest_block: int | None = None  # the most tokens a bidirectional block holds (Gemma 3: an image's); None: any
 
     def setup(self):
         c = self.config
@@ -117,7 +121,8 @@ class Decoder(nn.Module):
         # deepstack (shared), the layer's index (per layer).
         self.layers = layer_stack(Block, c.depth, self.scan_layers, self.remat,
                                   (nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast, 0),
-                                  per_layer=lambda i: dict(mixture=c.is_moe(i)), config=c, dtype=self.dtype)
+                                  per_layer=lambda i: dict(mixture=c.is_moe(i)), config=c, dtype=self.dtype,
+                                  window_bounds_blocks=self.window_bounds_blocks, longest_block=self.longest_block)
         self.final_norm = RMSNorm(c.norm_eps, c.norm_scale_offset, dtype=self.dtype)
         if not c.tie_embeddings:
             self.lm_head = Einsum("BTD,DV->BTV", (c.width, c.vocab_size), ("embed", "vocab"), dtype=self.dtype,
@@ -171,10 +176,10 @@ class Decoder(nn.Module):
         else:
             windowed = decoder_mask(kv_valid, end, T, c.sliding_window, key_blocks, slots, bounded) \
                 if any(local) else None
-        # a prompt run into a fresh cache (as `prefill` runs one) with no blocks: jaxvlm.splash may serve it
-        prompt_valid = valid if splash.active() and blocks is None and T > 1 else None
+        # a prompt run into a fresh cache (as `prefill` runs one): jaxvlm.splash may serve it
+        prompt = (valid, blocks) if splash.active() and T > 1 else None
         masks = (decoder_mask(kv_valid, end, T, None, key_blocks, slots) if not all(local) else windowed, windowed,
-                 prompt_valid)
+                 prompt)
 
         if self.scan_layers:
             cache_kv = None if cache is None else (cache.k, cache.v)

@@ -1,11 +1,14 @@
 """Prefill's attention on TPU through jax's splash attention kernel (Pallas), which never holds the [B, N, T, S]
 scores: a prompt of 8k tokens at batch 8 would need 8k x 8k float32 scores a head and a row otherwise.
 
-It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own) with no bidirectional
-blocks: causal attention, a sliding window where the layer has one, the padding kept apart by segment ids
-(a padding token attends only to padding, and no real token to it), Gemma 2's soft-cap. Everything else
-(a cache holding earlier tokens, PaliGemma's prefix, Gemma 3's image blocks, prompts whose length is no
-multiple of 128, the attention weights asked for inspection) keeps the einsum path. On other platforms the
+It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own): causal attention, a
+sliding window where the layer has one, the padding kept apart by segment ids (a padding token attends only
+to padding, and no real token to it), Gemma 2's soft-cap. Bidirectional blocks (PaliGemma's prefix, Gemma 3's
+images) take a second kernel call over the keys the causal mask leaves out, those after the query in its block
+(and, where the window does not bound the blocks, those of its block behind the window), with the block ids
+as segment ids; the two parts, disjoint, are merged by their log-sum-exps. Everything else (a cache holding
+earlier tokens, prompts whose length is no multiple of 128, the attention weights asked for inspection)
+keeps the einsum path. On other platforms the
 einsum path is compiled (`jax.lax.platform_dependent`); `use(interpret=True)` runs the kernel in Pallas'
 interpret mode on any platform, which is how its numerics are checked against the einsum path on CPU.
 
@@ -60,29 +63,60 @@ def _blocks(T: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _kernel(T: int, groups: int, window: int | None, softcap: float | None, interpret: bool):
-    """The kernel for one row and one kv head: q [G, T, H] and k, v [T, H] -> [G, T, H]."""
+def _kernel(T: int, groups: int, window: int | None, softcap: float | None, interpret: bool,
+            residuals: bool = False, after: int | None = None, behind: int | None = None):
+    """The kernel for one row and one kv head: q [G, T, H] and k, v [T, H] -> [G, T, H], and with
+    `residuals` each query's log-sum-exp [G, T] too. Keys visible: q - window < k <= q (transformers'
+    sliding window), else causal; or with `after`, the keys after the query, q < k <= q + after, and with
+    `behind` also k <= q - behind."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
-    # key visible iff q - window < k <= q (transformers' sliding window), else causal
-    one = sa.LocalMask((T, T), (None if window is None else window - 1, 0), offset=0)
+    if after is None:
+        one = sa.LocalMask((T, T), (None if window is None else window - 1, 0), offset=0)
+    else:
+        one = sa.LocalMask((T, T), (0, after - 1), offset=1)
+        if behind is not None:
+            one = one | sa.LocalMask((T, T), (None, 0), offset=-behind)
     block_q, block_kv = _blocks(T)
     with jax.ensure_compile_time_eval():  # its mask tables concrete, so that one kernel serves every trace
         return sa.make_splash_mqa_single_device(
             sa.MultiHeadMask([one] * groups), block_sizes=sa.BlockSizes(block_q=block_q, block_kv=block_kv),
-            attn_logits_soft_cap=softcap, interpret=interpret)
+            attn_logits_soft_cap=softcap, interpret=interpret, save_residuals=residuals)
 
 
-def _local(q, k, v, valid, window, softcap, interpret):
-    """q [b, T, n, H], k, v [b, T, k, H], valid bool[b, T] (the device's part) -> [b, T, n, H]."""
+def _local(q, k, v, valid, blocks, window, softcap, interpret, longest_block, window_bounds_blocks):
+    """q [b, T, n, H], k, v [b, T, k, H], valid bool[b, T], blocks int32[b, T] or None (the device's part)
+    -> [b, T, n, H]."""
     b, T, n, H = q.shape
     K = k.shape[2]
-    kernel = _kernel(T, n // K, window, softcap, interpret)
     from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
     segments = valid.astype(jnp.int32)
     q = q.reshape(b, T, K, n // K, H).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, K, T, H]
-    per_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, SegmentIds(s, s)), in_axes=(0, 0, 0, None))
-    out = jax.vmap(per_head)(q, k, v, segments)  # [b, K, G, T, H]
+    if blocks is None:
+        kernel = _kernel(T, n // K, window, softcap, interpret)
+        per_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, SegmentIds(s, s)), in_axes=(0, 0, 0, None))
+        out = jax.vmap(per_head)(q, k, v, segments)  # [b, K, G, T, H]
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, T, n, H)
+    # The causal part as above, and the keys it leaves out that a query's block shows it: those after it
+    # (a static band as wide as the longest block: its tiles alone are run) and, where the window does not
+    # bound the blocks (PaliGemma 2), those of its block behind the window; a token outside any block has an
+    # id of its own, which no other token's matches. A query with no such key gets a log-sum-exp near the
+    # kernel's mask value (its tiles run with every logit masked): its weight in the merge is 0.
+    causal = _kernel(T, n // K, window, softcap, interpret, residuals=True)
+    behind = window if window is not None and not window_bounds_blocks else None
+    later = _kernel(T, n // K, None, softcap, interpret, residuals=True,
+                    after=max(1, min(longest_block or T, T) - 1), behind=behind)
+    ids = jnp.where(blocks >= 0, blocks, -1 - jnp.arange(T)).astype(jnp.int32)
+
+    def merged(q, k, v, s, ids):
+        (out_a, (lse_a,)), (out_b, (lse_b,)) = causal(q, k, v, SegmentIds(s, s)), later(q, k, v, SegmentIds(ids, ids))
+        top = jnp.maximum(lse_a, lse_b)
+        w_a, w_b = jnp.exp(lse_a - top)[..., None], jnp.exp(lse_b - top)[..., None]
+        out = (w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)) / (w_a + w_b)
+        return out.astype(out_a.dtype)
+
+    per_head = jax.vmap(merged, in_axes=(0, 0, 0, None, None))
+    out = jax.vmap(per_head)(q, k, v, segments, ids)  # [b, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, T, n, H)
 
 
@@ -101,25 +135,32 @@ def supported(q: jax.Array, k: jax.Array) -> bool:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, window: int | None, scale: float,
-              softcap: float | None, dense) -> jax.Array:
+              softcap: float | None, dense, blocks: jax.Array | None = None, longest_block: int | None = None,
+              window_bounds_blocks: bool = False) -> jax.Array:
     """softmax(scale * q k^T, causal within `window`, padding apart) v for a prompt run into a fresh cache:
     q [B, T, N, H], k, v [B, T, K, H] (the prompt's own keys), valid bool[B, T] -> [B, T, N, H], through the
-    kernel on TPU (or in interpret mode where `use` asks), else `dense()`. Check `supported` first."""
+    kernel on TPU (or in interpret mode where `use` asks), else `dense()`. With `blocks` int32[B, T]
+    (`jaxvlm.masks.decoder_mask`'s: an id >= 0 a block, -1 none; `longest_block` tokens at most, None for
+    any number) a block's tokens see each other in both directions, within the window where
+    `window_bounds_blocks`. Check `supported` first."""
     setting = _use.get()
     q = (q * jnp.asarray(scale, q.dtype)).astype(k.dtype)
 
-    def kernel(q, k, v, valid):
-        run = functools.partial(_local, window=window, softcap=softcap, interpret=setting.interpret)
+    def kernel(q, k, v, valid, blocks):
+        run = functools.partial(_local, window=window, softcap=softcap, interpret=setting.interpret,
+                                longest_block=longest_block, window_bounds_blocks=window_bounds_blocks)
         if setting.shard is None:
-            return run(q, k, v, valid)
+            return run(q, k, v, valid, blocks)
         shard = setting.shard
         spec = lambda names, x: shard.spec(names, x.shape)
         q_spec = spec(("batch", None, "heads", "head_dim"), q)
         kv_spec = spec(("batch", None, "kv_heads", "head_dim"), k)
-        return jax.shard_map(run, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(q_spec[0])),
-                             out_specs=q_spec, check_vma=False)(q, k, v, valid)
+        rows = PartitionSpec(q_spec[0])
+        return jax.shard_map(run, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, rows, None if blocks is None else rows),
+                             out_specs=q_spec, check_vma=False)(q, k, v, valid, blocks)
 
     if setting.interpret:
-        return kernel(q, k, v, valid)
-    return jax.lax.platform_dependent(q, k, v, valid, tpu=kernel, default=lambda *_: dense().astype(k.dtype))
+        return kernel(q, k, v, valid, blocks)
+    return jax.lax.platform_dependent(q, k, v, valid, blocks, tpu=kernel,
+                                      default=lambda *_: dense().astype(k.dtype))
 

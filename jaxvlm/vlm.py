@@ -87,7 +87,8 @@ class VisionLanguageModel(nn.Module):
     def setup(self):
         c = self.config
         if c.decoder is not None:
-            self.decoder = Decoder(c.decoder, self.dtype, self.remat, self.scan_layers, c.image_blocks)
+            self.decoder = Decoder(c.decoder, self.dtype, self.remat, self.scan_layers, c.image_blocks,
+                                   c.tokens_per_image if c.image_blocks else None)
         if c.vision is not None:
             self.vision = VisionEncoder(c.vision, self.dtype, self.remat, self.scan_layers)
         if c.is_vlm:

@@ -73,3 +73,38 @@ def test_the_kernel_is_taken_only_where_it_serves():
     with splash.use(interpret=True):
         assert splash.supported(jnp.zeros((1, 256, 4, 32)), jnp.zeros((1, 256, 2, 32)))
         assert not splash.supported(jnp.zeros((1, 200, 4, 32)), jnp.zeros((1, 200, 2, 32)))
+
+
+@pytest.mark.parametrize("bounded, longest, scanned", [(False, None, True), (True, 24, False)],
+                         ids=["prefix_past_the_window", "image_blocks"])
+def test_bidirectional_blocks_take_the_kernel_and_match_the_einsum_path(bounded, longest, scanned):
+    """PaliGemma 2's prefix (a block of 70 tokens, longer than the window of 40, which does not bound it)
+    and Gemma 3's images (blocks of 24 tokens that the window bounds, the band as wide as the longest
+    block): the causal part and the block's other keys, two kernel calls merged, give the einsum path's
+    logits, padded row included."""
+    from jaxvlm.decoder import Decoder
+    from jaxvlm.masks import blocks_of_runs, token_positions
+    c = CONFIGS["windowed"]
+    rng = np.random.default_rng(2)
+    tokens, valid = right_align([rng.integers(1, 128, size=n) for n in (128, 90)], 128, 0)
+    index = np.arange(128)[None] - (128 - valid.sum(axis=1))[:, None]  # each token's place in its row
+    if bounded:
+        marked = valid & (((index >= 10) & (index < 34)) | ((index >= 50) & (index < 74)))
+        blocks = np.asarray(blocks_of_runs(jnp.asarray(marked)))
+    else:
+        blocks = np.where(valid & (index < 70), 0, -1).astype(np.int32)
+    decoder = Decoder(c, jnp.float32, scan_layers=scanned, window_bounds_blocks=bounded, longest_block=longest)
+    positions = token_positions(jnp.asarray(valid))
+    params = decoder.init(jax.random.key(3), tokens, positions, valid, blocks=blocks)["params"]
+    params = jax.tree.map(lambda x: x * 3, params)  # logits large enough for the soft-caps to bend them
+
+    def logits(kernel: bool):
+        run = lambda p: decoder.apply({"params": p}, tokens, positions, valid, blocks=blocks).logits
+        with jax.default_matmul_precision("highest"):
+            if not kernel:
+                return np.asarray(jax.jit(run)(params))
+            with splash.use(interpret=True):
+                return np.asarray(jax.jit(run)(params))
+
+    want, got = logits(False), logits(True)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=2e-5, atol=2e-5)

@@ -240,7 +240,7 @@ def test_serve_on_a_mesh():
 @pytest.mark.parametrize("name", ["windowed", "causal"])  # kv heads split over 'model', and one kv head for all
 def test_splash_attention_per_device_on_a_mesh(name):
     """The kernel under shard_map (Pallas' interpret mode) on a data=4, model=2 mesh: the one-device
-    einsum path's logits."""
+    einsum path's logits; the windowed layers with PaliGemma 2's prefix (a block past the window)."""
     import flax.linen as nn
     import jax.numpy as jnp
     from jaxvlm import splash
@@ -259,14 +259,17 @@ def test_splash_attention_per_device_on_a_mesh(name):
     model = VisionLanguageModel(config, jnp.float32)
     params = nn.meta.unbox(model.init(jax.random.key(1), Inputs.build(config, tokens, valid))["params"])
     cache = KVCache.init(config.decoder, 4, 256, jnp.float32)
-    run = lambda params, tokens, valid: model.apply({"params": params}, Inputs.build(config, tokens, valid),
-                                                    cache).logits
-    want = np.asarray(jax.jit(run)(params, tokens, valid))
+    index = np.arange(128)[None] - (128 - valid.sum(axis=1))[:, None]  # each token's place in its row
+    prefix = index < 70 if name == "windowed" else None
+    run = lambda params, tokens, valid, prefix: model.apply(
+        {"params": params}, Inputs.build(config, tokens, valid, prefix), cache).logits
+    want = np.asarray(jax.jit(run)(params, tokens, valid, prefix))
     shard = MeshRules.create(jax.make_mesh((4, 2), ("data", "model")))
     placed = jax.device_put(params, shard.params(param_axes(config), params))
     q = jax.ShapeDtypeStruct((4, 128, CONFIGS[name].num_heads, 32), jnp.float32)
     k = jax.ShapeDtypeStruct((4, 128, CONFIGS[name].num_kv_heads, 32), jnp.float32)
     with splash.use(shard, interpret=True):
         assert splash.supported(q, k)
-        got = np.asarray(jax.jit(run)(placed, shard.put(tokens, ("batch",)), shard.put(valid, ("batch",))))
+        got = np.asarray(jax.jit(run)(placed, shard.put(tokens, ("batch",)), shard.put(valid, ("batch",)),
+                                      None if prefix is None else shard.put(prefix, ("batch",))))
     np.testing.assert_allclose(got[valid], want[valid], rtol=2e-5, atol=2e-5)
