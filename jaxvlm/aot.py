@@ -155,7 +155,7 @@ PROGRAMS = ("prefill", "decode", "minimal_decode", "engine_insert", "engine_step
 def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", batch: int = 8, cache: int = 4096,
            prompt: int = 1024, dtype: str = "bfloat16", quantize: str | None = None,
            mesh: str | dict[str, int] | None = None, rules=None, scan_layers: bool = False, steps: int = 1,
-           programs: tuple[str, ...] = PROGRAMS, find_largest: bool = True) -> dict:
+           programs: tuple[str, ...] = PROGRAMS, find_largest: bool = True, greedy: bool = False) -> dict:
     """Compiles jaxvlm's programs for `model` on `topology`, with `batch` rows, a `cache`-slot KV cache and
     `prompt`-token prompts, params in `dtype` (or int8 with `quantize="int8"`) split over `mesh`
     ("data=2,model=2" or {axis: size}; default every device on 'model') by `rules`:
@@ -167,7 +167,8 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
       of `batch` slots, and decoding a chunk of all of them;
     - train_step: one training step over `batch` sequences of `prompt` tokens (float32 params and AdamW's
       moments, `dtype` activations; not with int8 weights, which are for inference).
-    `programs` picks some. Returns {"topology", "devices", "hbm_bytes", "programs": {name: {...}}}, each
+    `greedy` compiles prefill, decode and the engine's step as a batch of greedy rows runs them (the argmax,
+    no sampling filters or draw); by default as a batch with a sampled row does. `programs` picks some. Returns {"topology", "devices", "hbm_bytes", "programs": {name: {...}}}, each
     program with its per-device `arguments_bytes`, `outputs_bytes`, `temporaries_bytes`, `code_bytes`,
     `total_bytes`, `fits` (total within the chip's memory), `compile_seconds`, `flops`, `bytes_accessed`
     and, unless `find_largest=False` (quicker: no dump of the compiled program is read), its
@@ -231,7 +232,7 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
         tokens = put((n, length), jnp.int32, ("batch", None))
         return prefill.lower(config, compute, penalize, size, shard, params, tokens,
                              put((n, length), jnp.bool_, ("batch", None)), None, pixels, image_rows, row_flags(n),
-                             row_ints(n), sampling_rules(n, [1], 0))
+                             row_ints(n), sampling_rules(n, [1], 0), sampling=not greedy)
 
     def train_step():
         trainer = Trainer(float_config, TrainConfig(steps=1, compute_dtype=dtype), mesh=shard.mesh, rules=rules)
@@ -254,13 +255,13 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     lowerings = {
         "prefill": lambda: prefill_of(rows, prompt, cache, False),
         "decode": lambda: decode.lower(config, compute, False, steps, shard, params, state_of(rows, cache, False),
-                                       rules_),
+                                       rules_, sampling=not greedy),
         "minimal_decode": lambda: jax.jit(minimal_decode, static_argnums=(0, 1), donate_argnums=(3,)).lower(
             config.decoder, compute, params, cache_of(rows, cache), row_ints(rows)),
         "engine_insert": lambda: insert.lower(engine_state(), state_of(one, prompt_bucket(prompt), seen=True),
                                               jax.ShapeDtypeStruct((), jnp.int32)),
         "engine_step": lambda: decode_rows.lower(config, compute, False, DEFAULT_CHUNK, rows, shard, params,
-                                                 engine_state(), rules_, 0),
+                                                 engine_state(), rules_, 0, not greedy),
         "train_step": train_step,
     }
     chosen = [p for p in programs if not (p == "train_step" and quantize)]

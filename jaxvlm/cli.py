@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help="the slice's devices as a mesh, e.g. data=2,model=2 "
                                                 "(default: all on model)")
     p.add_argument("--scan-layers", action="store_true", help="each stack of layers as one scanned [L, ...] array")
+    p.add_argument("--greedy", action="store_true",
+                   help="the programs a batch of greedy rows runs (no sampling filters or draw); default: with sampling")
     p.add_argument("--programs", default=None,
                    help="comma-separated program names (default: all of jaxvlm.aot.PROGRAMS: prefill, decode, "
                         "minimal_decode, engine_insert, engine_step, train_step)")
@@ -301,7 +303,7 @@ def _compile_report(args) -> None:
     import json
     from jaxvlm import aot
     settings = dict(cache=args.cache, prompt=args.prompt, dtype=args.dtype, quantize=args.quantize,
-                    mesh=args.mesh, scan_layers=args.scan_layers)
+                    mesh=args.mesh, scan_layers=args.scan_layers, greedy=args.greedy)
     programs = aot.PROGRAMS if args.programs is None else tuple(p.strip() for p in args.programs.split(","))
     report = aot.report(args.model, args.topology, batch=args.batch, programs=programs, **settings)
     if args.largest_batch:

@@ -39,6 +39,15 @@ def test_int8_weights_are_held_as_int8():
     assert ratio <= 0.3, ratio
 
 
+def test_greedy_programs_leave_the_sampling_out():
+    """`greedy=True` compiles the decode step a batch of greedy rows runs: the argmax alone, fewer flops and
+    fewer bytes read than the step with the sampling filters and the draw."""
+    sampled, greedy = (aot.report(TINY, "v5e:2x2", batch=8, cache=256, prompt=16, programs=("decode",),
+                                  find_largest=False, greedy=g)["programs"]["decode"] for g in (False, True))
+    assert greedy["flops"] < sampled["flops"] and greedy["bytes_accessed"] < sampled["bytes_accessed"], (greedy,
+                                                                                                        sampled)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 @pytest.mark.parametrize("batch", [1, 8])
 def test_the_decode_step_holds_no_weight_sized_temporary(batch, quantize):
