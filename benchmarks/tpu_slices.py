@@ -51,10 +51,17 @@ def estimate(name: str, quantize: str | None, devices: int) -> float:
     return (params * (1 if quantize else 2) + cache) / devices
 
 
-def fits(name, topology, quantize, mesh, programs=("prefill", "decode"), batch=BATCH):
-    report = aot.report(name, topology, batch=batch, cache=CACHE, prompt=PROMPT, quantize=quantize, mesh=mesh,
-                        programs=programs, find_largest=False)
-    return all(p["fits"] for p in report["programs"].values()), report
+def fits(name, topology, quantize, mesh, programs=("decode", "prefill"), batch=BATCH):
+    """(whether every program fits, the report): compiled one at a time, none after the first that does not
+    fit (the decode step first, the quicker to compile)."""
+    report = None
+    for program in programs:
+        one = aot.report(name, topology, batch=batch, cache=CACHE, prompt=PROMPT, quantize=quantize, mesh=mesh,
+                         programs=(program,), find_largest=False)
+        report = one if report is None else dict(report, programs={**report["programs"], **one["programs"]})
+        if not one["programs"][program]["fits"]:
+            return False, report
+    return True, report
 
 
 def smallest_slice(name: str, chip: str, quantize: str | None) -> dict:
@@ -77,10 +84,32 @@ def smallest_slice(name: str, chip: str, quantize: str | None) -> dict:
     return dict(topology=f"{chip}:{LAYOUTS[i]}", mesh=mesh)
 
 
+def bracket(holds, guess: int, multiple: int, floor: int, most: int) -> tuple[int, int]:
+    """(a batch that `holds`, a larger one that does not; or `most` twice where `most` holds), searched for
+    from `guess` (a multiple of `multiple`, in [floor, most]; `floor` holds) in steps that double from
+    `multiple` away from it: two compiles where the guess is right."""
+    step = multiple
+    if holds(guess):
+        low = guess
+        while low < most:
+            probe = min(most, low + step)
+            if not holds(probe):
+                return low, probe
+            low, step = probe, step * 2
+        return most, most
+    high = guess
+    while high - step > floor:
+        probe = high - step
+        if holds(probe):
+            return probe, high
+        high, step = probe, step * 2
+    return floor, high
+
+
 def largest_batch(name: str, chip: str, quantize: str | None) -> dict:
     """The largest decode batch on chip:2x4 over the meshes tried: memory is about affine in the batch, so
-    two compiles give a guess, then the largest that fits is bracketed around it and halved down to the
-    batch's multiple (a few more compiles)."""
+    two compiles give a guess, and two more check it (the guess fits, one multiple of the batch more does
+    not); where the guess is off, `bracket` and halving close in on the answer."""
     topology, hbm = f"{chip}:2x4", aot.HBM_BYTES[chip]
     best = dict(batch=0, mesh=None)
     for mesh in meshes(name, 8):
@@ -97,18 +126,8 @@ def largest_batch(name: str, chip: str, quantize: str | None) -> dict:
             per_row = max(2 * d.depth * d.num_kv_heads * d.head_dim * CACHE * 2 / 8,
                           (at16["total_bytes"] - at8["total_bytes"]) / 8)
             guess = min(MOST, max(16, int(8 + (hbm - at8["total_bytes"]) / per_row) // multiple * multiple))
-            step = max(multiple, guess // 16 // multiple * multiple)
-            low, high = 16, None
-            while high is None:  # bracket: [low fits, high does not]
-                if guess >= MOST:  # (4096 rows fitting is reported as 4096)
-                    low, high = (MOST, MOST) if total(MOST)["fits"] else (low, MOST)
-                elif total(guess)["fits"]:
-                    low, guess = guess, guess + step
-                else:
-                    high, guess = guess, max(low, guess - step)
-                    if guess > low and total(guess)["fits"]:
-                        low = guess
-                step *= 2
+            # (4096 rows fitting is reported as 4096)
+            low, high = bracket(lambda b: total(b)["fits"], guess, multiple, 16, MOST)
         while high - low > multiple:
             middle = (low + high) // 2 // multiple * multiple
             low, high = (middle, high) if total(middle)["fits"] else (low, middle)
