@@ -160,7 +160,8 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     `prompt`-token prompts, params in `dtype` (or int8 with `quantize="int8"`) split over `mesh`
     ("data=2,model=2" or {axis: size}; default every device on 'model') by `rules`:
     - prefill: the prompts (and an image a row for a vision-language model: one of `ANY_SIZE_IMAGE_PATCHES`
-      patches where it takes images of any size) into a fresh cache;
+      patches where it takes images of any size) into a fresh cache; a prefix-LM's prompts with a prefix
+      (PaliGemma's bidirectional image and prompt);
     - decode: a chunk of `steps` decode steps (`generate.decode`);
     - minimal_decode: the yardstick for decode (`jaxvlm.minimal_step`): each weight and cache entry read once;
     - engine_insert, engine_step: the serving engine writing one prefilled request into its running batch
@@ -230,9 +231,11 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
         pixels = pixels_of(n) if config.is_vlm else None
         image_rows = None
         tokens = put((n, length), jnp.int32, ("batch", None))
-        return prefill.lower(config, compute, penalize, size, shard, params, tokens,
-                             put((n, length), jnp.bool_, ("batch", None)), None, pixels, image_rows, row_flags(n),
-                             row_ints(n), sampling_rules(n, [1], 0), sampling=not greedy)
+        flags = lambda: put((n, length), jnp.bool_, ("batch", None))
+        prefix = flags() if config.prefix_lm else None  # (PaliGemma's image and prompt: one bidirectional block)
+        return prefill.lower(config, compute, penalize, size, shard, params, tokens, flags(), prefix, pixels,
+                             image_rows, row_flags(n), row_ints(n), sampling_rules(n, [1], 0),
+                             sampling=not greedy)
 
     def train_step():
         trainer = Trainer(float_config, TrainConfig(steps=1, compute_dtype=dtype), mesh=shard.mesh, rules=rules)
