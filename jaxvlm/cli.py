@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(default: all on model)")
     p.add_argument("--scan-layers", action="store_true", help="each stack of layers as one scanned [L, ...] array")
     p.add_argument("--greedy", action="store_true",
-                   help="the programs a batch of greedy rows runs (no sampling filters or draw); default: with sampling")
+                   help="the programs a batch of greedy rows runs (no sampling filters or draw); default: sampling")
     p.add_argument("--programs", default=None,
                    help="comma-separated program names (default: all of jaxvlm.aot.PROGRAMS: prefill, decode, "
                         "minimal_decode, engine_insert, engine_step, train_step)")

@@ -4,13 +4,13 @@ scores: a prompt of 8k tokens at batch 8 would need 8k x 8k float32 scores a hea
 It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own): causal attention, a
 sliding window where the layer has one, the padding kept apart by segment ids (a padding token attends only
 to padding, and no real token to it), Gemma 2's soft-cap. Bidirectional blocks (PaliGemma's prefix, Gemma 3's
-images) take a second kernel call over the keys the causal mask leaves out, those after the query in its block
-(and, where the window does not bound the blocks, those of its block behind the window), with the block ids
-as segment ids; the two parts, disjoint, are merged by their log-sum-exps. Everything else (a cache holding
-earlier tokens, prompts whose length is no multiple of 128, the attention weights asked for inspection)
-keeps the einsum path. On other platforms the
-einsum path is compiled (`jax.lax.platform_dependent`); `use(interpret=True)` runs the kernel in Pallas'
-interpret mode on any platform, which is how its numerics are checked against the einsum path on CPU.
+images) take a second kernel call over the keys the causal mask leaves out, those after the query in its
+block (and, where the window does not bound the blocks, those of its block behind the window), with the
+block ids as segment ids; the two parts, disjoint, are merged by their log-sum-exps. Everything else (a
+cache holding earlier tokens, prompts whose length is no multiple of 128, the attention weights asked for
+inspection) keeps the einsum path. On other platforms the einsum path is compiled
+(`jax.lax.platform_dependent`); `use(interpret=True)` runs the kernel in Pallas' interpret mode on any
+platform, which is how its numerics are checked against the einsum path on CPU.
 
 On a mesh the kernel runs per device (`shard_map`) over the batch and heads the device holds; where the
 query heads a device holds do not line up with its key/value heads (kv heads that the mesh cannot split,
