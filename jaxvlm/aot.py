@@ -172,9 +172,10 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
     no sampling filters or draw); by default as a batch with a sampled row does. `programs` picks some.
     Returns {"topology", "devices", "hbm_bytes", "programs": {name: {...}}}, each program with its
     per-device `arguments_bytes`, `outputs_bytes`, `temporaries_bytes`, `code_bytes`, `total_bytes`, `fits`
-    (total within the chip's memory), `compile_seconds`, `flops`, `bytes_accessed` and, unless `find_largest=False` (quicker: no dump of the compiled program is read), its
-    `largest_temporary_bytes` (and that value's shape, `largest_temporary`); or, where the compiler ran out
-    of the chip's memory, `fits` False and its `error`."""
+    (total within the chip's memory), `compile_seconds`, `flops`, `bytes_accessed` and, unless
+    `find_largest=False` (quicker: no dump of the compiled program is read), its `largest_temporary_bytes`
+    (and that value's shape, `largest_temporary`); or, where the compiler ran out of the chip's memory,
+    `fits` False and its `error`."""
     config = model_config(model)
     if config.decoder is None:
         raise ValueError("model: an image encoder alone has no generation programs to compile")
