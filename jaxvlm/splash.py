@@ -94,28 +94,29 @@ def _local(q, k, v, valid, blocks, window, softcap, interpret, longest_block, wi
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, K, T, H]
     if blocks is None:
         kernel = _kernel(T, n // K, window, softcap, interpret)
-        per_head = jax.vmap(lambda q, k, v, s: kernel(q, k, v, SegmentIds(s, s)), in_axes=(0, 0, 0, None))
-        out = jax.vmap(per_head)(q, k, v, segments)  # [b, K, G, T, H]
-        return out.transpose(0, 3, 1, 2, 4).reshape(b, T, n, H)
-    # The causal part as above, and the keys it leaves out that a query's block shows it: those after it
-    # (a static band as wide as the longest block: its tiles alone are run) and, where the window does not
-    # bound the blocks (PaliGemma 2), those of its block behind the window; a token outside any block has an
-    # id of its own, which no other token's matches. A query with no such key gets a log-sum-exp near the
-    # kernel's mask value (its tiles run with every logit masked): its weight in the merge is 0.
-    causal = _kernel(T, n // K, window, softcap, interpret, residuals=True)
-    behind = window if window is not None and not window_bounds_blocks else None
-    later = _kernel(T, n // K, None, softcap, interpret, residuals=True,
-                    after=max(1, min(longest_block or T, T) - 1), behind=behind)
-    ids = jnp.where(blocks >= 0, blocks, -1 - jnp.arange(T)).astype(jnp.int32)
+        attend = lambda q, k, v, s, ids: kernel(q, k, v, SegmentIds(s, s))
+        ids = None
+    else:
+        # The causal part as above, and the keys it leaves out that a query's block shows it: those after it
+        # (a static band as wide as the longest block: its tiles alone are run) and, where the window does not
+        # bound the blocks (PaliGemma 2), those of its block behind the window; a token outside any block has
+        # an id of its own, which no other token's matches. A query with no such key gets a log-sum-exp near
+        # the kernel's mask value (its tiles run with every logit masked): its weight in the merge is 0.
+        causal = _kernel(T, n // K, window, softcap, interpret, residuals=True)
+        behind = window if window is not None and not window_bounds_blocks else None
+        later = _kernel(T, n // K, None, softcap, interpret, residuals=True,
+                        after=max(1, min(longest_block or T, T) - 1), behind=behind)
+        ids = jnp.where(blocks >= 0, blocks, -1 - jnp.arange(T)).astype(jnp.int32)
 
-    def merged(q, k, v, s, ids):
-        (out_a, (lse_a,)), (out_b, (lse_b,)) = causal(q, k, v, SegmentIds(s, s)), later(q, k, v, SegmentIds(ids, ids))
-        top = jnp.maximum(lse_a, lse_b)
-        w_a, w_b = jnp.exp(lse_a - top)[..., None], jnp.exp(lse_b - top)[..., None]
-        out = (w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)) / (w_a + w_b)
-        return out.astype(out_a.dtype)
+        def attend(q, k, v, s, ids):
+            out_a, (lse_a,) = causal(q, k, v, SegmentIds(s, s))
+            out_b, (lse_b,) = later(q, k, v, SegmentIds(ids, ids))
+            top = jnp.maximum(lse_a, lse_b)
+            w_a, w_b = jnp.exp(lse_a - top)[..., None], jnp.exp(lse_b - top)[..., None]
+            out = (w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)) / (w_a + w_b)
+            return out.astype(out_a.dtype)
 
-    per_head = jax.vmap(merged, in_axes=(0, 0, 0, None, None))
+    per_head = jax.vmap(attend, in_axes=(0, 0, 0, None, None))
     out = jax.vmap(per_head)(q, k, v, segments, ids)  # [b, K, G, T, H]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, T, n, H)
 
@@ -156,7 +157,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, window
         q_spec = spec(("batch", None, "heads", "head_dim"), q)
         kv_spec = spec(("batch", None, "kv_heads", "head_dim"), k)
         rows = PartitionSpec(q_spec[0])
-        return jax.shard_map(run, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, rows, None if blocks is None else rows),
+        blocks_spec = None if blocks is None else rows
+        return jax.shard_map(run, mesh=shard.mesh, in_specs=(q_spec, kv_spec, kv_spec, rows, blocks_spec),
                              out_specs=q_spec, check_vma=False)(q, k, v, valid, blocks)
 
     if setting.interpret:
