@@ -476,7 +476,10 @@ class Model:
         """An engine with a slot for each of `requests` (the batch padded to its bucket, as a mesh splits it)
         and a cache that fits the longest, checked to fit in memory; every slot decodes (one program), and a
         failure raises. Each chunk is read as soon as it is done (none runs past the last row's end), or with
-        `overlap` a chunk late (a stream's first token comes out while the first chunk runs)."""
+        `overlap` a chunk late (a stream's first token comes out while the first chunk runs). Every request is
+        prefilled in the first step, before any chunk runs: the whole batch arrived at once, and a server's
+        admission limit (prefill_tokens, which spreads a crowd's prefills over several chunks so that running
+        requests keep decoding) would here run a chunk over every slot per handful of rows admitted."""
         slots = batch_bucket(len(requests), 1 if self.shard is None else self.shard.batch_multiple)
         size = cache_bucket(max(cache_slots(self.config, len(r.tokens), r.max_tokens) for r in requests))
         cache = jax.eval_shape(lambda: KVCache.init(self.config.decoder, slots, size, self.cache_dtype,
@@ -484,7 +487,8 @@ class Model:
         memory.check_fits(memory.tree_bytes(cache), f"max_new_tokens={requests[0].max_tokens}: the KV cache for "
                                                     f"{len(requests)} rows of {size} tokens")
         return Engine(self, slots=slots, cache_size=size, chunk=chunk, prefix_cache_bytes=0, compact=False,
-                      fail_alone=False, overlap=overlap)
+                      fail_alone=False, overlap=overlap,
+                      prefill_tokens=sum(prompt_bucket(len(r.tokens)) for r in requests))
 
     def _answers(self, requests: Sequence[Request]) -> list[Output]:
         """The engine's outputs for `requests`, all decoding together, in order. Decode calls take up to
