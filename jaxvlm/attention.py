@@ -67,6 +67,7 @@ class Attention(nn.Module):
         """
         N, K, H = self.num_heads, self.num_kv_heads, self.head_dim
         D = x.shape[-1]
+        own_keys = kv_input is None
         kv_input = x if kv_input is None else kv_input
         q_axes, kv_axes = ("embed", "heads", "head_dim"), ("embed", "kv_heads", "head_dim")
         q = Einsum("BTD,DNH->BTNH", (D, N, H), q_axes, self.qkv_bias, dtype=self.dtype, name="q")(x)
@@ -102,6 +103,10 @@ class Attention(nn.Module):
                                              blocks, longest_block, bounded)
             out = run(window if local else None) if isinstance(local, bool) else \
                 jax.lax.cond(local, lambda: run(window), lambda: run(None))
+        elif mask is None and own_keys and cache_kv is None and not inspect and splash.supported(q, k):
+            # an image encoder's full attention over its patches, inside prefill: 4096 patches (Gemma 3 at
+            # 896 px) would hold [B, N, 4096, 4096] float32 scores
+            out = splash.attention(q, k, v, None, None, self.query_scale, self.logit_softcap, dense, full=True)
         else:
             out = dense()
         out = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), self.out_bias, dtype=self.dtype,

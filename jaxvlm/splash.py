@@ -1,7 +1,8 @@
 """Prefill's attention on TPU through jax's splash attention kernel (Pallas), which never holds the [B, N, T, S]
 scores: a prompt of 8k tokens at batch 8 would need 8k x 8k float32 scores a head and a row otherwise.
 
-It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own): causal attention, a
+It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own), and the image encoders'
+full attention over an image's patches (run by prefill too): causal attention, a
 sliding window where the layer has one, the padding kept apart by segment ids (a padding token attends only
 to padding, and no real token to it), Gemma 2's soft-cap. Bidirectional blocks (PaliGemma's prefix, Gemma 3's
 images) take a second kernel call over the keys the causal mask leaves out, those after the query in its
@@ -64,13 +65,15 @@ def _blocks(T: int) -> tuple[int, int]:
 
 @functools.cache
 def _kernel(T: int, groups: int, window: int | None, softcap: float | None, interpret: bool,
-            residuals: bool = False, after: int | None = None, behind: int | None = None):
+            residuals: bool = False, after: int | None = None, behind: int | None = None, full: bool = False):
     """The kernel for one row and one kv head: q [G, T, H] and k, v [T, H] -> [G, T, H], and with
     `residuals` each query's log-sum-exp [G, T] too. Keys visible: q - window < k <= q (transformers'
     sliding window), else causal; or with `after`, the keys after the query, q < k <= q + after, and with
-    `behind` also k <= q - behind."""
+    `behind` also k <= q - behind; with `full`, every key."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
-    if after is None:
+    if full:
+        one = sa.FullMask((T, T))
+    elif after is None:
         one = sa.LocalMask((T, T), (None if window is None else window - 1, 0), offset=0)
     else:
         one = sa.LocalMask((T, T), (0, after - 1), offset=1)
@@ -83,7 +86,7 @@ def _kernel(T: int, groups: int, window: int | None, softcap: float | None, inte
             attn_logits_soft_cap=softcap, interpret=interpret, save_residuals=residuals)
 
 
-def _local(q, k, v, valid, blocks, window, softcap, interpret, longest_block, window_bounds_blocks):
+def _local(q, k, v, valid, blocks, window, softcap, interpret, longest_block, window_bounds_blocks, full):
     """q [b, T, n, H], k, v [b, T, k, H], valid bool[b, T], blocks int32[b, T] or None (the device's part)
     -> [b, T, n, H]."""
     b, T, n, H = q.shape
@@ -93,7 +96,7 @@ def _local(q, k, v, valid, blocks, window, softcap, interpret, longest_block, wi
     q = q.reshape(b, T, K, n // K, H).transpose(0, 2, 3, 1, 4)  # [b, K, G, T, H]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, K, T, H]
     if blocks is None:
-        kernel = _kernel(T, n // K, window, softcap, interpret)
+        kernel = _kernel(T, n // K, window, softcap, interpret, full=full)
         attend = lambda q, k, v, s, ids: kernel(q, k, v, SegmentIds(s, s))
         ids = None
     else:
@@ -135,21 +138,24 @@ def supported(q: jax.Array, k: jax.Array) -> bool:
     return heads == kv_heads or k.shape[2] == 1
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, window: int | None, scale: float,
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array | None, window: int | None, scale: float,
               softcap: float | None, dense, blocks: jax.Array | None = None, longest_block: int | None = None,
-              window_bounds_blocks: bool = False) -> jax.Array:
+              window_bounds_blocks: bool = False, full: bool = False) -> jax.Array:
     """softmax(scale * q k^T, causal within `window`, padding apart) v for a prompt run into a fresh cache:
     q [B, T, N, H], k, v [B, T, K, H] (the prompt's own keys), valid bool[B, T] -> [B, T, N, H], through the
     kernel on TPU (or in interpret mode where `use` asks), else `dense()`. With `blocks` int32[B, T]
     (`jaxvlm.masks.decoder_mask`'s: an id >= 0 a block, -1 none; `longest_block` tokens at most, None for
     any number) a block's tokens see each other in both directions, within the window where
-    `window_bounds_blocks`. Check `supported` first."""
+    `window_bounds_blocks`. With `full` (an image encoder's patches, `valid` None) every query sees every
+    key. Check `supported` first."""
     setting = _use.get()
     q = (q * jnp.asarray(scale, q.dtype)).astype(k.dtype)
+    if valid is None:
+        valid = jnp.ones(q.shape[:2], bool)
 
     def kernel(q, k, v, valid, blocks):
         run = functools.partial(_local, window=window, softcap=softcap, interpret=setting.interpret,
-                                longest_block=longest_block, window_bounds_blocks=window_bounds_blocks)
+                                longest_block=longest_block, window_bounds_blocks=window_bounds_blocks, full=full)
         if setting.shard is None:
             return run(q, k, v, valid, blocks)
         shard = setting.shard

@@ -108,3 +108,24 @@ def test_bidirectional_blocks_take_the_kernel_and_match_the_einsum_path(bounded,
 
     want, got = logits(False), logits(True)
     np.testing.assert_allclose(got[valid], want[valid], rtol=2e-5, atol=2e-5)
+
+
+def test_an_image_encoders_full_attention_takes_the_kernel():
+    """A SigLIP-shaped encoder over 256 patches, its layers scanned, inside prefill (as `splash.use` marks
+    it): every patch attends to every other through the kernel, and the features are the einsum path's."""
+    import dataclasses
+    from jaxvlm.shapes.train import CONFIG
+    from jaxvlm.vision import VisionEncoder
+    c = dataclasses.replace(CONFIG.vision, image_size=128, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
+    encoder = VisionEncoder(c, jnp.float32, scan_layers=True)
+    pixels = np.random.default_rng(4).uniform(-1, 1, (2, 128, 128, 3)).astype(np.float32)
+    params = encoder.init(jax.random.key(5), pixels)["params"]
+    params = jax.tree.map(lambda x: x * 2, params)  # attention far from uniform
+    # a function each: jax's caches do not key on `splash.use`, which acts while a function is traced
+    einsum_path, kernel_path = (lambda p: encoder.apply({"params": p}, pixels) for _ in range(2))
+    with jax.default_matmul_precision("highest"):
+        want = np.asarray(jax.jit(einsum_path)(params))
+        with splash.use(interpret=True):
+            assert "pallas_call" in str(jax.make_jaxpr(kernel_path)(params))
+            got = np.asarray(jax.jit(kernel_path)(params))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
