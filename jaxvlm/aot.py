@@ -31,8 +31,8 @@ from jax.sharding import Mesh
 from jaxvlm import checks, files, presets
 from jaxvlm.checkpoint import abstract_params, param_axes
 from jaxvlm.config import CONFIG_FILE, ModelConfig, QuantizationConfig
-from jaxvlm.engine import DEFAULT_CHUNK, decode_rows, insert
-from jaxvlm.generate import DecodeState, cache_axes, decode, prefill, prompt_bucket, sampling_rules
+from jaxvlm.engine import decode_rows, insert
+from jaxvlm.generate import MAX_CHUNK, DecodeState, cache_axes, decode, prefill, prompt_bucket, sampling_rules
 from jaxvlm.kv_cache import KVCache
 from jaxvlm.minimal_step import minimal_decode
 from jaxvlm.patches import Patches, bucket
@@ -264,8 +264,9 @@ def report(model: str | os.PathLike | ModelConfig, topology: str = "v5e:2x2", ba
             config.decoder, compute, params, cache_of(rows, cache), row_ints(rows)),
         "engine_insert": lambda: insert.lower(engine_state(), state_of(one, prompt_bucket(prompt), seen=True),
                                               jax.ShapeDtypeStruct((), jnp.int32)),
-        "engine_step": lambda: decode_rows.lower(config, compute, False, DEFAULT_CHUNK, rows, shard, params,
-                                                 engine_state(), rules_, 0, not greedy),
+        "engine_step": lambda: decode_rows.lower(config, compute, False, MAX_CHUNK, rows, shard, params,
+                                                 engine_state(), rules_, 0, not greedy,
+                                                 run=jax.ShapeDtypeStruct((), jnp.int32)),
         "train_step": train_step,
     }
     chosen = [p for p in programs if not (p == "train_step" and quantize)]

@@ -10,9 +10,11 @@ turns each request's tokens into text as they come (`processor.TextStream`) and 
 
 The cache is circular (`jaxvlm.kv_cache`): a request's prompt is written to end at the shared cursor, in
 whichever row is free, and the cursor never runs out. A prompt that begins like a recent one takes that
-one's keys and values and runs only its end (`jaxvlm.prefix_cache`). Shapes are fixed by the engine's slots,
-cache size and chunk, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles
-anything. A chunk in which no request samples (temperature 0 in all) runs a greedy program of its own, with no
+one's keys and values and runs only its end (`jaxvlm.prefix_cache`). Shapes are fixed by the engine's slots
+and cache size, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles
+anything. A chunk's step count is an argument of the decode program, not a shape: engines of any chunk up
+to `MAX_CHUNK` (a server's, `Model.stream`'s, `Model.generate`'s, which fits its chunk to the answers'
+length) share one program. A chunk in which no request samples (temperature 0 in all) runs a greedy program of its own, with no
 filters and no draw (smaller and quicker to compile), so warm-up means greedy and sampled requests both; so do
 a repetition penalty and top log-probabilities, whose chunks keep what they need.
 
@@ -35,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checks
-from jaxvlm.generate import (DecodeState, cache_bucket, check_finite_tokens, decode, pad_rows, place_cache, prefill,
-                             prefill_after, prompt_bucket, right_align, sampling_rules)
+from jaxvlm.generate import (MAX_CHUNK, DecodeState, cache_bucket, check_finite_tokens, decode, pad_rows, place_cache,
+                             prefill, prefill_after, prompt_bucket, right_align, sampling_rules)
 from jaxvlm.inputs import Images
 from jaxvlm.kv_cache import KVCache, ring_slots
 from jaxvlm.layout import is_stacked
@@ -173,15 +175,17 @@ def insert(state: DecodeState, prefilled: DecodeState, slot) -> DecodeState:
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "rows", "shard", "top_n",
                                              "sampling"), donate_argnames=("state",))
 def decode_rows(config, dtype, penalize: bool, steps: int, rows: int, shard, params, state: DecodeState, rules,
-                top_n: int, sampling: bool = True):
-    """`generate.decode` of the first `rows` rows of `state` (the others kept as they are)."""
+                top_n: int, sampling: bool = True, run=None):
+    """`generate.decode` of the first `rows` rows of `state` (the others kept as they are): `run` steps (traced)
+    of at most `steps`."""
     if rows == state.token.shape[0]:
-        return decode(config, dtype, penalize, steps, shard, params, state, rules, top_n=top_n, sampling=sampling)
+        return decode(config, dtype, penalize, steps, shard, params, state, rules, top_n=top_n, sampling=sampling,
+                      run=run)
     batch_axis = lambda x: x.ndim - 4 if x.ndim >= 4 else 0  # cache entries [..., B, S, K, H]; the rest [B, ...]
     rows_of = lambda tree: jax.tree.map(lambda x: x if x.ndim == 0 else jax.lax.slice_in_dim(x, 0, rows,
                                                                                            axis=batch_axis(x)), tree)
     part, tokens, logprobs, top = decode(config, dtype, penalize, steps, None, params, rows_of(state), rules,
-                                         top_n=top_n, sampling=sampling)
+                                         top_n=top_n, sampling=sampling, run=run)
     state = jax.tree.map(lambda x, y: y if x.ndim == 0 else jax.lax.dynamic_update_slice_in_dim(x, y, 0, batch_axis(x)),
                          state, part)
     return state, tokens, logprobs, top
@@ -223,6 +227,7 @@ class Engine:
                  compact: bool = True, fail_alone: bool = True, overlap: bool = True):
         model._require_lm_head()
         self.model, self.slots, self.chunk = model, checks.integer("slots", slots, 1), checks.integer("chunk", chunk, 1)
+        self._most_steps = max(self.chunk, MAX_CHUNK)  # the decode program's: any chunk up to it is the same one
         self.shard = model.shard
         self.prefill_tokens = checks.integer("prefill_tokens", prefill_tokens, 1)
         self.compact, self.fail_alone = checks.flag("compact", compact), checks.flag("fail_alone", fail_alone)
@@ -350,8 +355,9 @@ class Engine:
     def decode_program(self) -> str:
         """The optimised program (XLA's HLO text) of a decode chunk over every slot: where a sharded model's
         collectives, or a stacked model's copies, show."""
-        return decode_rows.lower(self.config, self.model.dtype, False, self.chunk, self.slots, self.shard,
-                                 self.model.params, self.state, self.rules, 0).compile().as_text()
+        return decode_rows.lower(self.config, self.model.dtype, False, self._most_steps, self.slots, self.shard,
+                                 self.model.params, self.state, self.rules, 0,
+                                 run=np.int32(self.chunk)).compile().as_text()
 
     def _admit(self) -> None:
         if self._in_flight is not None:
@@ -459,15 +465,15 @@ class Engine:
         top_n = MAX_TOP_LOGPROBS if any(r.top_logprobs for r in running) else 0
         penalize = any(r.repetition_penalty != 1 for r in running)
         sampling = any(r.temperature > 0 for r in running)  # else the greedy program: no filters, no draw
-        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, penalize, self.chunk, rows,
-                                                        self.shard, self.model.params, self.state, rules, top_n,
-                                                        sampling)
+        self.state, tokens, logprobs, top = decode_rows(self.config, self.model.dtype, penalize, self._most_steps,
+                                                        rows, self.shard, self.model.params, self.state, rules, top_n,
+                                                        sampling, run=np.int32(self.chunk))
         return tokens, logprobs, top
 
     def _read(self, chunk) -> None:
-        tokens, logprobs, top, owners = chunk
-        tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-        top = None if top is None else tuple(map(np.asarray, top))
+        tokens, logprobs, top, owners = chunk  # (the columns past the chunk's steps are not its tokens)
+        tokens, logprobs = np.asarray(tokens)[:, :self.chunk], np.asarray(logprobs)[:, :self.chunk]
+        top = None if top is None else tuple(np.asarray(x)[:, :self.chunk] for x in top)
         for slot, (request_id, phase) in owners.items():
             if request_id not in self.live or self.live[request_id].phase != phase:
                 continue  # it ended (or was cancelled, or left to be run again) before this chunk was read

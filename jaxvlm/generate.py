@@ -234,22 +234,31 @@ def prefill_after(config: ModelConfig, dtype, cache_size: int, params, held: KVC
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "penalize", "steps", "shard", "top_n", "sampling"),
                    donate_argnames=("state",))
 def decode(config: ModelConfig, dtype, penalize: bool, steps: int, shard: MeshRules | None, params,
-           state: DecodeState, rules, top_n: int = 0, sampling: bool = True):
-    """`steps` decode steps in one `lax.scan`; returns the new state, the chosen tokens int32[B, steps], their
-    log-probabilities float32[B, steps], and with `top_n` the likeliest tokens of each step (float32[B, steps, n],
-    int32[B, steps, n]; else None). See `prefill` for `rules`."""
+           state: DecodeState, rules, top_n: int = 0, sampling: bool = True, run=None):
+    """Decode steps in one loop: `run` of them (an int32 scalar, traced: one program serves every count up to
+    `steps`; None: `steps`). Returns the new state, the chosen tokens int32[B, steps], their log-probabilities
+    float32[B, steps], and with `top_n` the likeliest tokens of each step (float32[B, steps, n], int32[B,
+    steps, n]; else None); the entries past `run` are zeros. See `prefill` for `rules`."""
     model = VisionLanguageModel(config, dtype, scan_layers=is_stacked(params))
+    B = state.token.shape[0]
 
-    def step(state: DecodeState, _):
+    def step(i, carry):
+        state, chosen = carry
         with matvec.allowed(shard is None):  # the fused CPU kernel has no sharding rule
             out = model.apply({"params": params}, Inputs.next_tokens(state.token, state.position), state.cache)
         token, logprob, top = _choose(penalize, top_n, sampling, out.logits[:, 0], rules, state.step, state.seen)
         token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])
-        return DecodeState(cache=place_cache(out.cache, shard), token=token, position=state.position + 1,
-                           done=done, step=state.step + 1, seen=_mark_seen(state.seen, token)), (token, logprob, top)
+        state = DecodeState(cache=place_cache(out.cache, shard), token=token, position=state.position + 1,
+                            done=done, step=state.step + 1, seen=_mark_seen(state.seen, token))
+        # each step's choices written at its column of the [B, steps, ...] outputs
+        chosen = jax.tree.map(lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, i, 1), chosen,
+                              (token, logprob, top))
+        return state, chosen
 
-    state, chosen = jax.lax.scan(step, state, length=steps)
-    return state, *_everywhere(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), chosen), shard)
+    top = None if not top_n else (jnp.zeros((B, steps, top_n), jnp.float32), jnp.zeros((B, steps, top_n), jnp.int32))
+    chosen = (jnp.zeros((B, steps), jnp.int32), jnp.zeros((B, steps), jnp.float32), top)
+    state, chosen = jax.lax.fori_loop(0, steps if run is None else run, step, (state, chosen))
+    return state, *_everywhere(chosen, shard)
 
 
 def right_align(rows: Sequence[np.ndarray], length: int, pad_id, dtype=np.int32) -> tuple[np.ndarray, np.ndarray]:

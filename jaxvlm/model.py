@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import os
 import re
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -492,9 +491,10 @@ class Model:
 
     def _answers(self, requests: Sequence[Request]) -> list[Output]:
         """The engine's outputs for `requests`, all decoding together, in order. Decode calls take up to
-        `MAX_CHUNK` steps (fewer for short answers, so that little is computed past the end)."""
+        `MAX_CHUNK` steps, as many as the longest answer needs (prefill gives the first token), so that nothing
+        is computed past its end; the step count is no shape, so every count runs one program."""
         new = max(r.max_tokens for r in requests)
-        engine = self._engine(requests, min(MAX_CHUNK, 1 << math.ceil(math.log2(new - 1))) if new > 1 else 1)
+        engine = self._engine(requests, min(MAX_CHUNK, max(1, new - 1)))
         ids = [engine.submit(r) for r in requests]
         outputs = engine.run()
         return [outputs[i] for i in ids]

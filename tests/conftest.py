@@ -98,11 +98,14 @@ def convert_command():
 
 @pytest.fixture(scope="session")
 def convert_and_load(tmp_path_factory):
-    """(torch model, name, *convert flags) -> jaxvlm.Model: save_pretrained, the convert command, load."""
-    def run(hf_model, name: str = "model", *extra: str) -> jaxvlm.Model:
+    """(torch model, name) -> jaxvlm.Model: save_pretrained, convert (in this process: the command's own
+    tests run it as a user does, through `convert_command`), load."""
+    from convert import convert
+
+    def run(hf_model, name: str = "model") -> jaxvlm.Model:
         root = tmp_path_factory.mktemp(name)
         hf_dir = hf_models.save(hf_model, str(root / "hf"))
-        return jaxvlm.load(_convert_command(hf_dir, str(root / "jax"), *extra))
+        return jaxvlm.load(convert(hf_dir, str(root / "jax"), progress=False))
     return run
 
 
