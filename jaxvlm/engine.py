@@ -14,9 +14,9 @@ one's keys and values and runs only its end (`jaxvlm.prefix_cache`). Shapes are 
 and cache size, and by the prompt buckets: after warm-up no mix of requests within the buckets compiles
 anything. A chunk's step count is an argument of the decode program, not a shape: engines of any chunk up
 to `MAX_CHUNK` (a server's, `Model.stream`'s, `Model.generate`'s, which fits its chunk to the answers'
-length) share one program. A chunk in which no request samples (temperature 0 in all) runs a greedy program of its own, with no
-filters and no draw (smaller and quicker to compile), so warm-up means greedy and sampled requests both; so do
-a repetition penalty and top log-probabilities, whose chunks keep what they need.
+length) share one program. A chunk in which no request samples (temperature 0 in all) runs a greedy program
+of its own, with no filters and no draw (smaller and quicker to compile), so warm-up means greedy and sampled
+requests both; so do a repetition penalty and top log-probabilities, whose chunks keep what they need.
 
     engine = Engine(model, slots=8)
     request_id = engine.submit_text("caption en", image="cat.jpg", max_tokens=32)   # or submit(Request(...))
