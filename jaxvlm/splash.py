@@ -80,7 +80,9 @@ def _kernel(T: int, groups: int, window: int | None, softcap: float | None, inte
         if behind is not None:
             one = one | sa.LocalMask((T, T), (None, 0), offset=-behind)
     block_q, block_kv = _blocks(T)
-    with jax.ensure_compile_time_eval():  # its mask tables concrete, so that one kernel serves every trace
+    # Its mask tables made outside whatever is being traced (a scan's body is traced with partial evaluation,
+    # which `ensure_compile_time_eval` does not reach), so that one kernel serves every trace.
+    with jax.core.eval_context():
         return sa.make_splash_mqa_single_device(
             sa.MultiHeadMask([one] * groups), block_sizes=sa.BlockSizes(block_q=block_q, block_kv=block_kv),
             attn_logits_soft_cap=softcap, interpret=interpret, save_residuals=residuals)
