@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxvlm import presets
-from jaxvlm.checkpoint import abstract_params
+from jaxvlm.checkpoint import abstract_params, param_axes
 
 # Parameter counts of the released checkpoints (transformers' `num_parameters()`).
 RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-2-9b": 9_241_705_984,
@@ -24,8 +24,19 @@ RELEASED = {"gemma-2b": 2_506_172_416, "gemma-2-2b": 2_614_341_888, "gemma-2-9b"
 
 
 @functools.cache
+def params_and_axes(name: str):
+    """The preset's abstract params and their axes' names, its layers stacked where they stack: a stack's
+    layer is traced once rather than each layer (a large preset's trace takes seconds a layer stack). The
+    layers' code is the same either way; tests/test_layout.py checks the two layouts against each other."""
+    config = presets.get(name)
+    try:
+        return abstract_params(config, scan_layers=True), param_axes(config, scan_layers=True)
+    except ValueError:  # layers of different shapes (a mixture with dense layers between): unrolled
+        return abstract_params(config), param_axes(config)
+
+
 def count(name: str) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(presets.get(name))))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params_and_axes(name)[0]))
 
 
 @pytest.mark.parametrize("name", presets.PRESETS)
@@ -67,13 +78,12 @@ AXIS_NAMES = {"embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "labels"
 @pytest.mark.parametrize("name", presets.PRESETS)
 def test_every_param_names_each_of_its_axes(name):
     """Sharding rules (and everything else keyed on a weight's layout) read these names."""
-    from jaxvlm.checkpoint import param_axes
-    config = presets.get(name)
-    shapes = jax.tree.leaves(abstract_params(config))
-    axes = jax.tree.leaves(param_axes(config), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    params, axes = params_and_axes(name)
+    shapes = jax.tree.leaves(params)
+    axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert len(shapes) == len(axes)
     for shape, names in zip(shapes, axes):
-        assert len(names) == len(shape.shape) and set(names) <= AXIS_NAMES, (shape, names)
+        assert len(names) == len(shape.shape) and set(names) <= AXIS_NAMES | {"layers"}, (shape, names)
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
