@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxvlm
-from jaxvlm.generate import batch_bucket
+from jaxvlm.generate import MAX_CHUNK, batch_bucket
 from convert import convert
 from tests import hf_models
 
@@ -106,9 +106,11 @@ def _check_mesh(family, mesh_name):
         assert collectives or model.shard.size["data"] == 8, "a tensor-parallel model should communicate"
         # A weight gathered whole is a float array of a weight's size (token ids are gathered as int32); the
         # per-shard best values of the sampler, [rows, shards], are no weight whatever their size, nor are
-        # the logits [rows, vocab] that a sampling row sorts (the program has that branch; greedy rows skip it).
+        # the logits [rows, vocab] that a sampling row sorts (the program has that branch; greedy rows skip it),
+        # nor a call's log-probabilities, [rows, MAX_CHUNK], copied for every host to read.
         rows = batch_bucket(len(inputs["input_ids"]), model.shard.batch_multiple)
-        activations = {f"{rows},{model.shard.size.get('model', 1)}", f"{rows},{model.config.decoder.vocab_size}"}
+        activations = {f"{rows},{model.shard.size.get('model', 1)}", f"{rows},{model.config.decoder.vocab_size}",
+                       f"{rows},{MAX_CHUNK}"}
         whole = [(dtype, shape) for dtype, shape, op in collectives
                  if op == "all-gather" and dtype.startswith(("f", "bf")) and size(shape) in weights
                  and shape not in activations]
