@@ -1,15 +1,15 @@
 """Prefill's attention on TPU through jax's splash attention kernel (Pallas), which never holds the [B, N, T, S]
 scores: a prompt of 8k tokens at batch 8 would need 8k x 8k float32 scores a head and a row otherwise.
 
-It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own), and the image encoders'
-full attention over an image's patches (run by prefill too): causal attention, a
+It serves prompts run into a fresh cache (`prefill`: the keys are the prompt's own): causal attention, a
 sliding window where the layer has one, the padding kept apart by segment ids (a padding token attends only
 to padding, and no real token to it), Gemma 2's soft-cap. Bidirectional blocks (PaliGemma's prefix, Gemma 3's
 images) take a second kernel call over the keys the causal mask leaves out, those after the query in its
 block (and, where the window does not bound the blocks, those of its block behind the window), with the
-block ids as segment ids; the two parts, disjoint, are merged by their log-sum-exps. Everything else (a
-cache holding earlier tokens, prompts whose length is no multiple of 128, the attention weights asked for
-inspection) keeps the einsum path. On other platforms the einsum path is compiled
+block ids as segment ids; the two parts, disjoint, are merged by their log-sum-exps. The image encoders'
+full attention over an image's patches, which prefill runs too, takes it with every key visible. Everything
+else (a cache holding earlier tokens, prompts whose length is no multiple of 128, the attention weights asked
+for inspection) keeps the einsum path. On other platforms the einsum path is compiled
 (`jax.lax.platform_dependent`); `use(interpret=True)` runs the kernel in Pallas' interpret mode on any
 platform, which is how its numerics are checked against the einsum path on CPU.
 
