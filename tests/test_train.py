@@ -1,4 +1,4 @@
-"""The train loop: optimizer schedule, mixed precision, remat, resuming the same loss curve, a run killed
+"""The train loop: optimizer schedule, mixed precision, resuming the same loss curve, a run killed
 mid-save, non-finite losses and a checkpoint of another model shape."""
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import pytest
 
 from jaxvlm import checkpoint
 from jaxvlm.model import Model
-from jaxvlm.train import Trainer, _batch_arrays, finetune, loss_curve, loss_fn
-from jaxvlm.vlm import VisionLanguageModel
+from jaxvlm.train import Trainer, finetune, loss_curve
 from tests import tiny_training as tiny
 
 
@@ -56,17 +55,6 @@ def test_learning_rate_warms_up_then_decays(tok):
         on_step=lambda s, m: rates.append(m["learning_rate"]))
     np.testing.assert_allclose(rates[:5], [0, 2.5e-3, 5e-3, 7.5e-3, 1e-2], rtol=1e-5, atol=1e-9)
     assert all(a > b for a, b in zip(rates[4:], rates[5:])) and rates[-1] > 1e-4
-
-
-def test_remat_gives_the_same_loss_and_gradients(tok):
-    params = tiny.init_params()
-    batch = _batch_arrays(tiny.batches(tiny.tokenizer(tok))(0), tiny.TINY)
-    grads = {}
-    for remat in (False, True):
-        model = VisionLanguageModel(tiny.TINY, remat=remat)
-        grads[remat] = jax.jit(jax.grad(lambda p: loss_fn(model, p, batch)[0]))(params)
-    for a, b in zip(jax.tree.leaves(grads[False]), jax.tree.leaves(grads[True])):
-        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_resumed_run_continues_the_same_loss_curve(tok, straight, tmp_path):
