@@ -1,6 +1,8 @@
 """One process of a two-host job on localhost, each with 4 CPU devices: loads a converted model on a
 (2, 4) mesh spanning both, generates, computes logits and trains a few steps, and writes what it saw as
-JSON. Run by tests/test_sharding.py as `python -m tests.multihost_worker ID PORT FOLDER TOKENIZER_DIR OUT`."""
+JSON. Run by tests/test_sharding.py as `python -m tests.multihost_worker ID PORT FOLDER TOKENIZER_DIR PARAMS OUT`,
+PARAMS the tiny training model's initial params, pickled (the test's own: initialising here would compile
+the init program once more in each process)."""
 
 import os
 import sys
@@ -8,6 +10,7 @@ import sys
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
 
 import json  # noqa: E402
+import pickle  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -17,7 +20,7 @@ NEW_TOKENS = 8
 TRAIN_STEPS = 3
 
 
-def main(process_id: int, port: str, folder: str, tokenizer_dir: str, out: str) -> None:
+def main(process_id: int, port: str, folder: str, tokenizer_dir: str, params: str, out: str) -> None:
     import jaxvlm
     from jaxvlm.train import Trainer, loss_curve
     from tests import tiny_training as tiny
@@ -31,7 +34,9 @@ def main(process_id: int, port: str, folder: str, tokenizer_dir: str, out: str) 
     logits = model.logits(ids, mask)
     losses, record = loss_curve()
     trainer = Trainer(tiny.TINY, tiny.train_config(TRAIN_STEPS), None, mesh)
-    trainer.fit(tiny.init_params(), tiny.batches(tiny.tokenizer(tokenizer_dir), batch_size=4), progress=False,
+    with open(params, "rb") as f:
+        initial = pickle.load(f)
+    trainer.fit(initial, tiny.batches(tiny.tokenizer(tokenizer_dir), batch_size=4), progress=False,
                 on_step=record)
     with open(out, "w") as f:
         json.dump({"devices": jax.device_count(), "local_devices": jax.local_device_count(),

@@ -61,16 +61,20 @@ def test_two_hosts_generate_and_train_as_one(hf_checkpoint, tiny_tokenizer_dir, 
     """Two processes of 4 CPU devices each (gloo collectives) run one (2, 4) mesh: each gets, as plain
     numpy, the tokens and logits one process computes alone, and the same training losses."""
     import json
+    import pickle
     from convert import convert
     from jaxvlm.train import Trainer, loss_curve
     from tests import multihost_worker as worker
     from tests import tiny_training as tiny
 
     folder = convert(hf_checkpoint("qwen3", seed=5), str(tmp_path / "jax"), progress=False)
+    initial = jax.tree.map(np.asarray, tiny.init_params())
+    with open(tmp_path / "params.pkl", "wb") as f:
+        pickle.dump(initial, f)
     port = free_port()
     outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port), folder,
-                               tiny_tokenizer_dir, outs[i]], cwd=ROOT, stdout=subprocess.PIPE,
+                               tiny_tokenizer_dir, str(tmp_path / "params.pkl"), outs[i]], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=cache_of_its_own(os.environ, "4-devices"))
              for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -82,7 +86,7 @@ def test_two_hosts_generate_and_train_as_one(hf_checkpoint, tiny_tokenizer_dir, 
     logits = one.logits(ids, mask)
     losses, record = loss_curve()
     Trainer(tiny.TINY, tiny.train_config(worker.TRAIN_STEPS)).fit(
-        tiny.init_params(), tiny.batches(tiny.tokenizer(tiny_tokenizer_dir), batch_size=4), progress=False,
+        initial, tiny.batches(tiny.tokenizer(tiny_tokenizer_dir), batch_size=4), progress=False,
         on_step=record)
     for out in outs:
         with open(out) as f:
