@@ -113,8 +113,9 @@ def test_resume_from_another_model_shape_names_the_param(tok, straight, tmp_path
     wider = dataclasses.replace(tiny.TINY, decoder=dataclasses.replace(tiny.TINY.decoder, mlp_dim=96))
     with pytest.raises(ValueError, match=r"checkpoints/2: param decoder/layer_0/mlp/down/kernel has shape "
                                          r"\(64, 32\) in the checkpoint but \(96, 32\) in this model"):
-        Trainer(wider, tiny.train_config(4), tmp_path).fit(tiny.init_params(wider),
-                                                          tiny.batches(tiny.tokenizer(tok), config=wider),
+        # (params of the wider shape, zeros: the shape is refused before anything runs)
+        zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), checkpoint.abstract_params(wider))
+        Trainer(wider, tiny.train_config(4), tmp_path).fit(zeros, tiny.batches(tiny.tokenizer(tok), config=wider),
                                                           progress=False)
 
 
