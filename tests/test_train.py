@@ -150,7 +150,8 @@ def test_finetune_a_text_model_leaves_the_original_untouched(tok):
     """Text-only rows (no image, plain prompts); the tuned model is new and the original keeps its weights."""
     config = dataclasses.replace(tiny.TINY, vision=None, image_processing=None, image_token_id=None, prefix_lm=False,
                                  position_offset=0, prompt_format="plain")
-    params = checkpoint.init_params(config, jax.random.key(0))
+    params = {"decoder": tiny.init_params()["decoder"]}  # the text model's tree (its init, already compiled)
+    assert jax.tree.structure(params) == jax.tree.structure(checkpoint.abstract_params(config))
     model = Model(config, params, tiny.tokenizer(tok))
     before = jax.tree.map(np.array, params)
     rows = [{"prompt": f"count shapes {i}", "answer": str(i % 3 + 1)} for i in range(12)]
