@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import jaxvlm
-from jaxvlm.generate import MAX_CHUNK, batch_bucket
+from jaxvlm.generate import MAX_CHUNK, batch_bucket, cache_bucket
 from convert import convert
 from tests import hf_models
 
@@ -118,15 +118,17 @@ def _check_mesh(family, mesh_name):
 
 
 def _check_engine(model, inputs, tokens):
-    """The engine on the mesh: rows arriving one a step into 8 slots get the one-device tokens."""
-    from jaxvlm.engine import Engine, Request
+    """The engine on the mesh: rows arriving one a step into its slots get the one-device tokens. The slots
+    and cache are those `generate_ids` made for the batch, so that the two share their decode program."""
+    from jaxvlm.engine import Engine, Request, cache_slots
     ids, mask, prefix, pixels = model._inputs(inputs["input_ids"], inputs["attention_mask"],
                                               inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"))
-    engine = Engine(model, slots=8, cache_size=64, chunk=4)
     # (each request its own LongRoPE factors, as alone; the batch here switches them together: compare the
     # tokens before the longest row passes the short factors' positions)
     rope = model.config.decoder.rope
     max_tokens = NEW_TOKENS if not rope.is_longrope else rope.original_max_position - ids.shape[1]
+    size = cache_bucket(max(cache_slots(model.config, int(keep.sum()), max_tokens) for keep in mask))
+    engine = Engine(model, slots=batch_bucket(len(mask), model.shard.batch_multiple), cache_size=size, chunk=4)
     submitted = []
     for i, keep in enumerate(mask):
         submitted.append(engine.submit(Request(tokens=ids[i][keep], pixels=None if pixels is None else pixels.of_row(i),
