@@ -74,8 +74,9 @@ def test_two_hosts_generate_and_train_as_one(hf_checkpoint, tiny_tokenizer_dir, 
     port = free_port()
     outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-m", "tests.multihost_worker", str(i), str(port), folder,
-                               tiny_tokenizer_dir, str(tmp_path / "params.pkl"), outs[i]], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env=cache_of_its_own(os.environ, "4-devices"))
+                               tiny_tokenizer_dir, str(tmp_path / "params.pkl"), outs[i]], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=cache_of_its_own(os.environ, "4-devices"))
              for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
