@@ -18,6 +18,7 @@ import copy
 import numpy as np
 import pytest
 
+from convert import convert
 from tests import hf_models
 
 TEXT = ["gemma", "gemma2", "phi3", "qwen3"]
@@ -75,14 +76,14 @@ def test_bfloat16_matches_transformers_bfloat16(name, convert_and_load):
     assert kl(theirs, ours) <= 2 * gap, (kl(theirs, ours), gap)
 
 
-def test_compute_and_cache_dtypes_apart_from_the_params(tmp_path, convert_command):
+def test_compute_and_cache_dtypes_apart_from_the_params(tmp_path):
     """bfloat16 weights computed in float32 are the float32 computation of those rounded weights; a bfloat16
     cache under a float32 computation halves the cache and stays close to the float32 answer."""
     import jax
     import jax.numpy as jnp
     import jaxvlm
     hf = hf_models.build("gemma2", seed=1)
-    folder = convert_command(hf_models.save(hf, str(tmp_path / "hf")), str(tmp_path / "jax"))
+    folder = convert(hf_models.save(hf, str(tmp_path / "hf")), str(tmp_path / "jax"), progress=False)
     ids, mask = hf_models.left_pad(hf_models.prompts(2, [6, 11]))
     wide = jaxvlm.load(folder, dtype="bfloat16", compute_dtype="float32")
     assert wide.dtype == jnp.float32 and wide.cache_dtype == jnp.float32

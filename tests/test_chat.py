@@ -11,6 +11,7 @@ import pytest
 
 import jaxvlm
 from jaxvlm import chat as chat_module
+from convert import convert
 from tests import hf_models
 
 # Written after the published templates of each family (shortened): roles, special tokens as text,
@@ -58,7 +59,7 @@ CONVERSATION = [{"role": "user", "content": "the quick brown fox"},
 
 
 @pytest.fixture(scope="module")
-def chat_models(tmp_path_factory, gemma_tokenizer, qwen_tokenizer, convert_command):
+def chat_models(tmp_path_factory, gemma_tokenizer, qwen_tokenizer):
     """family -> (transformers model, its tokenizer with the chat template, the converted jaxvlm Model)."""
     out = {}
     for family, (template, controls, _) in STYLES.items():
@@ -72,7 +73,7 @@ def chat_models(tmp_path_factory, gemma_tokenizer, qwen_tokenizer, convert_comma
         tok.add_special_tokens({"additional_special_tokens": controls})
         tok.chat_template = template
         tok.save_pretrained(hf_dir)
-        out[family] = (model, tok, jaxvlm.load(convert_command(hf_dir, str(root / "jax"))))
+        out[family] = (model, tok, jaxvlm.load(convert(hf_dir, str(root / "jax"), progress=False)))
     return out
 
 

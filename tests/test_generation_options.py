@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import jaxvlm
+from convert import convert
 from tests import hf_models
 
 PROMPTS = ["the quick brown fox", "hello jax, hello"]
@@ -20,14 +21,14 @@ NEW = 12
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory, gemma_tokenizer, convert_command):
+def pair(tmp_path_factory, gemma_tokenizer):
     """(transformers model, its tokenizer, the folder, the converted jaxvlm model)."""
     root = tmp_path_factory.mktemp("options")
     hf_dir = str(root / "hf")
     model = hf_models.build("gemma", seed=4, eos_token_id=1, bos_token_id=2, vocab_size=128)
     hf_models.save(model, hf_dir)
     tok = gemma_tokenizer(hf_dir)
-    return model.eval(), tok, hf_dir, jaxvlm.load(convert_command(hf_dir, str(root / "jax")))
+    return model.eval(), tok, hf_dir, jaxvlm.load(convert(hf_dir, str(root / "jax"), progress=False))
 
 
 def hf_new_tokens(model, tok, prompt: str, **kwargs) -> np.ndarray:

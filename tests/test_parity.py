@@ -152,7 +152,9 @@ def test_longrope_greedy_tokens(longrope, lengths):
 # --- other checkpoint layouts --------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["sharded", "bin", "sharded_bin"])
 @pytest.mark.parametrize("name", ["qwen3", "phi3"])
-def test_sharded_and_bin_checkpoints(tmp_path, name, layout, convert_command):
+def test_sharded_and_bin_checkpoints(tmp_path, name, layout):
+    """Read in this process (the command's own tests run it as a user does)."""
+    from convert import convert
     model = hf_models.build(name, seed=11)
     hf_dir = hf_models.save(model, str(tmp_path / "hf"), shard="40KB" if "sharded" in layout else None,
                             bin_file="bin" in layout)
@@ -163,6 +165,6 @@ def test_sharded_and_bin_checkpoints(tmp_path, name, layout, convert_command):
         assert "pytorch_model.bin" in files and not any(f.endswith(".safetensors") for f in files)
     else:
         assert "pytorch_model.bin.index.json" in files and sum(f.endswith(".bin") for f in files) == 2
-    jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
+    jx = jaxvlm.load(convert(hf_dir, str(tmp_path / "jax"), progress=False))
     ids = np.stack(hf_models.prompts(6, [10, 10]))  # (every weight read shows in the logits)
     assert np.abs(jx.logits(ids) - hf_models.hf_logits(model, ids)).max() <= 1e-4

@@ -22,6 +22,7 @@ from jaxvlm import chat, files
 from jaxvlm.dataset import generate_all
 from jaxvlm.images import ImageError, load_image
 from jaxvlm.model import BUILTIN_MODEL
+from convert import convert
 
 IMAGE = "examples/shapes.png"
 
@@ -230,13 +231,13 @@ def test_the_command_help_shows_every_default():
 
 
 @pytest.fixture(scope="module")
-def text_model(tmp_path_factory, gemma_tokenizer, convert_command):
+def text_model(tmp_path_factory, gemma_tokenizer):
     from tests import hf_models
     root = tmp_path_factory.mktemp("text")
     hf_models.save(hf_models.build("gemma", seed=1, eos_token_id=1, bos_token_id=2, vocab_size=128),
                    str(root / "hf"))
     gemma_tokenizer(str(root / "hf"))
-    return jaxvlm.load(convert_command(str(root / "hf"), str(root / "jax")))
+    return jaxvlm.load(convert(str(root / "hf"), str(root / "jax"), progress=False))
 
 
 # --- training ---------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import jaxvlm
+from convert import convert
 from tests import hf_models
 
 @pytest.mark.parametrize("name, files", [("gemma", "json"), ("gemma", "spm"), ("qwen3", "json")])
-def test_generate_from_text_matches_transformers(tmp_path, name, files, gemma_tokenizer, qwen_tokenizer,
-                                                 convert_command):
+def test_generate_from_text_matches_transformers(tmp_path, name, files, gemma_tokenizer, qwen_tokenizer):
     hf_dir = str(tmp_path / "hf")
     model = hf_models.build(name, seed=4, eos_token_id=1, bos_token_id=2 if name == "gemma" else None)
     hf_models.save(model, hf_dir)
@@ -22,7 +22,7 @@ def test_generate_from_text_matches_transformers(tmp_path, name, files, gemma_to
     if files == "spm":
         for f in ("tokenizer.json", "tokenizer_config.json"):
             os.remove(os.path.join(hf_dir, f))
-    jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
+    jx = jaxvlm.load(convert(hf_dir, str(tmp_path / "jax"), progress=False))
     assert jx.tokenizer.source.endswith("tokenizer.model" if files == "spm" else "tokenizer.json")
 
     prompts = ["the lazy fox", "hello jax, compile the red square"]

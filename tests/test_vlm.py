@@ -1,7 +1,7 @@
 """Vision-language parity with transformers: PaliGemma (Gemma), PaliGemma 2 (Gemma 2), LLaVA (CLIP + Phi-3).
 
-Tiny random models, every parameter re-randomised, saved with `save_pretrained`, converted with the
-convert command and loaded; a batch of 2 images with prompts of different lengths.
+Tiny random models, every parameter re-randomised, saved with `save_pretrained`, converted and
+loaded (in this process; the command's own tests below run it as a user does); a batch of 2 images with prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import jaxvlm
 from jaxvlm import generate as generate_module
 from jaxvlm import engine as engine_module
 from jaxvlm.vision import VisionEncoder
+from convert import convert
 from tests import hf_models
 
 NEW_TOKENS = 24
@@ -201,8 +202,9 @@ def test_generate_command_with_image(paligemma_with_processor, tmp_path, convert
 
 # --- bad input: one line naming the image or argument ----------------------------------------------------
 @pytest.fixture(scope="module")
-def user_model(paligemma_with_processor, tmp_path_factory, convert_command):
-    return jaxvlm.load(convert_command(paligemma_with_processor[0], str(tmp_path_factory.mktemp("user") / "jax")))
+def user_model(paligemma_with_processor, tmp_path_factory):
+    return jaxvlm.load(convert(paligemma_with_processor[0], str(tmp_path_factory.mktemp("user") / "jax"),
+                                progress=False))
 
 
 @pytest.fixture(scope="module")
