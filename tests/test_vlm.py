@@ -1,7 +1,8 @@
 """Vision-language parity with transformers: PaliGemma (Gemma), PaliGemma 2 (Gemma 2), LLaVA (CLIP + Phi-3).
 
 Tiny random models, every parameter re-randomised, saved with `save_pretrained`, converted and
-loaded (in this process; the command's own tests below run it as a user does); a batch of 2 images with prompts of different lengths.
+loaded (in this process; the command's own tests below run it as a user does); a batch of 2 images with
+prompts of different lengths.
 """
 
 from __future__ import annotations
