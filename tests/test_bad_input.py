@@ -611,7 +611,7 @@ def test_weights_that_are_not_finite_are_never_saved(tok, tmp_path):
 def test_a_step_whose_update_is_not_finite_is_skipped(tok, caplog):
     """A learning rate so large that the weights overflow: the step is skipped, the weights stay finite."""
     with caplog.at_level(logging.WARNING, "jaxvlm.train"):
-        state = Trainer(tiny.TINY, tiny.train_config(2, learning_rate=1e39, warmup_steps=0, grad_clip_norm=None),
+        state = Trainer(tiny.TINY, tiny.train_config(2, learning_rate=1e39, warmup_steps=0),
                         None).fit(tiny.init_params(), tiny.batches(tok), progress=False)
     assert "updated weights not finite; update skipped" in caplog.text
     assert all(np.isfinite(p).all() for p in jax.tree.leaves(state.params))
