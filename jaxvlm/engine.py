@@ -255,6 +255,10 @@ class Engine:
         self.rules = sampling_rules(self.slots, tokens.eos_ids, tokens.pad_id)  # each slot's, set on insert
         self.state = _empty_state(self.config.decoder, self.slots, self.cache_size, model.cache_dtype,
                                   is_stacked(model.params), self.shard)
+        if self.shard is None:
+            # Committed to the params' device, as the state that inserts and decodes return is: XLA compiles
+            # uncommitted and committed inputs as two programs (the first insert would compile twice).
+            self.state = jax.device_put(self.state, jax.tree.leaves(model.params)[0].sharding)
         self.prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
         image_token = None if model.config.vision is None else model.config.image_token_id
         self.prefix_cache = PrefixCache(prefix_cache_bytes, image_token) if prefix_cache_bytes else None
@@ -352,11 +356,12 @@ class Engine:
         out, self.finished = self.finished, {}
         return out
 
-    def decode_program(self) -> str:
-        """The optimised program (XLA's HLO text) of a decode chunk over every slot: where a sharded model's
-        collectives, or a stacked model's copies, show."""
-        return decode_rows.lower(self.config, self.model.dtype, False, self._most_steps, self.slots, self.shard,
-                                 self.model.params, self.state, self.rules, 0,
+    def decode_program(self, sampling: bool = True, penalize: bool = False) -> str:
+        """The optimised program (XLA's HLO text) of a decode chunk over every slot, as a batch with a sampled
+        row runs it (`sampling=False`: a greedy batch's; `penalize`: with a repetition penalty): where a
+        sharded model's collectives, or a stacked model's copies, show."""
+        return decode_rows.lower(self.config, self.model.dtype, penalize, self._most_steps, self.slots, self.shard,
+                                 self.model.params, self.state, self.rules, 0, sampling,
                                  run=np.int32(self.chunk)).compile().as_text()
 
     def _admit(self) -> None:

@@ -393,13 +393,15 @@ class Model:
         return (tokens, scores) if logprobs else tokens
 
     def decode_program(self, input_ids, attention_mask=None, pixel_values=None, token_type_ids=None,
-                       image_grid_thw=None) -> str:
-        """The optimised program (XLA's HLO text) of a decode step that `generate_ids` runs on these inputs:
-        where a sharded model's collectives, or a stacked model's copies, show."""
-        settings = self._settings(max_new_tokens=2, temperature=0.0)
+                       image_grid_thw=None, **settings) -> str:
+        """The optimised program (XLA's HLO text) of the decode chunk that `generate_ids` runs on these inputs
+        with these `settings` (its keyword arguments): where a sharded model's collectives, or a stacked
+        model's copies, show. (The program itself: generate_ids then reuses it, and it reuses theirs.)"""
+        settings = self._settings(**settings)
         inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids, image_grid_thw)
         requests = self._requests(self._rows(inputs), **self._fields(settings))
-        return self._engine(requests, chunk=1).decode_program()
+        return self._engine(requests, chunk=1).decode_program(sampling=settings["temperature"] > 0,
+                                                             penalize=settings["repetition_penalty"] != 1)
 
     def check_generation(self, stop=None, logprobs: bool = False, **settings) -> None:
         """Checks `generate`'s keyword arguments (a one-line error naming the first bad one), before any work."""

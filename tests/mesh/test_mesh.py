@@ -102,12 +102,13 @@ def _check_mesh(family, mesh_name):
     if "fsdp" not in model.shard.size:
         weights = {int(np.prod(x.shape)) for x in jax.tree.leaves(model.params) if x.ndim >= 2}
         size = lambda shape: int(np.prod([int(d) for d in shape.split(",") if d]))
-        collectives = COLLECTIVE.findall(model.decode_program(**inputs))
+        # (the program generate_ids ran: greedy, its cache)
+        collectives = COLLECTIVE.findall(model.decode_program(**inputs, max_new_tokens=NEW_TOKENS))
         assert collectives or model.shard.size["data"] == 8, "a tensor-parallel model should communicate"
         # A weight gathered whole is a float array of a weight's size (token ids are gathered as int32); the
-        # per-shard best values of the sampler, [rows, shards], are no weight whatever their size, nor are
-        # the logits [rows, vocab] that a sampling row sorts (the program has that branch; greedy rows skip it),
-        # nor a call's log-probabilities, [rows, MAX_CHUNK], copied for every host to read.
+        # per-shard best values of the argmax, [rows, shards], are no weight whatever their size, nor are
+        # the logits [rows, vocab] (a sampling row sorts them), nor a call's log-probabilities,
+        # [rows, MAX_CHUNK], copied for every host to read.
         rows = batch_bucket(len(inputs["input_ids"]), model.shard.batch_multiple)
         activations = {f"{rows},{model.shard.size.get('model', 1)}", f"{rows},{model.config.decoder.vocab_size}",
                        f"{rows},{MAX_CHUNK}"}
