@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvlm import checks
-from jaxvlm.generate import (MAX_CHUNK, DecodeState, cache_bucket, check_finite_tokens, decode, pad_rows, place_cache,
+from jaxvlm.generate import (MAX_CHUNK, DecodeState, cache_bucket, check_finite_tokens, decode, pad_rows, place_state,
                              prefill, prefill_after, prompt_bucket, right_align, sampling_rules)
 from jaxvlm.inputs import Images
 from jaxvlm.kv_cache import KVCache, ring_slots
@@ -195,13 +195,13 @@ def decode_rows(config, dtype, penalize: bool, steps: int, rows: int, shard, par
 def _empty_state(decoder, slots: int, size: int, dtype, stacked: bool, shard) -> DecodeState:
     """Every slot free: nothing valid, done; on `shard`'s mesh, split as decoding splits it. (Made by one
     program, so that no two leaves share a buffer: the state is donated.)"""
-    cache = place_cache(KVCache.init(decoder, slots, size, dtype, stacked), shard)
     # The cursor starts one round in: a request's prompt, written to end at the cursor, then lies at sequence
     # slots >= 0 (a ring's negative slots mean "never written").
-    cache = cache.replace(end=jnp.int32(size))
-    return DecodeState(cache=cache, token=jnp.zeros(slots, jnp.int32),
-                       position=jnp.zeros(slots, jnp.int32), done=jnp.ones(slots, bool),
-                       step=jnp.zeros(slots, jnp.int32), seen=jnp.zeros((slots, decoder.vocab_size), bool))
+    cache = KVCache.init(decoder, slots, size, dtype, stacked).replace(end=jnp.int32(size))
+    return place_state(DecodeState(cache=cache, token=jnp.zeros(slots, jnp.int32),
+                                   position=jnp.zeros(slots, jnp.int32), done=jnp.ones(slots, bool),
+                                   step=jnp.zeros(slots, jnp.int32), seen=jnp.zeros((slots, decoder.vocab_size), bool)),
+                       shard)
 
 
 class Engine:

@@ -155,6 +155,18 @@ def place_cache(cache: KVCache, shard: MeshRules | None) -> KVCache:
                    valid=shard.constrain(cache.valid, ("batch", None)))
 
 
+def place_state(state: DecodeState, shard: MeshRules | None) -> DecodeState:
+    """The decode state laid out as every program that returns it lays it out: the cache as `place_cache`,
+    each row's token, position, flags and seen tokens split over the batch (a no-op on one device). So the
+    state any of them hands on is one program's input to the next (the partitioner, left to choose, lays
+    out an empty state, an inserted one and a decoded one differently: one insert program each)."""
+    if shard is None:
+        return state
+    rows = lambda x: shard.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+    return DecodeState(cache=place_cache(state.cache, shard), token=rows(state.token), position=rows(state.position),
+                       done=rows(state.done), step=rows(state.step), seen=None if state.seen is None else rows(state.seen))
+
+
 def _everywhere(x, shard: MeshRules | None):
     """Chosen tokens (a pytree of them), copied to every device so that every host can read them."""
     return x if shard is None else jax.tree.map(lambda a: shard.constrain(a, ()), x)
@@ -199,9 +211,9 @@ def _start(config: ModelConfig, dtype, penalize: bool, shard, params, inputs: In
     token, logprob, top = _choose(penalize, top_n, sampling, out.logits[:, -1], rules, step, seen)
     token, done = _finish(token, done, rules["eos_ids"], rules["pad_id"])
     last = inputs.positions[:, -1]  # (M-RoPE's streams: decoding goes on past the furthest, in all three)
-    state = DecodeState(cache=place_cache(out.cache, shard), token=token,
-                        position=(last if last.ndim == 1 else last.max(axis=-1)) + 1,
-                        done=done, step=step + 1, seen=_mark_seen(seen, token))
+    state = place_state(DecodeState(cache=out.cache, token=token,
+                                    position=(last if last.ndim == 1 else last.max(axis=-1)) + 1,
+                                    done=done, step=step + 1, seen=_mark_seen(seen, token)), shard)
     return state, *_everywhere((token, logprob, top), shard)
 
 
@@ -248,8 +260,8 @@ def decode(config: ModelConfig, dtype, penalize: bool, steps: int, shard: MeshRu
             out = model.apply({"params": params}, Inputs.next_tokens(state.token, state.position), state.cache)
         token, logprob, top = _choose(penalize, top_n, sampling, out.logits[:, 0], rules, state.step, state.seen)
         token, done = _finish(token, state.done, rules["eos_ids"], rules["pad_id"])
-        state = DecodeState(cache=place_cache(out.cache, shard), token=token, position=state.position + 1,
-                            done=done, step=state.step + 1, seen=_mark_seen(state.seen, token))
+        state = place_state(DecodeState(cache=out.cache, token=token, position=state.position + 1, done=done,
+                                        step=state.step + 1, seen=_mark_seen(state.seen, token)), shard)
         # each step's choices written at its column of the [B, steps, ...] outputs
         chosen = jax.tree.map(lambda all_, x: jax.lax.dynamic_update_index_in_dim(all_, x, i, 1), chosen,
                               (token, logprob, top))
