@@ -81,7 +81,7 @@ def test_sampled_requests_get_the_tokens_of_each_alone(text_family):
     _, _, jx, rows = text_family
     settings = [dict(temperature=1.0, seed=3), dict(temperature=0.7, top_k=5, seed=4), dict(repetition_penalty=1.5),
                 dict(temperature=1.2, top_p=0.8, seed=5, repetition_penalty=0.8)]
-    engine = Engine(jx, slots=3, cache_size=64, chunk=4)
+    engine = Engine(jx, slots=2, cache_size=64, chunk=4)
     got = staggered(engine, [Request(tokens=r, max_tokens=8, **s) for r, s in zip(rows, settings)], [0, 1, 1, 2])
     assert got == [alone(jx, r, 8, **s) for r, s in zip(rows, settings)]
 

@@ -1,5 +1,5 @@
-"""The notebooks (executed by the suite through nbmake) as a reader gets them: saved outputs without
-progress bars or this machine's paths, and runnable from any working directory."""
+"""The notebooks (executed by the suite: through nbmake, the quickstart here) as a reader gets them: saved
+outputs without progress bars or this machine's paths, and runnable from any working directory."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def test_saved_outputs_are_clean(path):
 
 
 def test_a_notebook_runs_from_another_folder(tmp_path):
+    """The quickstart, its one run in the suite (nbmake runs the others from their folder)."""
     import nbclient
     import nbformat
     notebook = nbformat.read(os.path.join(ROOT, "notebooks", "01_quickstart.ipynb"), as_version=4)
