@@ -163,8 +163,9 @@ def place_state(state: DecodeState, shard: MeshRules | None) -> DecodeState:
     if shard is None:
         return state
     rows = lambda x: shard.constrain(x, ("batch",) + (None,) * (x.ndim - 1))
-    return DecodeState(cache=place_cache(state.cache, shard), token=rows(state.token), position=rows(state.position),
-                       done=rows(state.done), step=rows(state.step), seen=None if state.seen is None else rows(state.seen))
+    return DecodeState(cache=place_cache(state.cache, shard), token=rows(state.token),
+                       position=rows(state.position), done=rows(state.done), step=rows(state.step),
+                       seen=None if state.seen is None else rows(state.seen))
 
 
 def _everywhere(x, shard: MeshRules | None):

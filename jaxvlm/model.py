@@ -396,7 +396,7 @@ class Model:
                        image_grid_thw=None, **settings) -> str:
         """The optimised program (XLA's HLO text) of the decode chunk that `generate_ids` runs on these inputs
         with these `settings` (its keyword arguments): where a sharded model's collectives, or a stacked
-        model's copies, show. (The program itself: generate_ids then reuses it, and it reuses theirs.)"""
+        model's copies, show. (The same program: whichever of the two runs first compiles it.)"""
         settings = self._settings(**settings)
         inputs = self._inputs(input_ids, attention_mask, pixel_values, token_type_ids, image_grid_thw)
         requests = self._requests(self._rows(inputs), **self._fields(settings))
