@@ -257,8 +257,10 @@ class Engine:
                                   is_stacked(model.params), self.shard)
         if self.shard is None:
             # Committed to the params' device, as the state that inserts and decodes return is: XLA compiles
-            # uncommitted and committed inputs as two programs (the first insert would compile twice).
-            self.state = jax.device_put(self.state, jax.tree.leaves(model.params)[0].sharding)
+            # uncommitted and committed inputs as two programs (the first insert would compile twice). Params
+            # given as numpy arrays live nowhere yet: jax's default device, where the programs will run.
+            leaf = jax.tree.leaves(model.params)[0]
+            self.state = jax.device_put(self.state, leaf.sharding if isinstance(leaf, jax.Array) else jax.devices()[0])
         self.prefix_cache_bytes = checks.integer("prefix_cache_bytes", prefix_cache_bytes, 0)
         image_token = None if model.config.vision is None else model.config.image_token_id
         self.prefix_cache = PrefixCache(prefix_cache_bytes, image_token) if prefix_cache_bytes else None
