@@ -7,6 +7,8 @@ prompts of different lengths.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -14,7 +16,6 @@ import jaxvlm
 from jaxvlm import generate as generate_module
 from jaxvlm import engine as engine_module
 from jaxvlm.vision import VisionEncoder
-from convert import convert
 from tests import hf_models
 
 NEW_TOKENS = 24
@@ -172,12 +173,18 @@ def hf_answer(model, processor, prompts, paths, max_new_tokens):
     return inputs, processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_processor, tmp_path, convert_command):
+@pytest.fixture(scope="module")
+def user_folder(paligemma_with_processor, tmp_path_factory, convert_command):
+    """The processor's checkpoint converted by the `convert` command, as a user does (read it)."""
+    return convert_command(paligemma_with_processor[0], str(tmp_path_factory.mktemp("user") / "jax"))
+
+
+def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_processor, user_folder):
     from jaxvlm.prompts import build_prompt
     hf_dir, hf, processor, paths = paligemma_with_processor
-    jx = jaxvlm.load(convert_command(hf_dir, str(tmp_path / "jax")))
+    jx = jaxvlm.load(user_folder)
     for name in ("processor_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        assert (tmp_path / "jax" / name).is_file(), f"{name} not carried along"
+        assert os.path.isfile(os.path.join(user_folder, name)), f"{name} not carried along"
     prompts = ["caption en", "what color is the circle?"]
     inputs, want = hf_answer(hf, processor, prompts, paths, 10)
     for i, prompt in enumerate(prompts):  # the processor's ids: image tokens, BOS, the prompt, a newline
@@ -189,11 +196,11 @@ def test_prompt_text_and_image_file_give_transformers_answer(paligemma_with_proc
     assert jx.generate(prompts[0], image=paths[0], max_new_tokens=10) == want[0]
 
 
-def test_generate_command_with_image(paligemma_with_processor, tmp_path, convert_command):
+def test_generate_command_with_image(paligemma_with_processor, user_folder):
     import subprocess
     import sys
     hf_dir, hf, processor, paths = paligemma_with_processor
-    out = convert_command(hf_dir, str(tmp_path / "jax"))
+    out = user_folder
     _, want = hf_answer(hf, processor, ["caption en"], paths[:1], 8)
     result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", out, "--image", paths[0],
                              "--prompt", "caption en", "--max-new-tokens", "8"], capture_output=True, text=True)
@@ -203,9 +210,8 @@ def test_generate_command_with_image(paligemma_with_processor, tmp_path, convert
 
 # --- bad input: one line naming the image or argument ----------------------------------------------------
 @pytest.fixture(scope="module")
-def user_model(paligemma_with_processor, tmp_path_factory):
-    return jaxvlm.load(convert(paligemma_with_processor[0], str(tmp_path_factory.mktemp("user") / "jax"),
-                                progress=False))
+def user_model(user_folder):
+    return jaxvlm.load(user_folder)
 
 
 @pytest.fixture(scope="module")
@@ -256,11 +262,10 @@ def test_image_given_to_text_only_model(text_model, paligemma_with_processor):
     one_line_error(lambda: text_model.encode_image(hf_models.pixels(0, 1)), "pixel_values: this model has no image")
 
 
-def test_generate_command_reports_bad_image(paligemma_with_processor, tmp_path, convert_command):
+def test_generate_command_reports_bad_image(user_folder, tmp_path):
     import subprocess
     import sys
-    out = convert_command(paligemma_with_processor[0], str(tmp_path / "jax"))
-    result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", out, "--image",
+    result = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "generate", "--checkpoint", user_folder, "--image",
                              str(tmp_path / "missing.jpg"), "--prompt", "caption en"], capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: image 0: {tmp_path}/missing.jpg: no such file"]
