@@ -145,13 +145,12 @@ def _train_step(model, optimizer, lora_scale, state: TrainState, batch, frozen,
     updates = jax.tree.map(lambda u: -learning_rate * u, updates)  # AdamW's last stage (see make_optimizer)
     params = optax.apply_updates(state.params, updates)
     # A non-finite loss, gradient or update leaves weights and moments untouched; the host reports the
-    # step. So no non-finite weight is ever trained in, or saved. (One conditional picks the whole state: a
-    # select per array of params and moments made the tiny training tests' step compile in 14-16 s on
-    # XLA:CPU rather than 9.)
+    # step. So no non-finite weight is ever trained in, or saved.
     weights_finite = all_finite(params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & weights_finite
-    params, opt_state = jax.lax.cond(finite, lambda: (params, opt_state), lambda: (state.params, state.opt_state))
-    state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                       opt_state=keep(opt_state, state.opt_state))
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": grad_norm, "finite": finite,
                "weights_finite": weights_finite,
                "learning_rate": learning_rate}
