@@ -3,6 +3,8 @@ nothing runs; the memory figures are the TPU compiler's."""
 
 from __future__ import annotations
 
+import glob
+import os
 import subprocess
 import sys
 
@@ -73,17 +75,23 @@ def test_a_configuration_far_beyond_the_slice_is_reported_as_not_fitting():
 
 
 def test_the_command_prints_a_table(tmp_path):
-    """A checkpoint folder's config alone (no weights there) compiled from the command line."""
+    """A checkpoint folder's config alone (no weights there) compiled from the command line, started as from
+    a shell where no TPU_* variable is set: libtpu leaves no log files behind (in /tmp/tpu_logs, its
+    default, a process's end with its id)."""
     TINY.save(tmp_path)
-    out = subprocess.run([sys.executable, "-m", "jaxvlm.cli", "compile-report", str(tmp_path), "--batch", "2",
-                          "--cache", "64", "--prompt", "16", "--mesh", "data=2,model=2",
-                          "--programs", "prefill,decode"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    process = subprocess.Popen([sys.executable, "-m", "jaxvlm.cli", "compile-report", str(tmp_path), "--batch", "2",
+                                "--cache", "64", "--prompt", "16", "--mesh", "data=2,model=2",
+                                "--programs", "prefill,decode"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    logs = glob.glob(f"/tmp/tpu_logs/*.{process.pid}")
+    assert not logs, logs
+    lines = stdout.splitlines()
     assert lines[0].startswith(f"{tmp_path} on v5e:2x2 (4 devices")
     assert [line.split()[0] for line in lines[2:4]] == ["prefill", "decode"]  # (--programs prefill,decode)
-    assert all(" yes " in line for line in lines[2:4]), out.stdout
+    assert all(" yes " in line for line in lines[2:4]), stdout
 
 
 def test_the_largest_batch_is_found_in_few_compilations(monkeypatch):
