@@ -234,9 +234,12 @@ def _mesh_suite_starter() -> bool:
 # Files in the order the two processes take them (`--dist loadfile --no-loadscope-reorder` hands out whole
 # files in collection order, rather than those with the most tests first): the longest first, as measured on the 2-core CI machine, so that no process is left with a long
 # file at the end while the other idles. The one that waits for the 8-device suite comes once that suite
-# (about 7 minutes) is likely done.
-LONGEST_FIRST = ["notebooks/04_finetune.ipynb", "tests/test_parity.py", "tests/test_bad_input.py",
-                 "tests/test_train.py", "tests/test_layout.py", "tests/test_vlm.py", "tests/test_qwen_vl.py",
+# (about 7 minutes) is likely done. test_train comes before test_bad_input (as long): the process done
+# first with its first file compiles the tiny model's init and training step there, and the other finds
+# them in the compilation cache when test_bad_input trains, minutes later (taken the other way round,
+# both compiled them at once: 25-30 s of CPU twice).
+LONGEST_FIRST = ["notebooks/04_finetune.ipynb", "tests/test_parity.py", "tests/test_train.py",
+                 "tests/test_bad_input.py", "tests/test_layout.py", "tests/test_vlm.py", "tests/test_qwen_vl.py",
                  "tests/test_convert.py",
                  "tests/test_shapes.py", "tests/test_quantize.py", "tests/test_lora.py", "tests/test_sharding.py",
                  "tests/test_export.py", "tests/test_generate.py", "notebooks/03_convert_and_compare.ipynb",
