@@ -7,6 +7,7 @@ import glob
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,13 +81,15 @@ def test_the_command_prints_a_table(tmp_path):
     default, a process's end with its id)."""
     TINY.save(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+    started = time.time() - 1
     process = subprocess.Popen([sys.executable, "-m", "jaxvlm.cli", "compile-report", str(tmp_path), "--batch", "2",
                                 "--cache", "64", "--prompt", "16", "--mesh", "data=2,model=2",
                                 "--programs", "prefill,decode"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-    logs = glob.glob(f"/tmp/tpu_logs/*.{process.pid}")
+    # (written since it started: an older process of the same id may have left some)
+    logs = [p for p in glob.glob(f"/tmp/tpu_logs/*.{process.pid}") if os.path.getmtime(p) >= started]
     assert not logs, logs
     lines = stdout.splitlines()
     assert lines[0].startswith(f"{tmp_path} on v5e:2x2 (4 devices")
